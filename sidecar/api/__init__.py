@@ -1,0 +1,1 @@
+"""Generated protobuf code (checked in; regenerate with make proto)."""
