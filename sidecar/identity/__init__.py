@@ -1,0 +1,1 @@
+"""Credentials for attested workloads: CA, X.509/JWT SVIDs and the SPIFFE Workload API."""
