@@ -1,0 +1,229 @@
+"""Facts about a running process, read from /proc without being fooled by PID reuse.
+
+The kernel reports an exec by PID.  By the time the daemon reads /proc that
+PID may belong to another process: the first one exited and the number was
+handed out again.  :func:`gather` therefore
+
+1. opens a pidfd first: it refers to one process for good, whatever happens
+   to the number;
+2. reads ``stat`` (start time), ``status`` (real uid/gid), ``exe`` (readlink,
+   then opens it: the descriptor is the very image the kernel runs, even if
+   its path was renamed or replaced since) and ``cgroup``;
+3. checks that the process behind the pidfd is still alive and that
+   ``/proc/PID`` still shows the same start time and executable.  If the
+   process exited, the PID could have been recycled between steps 1 and 2 and
+   the facts could be someone else's: :class:`AttestationError`.
+
+A process that execs again while it is read keeps its PID and start time;
+step 3 notices if the executable changed.  The kernel reports that exec too,
+and the daemon attests again for it.
+
+The pidfd is closed before :func:`gather` returns; the daemon keys process
+instances by ``(boot_id(), pid, start_time)``, which :class:`ProcessFacts`
+carries.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pwd
+import signal
+from dataclasses import dataclass
+
+from sidecar.attest import cgroup
+from sidecar.attest.hashcache import HashCache
+from sidecar.errors import AttestationError
+
+_logger = logging.getLogger(__name__)
+
+PROC = "/proc"
+_DELETED = " (deleted)"
+
+
+@dataclass(frozen=True)
+class ProcessFacts:
+    """What selectors are matched against, for one process instance."""
+
+    pid: int
+    start_time: int  # clock ticks since boot, /proc/PID/stat field 22
+    uid: int  # real
+    gid: int  # real, primary group only
+    user: str | None  # name of uid; None if it has none or it was not asked for
+    exe_path: str  # as the kernel sees it, without the " (deleted)" mark
+    exe_deleted: bool  # the image has no name any more (replaced or removed)
+    exe_dev: int
+    exe_ino: int
+    exe_size: int
+    exe_mtime_ns: int
+    sha256: str | None  # None when no entry asked for it
+    cgroup_path: str | None  # cgroup v2 path, None if the process is in none
+    parent_identity: str | None
+
+    @property
+    def systemd_unit(self) -> str | None:
+        return cgroup.systemd_unit(self.cgroup_path) if self.cgroup_path else None
+
+    @property
+    def pod_uid(self) -> str | None:
+        return cgroup.pod_uid(self.cgroup_path) if self.cgroup_path else None
+
+    @property
+    def container_id(self) -> str | None:
+        return cgroup.container_id(self.cgroup_path) if self.cgroup_path else None
+
+
+def boot_id() -> str:
+    """This boot's random ID, which with (pid, start time) names a process instance."""
+    try:
+        with open(f"{PROC}/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise AttestationError(f"cannot read the boot id: {exc.strerror or exc}") from exc
+
+
+def read_start_time(pid: int) -> int:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+    return _parse_start_time(_read_text(pid, "stat"), pid)
+
+
+def gather(
+    pid: int,
+    parent_identity: str | None,
+    hashes: HashCache,
+    *,
+    want_sha256: bool = True,
+    want_user: bool = True,
+) -> ProcessFacts:
+    """Read the facts of process ``pid``; :class:`AttestationError` if it is gone or replaced.
+
+    ``want_sha256=False`` skips hashing and ``want_user=False`` the user
+    database lookup (which may go to LDAP); the field is then None.  The
+    attestor asks for each only when some entry has a selector that needs it.
+    """
+    if pid <= 0:
+        raise AttestationError(f"pid {pid}: not a process id")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    try:
+        return _gather_pinned(pid, pidfd, parent_identity, hashes, want_sha256, want_user)
+    finally:
+        os.close(pidfd)
+
+
+def _gather_pinned(
+    pid: int,
+    pidfd: int,
+    parent_identity: str | None,
+    hashes: HashCache,
+    want_sha256: bool,
+    want_user: bool,
+) -> ProcessFacts:
+    start_time = read_start_time(pid)
+    uid, gid = _parse_ids(_read_text(pid, "status"), pid)
+    exe_link = f"{PROC}/{pid}/exe"
+    try:
+        exe_path = os.readlink(exe_link)
+        exe_fd = os.open(exe_link, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    try:
+        st = os.fstat(exe_fd)
+        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable")[1] if want_sha256 else None
+    finally:
+        os.close(exe_fd)
+    cgroup_path = _parse_cgroup(_read_text(pid, "cgroup"))
+    _check_same_process(pid, pidfd, start_time, st)
+    # readlink appends " (deleted)" when the image lost its last name; a file
+    # really named so still has links, so the link count decides.
+    deleted = st.st_nlink == 0
+    if deleted and exe_path.endswith(_DELETED):
+        exe_path = exe_path[: -len(_DELETED)]
+    return ProcessFacts(
+        pid=pid,
+        start_time=start_time,
+        uid=uid,
+        gid=gid,
+        user=_user_name(uid) if want_user else None,
+        exe_path=exe_path,
+        exe_deleted=deleted,
+        exe_dev=st.st_dev,
+        exe_ino=st.st_ino,
+        exe_size=st.st_size,
+        exe_mtime_ns=st.st_mtime_ns,
+        sha256=sha256,
+        cgroup_path=cgroup_path,
+        parent_identity=parent_identity,
+    )
+
+
+def _check_same_process(pid: int, pidfd: int, start_time: int, exe: os.stat_result) -> None:
+    """Raise unless the pidfd's process is alive and /proc/PID still shows it."""
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    if read_start_time(pid) != start_time:
+        raise AttestationError(f"pid {pid}: replaced by another process while being attested")
+    try:
+        now = os.stat(f"{PROC}/{pid}/exe")
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    if (now.st_dev, now.st_ino) != (exe.st_dev, exe.st_ino):
+        raise AttestationError(f"pid {pid}: exec'd another program while being attested")
+
+
+def _gone(pid: int, exc: OSError) -> AttestationError:
+    if exc.errno in (errno.ESRCH, errno.ENOENT):
+        return AttestationError(f"pid {pid}: process is gone")
+    return AttestationError(f"pid {pid}: cannot inspect: {exc.strerror or exc}")
+
+
+def _read_text(pid: int, name: str) -> str:
+    try:
+        with open(f"{PROC}/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+
+
+def _parse_start_time(stat: str, pid: int) -> int:
+    # comm (field 2) may hold spaces and ')', so count fields after the last ')'.
+    _, paren, rest = stat.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 20:
+        raise AttestationError(f"pid {pid}: unexpected /proc/{pid}/stat format")
+    try:
+        return int(fields[19])  # field 22; fields[0] is field 3
+    except ValueError as exc:
+        raise AttestationError(f"pid {pid}: unexpected /proc/{pid}/stat format") from exc
+
+
+def _parse_ids(status: str, pid: int) -> tuple[int, int]:
+    ids: dict[str, int] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid"):
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                ids[key] = int(parts[0])  # real id comes first
+    if "Uid" not in ids or "Gid" not in ids:
+        raise AttestationError(f"pid {pid}: no Uid/Gid in /proc/{pid}/status")
+    return ids["Uid"], ids["Gid"]
+
+
+def _parse_cgroup(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
