@@ -1,0 +1,283 @@
+"""Prometheus metrics of the host daemon and of the collector.
+
+Each side owns its own ``CollectorRegistry`` instead of prometheus_client's
+global one, so a test (or a process that runs both sides) gets exactly the
+series it recorded and nothing left over from elsewhere.  The daemon and the
+collector call the typed methods below rather than touching metric objects,
+which keeps metric names and label sets in this one file.
+
+Label values are bounded by configuration: identities are the SPIFFE IDs of
+registration entries, rules are policy rule names, hosts are enrolled hosts.
+Never pass per-process or per-connection values as labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Final, Literal
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+
+from sidecar.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+DAEMON_METRICS_HOST: Final = "127.0.0.1"
+DAEMON_METRICS_PORT: Final = 9464
+COLLECTOR_METRICS_HOST: Final = "127.0.0.1"
+COLLECTOR_METRICS_PORT: Final = 9465
+
+StreamState = Literal["idle", "connecting", "streaming", "backoff", "stopped"]
+STREAM_STATES: Final[tuple[StreamState, ...]] = (
+    "idle",
+    "connecting",
+    "streaming",
+    "backoff",
+    "stopped",
+)
+
+# Attestation reads /proc and may hash a binary: from sub-millisecond (cached)
+# to seconds (a large binary on a cold disk).
+_ATTESTATION_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class DaemonMetrics:
+    """Metrics of ``sidecar run``: what the kernel saw, decided and lost, and how export goes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._events = Counter(
+            "sidecar_events", "Events read from the kernel, by type.", ["type"], registry=r
+        )
+        self._verdicts = Counter(
+            "sidecar_verdicts",
+            "Enforcement decisions, by identity, policy rule and verdict.",
+            ["identity", "rule", "verdict"],
+            registry=r,
+        )
+        self._losses = Counter(
+            "sidecar_events_lost",
+            "Events dropped anywhere between kernel and collector, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._attestation = Histogram(
+            "sidecar_attestation_seconds",
+            "Time to attest a process to an identity.",
+            buckets=_ATTESTATION_BUCKETS,
+            registry=r,
+        )
+        self._live = Gauge(
+            "sidecar_live_instances",
+            "Running processes attested to each identity.",
+            ["identity"],
+            registry=r,
+        )
+        self._policy = Info("sidecar_policy", "The policy version being enforced.", registry=r)
+        self._policy_reloads = Counter(
+            "sidecar_policy_reloads",
+            "Policy and entries reloads, by result; a failed reload keeps the old policy.",
+            ["result"],
+            registry=r,
+        )
+        self._spool_events = Gauge(
+            "sidecar_spool_events",
+            "Events waiting in the disk spool for the collector.",
+            registry=r,
+        )
+        self._spool_bytes = Gauge("sidecar_spool_bytes", "Bytes the disk spool holds.", registry=r)
+        self._stream = Enum(
+            "sidecar_stream_state",
+            "State of the gRPC stream to the collector.",
+            states=list(STREAM_STATES),
+            registry=r,
+        )
+        self._issued = Counter(
+            "sidecar_credentials_issued",
+            "SVIDs issued, by identity and kind (x509, jwt).",
+            ["identity", "kind"],
+            registry=r,
+        )
+        self._revoked = Counter(
+            "sidecar_credentials_revoked",
+            "Credentials revoked, by identity.",
+            ["identity"],
+            registry=r,
+        )
+
+    def record_event(self, event_type: str) -> None:
+        """Count one event decoded from the ring buffer."""
+        self._events.labels(type=event_type).inc()
+
+    def record_verdict(self, identity: str, rule: str, verdict: str) -> None:
+        """Count one decision (``allow``, ``deny`` or ``audit``) made under ``rule``."""
+        self._verdicts.labels(identity=identity, rule=rule, verdict=verdict).inc()
+
+    def record_loss(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` events dropped for ``reason`` (e.g. ``ringbuf_full``, ``spool_full``)."""
+        if n < 0:
+            raise ValueError(f"lost event count must not be negative, got {n}")
+        self._losses.labels(reason=reason).inc(n)
+
+    def observe_attestation(self, seconds: float) -> None:
+        """Record how long one attestation took."""
+        if seconds < 0:
+            raise ValueError(f"attestation time must not be negative, got {seconds}")
+        self._attestation.observe(seconds)
+
+    def set_live_instances(self, identity: str, n: int) -> None:
+        """Set how many running processes currently hold ``identity``."""
+        if n < 0:
+            raise ValueError(f"instance count must not be negative, got {n}")
+        self._live.labels(identity=identity).set(n)
+
+    def forget_identity(self, identity: str) -> None:
+        """Drop the live-instance series of an identity whose registration entry was removed."""
+        try:
+            self._live.remove(identity)
+        except KeyError:
+            _logger.debug("no live-instance series for %s", identity)
+
+    def set_policy_version(self, version: str) -> None:
+        """Publish the policy version now enforcing (replaces the previous one)."""
+        self._policy.info({"version": version})
+
+    def record_policy_reload(self, ok: bool) -> None:
+        """Count a reload attempt as ``ok`` or ``rejected``."""
+        self._policy_reloads.labels(result="ok" if ok else "rejected").inc()
+
+    def set_spool_depth(self, events: int, size_bytes: int) -> None:
+        """Publish how much the disk spool holds for the collector."""
+        self._spool_events.set(events)
+        self._spool_bytes.set(size_bytes)
+
+    def set_stream_state(self, state: StreamState) -> None:
+        """Publish the state of the stream to the collector."""
+        self._stream.state(state)
+
+    def record_credential_issued(self, identity: str, kind: Literal["x509", "jwt"]) -> None:
+        """Count one SVID issued to ``identity``."""
+        self._issued.labels(identity=identity, kind=kind).inc()
+
+    def record_credential_revoked(self, identity: str) -> None:
+        """Count one credential of ``identity`` revoked."""
+        self._revoked.labels(identity=identity).inc()
+
+
+class CollectorMetrics:
+    """Metrics of ``sidecar collector``: what it stored, rejected and serves."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._stored = Counter(
+            "sidecar_collector_events_stored",
+            "Events written to the store, by sending host.",
+            ["host"],
+            registry=r,
+        )
+        self._duplicates = Counter(
+            "sidecar_collector_events_duplicate",
+            "Events received again after a resend and not stored twice, by host.",
+            ["host"],
+            registry=r,
+        )
+        self._verification = Counter(
+            "sidecar_collector_verification_failures",
+            "Peers or batches rejected by verification, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self._subscribers = Gauge(
+            "sidecar_collector_subscribers", "Subscribers currently streaming events.", registry=r
+        )
+
+    def record_stored(self, host: str, n: int = 1) -> None:
+        """Count ``n`` events from ``host`` written to the store."""
+        if n < 0:
+            raise ValueError(f"stored event count must not be negative, got {n}")
+        self._stored.labels(host=host).inc(n)
+
+    def record_duplicates(self, host: str, n: int = 1) -> None:
+        """Count ``n`` events from ``host`` dropped as already stored."""
+        if n < 0:
+            raise ValueError(f"duplicate count must not be negative, got {n}")
+        self._duplicates.labels(host=host).inc(n)
+
+    def record_verification_failure(self, reason: str) -> None:
+        """Count one peer certificate or batch that failed verification."""
+        self._verification.labels(reason=reason).inc()
+
+    def set_subscribers(self, n: int) -> None:
+        """Publish how many subscribers are connected."""
+        if n < 0:
+            raise ValueError(f"subscriber count must not be negative, got {n}")
+        self._subscribers.set(n)
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """A running ``/metrics`` HTTP endpoint; ``stop()`` frees its port."""
+
+    host: str
+    port: int
+    _server: WSGIServer
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        """The scrape URL, with IPv6 hosts bracketed."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, close the socket and wait for the serving thread."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout)
+        _logger.info("metrics endpoint %s stopped", self.url)
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    Use ``DAEMON_METRICS_*`` or ``COLLECTOR_METRICS_*`` as defaults; loopback
+    keeps metrics off the network unless the operator says otherwise.  Port 0
+    picks a free port (see ``MetricsEndpoint.port``).  A host or port that
+    cannot be bound raises ``ConfigError``: the operator has to pick another.
+    """
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    bound_port = int(server.server_address[1])
+    endpoint = MetricsEndpoint(host=host, port=bound_port, _server=server, _thread=thread)
+    _logger.info("serving metrics at %s", endpoint.url)
+    return endpoint
