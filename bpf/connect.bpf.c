@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Connection attempts: cgroup sock_addr hooks on connect() (TCP and UDP) and
+ * on sendmsg() without a connected address (UDP sendto).  Attached to the
+ * scope cgroup, so everything seen here is in scope.
+ *
+ * Return 1 lets the call through; 0 makes it fail with EPERM.
+ */
+
+static __always_inline int report_connect(struct bpf_sock_addr *ctx, u8 hook, u8 family)
+{
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_state *st = procs.lookup(&pid);
+	struct connect_event *e;
+
+	e = events.ringbuf_reserve(sizeof(struct connect_event));
+	if (!e) {
+		count_lost(SIDECAR_EVENT_CONNECT);
+		return 1;
+	}
+	fill_header(&e->hdr, SIDECAR_EVENT_CONNECT, sizeof(*e));
+	fill_task(&e->task, st);
+	e->family = family;
+	e->protocol = ctx->protocol;
+	e->hook = hook;
+	e->verdict = SIDECAR_VERDICT_ALLOW;
+	e->dport = bpf_ntohs((u16)ctx->user_port);
+	e->pad = 0;
+	e->rule = 0;
+	e->policy_gen = 0;
+	if (family == SIDECAR_AF_INET) {
+		/* IPv4 as ::ffff:a.b.c.d, so both spellings are one address. */
+		__builtin_memset(e->daddr, 0, 10);
+		e->daddr[10] = 0xff;
+		e->daddr[11] = 0xff;
+		*(u32 *)&e->daddr[12] = ctx->user_ip4;
+	} else {
+		*(u32 *)&e->daddr[0] = ctx->user_ip6[0];
+		*(u32 *)&e->daddr[4] = ctx->user_ip6[1];
+		*(u32 *)&e->daddr[8] = ctx->user_ip6[2];
+		*(u32 *)&e->daddr[12] = ctx->user_ip6[3];
+	}
+	events.ringbuf_submit(e, 0);
+	return 1;
+}
+
+int sidecar_connect4(struct bpf_sock_addr *ctx)
+{
+	return report_connect(ctx, SIDECAR_HOOK_CONNECT4, SIDECAR_AF_INET);
+}
+
+int sidecar_connect6(struct bpf_sock_addr *ctx)
+{
+	return report_connect(ctx, SIDECAR_HOOK_CONNECT6, SIDECAR_AF_INET6);
+}
+
+int sidecar_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return report_connect(ctx, SIDECAR_HOOK_SENDMSG4, SIDECAR_AF_INET);
+}
+
+int sidecar_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return report_connect(ctx, SIDECAR_HOOK_SENDMSG6, SIDECAR_AF_INET6);
+}

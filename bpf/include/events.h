@@ -1,0 +1,133 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * The contract between the kernel programs and the daemon.
+ *
+ * Every record in the ring buffer starts with struct event_header; the daemon
+ * decodes records through ctypes mirrors of these structs (sidecar/kernel/
+ * abi.py), and a test compiles this header and compares sizeof/offsetof with
+ * the mirrors.  Fixed-width fields only, explicit padding, no pointers.
+ * Bump SIDECAR_ABI_VERSION on any change of layout or meaning: the pinned
+ * maps live under a directory named after it, so an old daemon's state is
+ * never read with the wrong layout.
+ */
+#ifndef SIDECAR_EVENTS_H
+#define SIDECAR_EVENTS_H
+
+#include <linux/types.h>
+
+#define SIDECAR_ABI_VERSION 1
+
+/* Limits. */
+#define SIDECAR_COMM_LEN 16
+#define SIDECAR_FILENAME_LEN 256
+#define SIDECAR_ARGS_LEN 1024 /* NUL-separated argv, truncated */
+#define SIDECAR_ARG_MAX 256   /* one argument, truncated */
+#define SIDECAR_MAX_ARGS 32
+#define SIDECAR_MAX_PORT_RULES 8
+
+/* Record types. */
+enum sidecar_event_type {
+	SIDECAR_EVENT_EXEC = 1,
+	SIDECAR_EVENT_FORK = 2,
+	SIDECAR_EVENT_EXIT = 3,
+	SIDECAR_EVENT_CONNECT = 4,
+};
+
+/* Identity numbers in the procs map. 0 and the top values are reserved. */
+#define SIDECAR_IDENTITY_NONE 0u          /* attested: no registered identity */
+#define SIDECAR_IDENTITY_PENDING 0xffffffffu /* exec seen, not yet attested */
+
+/* Verdicts carried by exec and connect records. */
+enum sidecar_verdict {
+	SIDECAR_VERDICT_ALLOW = 1,
+	SIDECAR_VERDICT_DENY = 2,
+	SIDECAR_VERDICT_WOULD_DENY = 3,
+};
+
+/* Which hook saw a connection attempt. */
+enum sidecar_hook {
+	SIDECAR_HOOK_CONNECT4 = 1,
+	SIDECAR_HOOK_CONNECT6 = 2,
+	SIDECAR_HOOK_SENDMSG4 = 3,
+	SIDECAR_HOOK_SENDMSG6 = 4,
+};
+
+/* Flags of struct settings. */
+#define SIDECAR_SETTING_ATTEST 0x1 /* mark new execs pending until attested */
+
+/* Flags of exec records. */
+#define SIDECAR_EXEC_ARGS_TRUNCATED 0x1
+#define SIDECAR_EXEC_NO_ARGS 0x2 /* argv could not be read */
+
+struct event_header {
+	__u16 type;    /* enum sidecar_event_type */
+	__u16 version; /* SIDECAR_ABI_VERSION */
+	__u32 size;    /* bytes of the whole record */
+	__u64 ts_ns;   /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
+};
+
+/* Who did it: the calling task, as the kernel saw it. */
+struct task_ctx {
+	__u32 pid;      /* thread group id */
+	__u32 tid;      /* thread id */
+	__u32 ppid;     /* parent's thread group id, 0 if unknown to the kernel maps */
+	__u32 uid;
+	__u32 gid;
+	__u32 identity; /* SIDECAR_IDENTITY_* or a registered identity number */
+	__u64 cgroup_id;
+	char comm[SIDECAR_COMM_LEN];
+};
+
+struct exec_event {
+	struct event_header hdr;
+	struct task_ctx task;
+	__u32 old_pid;      /* thread that called exec (differs from pid after de-thread) */
+	__u32 flags;        /* SIDECAR_EXEC_* */
+	__u16 filename_len; /* bytes in filename, including the NUL */
+	__u16 args_len;     /* bytes used in args */
+	__u16 args_count;   /* arguments read */
+	__u8 verdict;       /* enum sidecar_verdict */
+	__u8 pad;
+	char filename[SIDECAR_FILENAME_LEN];
+	char args[SIDECAR_ARGS_LEN];
+};
+
+struct fork_event {
+	struct event_header hdr;
+	struct task_ctx task; /* the parent */
+	__u32 child_pid;
+	__u32 pad;
+};
+
+struct exit_event {
+	struct event_header hdr;
+	struct task_ctx task;
+};
+
+struct connect_event {
+	struct event_header hdr;
+	struct task_ctx task;
+	__u8 family;   /* AF_INET or AF_INET6 as the caller spelled it */
+	__u8 protocol; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 hook;     /* enum sidecar_hook */
+	__u8 verdict;  /* enum sidecar_verdict */
+	__u16 dport;   /* host byte order */
+	__u16 pad;
+	__u8 daddr[16]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
+	__u32 rule;     /* rule index + 1, 0 = default */
+	__u32 policy_gen;
+};
+
+/* Kernel-side state of one process (key: thread group id). */
+struct proc_state {
+	__u32 identity;
+	__u32 ppid;
+};
+
+/* Daemon-written settings, one entry at index 0. */
+struct settings {
+	__u32 flags; /* SIDECAR_SETTING_* */
+	__u32 pad;
+};
+
+#endif /* SIDECAR_EVENTS_H */

@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Maps shared by every program of the sidecar.
+ *
+ * State that enforcement needs (process identities, settings, the scope)
+ * is pinned under PIN_DIR, so programs that stay attached after the daemon
+ * dies keep judging from it, and a restarted daemon re-adopts it.  The ring
+ * buffer and scratch space belong to one daemon run and are not pinned.
+ *
+ * Build settings come in as -D flags, validated by the loader:
+ *   PIN_DIR        "/sys/fs/bpf/sidecar/v1" (a string literal)
+ *   PROCS_MAX      entries of the process map
+ *   RINGBUF_PAGES  ring buffer size in pages (a power of two)
+ */
+#ifndef SIDECAR_MAPS_H
+#define SIDECAR_MAPS_H
+
+#include "events.h"
+
+#ifndef PIN_DIR
+#error "PIN_DIR must be defined by the loader"
+#endif
+#ifndef PROCS_MAX
+#define PROCS_MAX 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+
+#define SIDECAR_AF_INET 2
+#define SIDECAR_AF_INET6 10
+#define SIDECAR_CLONE_THREAD 0x00010000ULL
+
+/* thread group id -> identity and parent */
+BPF_TABLE_PINNED("hash", u32, struct proc_state, procs, PROCS_MAX, PIN_DIR "/procs");
+/* index 0: the cgroup whose subtree is in scope.  Spelled out because BCC's
+ * BPF_CGROUP_ARRAY cannot be pinned and BPF_TABLE_PINNED lacks the
+ * check_current_task() method. */
+struct scope_table_t {
+	int key;
+	u32 leaf;
+	int (*check_current_task)(int);
+	u32 max_entries;
+};
+__attribute__((section("maps/cgroup_array:" PIN_DIR "/scope")))
+struct scope_table_t scope = {.max_entries = 1};
+/* index 0: struct settings written by the daemon */
+BPF_TABLE_PINNED("array", u32, struct settings, settings, 1, PIN_DIR "/settings");
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* records that could not be reserved, per CPU, by event type */
+BPF_PERCPU_ARRAY(lost, u64, 8);
+
+struct args_stash {
+	__u16 len;
+	__u16 count;
+	__u32 flags;
+	char args[SIDECAR_ARGS_LEN];
+};
+/* thread id -> argv read at execve entry, consumed at sched_process_exec */
+BPF_TABLE("lru_hash", u32, struct args_stash, exec_args, 4096);
+/* per-CPU scratch space to build an args_stash (too big for the stack) */
+BPF_PERCPU_ARRAY(args_scratch, struct args_stash, 1);
+/* child thread id -> 1 for clones that create a thread, not a process */
+BPF_TABLE("lru_hash", u32, u8, new_threads, 4096);
+
+#endif /* SIDECAR_MAPS_H */

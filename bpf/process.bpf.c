@@ -1,0 +1,202 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * Process lifecycle: exec, fork, exit.
+ *
+ * Only stable ABI: tracepoint arguments, helpers and user memory.  argv is
+ * read from the execve() arguments in user memory at syscall entry and
+ * stashed by thread id, because sched_process_exec carries only the file
+ * name and the new image's kernel structures are not ours to read.
+ */
+
+static __always_inline int stash_argv(const char *const *argv)
+{
+	u32 tid = (u32)bpf_get_current_pid_tgid();
+	u32 zero = 0;
+	struct args_stash *s;
+	u32 off = 0;
+	int i;
+
+	if (!in_scope())
+		return 0;
+	s = args_scratch.lookup(&zero);
+	if (!s)
+		return 0;
+	s->len = 0;
+	s->count = 0;
+	s->flags = 0;
+	for (i = 0; i < SIDECAR_MAX_ARGS; i++) {
+		const char *arg = NULL;
+		long n;
+
+		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0) {
+			s->flags |= SIDECAR_EXEC_NO_ARGS;
+			break;
+		}
+		if (!arg)
+			break;
+		if (off > SIDECAR_ARGS_LEN - SIDECAR_ARG_MAX) {
+			s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+			break;
+		}
+		n = bpf_probe_read_user_str(&s->args[off], SIDECAR_ARG_MAX, arg);
+		if (n <= 0) {
+			s->flags |= SIDECAR_EXEC_NO_ARGS;
+			break;
+		}
+		off += n;
+		s->count++;
+	}
+	if (i == SIDECAR_MAX_ARGS)
+		s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+	s->len = off;
+	exec_args.update(&tid, s);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+	return stash_argv((const char *const *)args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+	return stash_argv((const char *const *)args->argv);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u32 old_pid = args->old_pid;
+	struct proc_state fresh = {};
+	struct proc_state *st;
+	struct args_stash *stash;
+	struct exec_event *e;
+	unsigned short loc;
+
+	if (!in_scope())
+		return 0;
+
+	/* A new image must be attested again unless it carries an identity
+	 * inherited from an attested ancestor: until then it is pending. */
+	st = procs.lookup(&pid);
+	if (!st) {
+		procs.update(&pid, &fresh);
+		st = procs.lookup(&pid);
+		if (!st)
+			return 0;
+	}
+	if ((settings_flags() & SIDECAR_SETTING_ATTEST) && st->identity == SIDECAR_IDENTITY_NONE)
+		st->identity = SIDECAR_IDENTITY_PENDING;
+
+	stash = exec_args.lookup(&old_pid);
+	e = events.ringbuf_reserve(sizeof(struct exec_event));
+	if (!e) {
+		count_lost(SIDECAR_EVENT_EXEC);
+		if (stash)
+			exec_args.delete(&old_pid);
+		return 0;
+	}
+	fill_header(&e->hdr, SIDECAR_EVENT_EXEC, sizeof(*e));
+	fill_task(&e->task, st);
+	e->old_pid = old_pid;
+	e->verdict = SIDECAR_VERDICT_ALLOW;
+	e->pad = 0;
+	loc = args->data_loc_filename & 0xffff;
+	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
+						    (void *)args + loc);
+	if (stash) {
+		u32 len = stash->len;
+
+		if (len > SIDECAR_ARGS_LEN)
+			len = SIDECAR_ARGS_LEN;
+		bpf_probe_read_kernel(e->args, sizeof(e->args), stash->args);
+		e->args_len = len;
+		e->args_count = stash->count;
+		e->flags = stash->flags;
+		exec_args.delete(&old_pid);
+	} else {
+		e->args_len = 0;
+		e->args_count = 0;
+		e->flags = SIDECAR_EXEC_NO_ARGS;
+	}
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask)
+{
+	u8 one = 1;
+	u32 child = args->pid;
+
+	/* sched_process_fork cannot tell a thread from a process; this can. */
+	if (args->clone_flags & SIDECAR_CLONE_THREAD)
+		new_threads.update(&child, &one);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	u32 parent = bpf_get_current_pid_tgid() >> 32;
+	u32 child = args->child_pid;
+	struct proc_state *pst;
+	struct proc_state cst = {};
+	struct fork_event *e;
+	int scoped;
+
+	if (new_threads.lookup(&child)) {
+		new_threads.delete(&child);
+		return 0;
+	}
+	scoped = in_scope();
+	pst = procs.lookup(&parent);
+	if (!pst && !scoped)
+		return 0;
+	/* The child carries its parent's identity from its first instruction. */
+	cst.identity = pst ? pst->identity : SIDECAR_IDENTITY_NONE;
+	cst.ppid = parent;
+	procs.update(&child, &cst);
+	if (!scoped)
+		return 0;
+
+	e = events.ringbuf_reserve(sizeof(struct fork_event));
+	if (!e) {
+		count_lost(SIDECAR_EVENT_FORK);
+		return 0;
+	}
+	fill_header(&e->hdr, SIDECAR_EVENT_FORK, sizeof(*e));
+	fill_task(&e->task, pst);
+	e->child_pid = child;
+	e->pad = 0;
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 pid = id >> 32;
+	u32 tid = (u32)id;
+	struct proc_state *st;
+	struct exit_event *e;
+
+	exec_args.delete(&tid);
+	/* Only the thread group leader's exit ends the process. */
+	if (pid != tid)
+		return 0;
+	st = procs.lookup(&pid);
+	if (!st && !in_scope())
+		return 0;
+
+	e = events.ringbuf_reserve(sizeof(struct exit_event));
+	if (e) {
+		fill_header(&e->hdr, SIDECAR_EVENT_EXIT, sizeof(*e));
+		fill_task(&e->task, st);
+		events.ringbuf_submit(e, 0);
+	} else {
+		count_lost(SIDECAR_EVENT_EXIT);
+	}
+	/* After the record is built: the pid may be reused from now on. */
+	if (st)
+		procs.delete(&pid);
+	return 0;
+}

@@ -1,0 +1,1 @@
+"""Kernel side: the only package that talks to BCC and the BPF system calls."""

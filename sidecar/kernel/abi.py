@@ -1,0 +1,284 @@
+"""ctypes mirrors of ``bpf/include/events.h`` and the decoder of ring-buffer records.
+
+This module does not import bcc: the decoder is plain Python over bytes, so
+it is unit-tested without a kernel.  ``tests/unit/test_abi_layout.py``
+compiles the C header and proves every size and offset here matches it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+ABI_VERSION = 1
+COMM_LEN = 16
+FILENAME_LEN = 256
+ARGS_LEN = 1024
+ARG_MAX = 256
+MAX_ARGS = 32
+MAX_PORT_RULES = 8
+
+IDENTITY_NONE = 0
+IDENTITY_PENDING = 0xFFFFFFFF
+
+SETTING_ATTEST = 0x1
+
+EXEC_ARGS_TRUNCATED = 0x1
+EXEC_NO_ARGS = 0x2
+
+AF_INET = 2
+AF_INET6 = 10
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+
+class EventType(enum.IntEnum):
+    EXEC = 1
+    FORK = 2
+    EXIT = 3
+    CONNECT = 4
+
+
+class Verdict(enum.IntEnum):
+    ALLOW = 1
+    DENY = 2
+    WOULD_DENY = 3
+
+
+class Hook(enum.IntEnum):
+    CONNECT4 = 1
+    CONNECT6 = 2
+    SENDMSG4 = 3
+    SENDMSG6 = 4
+
+
+class EventHeader(ctypes.Structure):
+    _fields_ = (
+        ("type", ctypes.c_uint16),
+        ("version", ctypes.c_uint16),
+        ("size", ctypes.c_uint32),
+        ("ts_ns", ctypes.c_uint64),
+    )
+
+
+class TaskCtx(ctypes.Structure):
+    _fields_ = (
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("uid", ctypes.c_uint32),
+        ("gid", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("cgroup_id", ctypes.c_uint64),
+        ("comm", ctypes.c_char * COMM_LEN),
+    )
+
+
+class ExecEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", EventHeader),
+        ("task", TaskCtx),
+        ("old_pid", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("filename_len", ctypes.c_uint16),
+        ("args_len", ctypes.c_uint16),
+        ("args_count", ctypes.c_uint16),
+        ("verdict", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("filename", ctypes.c_char * FILENAME_LEN),
+        ("args", ctypes.c_uint8 * ARGS_LEN),  # NUL-separated: not c_char, which stops at NUL
+    )
+
+
+class ForkEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", EventHeader),
+        ("task", TaskCtx),
+        ("child_pid", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class ExitEvent(ctypes.Structure):
+    _fields_ = (("hdr", EventHeader), ("task", TaskCtx))
+
+
+class ConnectEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", EventHeader),
+        ("task", TaskCtx),
+        ("family", ctypes.c_uint8),
+        ("protocol", ctypes.c_uint8),
+        ("hook", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("dport", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("rule", ctypes.c_uint32),
+        ("policy_gen", ctypes.c_uint32),
+    )
+
+
+class ProcState(ctypes.Structure):
+    _fields_ = (("identity", ctypes.c_uint32), ("ppid", ctypes.c_uint32))
+
+
+class Settings(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+
+
+# Every mirrored struct, by its C name, for the layout test.
+MIRRORS: dict[str, type[ctypes.Structure]] = {
+    "event_header": EventHeader,
+    "task_ctx": TaskCtx,
+    "exec_event": ExecEvent,
+    "fork_event": ForkEvent,
+    "exit_event": ExitEvent,
+    "connect_event": ConnectEvent,
+    "proc_state": ProcState,
+    "settings": Settings,
+}
+
+
+class DecodeError(ValueError):
+    """A record that is too short, of another ABI version, or of an unknown type."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    pid: int
+    tid: int
+    ppid: int
+    uid: int
+    gid: int
+    identity: int
+    cgroup_id: int
+    comm: str
+
+
+@dataclass(frozen=True, slots=True)
+class Exec:
+    ts_ns: int
+    task: Task
+    filename: str
+    argv: tuple[str, ...]
+    args_truncated: bool
+    args_missing: bool
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    ts_ns: int
+    task: Task
+    child_pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    ts_ns: int
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    ts_ns: int
+    task: Task
+    family: int
+    protocol: int
+    hook: Hook
+    verdict: Verdict
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    rule: int
+    policy_gen: int
+
+
+KernelEvent = Exec | Fork | Exit | Connect
+
+_BY_TYPE: dict[int, type[ctypes.Structure]] = {
+    EventType.EXEC: ExecEvent,
+    EventType.FORK: ForkEvent,
+    EventType.EXIT: ExitEvent,
+    EventType.CONNECT: ConnectEvent,
+}
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _task(t: TaskCtx) -> Task:
+    return Task(
+        pid=t.pid,
+        tid=t.tid,
+        ppid=t.ppid,
+        uid=t.uid,
+        gid=t.gid,
+        identity=t.identity,
+        cgroup_id=t.cgroup_id,
+        comm=_text(t.comm),
+    )
+
+
+def _address(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.IPv6Address(raw)
+    if family == AF_INET and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def decode(data: bytes) -> KernelEvent:
+    """Decode one ring-buffer record; raises ``DecodeError`` for anything unexpected."""
+    hsize = ctypes.sizeof(EventHeader)
+    if len(data) < hsize:
+        raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
+    hdr = EventHeader.from_buffer_copy(data[:hsize])
+    if hdr.version != ABI_VERSION:
+        raise DecodeError(f"record of ABI version {hdr.version}, expected {ABI_VERSION}")
+    struct = _BY_TYPE.get(hdr.type)
+    if struct is None:
+        raise DecodeError(f"record of unknown type {hdr.type}")
+    size = ctypes.sizeof(struct)
+    if len(data) < size or hdr.size != size:
+        raise DecodeError(f"{struct.__name__} of {len(data)} bytes, expected {size}")
+    rec = struct.from_buffer_copy(data[:size])
+    try:
+        return _convert(hdr, rec)
+    except ValueError as exc:
+        raise DecodeError(f"{struct.__name__} with {exc}") from exc
+
+
+def _convert(hdr: EventHeader, rec: ctypes.Structure) -> KernelEvent:
+    task = _task(rec.task)
+    if isinstance(rec, ExecEvent):
+        args = bytes(rec.args)[: min(rec.args_len, ARGS_LEN)]
+        argv = tuple(_text(a) for a in args.split(b"\0")[: rec.args_count])
+        return Exec(
+            ts_ns=hdr.ts_ns,
+            task=task,
+            filename=_text(rec.filename),
+            argv=argv,
+            args_truncated=bool(rec.flags & EXEC_ARGS_TRUNCATED),
+            args_missing=bool(rec.flags & EXEC_NO_ARGS),
+            verdict=Verdict(rec.verdict),
+        )
+    if isinstance(rec, ForkEvent):
+        return Fork(ts_ns=hdr.ts_ns, task=task, child_pid=rec.child_pid)
+    if isinstance(rec, ExitEvent):
+        return Exit(ts_ns=hdr.ts_ns, task=task)
+    assert isinstance(rec, ConnectEvent)
+    return Connect(
+        ts_ns=hdr.ts_ns,
+        task=task,
+        family=rec.family,
+        protocol=rec.protocol,
+        hook=Hook(rec.hook),
+        verdict=Verdict(rec.verdict),
+        address=_address(bytes(rec.daddr), rec.family),
+        port=rec.dport,
+        rule=rec.rule,
+        policy_gen=rec.policy_gen,
+    )

@@ -1,0 +1,335 @@
+"""Compile, load, attach and pin the BPF programs; read their ring buffer.
+
+The only module of the product that imports bcc.  Everything it hands out is
+plain Python: raw ring-buffer records (bytes), counters, map entries.
+
+Attachment is by BPF links pinned under ``<pin_dir>/links``, and shared
+state (process identities, scope, settings) lives in maps pinned under
+``<pin_dir>``.  So the programs keep running from the pinned state when the
+daemon dies (fail-static), and a restarted daemon swaps its freshly loaded
+programs in behind the same links, with no gap and no second attachment.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import KernelError
+from sidecar.kernel import abi, libbpf
+
+_logger = logging.getLogger(__name__)
+
+BPF_DIR_ENV = "SIDECAR_BPF_DIR"
+SOURCES = ("common.bpf.c", "process.bpf.c", "connect.bpf.c")
+_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+
+# (pin name, BCC function, tracefs category, event)
+TRACEPOINTS = (
+    ("sys_enter_execve", "tracepoint__syscalls__sys_enter_execve", "syscalls", "sys_enter_execve"),
+    (
+        "sys_enter_execveat",
+        "tracepoint__syscalls__sys_enter_execveat",
+        "syscalls",
+        "sys_enter_execveat",
+    ),
+    ("sched_process_exec", "tracepoint__sched__sched_process_exec", "sched", "sched_process_exec"),
+    ("task_newtask", "tracepoint__task__task_newtask", "task", "task_newtask"),
+    ("sched_process_fork", "tracepoint__sched__sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exit", "tracepoint__sched__sched_process_exit", "sched", "sched_process_exit"),
+)
+# (pin name, BCC function, attach type)
+CGROUP_HOOKS = (
+    ("connect4", "sidecar_connect4", libbpf.ATTACH_CGROUP_INET4_CONNECT),
+    ("connect6", "sidecar_connect6", libbpf.ATTACH_CGROUP_INET6_CONNECT),
+    ("sendmsg4", "sidecar_sendmsg4", libbpf.ATTACH_CGROUP_UDP4_SENDMSG),
+    ("sendmsg6", "sidecar_sendmsg6", libbpf.ATTACH_CGROUP_UDP6_SENDMSG),
+)
+PINNED_MAPS = ("procs", "scope", "settings")
+
+
+def bpf_source_dir() -> Path:
+    """Where the BPF C sources are: $SIDECAR_BPF_DIR, the checkout, or the install."""
+    env = os.environ.get(BPF_DIR_ENV)
+    candidates = [Path(env)] if env else []
+    candidates += [
+        Path(__file__).resolve().parents[2] / "bpf",
+        Path("/usr/share/sidecar/bpf"),
+    ]
+    for c in candidates:
+        if (c / "include" / "events.h").is_file():
+            return c
+    raise KernelError(
+        f"BPF sources not found (looked in {', '.join(map(str, candidates))}); set {BPF_DIR_ENV}"
+    )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    pin_dir: Path
+    scope: Path
+    tracefs: Path
+    procs_max: int = 65536
+    ringbuf_pages: int = 256
+    attest: bool = False
+
+    def validate(self) -> None:
+        for name, p in (("pin directory", self.pin_dir), ("scope cgroup", self.scope)):
+            if not _SAFE_PATH.match(str(p)):
+                raise KernelError(
+                    f"{name} '{p}' must be an absolute path of letters, digits, '.', '_', '-', '/'"
+                )
+        if not 1024 <= self.procs_max <= 4_194_304:
+            raise KernelError(f"procs_max {self.procs_max} must be within 1024..4194304")
+        pages = self.ringbuf_pages
+        if pages < 1 or pages & (pages - 1) or pages > 65536:
+            raise KernelError(f"ringbuf_pages {pages} must be a power of two up to 65536")
+
+
+@dataclass
+class AttachReport:
+    """What start-up did, for the log and for ``sidecar status``."""
+
+    compile_seconds: float = 0.0
+    adopted: list[str] = field(default_factory=list)  # links found pinned and taken over
+    created: list[str] = field(default_factory=list)  # links made by this run
+
+
+def _make_module_class() -> Any:
+    try:
+        from bcc import BPF
+    except ImportError as exc:
+        raise KernelError(
+            f"the BCC Python module is missing ({exc}): apt-get install python3-bpfcc"
+        ) from exc
+
+    class _Module(BPF):  # type: ignore[misc]
+        def _trace_autoload(self) -> None:
+            # We attach tracepoints ourselves, as pinnable links.
+            return None
+
+    return _Module
+
+
+class KernelPrograms:
+    """The loaded programs of one daemon run, and the pinned state they share."""
+
+    def __init__(self, options: LoadOptions) -> None:
+        options.validate()
+        self.options = options
+        self.links_dir = options.pin_dir / "links"
+        self._bpf: Any = None
+        self._link_fds: dict[str, int] = {}
+        self._pending: list[bytes] = []
+        self._ringbuf_open = False
+        self.report = AttachReport()
+
+    # -- loading -----------------------------------------------------------
+
+    def _source_text(self, src: Path) -> str:
+        parts = ['#include "maps.h"\n']
+        for name in SOURCES:
+            path = src / name
+            parts.append(f'#line 1 "{path}"\n')
+            parts.append(path.read_text())
+        return "".join(parts)
+
+    def load(self) -> None:
+        """Compile and load the programs; create or re-open the pinned maps."""
+        src = bpf_source_dir()
+        self.options.pin_dir.mkdir(parents=True, exist_ok=True)
+        self.links_dir.mkdir(exist_ok=True)
+        cflags = [
+            f"-I{src / 'include'}",
+            f"-I{src}",
+            f'-DPIN_DIR="{self.options.pin_dir}"',
+            f"-DPROCS_MAX={self.options.procs_max}",
+            f"-DRINGBUF_PAGES={self.options.ringbuf_pages}",
+            "-Wno-macro-redefined",
+        ]
+        module = _make_module_class()
+        started = time.monotonic()
+        try:
+            self._bpf = module(text=self._source_text(src), cflags=cflags)
+        except Exception as exc:  # bcc raises bare Exception for every failure
+            raise KernelError(f"BPF programs failed to compile or load: {exc}") from exc
+        self.report.compile_seconds = time.monotonic() - started
+        self._set_scope()
+        self.set_settings(attest=self.options.attest)
+
+    def _set_scope(self) -> None:
+        try:
+            fd = os.open(self.options.scope, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise KernelError(
+                f"scope cgroup {self.options.scope} cannot be opened: {exc.strerror}"
+            ) from exc
+        try:
+            table = self._bpf["scope"]
+            table[table.Key(0)] = fd
+        finally:
+            os.close(fd)
+
+    def set_settings(self, *, attest: bool) -> None:
+        table = self._bpf["settings"]
+        flags = abi.SETTING_ATTEST if attest else 0
+        table[table.Key(0)] = table.Leaf(flags, 0)
+
+    # -- attaching ---------------------------------------------------------
+
+    def attach(self) -> AttachReport:
+        """Attach every program through pinned links, taking over links a previous run left."""
+        assert self._bpf is not None, "load() first"
+        from bcc import BPF
+
+        for pin, fn_name, category, event in TRACEPOINTS:
+            fn = self._load_func(fn_name, BPF.TRACEPOINT)
+            tp_id = libbpf.tracepoint_id(self.options.tracefs, category, event)
+            perf_fd = libbpf.perf_event_open_tracepoint(tp_id)
+            try:
+                link = libbpf.link_create(fn.fd, perf_fd, libbpf.ATTACH_PERF_EVENT)
+            finally:
+                os.close(perf_fd)  # the link holds the perf event
+            self._replace_pin(pin, link)
+
+        cg_fd = self._open_scope()
+        try:
+            scope_id = os.fstat(cg_fd).st_ino
+            for pin, fn_name, attach_type in CGROUP_HOOKS:
+                fn = self._load_func(fn_name, BPF.CGROUP_SOCK_ADDR, attach_type)
+                old = libbpf.obj_get(self.links_dir / pin)
+                if old is not None and libbpf.link_cgroup_id(old) == scope_id:
+                    # Same cgroup: swap the program atomically, no gap.
+                    libbpf.link_update(old, fn.fd)
+                    self._link_fds[pin] = old
+                    self.report.adopted.append(pin)
+                    continue
+                if old is not None:
+                    os.close(old)
+                link = libbpf.link_create(fn.fd, cg_fd, attach_type)
+                self._replace_pin(pin, link)
+        finally:
+            os.close(cg_fd)
+        return self.report
+
+    def _open_scope(self) -> int:
+        try:
+            return os.open(self.options.scope, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise KernelError(
+                f"scope cgroup {self.options.scope} cannot be opened: {exc.strerror}"
+            ) from exc
+
+    def _load_func(self, name: str, prog_type: int, attach_type: int = -1) -> Any:
+        try:
+            return self._bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
+        except Exception as exc:  # bcc raises bare Exception
+            raise KernelError(f"BPF program {name} was refused by the kernel: {exc}") from exc
+
+    def _replace_pin(self, pin: str, link_fd: int) -> None:
+        """Pin a new link in place of an old one: the new one is attached first."""
+        path = self.links_dir / pin
+        if path.exists():
+            path.unlink()  # the old link detaches; the new one already runs
+            self.report.adopted.append(pin)
+        else:
+            self.report.created.append(pin)
+        libbpf.obj_pin(link_fd, path)
+        self._link_fds[pin] = link_fd
+
+    # -- ring buffer ---------------------------------------------------------
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        self._pending.append(ctypes.string_at(data, size))
+        return 0
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to ``timeout_ms`` for records; returns those that arrived (maybe none)."""
+        if not self._ringbuf_open:
+            self._bpf["events"].open_ring_buffer(self._on_record)
+            self._ringbuf_open = True
+        self._bpf.ring_buffer_poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def lost_counts(self) -> dict[abi.EventType, int]:
+        """Records the kernel could not reserve, summed over CPUs, by type."""
+        table = self._bpf["lost"]
+        out: dict[abi.EventType, int] = {}
+        for t in abi.EventType:
+            values = table[table.Key(int(t))]
+            out[t] = int(sum(values))
+        return out
+
+    # -- process map ---------------------------------------------------------
+
+    def proc_state(self, pid: int) -> tuple[int, int] | None:
+        """(identity, ppid) the kernel holds for a process, or None."""
+        table = self._bpf["procs"]
+        try:
+            leaf = table[table.Key(pid)]
+        except KeyError:
+            return None
+        return int(leaf.identity), int(leaf.ppid)
+
+    def set_identity(self, pid: int, identity: int, ppid: int = 0) -> None:
+        table = self._bpf["procs"]
+        key = table.Key(pid)
+        try:
+            current = table[key]
+            ppid = ppid or int(current.ppid)
+        except KeyError:
+            pass
+        table[key] = table.Leaf(identity, ppid)
+
+    def proc_pids(self) -> Iterator[int]:
+        table = self._bpf["procs"]
+        for key in table.keys():
+            yield int(key.value)
+
+    # -- teardown --------------------------------------------------------------
+
+    def close(self, *, detach: bool) -> None:
+        """Release this run.  ``detach``: also remove links and pinned maps (uninstall)."""
+        for fd in self._link_fds.values():
+            with suppress(OSError):
+                os.close(fd)
+        self._link_fds.clear()
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        if detach:
+            uninstall(self.options.pin_dir)
+
+
+def uninstall(pin_dir: Path) -> list[str]:
+    """Remove every link and map pinned under ``pin_dir``: programs detach, state goes."""
+    removed: list[str] = []
+    if not pin_dir.exists():
+        return removed
+    links = pin_dir / "links"
+    # Links first, so no program runs on half-removed state.
+    for group in (links, pin_dir):
+        if not group.is_dir():
+            continue
+        for entry in sorted(group.iterdir()):
+            if entry.is_dir():
+                continue
+            try:
+                entry.unlink()
+                removed.append(str(entry))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise KernelError(f"cannot remove {entry}: {exc.strerror}") from exc
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    return removed
