@@ -1,0 +1,301 @@
+"""Attesting real processes: copies of real binaries started in tmp_path.
+
+No root needed: the test only inspects its own children.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.attest import (
+    Attestor,
+    Entries,
+    HashCache,
+    boot_id,
+    gather,
+    load_entries_text,
+    read_start_time,
+)
+from sidecar.attest import facts as facts_mod
+from sidecar.errors import AttestationError
+
+UID = os.getuid()
+HEADER = """\
+apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+"""
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def entries(*items: tuple[str, list[str]]) -> Entries:
+    body = "".join(f"  - spiffeId: {sid}\n    selectors: {sels}\n" for sid, sels in items)
+    body = body or "  []\n"
+    return load_entries_text(HEADER + body.replace("'", ""), "test.yaml")
+
+
+class Procs:
+    """Starts long-running children and always kills and reaps them."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str | Path]) -> subprocess.Popen[bytes]:
+        # Popen returns once the exec has succeeded, so /proc shows the new image.
+        p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.PIPE)
+        self.started.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.started:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            if p.stdin:
+                p.stdin.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.close()
+
+
+@pytest.fixture
+def bin_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "bin"
+    d.mkdir()
+    return d
+
+
+def copy_binary(name: str, dest: Path) -> Path:
+    src = shutil.which(name)
+    assert src is not None, f"{name} not installed"
+    shutil.copy2(src, dest)
+    return dest.resolve()
+
+
+def test_process_matching_uid_and_sha256_gets_the_identity(bin_dir: Path, procs: Procs) -> None:
+    sleep = copy_binary("sleep", bin_dir / "sleep")
+    attestor = Attestor(
+        entries(
+            (
+                "spiffe://example.org/agent/bot",
+                [f"unix:uid:{UID}", f"unix:sha256:{sha256_file(sleep)}"],
+            )
+        )
+    )
+    p = procs.start([sleep, "60"])
+    result = attestor.attest(p.pid)
+    assert result.spiffe_id == "spiffe://example.org/agent/bot"
+    assert result.match is not None
+    assert [str(s) for s in result.match.selectors] == [
+        f"unix:uid:{UID}",
+        f"unix:sha256:{sha256_file(sleep)}",
+    ]
+    assert result.facts.pid == p.pid
+    assert result.facts.exe_path == str(sleep)
+    assert result.entries_digest == attestor.entries.digest
+
+
+def test_other_binary_under_the_same_uid_gets_no_identity(bin_dir: Path, procs: Procs) -> None:
+    sleep = copy_binary("sleep", bin_dir / "sleep")
+    cat = copy_binary("cat", bin_dir / "cat")
+    attestor = Attestor(
+        entries(
+            (
+                "spiffe://example.org/agent/bot",
+                [f"unix:uid:{UID}", f"unix:sha256:{sha256_file(sleep)}"],
+            )
+        )
+    )
+    p = procs.start([cat])  # waits on its stdin pipe
+    result = attestor.attest(p.pid)
+    assert result.match is None
+    assert result.facts.uid == UID
+    assert result.facts.sha256 == sha256_file(cat)
+
+
+def test_copy_with_one_byte_changed_gets_no_identity(bin_dir: Path, procs: Procs) -> None:
+    good = copy_binary("sleep", bin_dir / "sleep")
+    bad = copy_binary("sleep", bin_dir / "sleep-patched")
+    data = bytearray(bad.read_bytes())
+    assert data[:4] == b"\x7fELF"
+    data[10] ^= 0x01  # e_ident padding: ignored by the loader, so the copy still runs
+    bad.write_bytes(bytes(data))
+    attestor = Attestor(
+        entries(
+            (
+                "spiffe://example.org/agent/bot",
+                [f"unix:uid:{UID}", f"unix:sha256:{sha256_file(good)}"],
+            )
+        )
+    )
+    p = procs.start([bad, "60"])
+    result = attestor.attest(p.pid)
+    assert p.poll() is None
+    assert result.match is None
+    assert result.facts.sha256 == sha256_file(bad) != sha256_file(good)
+
+
+def test_path_selector_sees_the_executable_not_the_symlink_used_to_start_it(
+    tmp_path: Path, bin_dir: Path, procs: Procs
+) -> None:
+    sleep = copy_binary("sleep", bin_dir / "sleep")
+    link = tmp_path / "agent"
+    link.symlink_to(sleep)
+    by_target = Attestor(entries(("spiffe://example.org/a", [f"unix:path:{sleep}"])))
+    by_link = Attestor(entries(("spiffe://example.org/a", [f"unix:path:{link}"])))
+    p = procs.start([link, "60"])
+    assert by_target.attest(p.pid).spiffe_id == "spiffe://example.org/a"
+    assert by_link.attest(p.pid).match is None
+
+
+def test_binary_replaced_at_its_path_is_hashed_as_it_runs_and_loses_the_path(
+    bin_dir: Path, procs: Procs
+) -> None:
+    sleep = copy_binary("sleep", bin_dir / "agent")
+    original = sha256_file(sleep)
+    p = procs.start([sleep, "60"])
+    impostor = copy_binary("cat", bin_dir / "impostor")
+    os.replace(impostor, sleep)  # the running image keeps its inode, now nameless
+    by_hash = Attestor(entries(("spiffe://example.org/a", [f"unix:sha256:{original}"])))
+    by_path = Attestor(entries(("spiffe://example.org/a", [f"unix:path:{sleep}"])))
+    result = by_hash.attest(p.pid)
+    assert result.spiffe_id == "spiffe://example.org/a"
+    assert result.facts.exe_deleted
+    assert result.facts.exe_path == str(sleep)
+    assert by_path.attest(p.pid).match is None
+
+
+def test_exited_and_reaped_process_raises_attestation_error(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    p.kill()
+    p.wait()
+    with pytest.raises(AttestationError, match=f"pid {p.pid}: process is gone"):
+        Attestor(entries()).attest(p.pid)
+
+
+def test_zombie_process_raises_attestation_error(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    p.kill()
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # dead but not reaped
+    with pytest.raises(AttestationError, match="process is gone"):
+        gather(p.pid, None, HashCache())
+
+
+def test_invalid_pid_raises_attestation_error() -> None:
+    with pytest.raises(AttestationError):
+        gather(0, None, HashCache())
+    with pytest.raises(AttestationError, match="process is gone"):
+        gather(2**22 + 1, None, HashCache())  # above the largest pid_max
+
+
+def test_start_time_change_during_attestation_is_refused(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What /proc shows if the PID is recycled while it is read: another start time."""
+    p = procs.start(["sleep", "60"])
+    real = facts_mod.read_start_time
+    calls = iter([0, 1])
+    monkeypatch.setattr(facts_mod, "read_start_time", lambda pid: real(pid) + next(calls))
+    with pytest.raises(AttestationError, match="replaced by another process"):
+        gather(p.pid, None, HashCache())
+
+
+def test_facts_carry_process_instance_keys_and_cgroup(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    f = gather(p.pid, "spiffe://example.org/parent", HashCache())
+    assert f.start_time == read_start_time(p.pid) > 0
+    assert f.start_time >= read_start_time(os.getpid())
+    assert f.uid == UID and f.gid == os.getgid()
+    assert f.user == pwd.getpwuid(UID).pw_name
+    st = Path(f"/proc/{p.pid}/exe").stat()
+    assert (f.exe_dev, f.exe_ino, f.exe_size, f.exe_mtime_ns) == (
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+    )
+    own = Path(f"/proc/{p.pid}/cgroup").read_text().splitlines()
+    assert f.cgroup_path == next(line[3:] for line in own if line.startswith("0::"))
+    assert f.parent_identity == "spiffe://example.org/parent"
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", boot_id())
+    assert boot_id() == boot_id()
+
+
+def test_sha256_and_user_are_read_only_when_an_entry_needs_them(procs: Procs) -> None:
+    hashes = HashCache()
+    attestor = Attestor(entries(("spiffe://example.org/a", [f"unix:uid:{UID}"])), hashes)
+    p = procs.start(["sleep", "60"])
+    result = attestor.attest(p.pid)
+    assert result.spiffe_id == "spiffe://example.org/a"
+    assert result.facts.sha256 is None and result.facts.user is None
+    assert hashes.stats().misses == 0
+
+
+def test_second_attestation_of_one_binary_hits_the_hash_cache(bin_dir: Path, procs: Procs) -> None:
+    sleep = copy_binary("sleep", bin_dir / "sleep")
+    hashes = HashCache()
+    attestor = Attestor(
+        entries(("spiffe://example.org/a", [f"unix:sha256:{sha256_file(sleep)}"])), hashes
+    )
+    first = procs.start([sleep, "60"])
+    second = procs.start([sleep, "60"])
+    assert attestor.attest(first.pid).spiffe_id == "spiffe://example.org/a"
+    assert attestor.attest(second.pid).spiffe_id == "spiffe://example.org/a"
+    stats = hashes.stats()
+    assert (stats.hits, stats.misses) == (1, 1)
+
+
+def test_parent_identity_given_by_the_caller_selects_the_child_entry(procs: Procs) -> None:
+    attestor = Attestor(
+        entries(
+            ("spiffe://example.org/planner", ["unix:uid:4000000000"]),
+            (
+                "spiffe://example.org/tool",
+                ["parent:id:spiffe://example.org/planner", f"unix:uid:{UID}"],
+            ),
+        )
+    )
+    p = procs.start(["sleep", "60"])
+    assert attestor.attest(p.pid, "spiffe://example.org/planner").spiffe_id == (
+        "spiffe://example.org/tool"
+    )
+    assert attestor.attest(p.pid, "spiffe://example.org/other").match is None
+
+
+def test_failed_reload_keeps_the_old_entries(tmp_path: Path, procs: Procs) -> None:
+    path = tmp_path / "entries.yaml"
+    path.write_text(
+        HEADER + f"  - spiffeId: spiffe://example.org/old\n    selectors: [unix:uid:{UID}]\n"
+    )
+    attestor = Attestor(entries())
+    attestor.reload(path)
+    p = procs.start(["sleep", "60"])
+    assert attestor.attest(p.pid).spiffe_id == "spiffe://example.org/old"
+    path.write_text(
+        HEADER + "  - spiffeId: spiffe://example.org/new\n    selectors: [unix:bogus:1]\n"
+    )
+    with pytest.raises(AttestationError, match=r"entries\.yaml:6: entries\[0\]\.selectors\[0\]"):
+        attestor.reload(path)
+    assert attestor.attest(p.pid).spiffe_id == "spiffe://example.org/old"
+    old = attestor.replace_entries(entries(("spiffe://example.org/new", [f"unix:uid:{UID}"])))
+    assert old.spiffe_ids == {"spiffe://example.org/old"}
+    assert attestor.attest(p.pid).spiffe_id == "spiffe://example.org/new"
