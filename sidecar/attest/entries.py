@@ -229,6 +229,6 @@ def _check_conflicts(doc: Document, entries: tuple[Entry, ...]) -> None:
                     ("entries", b.index),
                     f"conflicts with entries[{a.index}] at {a.where}: "
                     f"'{b.spiffe_id}' ({b.where}) and '{a.spiffe_id}' ({a.where}) "
-                    f"both have {a.specificity} selectors and one process could match both; "
-                    "add a selector that tells them apart",
+                    f"have the same number of selectors ({a.specificity}) and one process "
+                    "could match both; add a selector that tells them apart",
                 )
