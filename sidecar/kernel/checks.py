@@ -44,7 +44,10 @@ def find_mount(fstype: str, proc_mounts: Path = Path("/proc/mounts")) -> Path | 
 def cgroup2_root() -> Path:
     root = find_mount("cgroup2")
     if root is None:
-        raise KernelError("no cgroup2 file system is mounted; mount one: mount -t cgroup2 none /sys/fs/cgroup/unified")
+        raise KernelError(
+            "no cgroup2 file system is mounted; mount one: "
+            "mount -t cgroup2 none /sys/fs/cgroup/unified"
+        )
     return root
 
 
@@ -69,10 +72,14 @@ def preflight(need_root: bool = True) -> Mounts:
     cg = cgroup2_root()
     tracefs = find_mount("tracefs")
     if tracefs is None:
-        raise KernelError(f"tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing, or {SETUP_HINT}")
+        raise KernelError(
+            f"tracefs is not mounted: mount -t tracefs tracefs /sys/kernel/tracing, or {SETUP_HINT}"
+        )
     bpffs = find_mount("bpf")
     if bpffs is None:
-        raise KernelError(f"the BPF file system is not mounted: mount -t bpf bpf /sys/fs/bpf, or {SETUP_HINT}")
+        raise KernelError(
+            f"the BPF file system is not mounted: mount -t bpf bpf /sys/fs/bpf, or {SETUP_HINT}"
+        )
     if headers_dir() is None:
         raise KernelError(
             f"no kernel headers at /lib/modules/{platform.release()}/build: install "

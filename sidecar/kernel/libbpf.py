@@ -173,9 +173,7 @@ def perf_event_open_tracepoint(tp_id: int) -> int:
     attr.config = tp_id
     attr.sample_period = 1
     attr.wakeup_events = 1
-    fd = _libc.syscall(
-        _NR_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC
-    )
+    fd = _libc.syscall(_NR_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise KernelError(f"perf_event_open for tracepoint {tp_id}: {os.strerror(err)}")

@@ -175,15 +175,18 @@ class KernelPrograms:
                 f"scope cgroup {self.options.scope} cannot be opened: {exc.strerror}"
             ) from exc
         try:
-            table = self._bpf["scope"]
+            table = self._table("scope")
             table[table.Key(0)] = fd
         finally:
             os.close(fd)
 
     def set_settings(self, *, attest: bool) -> None:
-        table = self._bpf["settings"]
+        table = self._table("settings")
         flags = abi.SETTING_ATTEST if attest else 0
         table[table.Key(0)] = table.Leaf(flags, 0)
+
+    def _table(self, name: str) -> Any:
+        return self._bpf[name.encode()]
 
     # -- attaching ---------------------------------------------------------
 
@@ -256,7 +259,7 @@ class KernelPrograms:
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Wait up to ``timeout_ms`` for records; returns those that arrived (maybe none)."""
         if not self._ringbuf_open:
-            self._bpf["events"].open_ring_buffer(self._on_record)
+            self._table("events").open_ring_buffer(self._on_record)
             self._ringbuf_open = True
         self._bpf.ring_buffer_poll(timeout_ms)
         out, self._pending = self._pending, []
@@ -264,7 +267,7 @@ class KernelPrograms:
 
     def lost_counts(self) -> dict[abi.EventType, int]:
         """Records the kernel could not reserve, summed over CPUs, by type."""
-        table = self._bpf["lost"]
+        table = self._table("lost")
         out: dict[abi.EventType, int] = {}
         for t in abi.EventType:
             values = table[table.Key(int(t))]
@@ -275,7 +278,7 @@ class KernelPrograms:
 
     def proc_state(self, pid: int) -> tuple[int, int] | None:
         """(identity, ppid) the kernel holds for a process, or None."""
-        table = self._bpf["procs"]
+        table = self._table("procs")
         try:
             leaf = table[table.Key(pid)]
         except KeyError:
@@ -283,7 +286,7 @@ class KernelPrograms:
         return int(leaf.identity), int(leaf.ppid)
 
     def set_identity(self, pid: int, identity: int, ppid: int = 0) -> None:
-        table = self._bpf["procs"]
+        table = self._table("procs")
         key = table.Key(pid)
         try:
             current = table[key]
@@ -293,8 +296,8 @@ class KernelPrograms:
         table[key] = table.Leaf(identity, ppid)
 
     def proc_pids(self) -> Iterator[int]:
-        table = self._bpf["procs"]
-        for key in table.keys():
+        table = self._table("procs")
+        for key in table:
             yield int(key.value)
 
     # -- teardown --------------------------------------------------------------

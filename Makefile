@@ -1,0 +1,60 @@
+# The two commands a newcomer needs (as root, on Debian 12 / Ubuntu 22.04+):
+#   make demo   see the product work
+#   make test   lint, type-check and run every test, kernel tests included
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Debian's BCC module is built for the distribution's Python, so the venv
+# must come from it and see its site-packages.
+SYSTEM_PYTHON ?= /usr/bin/python3
+STAMP := $(VENV)/.installed
+
+.PHONY: setup host venv lint typecheck proto proto-check test unit kernel demo bench clean uninstall
+
+setup: host venv
+
+host:
+	@scripts/setup-host.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@if [ -x scripts/install-ops-deps.sh ]; then PYTHON=$(PY) scripts/install-ops-deps.sh; fi
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check sidecar tests benchmarks
+	$(VENV)/bin/ruff format --check sidecar tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy sidecar
+
+proto: venv
+	PYTHON=$(PY) scripts/gen-proto.sh
+
+proto-check: venv
+	PYTHON=$(PY) scripts/gen-proto.sh --check
+
+test: setup lint typecheck proto-check
+	$(PY) -m pytest -ra tests
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+kernel: setup
+	$(PY) -m pytest -ra tests/kernel
+
+demo: setup
+	$(VENV)/bin/sidecar demo
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+uninstall: venv
+	$(VENV)/bin/sidecar uninstall
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,142 @@
+"""Daemon configuration: defaults < environment < file < command-line flags.
+
+The file is YAML (``apiVersion: sidecar/v1``, ``kind: DaemonConfig``), read
+strictly: an unknown or mistyped field is an error naming file, line and
+field.  Everything is validated once, here, into a frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sidecar.errors import ConfigError
+from sidecar.yamlsrc import Fields, check_header, load_file
+
+API_VERSION = "sidecar/v1"
+KIND = "DaemonConfig"
+
+# Environment variables that override defaults (and are overridden by file and flags).
+ENV_CGROUP = "SIDECAR_CGROUP"
+ENV_OUTPUT = "SIDECAR_OUTPUT"
+ENV_PIN_DIR = "SIDECAR_PIN_DIR"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str
+    scope_cgroup: Path | None  # None: the cgroup2 root
+    pin_dir: Path
+    procs_max: int
+    ringbuf_pages: int
+    detach_on_exit: bool  # False: programs keep enforcing after the daemon stops
+    output: str  # "-" for stdout, or a file path
+    source: str = "<defaults>"
+
+
+def defaults() -> DaemonConfig:
+    return DaemonConfig(
+        host=socket.gethostname(),
+        scope_cgroup=None,
+        pin_dir=Path("/sys/fs/bpf/sidecar"),
+        procs_max=65536,
+        ringbuf_pages=256,
+        detach_on_exit=False,
+        output="-",
+    )
+
+
+def _from_env(cfg: DaemonConfig) -> DaemonConfig:
+    env = os.environ
+    if env.get(ENV_CGROUP):
+        cfg = replace(cfg, scope_cgroup=Path(env[ENV_CGROUP]))
+    if env.get(ENV_OUTPUT):
+        cfg = replace(cfg, output=env[ENV_OUTPUT])
+    if env.get(ENV_PIN_DIR):
+        cfg = replace(cfg, pin_dir=Path(env[ENV_PIN_DIR]))
+    return cfg
+
+
+def _abs_path(value: object) -> Path:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {value!r}")
+    return Path(value)
+
+
+def _bounded(lo: int, hi: int) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise ValueError(f"must be an integer from {lo} to {hi}, not {value!r}")
+        return value
+
+    return check
+
+
+def _power_of_two(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
+        raise ValueError(f"must be a power of two, not {value!r}")
+    if value > 65536:
+        raise ValueError(f"must be at most 65536 pages, not {value}")
+    return value
+
+
+def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
+    doc = load_file(path, ConfigError)
+    top = check_header(doc, API_VERSION, KIND)
+    host = top.optional("host", str, cfg.host) or cfg.host
+    output = top.optional("output", str, cfg.output)
+    scope_cgroup = cfg.scope_cgroup
+    if "scope" in doc.data:
+        scope = Fields(doc, ("scope",), top.required("scope", dict))
+        scope_cgroup = scope.parse("cgroup", _abs_path, scope_cgroup)
+        scope.done()
+    pin_dir, procs_max, pages, detach = (
+        cfg.pin_dir,
+        cfg.procs_max,
+        cfg.ringbuf_pages,
+        cfg.detach_on_exit,
+    )
+    if "bpf" in doc.data:
+        bpf = Fields(doc, ("bpf",), top.required("bpf", dict))
+        pin_dir = bpf.parse("pinDir", _abs_path, pin_dir) or pin_dir
+        procs_max = bpf.parse("procsMax", _bounded(1024, 4_194_304), procs_max) or procs_max
+        pages = bpf.parse("ringbufPages", _power_of_two, pages) or pages
+        detach = bpf.optional("detachOnExit", bool, detach)
+        bpf.done()
+    top.done()
+    return replace(
+        cfg,
+        host=host,
+        output=output,
+        scope_cgroup=scope_cgroup,
+        pin_dir=pin_dir,
+        procs_max=procs_max,
+        ringbuf_pages=pages,
+        detach_on_exit=detach,
+        source=str(path),
+    )
+
+
+def load(
+    path: Path | None = None,
+    *,
+    cgroup: Path | None = None,
+    output: str | None = None,
+) -> DaemonConfig:
+    """Build the effective config; flags (``cgroup``, ``output``) win over everything."""
+    cfg = _from_env(defaults())
+    if path is not None:
+        cfg = _from_file(cfg, path)
+    if cgroup is not None:
+        cfg = replace(cfg, scope_cgroup=cgroup)
+    if output is not None:
+        cfg = replace(cfg, output=output)
+    if cfg.scope_cgroup is not None and not cfg.scope_cgroup.is_dir():
+        raise ConfigError(
+            f"scope cgroup {cfg.scope_cgroup} does not exist: create it "
+            f"(mkdir {cfg.scope_cgroup}) or point scope.cgroup / --cgroup at an existing cgroup"
+        )
+    return cfg

@@ -1,0 +1,52 @@
+"""Shared test set-up: kernel tests skip without root/BPF, or fail under CI.
+
+Every test under tests/kernel/ is marked ``kernel``.  Where the machine
+cannot run BPF programs they skip, unless ``SIDECAR_REQUIRE_KERNEL=1`` (set
+by .ci/run), which turns each such skip into a failure: a green CI run
+proves the kernel path ran.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REQUIRE_KERNEL = os.environ.get("SIDECAR_REQUIRE_KERNEL") == "1"
+
+
+def kernel_unavailable() -> str | None:
+    """Why kernel tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        from sidecar.kernel.checks import preflight
+
+        preflight()
+    except Exception as exc:  # any reason at all is a reason to skip (or fail in CI)
+        return f"kernel not usable: {exc}"
+    return None
+
+
+_KERNEL_REASON: list[str | None] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kernel_dir = Path(__file__).parent / "kernel"
+    for item in items:
+        if kernel_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.kernel)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kernel") is None:
+        return
+    if not _KERNEL_REASON:
+        _KERNEL_REASON.append(kernel_unavailable())
+    reason = _KERNEL_REASON[0]
+    if reason is None:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"SIDECAR_REQUIRE_KERNEL=1 but {reason}", pytrace=False)
+    pytest.skip(reason)

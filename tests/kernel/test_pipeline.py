@@ -1,0 +1,160 @@
+"""The kernel pipeline end to end: real BPF programs, real processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import InProcessDaemon, spawn, wait_until
+
+NOBODY = 65534
+
+
+def test_exec_in_scope_is_reported_with_pid_ppid_uid_exe_and_argv(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    child = spawn(scratch_cgroup, ["/bin/sleep", "0.3"], uid=NOBODY)
+    child.wait(10)
+    ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+    assert ev["ppid"] == os.getpid()
+    assert ev["uid"] == NOBODY
+    assert ev["gid"] == NOBODY
+    assert ev["exe"] == os.path.realpath("/bin/sleep")
+    assert ev["argv"] == ["/bin/sleep", "0.3"]
+    assert ev["filename"] == "/bin/sleep"
+    assert ev["cgroup"].endswith("/" + scratch_cgroup.name)
+    assert ev["host"] == "test-host"
+
+
+def test_exec_outside_the_scope_is_not_reported(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    outside = subprocess.Popen(["/bin/echo", "outside-marker"], stdout=subprocess.DEVNULL)
+    outside.wait(10)
+    inside = spawn(scratch_cgroup, ["/bin/echo", "inside-marker"], stdout=subprocess.DEVNULL)
+    inside.wait(10)
+    # Records arrive in order per CPU; waiting for the inside exit covers the outside exec.
+    daemon.sink.wait_for(type="exit", pid=inside.pid)
+    assert daemon.sink.find(pid=outside.pid) == []
+    assert [e["argv"] for e in daemon.sink.find(type="exec", pid=inside.pid)] == [
+        ["/bin/echo", "inside-marker"]
+    ]
+
+
+CONNECT = r"""
+import socket, sys
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+kind = socket.SOCK_STREAM if sys.argv[2] == "tcp" else socket.SOCK_DGRAM
+s = socket.socket(family, kind)
+if kind == socket.SOCK_STREAM:
+    s.connect((sys.argv[3], int(sys.argv[4])))
+else:
+    s.sendto(b"x", (sys.argv[3], int(sys.argv[4])))
+s.close()
+"""
+
+
+def _run_client(cgroup: Path, family: str, proto: str, host: str, port: int) -> int:
+    child = spawn(cgroup, [sys.executable, "-c", CONNECT, family, proto, host, str(port)])
+    assert child.wait(20) == 0
+    return child.pid
+
+
+def test_tcp_connect_over_ipv4_is_reported_with_destination_and_caller_pid(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        pid = _run_client(scratch_cgroup, "4", "tcp", "127.0.0.1", port)
+    ev = daemon.sink.wait_for(type="connect", pid=pid)
+    assert (ev["family"], ev["protocol"], ev["daddr"], ev["dport"]) == (
+        "inet",
+        "tcp",
+        "127.0.0.1",
+        port,
+    )
+    assert ev["hook"] == "connect4"
+    assert ev["verdict"] == "allow"
+
+
+def test_tcp_connect_over_ipv6_is_reported_with_destination_and_caller_pid(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as srv:
+        port = srv.getsockname()[1]
+        pid = _run_client(scratch_cgroup, "6", "tcp", "::1", port)
+    ev = daemon.sink.wait_for(type="connect", pid=pid)
+    assert (ev["family"], ev["protocol"], ev["daddr"], ev["dport"]) == ("inet6", "tcp", "::1", port)
+    assert ev["hook"] == "connect6"
+
+
+def test_udp_sendto_without_connect_is_reported_as_a_connection_attempt(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        pid = _run_client(scratch_cgroup, "4", "udp", "127.0.0.1", port)
+        assert srv.recv(16) == b"x"
+    ev = daemon.sink.wait_for(type="connect", pid=pid)
+    assert (ev["family"], ev["protocol"], ev["daddr"], ev["dport"]) == (
+        "inet",
+        "udp",
+        "127.0.0.1",
+        port,
+    )
+    assert ev["hook"] == "sendmsg4"
+
+
+def test_exit_removes_the_process_from_the_table(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    child = spawn(scratch_cgroup, ["/bin/sleep", "30"])
+    try:
+        daemon.sink.wait_for(type="exec", pid=child.pid)
+        row = daemon.call(lambda: daemon.table.get(child.pid))
+        assert row is not None
+        assert row.start > 0
+        assert row.exe == os.path.realpath("/bin/sleep")
+        assert row.argv == ("/bin/sleep", "30")
+    finally:
+        child.kill()
+        child.wait(10)
+    daemon.sink.wait_for(type="exit", pid=child.pid)
+    assert daemon.call(lambda: daemon.table.get(child.pid)) is None
+
+
+FORKER = r"""
+import os, socket, sys
+port = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.close()
+    os._exit(0)
+os.waitpid(pid, 0)
+print(pid, flush=True)
+"""
+
+
+def test_a_forked_child_is_attributed_to_its_own_pid(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        port = srv.getsockname()[1]
+        parent = spawn(
+            scratch_cgroup, [sys.executable, "-c", FORKER, str(port)], stdout=subprocess.PIPE
+        )
+        out, _ = parent.communicate(timeout=20)
+    child_pid = int(out.decode().strip())
+    assert child_pid != parent.pid
+    fork = daemon.sink.wait_for(type="fork", pid=child_pid)
+    assert fork["ppid"] == parent.pid
+    conn = daemon.sink.wait_for(type="connect", dport=port)
+    assert conn["pid"] == child_pid
+    assert conn["ppid"] == parent.pid
+    wait_until(lambda: daemon.sink.find(type="exit", pid=child_pid), what="child exit")
+    assert daemon.call(lambda: daemon.table.get(child_pid)) is None
