@@ -6,9 +6,9 @@ handed out again.  :func:`gather` therefore
 
 1. opens a pidfd first: it refers to one process for good, whatever happens
    to the number;
-2. reads ``stat`` (start time), ``status`` (real uid/gid), ``exe`` (readlink,
-   then opens it: the descriptor is the very image the kernel runs, even if
-   its path was renamed or replaced since) and ``cgroup``;
+2. reads ``stat`` (start time), ``status`` (real uid/gid), ``exe`` (opens it:
+   the descriptor is the very image the kernel runs, even if its path was
+   renamed or replaced since; then readlink) and ``cgroup``;
 3. checks that the process behind the pidfd is still alive and that
    ``/proc/PID`` still shows the same start time and executable.  If the
    process exited, the PID could have been recycled between steps 1 and 2 and
@@ -125,13 +125,18 @@ def _gather_pinned(
     start_time = read_start_time(pid)
     uid, gid = _parse_ids(_read_text(pid, "status"), pid)
     exe_link = f"{PROC}/{pid}/exe"
+    # Open before readlink: if the process execs in between, the final check
+    # sees that /proc/PID/exe is no longer the file that was opened.
     try:
-        exe_path = os.readlink(exe_link)
         exe_fd = os.open(exe_link, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise _gone(pid, exc) from exc
     try:
-        st = os.fstat(exe_fd)
+        try:
+            exe_path = os.readlink(exe_link)
+            st = os.fstat(exe_fd)
+        except OSError as exc:
+            raise _gone(pid, exc) from exc
         sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable")[1] if want_sha256 else None
     finally:
         os.close(exe_fd)

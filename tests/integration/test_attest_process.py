@@ -11,6 +11,7 @@ import pwd
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,3 +300,28 @@ def test_failed_reload_keeps_the_old_entries(tmp_path: Path, procs: Procs) -> No
     old = attestor.replace_entries(entries(("spiffe://example.org/new", [f"unix:uid:{UID}"])))
     assert old.spiffe_ids == {"spiffe://example.org/old"}
     assert attestor.attest(p.pid).spiffe_id == "spiffe://example.org/new"
+
+
+def test_exec_while_being_attested_is_refused(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process execs another program between the open of its exe and the end."""
+    p = procs.start(["sh", "-c", "read line; exec sleep 60"])
+    first_exe = os.readlink(f"/proc/{p.pid}/exe")
+    real_readlink = os.readlink
+
+    def readlink_then_exec(path: str) -> str:
+        result = real_readlink(path)
+        assert p.stdin is not None
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        deadline = time.monotonic() + 30  # a guard against hanging, not a timing check
+        while real_readlink(f"/proc/{p.pid}/exe") == first_exe:  # wait for the exec
+            if time.monotonic() > deadline:
+                pytest.fail("the child never exec'd sleep")
+            os.sched_yield()
+        return result
+
+    monkeypatch.setattr(os, "readlink", readlink_then_exec)
+    with pytest.raises(AttestationError, match="exec'd another program"):
+        gather(p.pid, None, HashCache())
