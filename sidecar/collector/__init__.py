@@ -1,0 +1,1 @@
+"""The central collector: mTLS gRPC server, event store, subscriptions and enrollment."""

@@ -1,0 +1,113 @@
+"""Collector configuration (``apiVersion: sidecar/v1``, ``kind: CollectorConfig``).
+
+Example::
+
+    apiVersion: sidecar/v1
+    kind: CollectorConfig
+    trustDomain: example.org
+    listen: 127.0.0.1:7443            # mTLS: Publish, Subscribe, Query, Renew
+    enrollmentListen: 127.0.0.1:7444  # server TLS only: Enroll, GetTrustBundle
+    dataDir: /var/lib/sidecar-collector
+    serverNames: [localhost, 127.0.0.1]
+    subscribers: [spiffe://example.org/ops/alice]
+
+Relative paths are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sidecar.errors import ConfigError
+from sidecar.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.yamlsrc import Fields, check_header, load_file
+
+API_VERSION = "sidecar/v1"
+KIND = "CollectorConfig"
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    trust_domain: str
+    data_dir: Path
+    listen: str = "127.0.0.1:7443"
+    enrollment_listen: str | None = "127.0.0.1:7444"
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
+    subscribers: frozenset[SpiffeId] = field(default_factory=frozenset)
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_batch_events: int = 10_000
+    subscriber_buffer: int = 1_000
+    query_page_size: int = 1_000
+    host_svid_ttl_s: int = 7 * 24 * 3600
+    intermediate_ttl_s: int = 7 * 24 * 3600
+    join_token_ttl_s: int = 3600
+    grace_s: float = 5.0
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "events.db"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+
+def _positive(f: Fields, key: str, default: int) -> int:
+    value = f.optional(key, int, default)
+    if value <= 0:
+        raise f.doc.error(f.at(key), f"must be positive, not {value}")
+    return value
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a host:port string")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"'{value}' is not host:port")
+    return value
+
+
+def load_config(path: str | Path) -> CollectorConfig:
+    """Read and validate a collector config file; errors name file, line and field."""
+    doc = load_file(path, ConfigError)
+    top = check_header(doc, API_VERSION, KIND)
+    base = Path(path).resolve().parent
+    td = top.parse("trustDomain", parse_trust_domain)
+    if td is None:
+        raise doc.error((), "missing required field 'trustDomain'")
+    data_dir = base / top.required("dataDir", str)
+    listen = top.parse("listen", _address, "127.0.0.1:7443")
+    enroll = top.parse("enrollmentListen", _address, "127.0.0.1:7444")
+    names = top.optional("serverNames", list, ["localhost", "127.0.0.1"])
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            raise doc.error((*top.at("serverNames"), i), "must be a host name or IP address")
+    subs: set[SpiffeId] = set()
+    for i, raw in enumerate(top.optional("subscribers", list, [])):
+        try:
+            sid = parse_spiffe_id(raw)
+        except ValueError as exc:
+            raise doc.error((*top.at("subscribers"), i), str(exc)) from exc
+        if not sid.member_of(td):
+            raise doc.error((*top.at("subscribers"), i), f"{sid} is not in trust domain {td}")
+        subs.add(sid)
+    cfg = CollectorConfig(
+        trust_domain=td,
+        data_dir=data_dir,
+        listen=listen or "127.0.0.1:7443",
+        enrollment_listen=enroll,
+        server_names=tuple(names),
+        subscribers=frozenset(subs),
+        max_message_bytes=_positive(top, "maxMessageBytes", 4 * 1024 * 1024),
+        max_batch_events=_positive(top, "maxBatchEvents", 10_000),
+        subscriber_buffer=_positive(top, "subscriberBuffer", 1_000),
+        query_page_size=_positive(top, "queryPageSize", 1_000),
+        host_svid_ttl_s=_positive(top, "hostSvidTtlSeconds", 7 * 24 * 3600),
+        intermediate_ttl_s=_positive(top, "intermediateTtlSeconds", 7 * 24 * 3600),
+        join_token_ttl_s=_positive(top, "joinTokenTtlSeconds", 3600),
+        grace_s=float(top.optional("shutdownGraceSeconds", (int, float), 5.0)),
+    )
+    top.done()
+    return cfg

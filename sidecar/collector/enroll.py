@@ -1,0 +1,168 @@
+"""Host side of enrollment: join token -> host SVID + intermediate CA, and renewal.
+
+Files written into the host's credential folder (keys mode 0600):
+
+* ``host.pem`` / ``host.key``: host SVID (mTLS client certificate; signs batches),
+* ``intermediate.pem`` / ``intermediate.key``: the host's CA for workload SVIDs,
+  signed by the trust domain's root and name-constrained to the trust domain,
+* ``bundle.pem``: the trust domain's root(s).
+
+The intermediate's key is made here and never leaves the host; the collector signs
+its CSR.  Renewal is done over mTLS with the current host SVID, before it expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
+from sidecar.errors import CredentialError, TransportError
+from sidecar.export.exporter import HostIdentity
+from sidecar.identity.x509 import CertificateAuthority, new_key
+
+_logger = logging.getLogger(__name__)
+
+HOST_CERT = "host.pem"
+HOST_KEY = "host.key"
+INTER_CERT = "intermediate.pem"
+INTER_KEY = "intermediate.key"
+BUNDLE = "bundle.pem"
+
+
+def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def save_credentials(
+    out_dir: Path, creds: collector_pb2.HostCredentials, inter_key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Check what the collector sent and write it into ``out_dir``."""
+    try:
+        host_cert = x509.load_der_x509_certificate(creds.host_svid)
+        host_key = serialization.load_der_private_key(creds.host_key, password=None)
+        inter = x509.load_der_x509_certificate(creds.intermediate_ca)
+        roots = [x509.load_der_x509_certificate(c) for c in creds.trust_bundle]
+    except ValueError as exc:
+        raise CredentialError(f"the collector sent unreadable credentials: {exc}") from exc
+    if not isinstance(host_key, ec.EllipticCurvePrivateKey):
+        raise CredentialError("the collector sent a host key that is not an EC key")
+    if inter.public_key() != inter_key.public_key():
+        raise CredentialError("the collector's intermediate CA is not for our key")
+    pem = serialization.Encoding.PEM
+    try:
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write(out_dir / BUNDLE, b"".join(r.public_bytes(pem) for r in roots), 0o644)
+        _write(out_dir / INTER_KEY, _pem_key(inter_key), 0o600)
+        _write(out_dir / INTER_CERT, inter.public_bytes(pem), 0o644)
+        _write(out_dir / HOST_KEY, _pem_key(host_key), 0o600)
+        _write(out_dir / HOST_CERT, host_cert.public_bytes(pem), 0o644)
+    except OSError as exc:
+        raise CredentialError(f"cannot write credentials into {out_dir}: {exc}") from exc
+
+
+def load_host_identity(cred_dir: Path) -> HostIdentity:
+    """The host SVID, its key and the bundle, for the exporter."""
+    try:
+        chain = (cred_dir / HOST_CERT).read_bytes()
+        key = serialization.load_pem_private_key((cred_dir / HOST_KEY).read_bytes(), None)
+        roots = (cred_dir / BUNDLE).read_bytes()
+        cert = x509.load_pem_x509_certificate(chain)
+    except (OSError, ValueError) as exc:
+        raise CredentialError(f"cannot load host credentials from {cred_dir}: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CredentialError(f"{cred_dir / HOST_KEY}: not an EC key")
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    sid = next(iter(uris.get_values_for_type(x509.UniformResourceIdentifier)), "")
+    host = sid.rsplit("/host/", 1)[-1] if "/host/" in sid else ""
+    if not host:
+        raise CredentialError(f"{cred_dir / HOST_CERT}: not a host SVID ({sid})")
+    return HostIdentity(host=host, cert_chain_pem=chain, private_key=key, roots_pem=roots)
+
+
+def load_intermediate(cred_dir: Path) -> CertificateAuthority:
+    """The host's intermediate CA, ready to sign workload SVIDs."""
+    return CertificateAuthority.load(cred_dir / INTER_CERT, cred_dir / INTER_KEY, cred_dir / BUNDLE)
+
+
+def renewal_due(cred_dir: Path, fraction: float = 0.5) -> bool:
+    """True once ``fraction`` of the host SVID's lifetime has passed."""
+    try:
+        cert = x509.load_pem_x509_certificate((cred_dir / HOST_CERT).read_bytes())
+    except (OSError, ValueError):
+        return True
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return datetime.now(UTC) >= start + (end - start) * fraction
+
+
+def _options(server_name: str | None) -> list[tuple[str, str]]:
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+
+
+async def enroll(
+    target: str, token: str, bundle_pem: bytes, out_dir: Path, server_name: str | None = None
+) -> HostIdentity:
+    """Enroll once with a join token; ``bundle_pem`` is the root, obtained out of band."""
+    inter_key = new_key()
+    creds = grpc.ssl_channel_credentials(bundle_pem)
+    async with grpc.aio.secure_channel(target, creds, options=_options(server_name)) as ch:
+        try:
+            reply = await collector_pb2_grpc.EnrollmentStub(ch).Enroll(
+                collector_pb2.EnrollRequest(join_token=token, intermediate_csr=_csr(inter_key)),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(
+                f"enrollment at {target} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+    save_credentials(out_dir, reply, inter_key)
+    _logger.info("enrolled as %s", reply.spiffe_id)
+    return load_host_identity(out_dir)
+
+
+async def renew(target: str, cred_dir: Path, server_name: str | None = None) -> HostIdentity:
+    """Replace the host SVID and intermediate with fresh ones, over mTLS."""
+    ident = load_host_identity(cred_dir)
+    inter_key = new_key()
+    creds = grpc.ssl_channel_credentials(ident.roots_pem, ident.key_pem(), ident.cert_chain_pem)
+    async with grpc.aio.secure_channel(target, creds, options=_options(server_name)) as ch:
+        try:
+            reply = await collector_pb2_grpc.CollectorStub(ch).Renew(
+                collector_pb2.RenewRequest(intermediate_csr=_csr(inter_key)), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise TransportError(
+                f"renewal at {target} failed: {exc.code().name}: {exc.details()}"
+            ) from exc
+    save_credentials(cred_dir, reply, inter_key)
+    _logger.info("renewed %s", reply.spiffe_id)
+    return load_host_identity(cred_dir)

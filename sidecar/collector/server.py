@@ -1,0 +1,394 @@
+"""The collector's gRPC servers: mTLS Collector service and TLS Enrollment service.
+
+Why two listeners: everything that touches events requires a client certificate at
+the TLS layer, so a client without one never reaches our code.  Only enrollment,
+where a host has no certificate yet and proves itself with a join token, is served
+on a second port that does not ask for one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import TypeVar
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
+from sidecar.collector.broker import Broker
+from sidecar.collector.config import CollectorConfig
+from sidecar.collector.store import HostState, NewEvent, Store
+from sidecar.collector.tls import peer_svid, roots_pem, server_credentials
+from sidecar.collector.verify import BatchError, check_batch
+from sidecar.errors import CredentialError, TransportError
+from sidecar.identity.x509 import CertificateAuthority
+from sidecar.spiffeid import SpiffeId, parse_spiffe_id
+
+_logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Ctx = grpc.aio.ServicerContext
+HOST_PREFIX = "/host/"
+SERVER_CERT_TTL = timedelta(days=30)
+
+
+def token_hash(token: str) -> str:
+    """Join tokens are stored hashed: a copy of the database cannot enroll a host."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def host_name_of(sid: SpiffeId) -> str | None:
+    """``spiffe://td/host/<name>`` -> ``<name>``; None for any other ID."""
+    if sid.path.startswith(HOST_PREFIX) and "/" not in sid.path[len(HOST_PREFIX) :]:
+        return sid.path[len(HOST_PREFIX) :]
+    return None
+
+
+def create_join_token(store: Store, trust_domain: str, host: str, ttl_s: int) -> str:
+    """A single-use token with which ``host`` can enroll within ``ttl_s`` seconds."""
+    try:
+        sid = parse_spiffe_id(f"spiffe://{trust_domain}{HOST_PREFIX}{host}")
+    except ValueError as exc:
+        raise CredentialError(f"host name '{host}': {exc}") from exc
+    if host_name_of(sid) != host:
+        raise CredentialError(f"host name '{host}' must be one path segment")
+    token = secrets.token_urlsafe(32)
+    store.add_join_token(token_hash(token), host, time.time_ns() + ttl_s * 1_000_000_000)
+    return token
+
+
+class _Core:
+    """State shared by both services: config, CA, store and its single writer thread."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        try:
+            config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TransportError(f"cannot create {config.data_dir}: {exc}") from exc
+        self.ca = CertificateAuthority.load_or_generate(config.ca_dir, config.trust_domain)
+        self.store = Store(config.db_path)
+        self.broker = Broker(config.subscriber_buffer)
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-db")
+        self._states: dict[str, HostState] = {}
+        self._host_locks: dict[str, asyncio.Lock] = {}
+
+    async def db(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    def close(self) -> None:
+        self._db.shutdown(wait=True)
+        self.store.close()
+
+    async def ingest(
+        self, host: str, rows: list[NewEvent], state: HostState
+    ) -> list[collector_pb2.StoredEvent]:
+        """Store rows and, from the writer thread, schedule their fan-out in order."""
+        loop = asyncio.get_running_loop()
+
+        def write() -> list[collector_pb2.StoredEvent]:
+            stored = self.store.ingest(host, rows, state)
+            if stored:
+                loop.call_soon_threadsafe(self.broker.publish, stored)
+            return stored
+
+        return await self.db(write)
+
+    def host_lock(self, host: str) -> asyncio.Lock:
+        return self._host_locks.setdefault(host, asyncio.Lock())
+
+    async def host_state(self, host: str) -> HostState:
+        if host not in self._states:
+            self._states[host] = await self.db(self.store.host_state, host)
+        return self._states[host]
+
+    def issue(self, host: str, csr_der: bytes) -> collector_pb2.HostCredentials:
+        """Host SVID (signed by the root) and the host's intermediate CA for its CSR."""
+        try:
+            csr = x509.load_der_x509_csr(csr_der)
+        except ValueError as exc:
+            raise CredentialError(f"intermediate CSR cannot be read: {exc}") from exc
+        inter = self.ca.sign_intermediate_csr(
+            csr, timedelta(seconds=self.config.intermediate_ttl_s)
+        )
+        sid = f"spiffe://{self.ca.trust_domain}{HOST_PREFIX}{host}"
+        svid = self.ca.issue_x509_svid(sid, timedelta(seconds=self.config.host_svid_ttl_s))
+        der = serialization.Encoding.DER
+        return collector_pb2.HostCredentials(
+            spiffe_id=sid,
+            host_svid=svid.certificate.public_bytes(der),
+            host_key=svid.key_der(),
+            intermediate_ca=inter.public_bytes(der),
+            trust_bundle=[c.public_bytes(der) for c in self.ca.bundle()],
+        )
+
+
+async def _authenticate(
+    context: Ctx[object, object], core: _Core
+) -> tuple[SpiffeId, x509.Certificate]:
+    try:
+        return peer_svid(context, core.ca)
+    except CredentialError as exc:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        raise  # abort raises; this satisfies the type checker
+
+
+async def _host_peer(
+    context: Ctx[object, object], core: _Core
+) -> tuple[str, ec.EllipticCurvePublicKey]:
+    sid, leaf = await _authenticate(context, core)
+    host = host_name_of(sid)
+    key = leaf.public_key()
+    if host is None or not isinstance(key, ec.EllipticCurvePublicKey):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{sid} is not a host SVID")
+        raise AssertionError("unreachable")
+    return host, key
+
+
+async def _subscriber_peer(context: Ctx[object, object], core: _Core) -> SpiffeId:
+    sid, _ = await _authenticate(context, core)
+    if sid not in core.config.subscribers:
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, f"{sid} is not listed as a subscriber"
+        )
+    return sid
+
+
+class CollectorService(collector_pb2_grpc.CollectorServicer):
+    def __init__(self, core: _Core) -> None:
+        self.core = core
+
+    async def Publish(
+        self,
+        request_iterator: AsyncIterator[collector_pb2.Batch],
+        context: Ctx[collector_pb2.Batch, collector_pb2.Ack],
+    ) -> AsyncIterator[collector_pb2.Ack]:
+        core = self.core
+        host, key = await _host_peer(context, core)  # type: ignore[arg-type]
+        yield collector_pb2.Ack(acked_sequence=(await core.host_state(host)).last_sequence)
+        async for batch in request_iterator:
+            async with core.host_lock(host):
+                state = await core.host_state(host)
+                try:
+                    checked = check_batch(batch, host, key, state, core.config.max_batch_events)
+                except BatchError as exc:
+                    _logger.warning("host %s sent a malformed batch: %s", host, exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                rows = [
+                    NewEvent(a, a.SerializeToString(), collector_pb2.VERIFICATION_COLLECTOR)
+                    for a in checked.alerts
+                ]
+                rows.extend(checked.events)
+                for alert in checked.alerts:
+                    _logger.warning("integrity alert for host %s: %s", host, alert.integrity.detail)
+                await core.ingest(host, rows, checked.state)
+                core._states[host] = checked.state
+            yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)
+
+    async def Subscribe(
+        self,
+        request: collector_pb2.SubscribeRequest,
+        context: Ctx[collector_pb2.SubscribeRequest, collector_pb2.StoredEvent],
+    ) -> AsyncIterator[collector_pb2.StoredEvent]:
+        core = self.core
+        await _subscriber_peer(context, core)  # type: ignore[arg-type]
+        start = request.WhichOneof("start")
+        if start == "after_cursor":
+            cursor = request.after_cursor
+        elif start == "since_time_ns":
+            cursor = await core.db(core.store.first_cursor_since, request.since_time_ns)
+        else:
+            cursor = await core.db(core.store.last_cursor)
+        page = core.config.query_page_size
+        # Replay from the store, then subscribe and replay once more what was stored
+        # meanwhile; from then on the live queue has everything after the cursor.
+        sub = None
+        try:
+            for _ in range(2):
+                while True:
+                    rows = await core.db(core.store.query, request.filter, cursor, page)
+                    for se in rows:
+                        yield se
+                        cursor = se.cursor
+                    if len(rows) < page:
+                        break
+                if sub is None:
+                    sub = core.broker.add(request.filter)
+            assert sub is not None
+            while True:
+                if sub.overflowed:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"subscriber too slow: its buffer of {core.broker.buffer} events"
+                        f" overflowed; resume with after_cursor={cursor}",
+                    )
+                se = await sub.queue.get()
+                if se.cursor <= cursor:
+                    continue
+                yield se
+                cursor = se.cursor
+        finally:
+            if sub is not None:
+                core.broker.remove(sub)
+
+    async def Query(
+        self,
+        request: collector_pb2.QueryRequest,
+        context: Ctx[collector_pb2.QueryRequest, collector_pb2.QueryResponse],
+    ) -> collector_pb2.QueryResponse:
+        core = self.core
+        await _subscriber_peer(context, core)  # type: ignore[arg-type]
+        limit = min(request.limit or core.config.query_page_size, core.config.query_page_size)
+        rows = await core.db(core.store.query, request.filter, request.after_cursor, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        nxt = rows[-1].cursor if rows else request.after_cursor
+        return collector_pb2.QueryResponse(events=rows, next_cursor=nxt, more=more)
+
+    async def Renew(
+        self,
+        request: collector_pb2.RenewRequest,
+        context: Ctx[collector_pb2.RenewRequest, collector_pb2.HostCredentials],
+    ) -> collector_pb2.HostCredentials:
+        host, _ = await _host_peer(context, self.core)  # type: ignore[arg-type]
+        try:
+            creds = self.core.issue(host, request.intermediate_csr)
+        except CredentialError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        _logger.info("renewed credentials of host %s", host)
+        return creds
+
+
+class EnrollmentService(collector_pb2_grpc.EnrollmentServicer):
+    def __init__(self, core: _Core) -> None:
+        self.core = core
+
+    async def Enroll(
+        self,
+        request: collector_pb2.EnrollRequest,
+        context: Ctx[collector_pb2.EnrollRequest, collector_pb2.HostCredentials],
+    ) -> collector_pb2.HostCredentials:
+        core = self.core
+        host = await core.db(
+            core.store.use_join_token, token_hash(request.join_token), time.time_ns()
+        )
+        if host is None:
+            _logger.warning("refused an enrollment with an unknown, used or expired join token")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "join token is unknown, used or expired"
+            )
+            raise AssertionError("unreachable")
+        try:
+            creds = core.issue(host, request.intermediate_csr)
+        except CredentialError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise
+        _logger.info("enrolled host %s", host)
+        return creds
+
+    async def GetTrustBundle(
+        self,
+        request: collector_pb2.TrustBundleRequest,
+        context: Ctx[collector_pb2.TrustBundleRequest, collector_pb2.TrustBundle],
+    ) -> collector_pb2.TrustBundle:
+        der = serialization.Encoding.DER
+        return collector_pb2.TrustBundle(
+            trust_domain=self.core.ca.trust_domain,
+            certificates=[c.public_bytes(der) for c in self.core.ca.bundle()],
+        )
+
+
+class CollectorServer:
+    """Both gRPC servers around one store; ``port``/``enrollment_port`` after start."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.core = _Core(config)
+        self.port = 0
+        self.enrollment_port = 0
+        self._servers: list[grpc.aio.Server] = []
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        return self.core.ca
+
+    def _options(self) -> list[tuple[str, int]]:
+        n = self.config.max_message_bytes
+        return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+
+    async def start(self) -> None:
+        core = self.core
+        key_pem, chain_pem = server_credentials(core.ca, self.config.server_names, SERVER_CERT_TTL)
+        roots = roots_pem(core.ca)
+        main = grpc.aio.server(options=self._options())
+        collector_pb2_grpc.add_CollectorServicer_to_server(CollectorService(core), main)
+        creds = grpc.ssl_server_credentials(
+            [(key_pem, chain_pem)], root_certificates=roots, require_client_auth=True
+        )
+        self.port = _bind(main, self.config.listen, creds)
+        self._servers.append(main)
+        if self.config.enrollment_listen:
+            enroll = grpc.aio.server(options=self._options())
+            collector_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(core), enroll)
+            tls = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+            self.enrollment_port = _bind(enroll, self.config.enrollment_listen, tls)
+            self._servers.append(enroll)
+        for server in self._servers:
+            await server.start()
+        _logger.info(
+            "collector for %s listening on port %d (mTLS), enrollment on port %d",
+            self.config.trust_domain,
+            self.port,
+            self.enrollment_port,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let running ones finish for ``grace`` seconds, close the store."""
+        g = self.config.grace_s if grace is None else grace
+        await asyncio.gather(*(s.stop(g) for s in self._servers))
+        self._servers.clear()
+        self.core.close()
+
+
+def _bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials) -> int:
+    try:
+        port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        raise TransportError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise TransportError(f"cannot listen on {address}")
+    return port
+
+
+async def serve(config: CollectorConfig) -> None:
+    """Run the collector until SIGTERM or SIGINT, then shut down gracefully."""
+    server = CollectorServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        _logger.info("stopping: letting running calls finish for %.1fs", config.grace_s)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await server.stop()

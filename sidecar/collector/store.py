@@ -1,0 +1,285 @@
+"""The collector's embedded store: SQLite in WAL mode.
+
+Why SQLite: one file, transactions, and a unique index on (host, boot, sequence) that
+makes a retried batch a no-op, so "stored exactly once" is the database's job, not
+ours.  ``synchronous=FULL`` makes a committed batch durable before it is acknowledged.
+
+The row id is the cursor that subscribers and queries resume from: it grows with
+every insert, so "after cursor N" never skips or repeats a row.
+
+All methods block; the server calls them from one worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.api.v1 import collector_pb2, event_pb2
+from sidecar.errors import SidecarError
+from sidecar.export.chain import CHAIN_SEED
+
+_logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER,
+    time_ns INTEGER NOT NULL,
+    identity TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    verdict INTEGER NOT NULL,
+    verification INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    UNIQUE (host, boot, seq)
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
+CREATE INDEX IF NOT EXISTS events_host_seq ON events (host, seq);
+CREATE TABLE IF NOT EXISTS hosts (
+    host TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_chain BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    used_ns INTEGER
+);
+"""
+
+
+class StoreError(SidecarError):
+    """The collector's database failed."""
+
+
+@dataclass(frozen=True)
+class HostState:
+    """Highest stored sequence of a host and the chain hash after it."""
+
+    last_sequence: int = 0
+    last_chain: bytes = CHAIN_SEED
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to store: its exact bytes when a host sent it, for the hash chain."""
+
+    event: event_pb2.Event
+    payload: bytes
+    verification: collector_pb2.Verification.ValueType
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise StoreError(f"store: expected an integer, found {type(value).__name__}")
+    return value
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise StoreError(f"store: expected bytes, found {type(value).__name__}")
+    return value
+
+
+def verdict_of(event: event_pb2.Event) -> int:
+    kind = event.WhichOneof("body")
+    if kind == "exec":
+        return int(event.exec.verdict)
+    if kind == "connect":
+        return int(event.connect.verdict)
+    return 0
+
+
+class Store:
+    """Events, per-host chain state and join tokens in one SQLite database."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ---- ingest ----------------------------------------------------------------------
+
+    def host_state(self, host: str) -> HostState:
+        with self._lock:
+            row = self._q("SELECT last_seq, last_chain FROM hosts WHERE host = ?", (host,))
+        return HostState(_int(row[0][0]), _bytes(row[0][1])) if row else HostState()
+
+    def ingest(
+        self, host: str, events: Sequence[NewEvent], state: HostState | None
+    ) -> list[collector_pb2.StoredEvent]:
+        """Store ``events`` (duplicates ignored) and the host's new chain state, atomically.
+
+        Returns what was actually inserted, with cursors, in insert order.
+        """
+        out: list[collector_pb2.StoredEvent] = []
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                for ne in events:
+                    ev = ne.event
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
+                        " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            ev.host,
+                            ev.boot_id,
+                            ev.sequence or None,
+                            ev.time_ns,
+                            ev.identity,
+                            ev.WhichOneof("body") or "",
+                            verdict_of(ev),
+                            ne.verification,
+                            ne.payload,
+                        ),
+                    )
+                    if cur.rowcount == 1 and cur.lastrowid is not None:
+                        out.append(
+                            collector_pb2.StoredEvent(
+                                cursor=cur.lastrowid, event=ev, verification=ne.verification
+                            )
+                        )
+                if state is not None:
+                    self._db.execute(
+                        "INSERT INTO hosts (host, last_seq, last_chain) VALUES (?, ?, ?)"
+                        " ON CONFLICT (host) DO UPDATE SET last_seq = excluded.last_seq,"
+                        " last_chain = excluded.last_chain WHERE excluded.last_seq > last_seq",
+                        (host, state.last_sequence, state.last_chain),
+                    )
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        return out
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def query(
+        self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
+    ) -> list[collector_pb2.StoredEvent]:
+        """Stored events matching ``flt`` after ``after_cursor``, in cursor order."""
+        where, args = filter_sql(flt)
+        where.append("id > ?")
+        args.append(after_cursor)
+        sql = (
+            "SELECT id, verification, data FROM events WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id LIMIT ?"
+        )
+        args.append(limit)
+        with self._lock:
+            rows = self._q(sql, tuple(args))
+        return [
+            collector_pb2.StoredEvent(
+                cursor=_int(r[0]),
+                verification=collector_pb2.Verification.ValueType(_int(r[1])),
+                event=event_pb2.Event.FromString(_bytes(r[2])),
+            )
+            for r in rows
+        ]
+
+    def first_cursor_since(self, time_ns: int) -> int:
+        """The cursor just before the first event at or after ``time_ns``."""
+        with self._lock:
+            row = self._q("SELECT MIN(id) FROM events WHERE time_ns >= ?", (time_ns,))
+            if row and row[0][0] is not None:
+                return _int(row[0][0]) - 1
+            return self._last_cursor()
+
+    def last_cursor(self) -> int:
+        with self._lock:
+            return self._last_cursor()
+
+    def _last_cursor(self) -> int:
+        row = self._q("SELECT MAX(id) FROM events", ())
+        return _int(row[0][0]) if row and row[0][0] is not None else 0
+
+    def count(self, host: str | None = None) -> int:
+        with self._lock:
+            if host is None:
+                return _int(self._q("SELECT COUNT(*) FROM events", ())[0][0])
+            return _int(self._q("SELECT COUNT(*) FROM events WHERE host = ?", (host,))[0][0])
+
+    # ---- join tokens -----------------------------------------------------------------
+
+    def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO join_tokens (token_hash, host, expires_ns) VALUES (?, ?, ?)",
+                    (token_hash, host, expires_ns),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot store join token: {exc}") from exc
+
+    def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
+        """Spend a join token: the host it names, or None when unknown, used or expired."""
+        with self._lock:
+            rows = self._q(
+                "UPDATE join_tokens SET used_ns = ? WHERE token_hash = ? AND used_ns IS NULL"
+                " AND expires_ns > ? RETURNING host",
+                (now_ns, token_hash, now_ns),
+            )
+        return str(rows[0][0]) if rows else None
+
+    def _q(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+        try:
+            return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
+
+
+def filter_sql(flt: collector_pb2.EventFilter) -> tuple[list[str], list[object]]:
+    """SQL conditions for an EventFilter (same meaning as :func:`matches`)."""
+    where: list[str] = []
+    args: list[object] = []
+    for column, values in (
+        ("host", list(flt.hosts)),
+        ("identity", list(flt.identities)),
+        ("kind", list(flt.kinds)),
+        ("verdict", [int(v) for v in flt.verdicts]),
+    ):
+        if values:
+            where.append(f"{column} IN ({', '.join('?' * len(values))})")
+            args.extend(values)
+    if flt.start_time_ns:
+        where.append("time_ns >= ?")
+        args.append(flt.start_time_ns)
+    if flt.end_time_ns:
+        where.append("time_ns <= ?")
+        args.append(flt.end_time_ns)
+    return where or ["1"], args
+
+
+def matches(flt: collector_pb2.EventFilter, event: event_pb2.Event) -> bool:
+    """Whether a live event passes ``flt`` (same meaning as :func:`filter_sql`)."""
+    if flt.hosts and event.host not in flt.hosts:
+        return False
+    if flt.identities and event.identity not in flt.identities:
+        return False
+    if flt.kinds and (event.WhichOneof("body") or "") not in flt.kinds:
+        return False
+    if flt.verdicts and verdict_of(event) not in flt.verdicts:
+        return False
+    if flt.start_time_ns and event.time_ns < flt.start_time_ns:
+        return False
+    return not (flt.end_time_ns and event.time_ns > flt.end_time_ns)

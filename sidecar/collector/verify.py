@@ -1,0 +1,139 @@
+"""Check a host's batch: well-formed, signed by the host key, continuing its hash chain.
+
+Why verify and still store: the collector is the evidence locker.  A batch that fails
+the signature or the chain is stored with that verdict next to every event, and an
+integrity alert is stored and streamed, so an operator sees both what arrived and that
+it cannot be trusted.  Nothing the host sent is silently discarded.
+
+A malformed batch (wrong counts, undecodable events, events of another host) is not
+evidence of anything; it is refused as a protocol error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
+
+from sidecar.api.v1 import collector_pb2, event_pb2
+from sidecar.collector.store import HostState, NewEvent
+from sidecar.errors import SidecarError
+from sidecar.export.chain import batch_payload, chain_over, verify
+
+V = collector_pb2.Verification
+Alert = event_pb2.IntegrityAlert
+
+#: Body kinds only the collector may produce.
+COLLECTOR_KINDS = frozenset({"integrity"})
+
+
+class BatchError(SidecarError):
+    """A batch is malformed; the Publish stream is ended with INVALID_ARGUMENT."""
+
+
+@dataclass
+class Checked:
+    """A verified batch: what to store and the host's chain state afterwards."""
+
+    events: list[NewEvent] = field(default_factory=list)
+    alerts: list[event_pb2.Event] = field(default_factory=list)
+    state: HostState = field(default_factory=HostState)
+
+
+def check_batch(
+    batch: collector_pb2.Batch,
+    host: str,
+    key: ec.EllipticCurvePublicKey,
+    state: HostState,
+    max_events: int,
+) -> Checked:
+    """Verify ``batch`` from ``host`` (its mTLS identity) against the stored ``state``."""
+    if batch.host != host:
+        raise BatchError(f"batch names host '{batch.host}' but the client is host '{host}'")
+    n = len(batch.events)
+    if n == 0 or n > max_events:
+        raise BatchError(f"a batch must hold 1 to {max_events} events, not {n}")
+    if batch.first_sequence < 1 or batch.last_sequence - batch.first_sequence + 1 != n:
+        raise BatchError(
+            f"batch sequences {batch.first_sequence}..{batch.last_sequence} do not match"
+            f" its {n} events"
+        )
+    if len(batch.prev_chain) != 32:
+        raise BatchError("prev_chain must be a 32-byte hash")
+    events = [_decode(raw, batch.first_sequence + i, host) for i, raw in enumerate(batch.events)]
+    chains = chain_over(batch.prev_chain, batch.first_sequence, batch.events)
+    payload = batch_payload(
+        host, batch.first_sequence, batch.last_sequence, batch.prev_chain, chains[-1]
+    )
+    out = Checked()
+    first, last = batch.first_sequence, batch.last_sequence
+    new_from = max(first, state.last_sequence + 1)
+    if not verify(key, payload, batch.signature):
+        verdict = V.VERIFICATION_BAD_SIGNATURE
+        out.alerts.append(
+            _alert(host, Alert.KIND_BAD_SIGNATURE, first, last, "batch signature does not match")
+        )
+    elif new_from > last:
+        verdict = V.VERIFICATION_VERIFIED  # a resend of stored events: nothing new
+    elif first > state.last_sequence + 1:
+        verdict = V.VERIFICATION_AFTER_GAP
+        out.alerts.append(
+            _alert(
+                host,
+                Alert.KIND_GAP,
+                state.last_sequence + 1,
+                first - 1,
+                f"sequences {state.last_sequence + 1}..{first - 1} never arrived",
+            )
+        )
+    else:
+        before = batch.prev_chain if new_from == first else chains[new_from - first - 1]
+        if before == state.last_chain:
+            verdict = V.VERIFICATION_VERIFIED
+        else:
+            verdict = V.VERIFICATION_CHAIN_BREAK
+            out.alerts.append(
+                _alert(
+                    host,
+                    Alert.KIND_CHAIN_BREAK,
+                    new_from,
+                    last,
+                    f"sequence {new_from} does not continue the chain stored up to"
+                    f" {state.last_sequence}",
+                )
+            )
+    out.events = [NewEvent(ev, raw, verdict) for ev, raw in zip(events, batch.events, strict=True)]
+    if last > state.last_sequence:
+        out.state = HostState(last, chains[-1])
+    else:
+        out.state = state
+    return out
+
+
+def _decode(raw: bytes, sequence: int, host: str) -> event_pb2.Event:
+    try:
+        ev = event_pb2.Event.FromString(raw)
+    except DecodeError as exc:
+        raise BatchError(f"event {sequence} cannot be decoded: {exc}") from exc
+    if ev.sequence != sequence:
+        raise BatchError(f"event at position of sequence {sequence} says {ev.sequence}")
+    if ev.host != host:
+        raise BatchError(f"event {sequence} names host '{ev.host}', not '{host}'")
+    kind = ev.WhichOneof("body")
+    if kind is None:
+        raise BatchError(f"event {sequence} has no body (or one this collector does not know)")
+    if kind in COLLECTOR_KINDS:
+        raise BatchError(f"event {sequence}: a host may not send '{kind}' events")
+    return ev
+
+
+def _alert(
+    host: str, kind: Alert.Kind.ValueType, first: int, last: int, detail: str
+) -> event_pb2.Event:
+    return event_pb2.Event(
+        host=host,
+        time_ns=time.time_ns(),
+        integrity=Alert(kind=kind, first_sequence=first, last_sequence=last, detail=detail),
+    )

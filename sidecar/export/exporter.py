@@ -1,0 +1,369 @@
+"""The daemon's exporter: ``submit`` -> bounded queue -> disk spool -> signed gRPC batches.
+
+Why three stages: producers (the ring-buffer reader) must never block, so ``submit``
+only puts into a bounded queue and counts what a full queue drops.  A writer thread
+numbers events, chains them and appends them to the spool, fsyncing as soon as the
+queue is drained and at least every ``fsync_interval``.  The sender streams durable
+records to the collector and frees the spool as acks come back; on any failure it
+reconnects with capped exponential backoff and resumes after the last ack, so a
+collector outage, a network cut or a daemon restart loses nothing and the collector's
+deduplication absorbs what is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
+from sidecar.errors import TransportError
+from sidecar.export.chain import batch_payload, sign
+from sidecar.export.spool import Dropped, Spool
+
+_logger = logging.getLogger(__name__)
+
+#: Codes that retrying cannot fix: the exporter stops and reports instead.
+NON_RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """What the exporter connects and signs with: the host SVID and the trust bundle."""
+
+    host: str
+    cert_chain_pem: bytes
+    private_key: ec.EllipticCurvePrivateKey
+    roots_pem: bytes
+
+    def key_pem(self) -> bytes:
+        return self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    target: str
+    spool_dir: Path
+    spool_max_bytes: int = 256 * 1024 * 1024
+    queue_size: int = 10_000
+    batch_max_events: int = 500
+    batch_max_bytes: int = 1024 * 1024
+    max_in_flight_batches: int = 8
+    fsync_interval: float = 0.5
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+    #: TLS name to check in the collector's certificate, when not the target's host.
+    server_name: str | None = None
+    non_retryable: frozenset[grpc.StatusCode] = field(default=NON_RETRYABLE)
+
+
+_STOP = object()
+
+
+class _StreamEnded(Exception):
+    """The collector ended the Publish stream without an error status (retryable)."""
+
+
+class Exporter:
+    """Sequenced, spooled, resumable event export to one collector."""
+
+    def __init__(
+        self,
+        config: ExporterConfig,
+        identity: Callable[[], HostIdentity],
+        boot_id: str = "",
+    ) -> None:
+        self.config = config
+        self._identity = identity
+        self._boot_id = boot_id
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue_size)
+        self.spool = Spool(config.spool_dir, config.spool_max_bytes)
+        self._drop_lock = threading.Lock()
+        self._queue_drops: Counter[str] = Counter()
+        #: Everything ever dropped, by (kind, reason): for metrics.
+        self.dropped: Counter[tuple[str, str]] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._writer: threading.Thread | None = None
+        self._writer_error: BaseException | None = None
+        self._stopping = False
+        self._stream_acked = False
+        self.connected = False
+
+    # ---- producers ----------------------------------------------------------------------
+
+    def submit(self, event: event_pb2.Event) -> bool:
+        """Hand ``event`` over without blocking; False (and counted) when the queue is full.
+
+        Thread-safe.  The exporter owns ``event`` afterwards: it fills in the host,
+        boot id and sequence.
+        """
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            kind = event.WhichOneof("body") or "unknown"
+            with self._drop_lock:
+                self._queue_drops[kind] += 1
+                self.dropped[(kind, "queue_full")] += 1
+            return False
+        return True
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Export until :meth:`close`; raises TransportError on a non-retryable refusal."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
+        self._writer.start()
+        try:
+            await self._send_loop()
+        finally:
+            self._stop_writer()
+
+    async def close(self, timeout: float = 5.0) -> bool:
+        """Flush: spool what is queued, wait up to ``timeout`` for acks, then stop.
+
+        Returns True when everything was acknowledged.  Unacknowledged events stay in
+        the spool and are sent after the next start.
+        """
+        deadline = time.monotonic() + timeout
+        self._queue.put(_STOP)
+        writer = self._writer
+        if writer is not None:
+            await asyncio.to_thread(writer.join, max(0.0, deadline - time.monotonic()))
+        while self.spool.acked < self.spool.last_sequence and time.monotonic() < deadline:
+            if self._writer is None:
+                break
+            await asyncio.sleep(0.02)
+        self._stopping = True
+        self._poke()
+        done = self.spool.acked >= self.spool.last_sequence
+        return done
+
+    def _stop_writer(self) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)
+            self._writer.join(timeout=5)
+        self.spool.close()
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(wake.set)
+
+    # ---- writer thread -------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Queue -> spool, fsync when drained or every ``fsync_interval`` (thread)."""
+        interval = self.config.fsync_interval
+        stop = False
+        try:
+            while not stop:
+                unsynced = self.spool.unsynced_for()
+                try:
+                    item = self._queue.get(timeout=max(0.001, interval - unsynced))
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    if item is _STOP:
+                        stop = True
+                        break
+                    assert isinstance(item, event_pb2.Event)
+                    self._append(item)
+                    if self.spool.unsynced_for() >= interval:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        item = None
+                self._report_losses()
+                if self.spool.unsynced_for() > 0:
+                    self.spool.sync()
+                    self._poke()
+        except TransportError as exc:
+            _logger.error("spool writer stopped: %s", exc)
+            self._writer_error = exc
+            self._poke()
+
+    def _append(self, event: event_pb2.Event) -> None:
+        if not event.host:
+            event.host = self._identity().host
+        if not event.boot_id:
+            event.boot_id = self._boot_id
+        self.spool.append(event)
+
+    def _report_losses(self) -> None:
+        """Turn queue and spool drops into one in-band lost-events report."""
+        with self._drop_lock:
+            queue_drops, self._queue_drops = self._queue_drops, Counter()
+        spooled: Dropped | None = self.spool.take_dropped()
+        if not queue_drops and spooled is None:
+            return
+        lost = event_pb2.LostEvents()
+        for kind, n in sorted(queue_drops.items()):
+            lost.counts.add(kind=kind, reason="queue_full", count=n)
+        if spooled is not None:
+            for kind, n in sorted(spooled.kinds.items()):
+                lost.counts.add(kind=kind, reason="spool_full", count=n)
+                with self._drop_lock:
+                    self.dropped[(kind, "spool_full")] += n
+            lost.first_sequence = spooled.first_sequence
+            lost.last_sequence = spooled.last_sequence
+        self._append(event_pb2.Event(time_ns=time.time_ns(), lost=lost))
+
+    # ---- sender --------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        backoff = self.config.backoff_initial
+        while not self._stopping:
+            self._stream_acked = False
+            try:
+                await self._stream_once()
+            except grpc.aio.AioRpcError as exc:
+                self.connected = False
+                if exc.code() in self.config.non_retryable:
+                    raise TransportError(
+                        f"collector {self.config.target} refused the stream: "
+                        f"{exc.code().name}: {exc.details()}"
+                    ) from exc
+                _logger.warning(
+                    "collector %s: %s: %s; retrying in %.1fs",
+                    self.config.target,
+                    exc.code().name,
+                    exc.details(),
+                    backoff,
+                )
+            except _StreamEnded as exc:
+                self.connected = False
+                _logger.warning("collector %s: %s", self.config.target, exc)
+            if self._writer_error is not None:
+                raise TransportError(f"spool writer failed: {self._writer_error}")
+            if self._stopping:
+                break
+            if self._stream_acked:
+                backoff = self.config.backoff_initial
+            await self._sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self.config.backoff_max)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, but not past :meth:`close`."""
+        end = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < end:
+            await asyncio.sleep(min(0.05, end - time.monotonic()))
+
+    def _channel(self, ident: HostIdentity) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(ident.roots_pem, ident.key_pem(), ident.cert_chain_pem)
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_send_message_length", self.config.batch_max_bytes + 64 * 1024),
+        ]
+        if self.config.server_name:
+            options.append(("grpc.ssl_target_name_override", self.config.server_name))
+        return grpc.aio.secure_channel(self.config.target, creds, options=options)
+
+    async def _stream_once(self) -> None:
+        """One Publish stream until it fails or we stop."""
+        ident = self._identity()
+        async with self._channel(ident) as channel:
+            # grpc.aio allows a stream without a request iterator (written with write());
+            # grpc-stubs does not know that.
+            call = collector_pb2_grpc.CollectorStub(channel).Publish()  # type: ignore[call-arg]
+            first = await call.read()
+            if not isinstance(first, collector_pb2.Ack):
+                raise _StreamEnded("collector closed the stream before its first ack")
+            self.connected = self._stream_acked = True
+            await self._on_ack(first.acked_sequence)
+            _logger.info(
+                "streaming to %s from sequence %d", self.config.target, self.spool.acked + 1
+            )
+            reader = asyncio.create_task(self._read_acks(call))
+            try:
+                await self._write_batches(call, ident, reader)
+                await call.done_writing()
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+
+    async def _write_batches(
+        self,
+        call: grpc.aio.StreamStreamCall[collector_pb2.Batch, collector_pb2.Ack],
+        ident: HostIdentity,
+        reader: asyncio.Task[None],
+    ) -> None:
+        assert self._wake is not None
+        cfg = self.config
+        sent = self.spool.acked
+        window = cfg.batch_max_events * cfg.max_in_flight_batches
+        while not self._stopping and self._writer_error is None:
+            if reader.done():
+                reader.result()  # re-raise the stream's error
+                raise _StreamEnded("collector closed the stream")
+            sent = max(sent, self.spool.acked)
+            records: list[object] = []
+            if sent - self.spool.acked < window:
+                prev, recs = await asyncio.to_thread(
+                    self.spool.read, sent, cfg.batch_max_events, cfg.batch_max_bytes
+                )
+                if recs:
+                    batch = collector_pb2.Batch(
+                        host=ident.host,
+                        first_sequence=recs[0].sequence,
+                        last_sequence=recs[-1].sequence,
+                        prev_chain=prev,
+                        events=[r.payload for r in recs],
+                    )
+                    payload = batch_payload(
+                        ident.host, batch.first_sequence, batch.last_sequence, prev, recs[-1].chain
+                    )
+                    batch.signature = sign(ident.private_key, payload)
+                    await call.write(batch)
+                    sent = recs[-1].sequence
+                    records = list(recs)
+            if not records:
+                self._wake.clear()
+                if self.spool.durable_sequence > sent and sent - self.spool.acked < window:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+
+    async def _read_acks(
+        self, call: grpc.aio.StreamStreamCall[collector_pb2.Batch, collector_pb2.Ack]
+    ) -> None:
+        try:
+            while isinstance(ack := await call.read(), collector_pb2.Ack):
+                await self._on_ack(ack.acked_sequence)
+                self._poke()
+        finally:
+            self._poke()  # let the batch writer see the stream is gone
+
+    async def _on_ack(self, sequence: int) -> None:
+        if sequence > self.spool.last_sequence:
+            await asyncio.to_thread(self.spool.skip_to, sequence)
+        elif sequence > self.spool.acked:
+            await asyncio.to_thread(self.spool.ack, sequence)
