@@ -1,0 +1,253 @@
+"""The Kubernetes manifests, validated offline against the API's JSON schemas.
+
+Schemas come from the kubernetes-validate package (strict mode: unknown fields
+are errors, so a misspelt field cannot slip through as it would with
+``kubectl apply``).  The kustomization is rendered with ``kubectl kustomize``,
+so generated ConfigMaps and the names that refer to them are checked as the
+cluster would receive them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from sidecar import config as daemon_config
+from sidecar.attest.entries import load_entries_text
+from sidecar.collector.config import load_config as load_collector_config
+from sidecar.policy.load import load_policy_text
+
+REPO = Path(__file__).resolve().parents[2]
+KUBE = REPO / "deploy" / "kubernetes"
+# 1.30 is the oldest release with securityContext.appArmorProfile.
+VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+
+Obj = dict[str, Any]
+
+
+def kustomization() -> Obj:
+    data: Obj = yaml.safe_load((KUBE / "kustomization.yaml").read_text())
+    return data
+
+
+def documents(path: Path) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+@cache
+def rendered_text() -> str:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is missing: run scripts/install-ops-deps.sh"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(KUBE)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def rendered() -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(rendered_text()) if doc is not None]
+
+
+def find(kind: str, name: str) -> Obj:
+    matches = [d for d in rendered() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} objects"
+    return matches[0]
+
+
+def generated(name: str) -> Obj:
+    """A ConfigMap from the generator, whether or not its name carries a hash."""
+    matches = [
+        d
+        for d in rendered()
+        if d["kind"] == "ConfigMap"
+        and (d["metadata"]["name"] == name or d["metadata"]["name"].startswith(name + "-"))
+    ]
+    assert len(matches) == 1, f"ConfigMap {name}: {len(matches)} objects"
+    return matches[0]
+
+
+def pod_spec(kind: str, name: str) -> Obj:
+    spec: Obj = find(kind, name)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(kind: str, name: str) -> Obj:
+    (only,) = pod_spec(kind, name)["containers"]
+    assert isinstance(only, dict)
+    return only
+
+
+def validate(obj: Obj, version: str) -> None:
+    kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_kustomization_lists_every_manifest_file() -> None:
+    on_disk = {p.name for p in KUBE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization()["resources"]) == on_disk
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(kustomization()["resources"]))
+def test_manifest_file_is_valid_against_the_kubernetes_schema(name: str, version: str) -> None:
+    docs = documents(KUBE / name)
+    assert docs
+    for doc in docs:
+        validate(doc, version)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rendered_kustomization_is_valid_against_the_kubernetes_schema(version: str) -> None:
+    docs = rendered()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(
+        ["Namespace"] * 2
+        + ["ServiceAccount"] * 2
+        + ["ConfigMap"] * 3
+        + ["DaemonSet", "Deployment", "Service", "PersistentVolumeClaim"]
+    )
+    for doc in docs:
+        validate(doc, version)
+
+
+def test_strict_schema_rejects_a_misspelt_field() -> None:
+    """Guards the tests above: a typo in a pod spec is an error, not ignored."""
+    (daemonset,) = documents(KUBE / "daemon-daemonset.yaml")
+    daemonset["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(daemonset, VERSIONS[-1])
+
+
+def test_daemon_runs_in_host_pid_namespace_without_privileged_mode() -> None:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    daemon = container("DaemonSet", "sidecar-daemon")
+    assert spec["hostPID"] is True
+    assert daemon["command"] == ["sidecar", "run", "--config", "/etc/sidecar/config.yaml"]
+    security = daemon["securityContext"]
+    assert security["privileged"] is False
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == {
+        "BPF",
+        "PERFMON",
+        "SYS_ADMIN",
+        "NET_ADMIN",
+        "SYS_PTRACE",
+        "DAC_READ_SEARCH",
+        "KILL",
+    }
+
+
+def test_daemon_mounts_the_host_paths_it_needs_and_only_writes_its_own() -> None:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {
+        host_paths[m["name"]]: (m["mountPath"], m.get("readOnly", False))
+        for m in container("DaemonSet", "sidecar-daemon")["volumeMounts"]
+        if m["name"] in host_paths
+    }
+    assert mounts == {
+        "/sys/fs/bpf": ("/sys/fs/bpf", False),
+        "/sys/kernel/tracing": ("/sys/kernel/tracing", True),
+        "/sys/fs/cgroup": ("/sys/fs/cgroup", True),
+        "/lib/modules": ("/lib/modules", True),
+        "/usr/src": ("/usr/src", True),
+        "/run/sidecar": ("/run/sidecar", False),
+        "/var/lib/sidecar": ("/var/lib/sidecar", False),
+    }
+
+
+def test_policy_and_entries_reach_the_daemon_in_a_way_that_hot_reloads() -> None:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    (config_mount,) = [
+        m
+        for m in container("DaemonSet", "sidecar-daemon")["volumeMounts"]
+        if m["mountPath"] == "/etc/sidecar"
+    ]
+    # subPath mounts are never updated by the kubelet: the change would not arrive.
+    assert "subPath" not in config_mount
+    (volume,) = [v for v in spec["volumes"] if v["name"] == config_mount["name"]]
+    sources = [s["configMap"]["name"] for s in volume["projected"]["sources"]]
+    policy = generated("sidecar-policy")
+    settings = generated("sidecar-config")
+    # Fixed name: edits update the same object, so the mounted files change in place.
+    assert policy["metadata"]["name"] == "sidecar-policy"
+    assert set(policy["data"]) == {"policy.yaml", "entries.yaml"}
+    # Hashed name: a settings change rolls the pods, which read settings once.
+    assert settings["metadata"]["name"] != "sidecar-config"
+    assert set(settings["data"]) == {"config.yaml"}
+    assert sources == [settings["metadata"]["name"], "sidecar-policy"]
+
+
+def test_collector_keeps_its_store_on_the_claim_and_service_selects_its_pods() -> None:
+    spec = pod_spec("Deployment", "sidecar-collector")
+    deployment = find("Deployment", "sidecar-collector")
+    claim = find("PersistentVolumeClaim", "sidecar-collector-store")
+    service = find("Service", "sidecar-collector")
+    (store,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert store["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    (store_mount,) = [
+        m
+        for m in container("Deployment", "sidecar-collector")["volumeMounts"]
+        if m["name"] == store["name"]
+    ]
+    assert store_mount["mountPath"] == "/var/lib/sidecar-collector"
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    ports = {
+        p["name"]: p["containerPort"] for p in container("Deployment", "sidecar-collector")["ports"]
+    }
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports.keys()
+
+
+def test_collector_pod_meets_restricted_pod_security() -> None:
+    spec = pod_spec("Deployment", "sidecar-collector")
+    security = container("Deployment", "sidecar-collector")["securityContext"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert not spec.get("hostPID") and not spec.get("hostNetwork")
+    assert not any("hostPath" in v for v in spec["volumes"])
+    namespace = find("Namespace", find("Deployment", "sidecar-collector")["metadata"]["namespace"])
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_workloads_use_their_own_service_accounts_without_api_tokens() -> None:
+    for kind, name, namespace in [
+        ("DaemonSet", "sidecar-daemon", "sidecar-system"),
+        ("Deployment", "sidecar-collector", "sidecar-collector"),
+    ]:
+        spec = pod_spec(kind, name)
+        account = find("ServiceAccount", spec["serviceAccountName"])
+        assert account["metadata"]["namespace"] == namespace
+        assert find(kind, name)["metadata"]["namespace"] == namespace
+        assert spec["automountServiceAccountToken"] is False
+        assert account["automountServiceAccountToken"] is False
+
+
+def test_configmap_files_load_with_the_products_own_loaders(tmp_path: Path) -> None:
+    policy = generated("sidecar-policy")["data"]
+    compiled = load_policy_text(policy["policy.yaml"], "policy.yaml")
+    assert "spiffe://example.org/agent/triage" in compiled.identities
+    entries = load_entries_text(policy["entries.yaml"], "entries.yaml")
+    assert entries.spiffe_ids == {"spiffe://example.org/agent/triage"}
+    settings = tmp_path / "config.yaml"
+    settings.write_text(generated("sidecar-config")["data"]["config.yaml"])
+    assert daemon_config.load(settings).pin_dir == Path("/sys/fs/bpf/sidecar")
+    collector = tmp_path / "collector.yaml"
+    collector.write_text(generated("sidecar-collector-config")["data"]["collector.yaml"])
+    loaded = load_collector_config(collector)
+    assert loaded.data_dir == Path("/var/lib/sidecar-collector")
+    service = find("Service", "sidecar-collector")
+    dns = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert dns in loaded.server_names
