@@ -1,0 +1,1 @@
+"""Generated SPIFFE Workload API code (standard workload.proto, no package; see proto/)."""
