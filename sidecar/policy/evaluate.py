@@ -46,18 +46,24 @@ def decide(
     policy: CompiledPolicy, identity: str | None, protocol: str, address: str, port: int
 ) -> Decision:
     """The verdict for a connect/sendmsg; ``ValueError`` for a bad protocol, address or port."""
-    bit = PROTOCOL_BITS.get(protocol)
-    if bit is None:
+    if protocol not in PROTOCOL_BITS:
         raise ValueError(f"protocol must be tcp or udp, not {protocol!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in 0-65535, not {port!r}")
-    value = parse_address(address)
+    return decide_value(policy, identity, protocol, parse_address(address), port)
+
+
+def decide_value(
+    policy: CompiledPolicy, identity: str | None, protocol: str, address: int, port: int
+) -> Decision:
+    """:func:`decide` for an address already in the 128-bit space (IPv4 mapped)."""
+    bit = PROTOCOL_BITS[protocol]
     if identity is None:
         return Decision(policy.unidentified, DEFAULT_RULE)
     ci = policy.identities.get(identity)
     if ci is None:
         return Decision("deny", DEFAULT_RULE)
-    entry = ci.lookup(value)
+    entry = ci.lookup(address)
     if entry is not None:
         for pr in entry.rules:
             if pr.protocol_mask & bit and pr.port_lo <= port <= pr.port_hi:

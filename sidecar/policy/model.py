@@ -290,21 +290,33 @@ def _parse_exec(doc: Document, path: Path_, raw: list[Any] | None) -> frozenset[
     for k, item in enumerate(raw):
         item_path = (*path, k)
         check_type(doc, item_path, item, str)
-        if "\0" in item:
-            raise doc.error(item_path, "must not contain a NUL byte")
-        if len(item.encode()) > MAX_PATH_BYTES:
-            raise doc.error(item_path, f"path is longer than {MAX_PATH_BYTES} bytes")
-        if not item.startswith("/"):
-            raise doc.error(item_path, f"'{item}' must be an absolute path")
-        normal = posixpath.normpath(item)
-        if normal.startswith("//"):
-            normal = "/" + normal.lstrip("/")
-        if normal != item:
-            raise doc.error(item_path, f"'{item}' is not normalized: did you mean '{normal}'?")
+        problem = exec_path_problem(item)
+        if problem is not None:
+            raise doc.error(item_path, problem)
         if item in out:
             raise doc.error(item_path, f"'{item}' is listed twice")
         out.add(item)
     return frozenset(out)
+
+
+def exec_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an exec allowlist entry, or None if it can.
+
+    Entries are matched exactly against the resolved executable path, so
+    they must be absolute and normal (no ``.``, ``..``, ``//`` or trailing ``/``).
+    """
+    if "\0" in path:
+        return "must not contain a NUL byte"
+    if len(path.encode(errors="surrogateescape")) > MAX_PATH_BYTES:
+        return f"path is longer than {MAX_PATH_BYTES} bytes"
+    if not path.startswith("/"):
+        return f"'{path}' must be an absolute path"
+    normal = posixpath.normpath(path)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if normal != path:
+        return f"'{path}' is not normalized: did you mean '{normal}'?"
+    return None
 
 
 def rules_overlap(a: EgressRule, b: EgressRule) -> PortRange | None:

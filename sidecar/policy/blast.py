@@ -1,0 +1,315 @@
+"""Blast radius: what a compromise of each identity could reach.
+
+A compromised workload can use everything its allowlist names, and also
+everything of each identity it can spawn into: a registration entry whose
+``parent:id`` is the workload's identity means the workload can start a
+process that is attested as that child identity (transitively).  It can also
+obtain credentials: its own X.509-SVID and JWT-SVIDs for any audience, and
+those of every identity it can spawn into.
+
+Identities are ranked by reach: the number of (address, port, protocol)
+destinations of the union over the identity and its spawn closure, then
+unrestricted executables, then the number of executables, identities it
+can spawn into and credentials.  An identity the policy does not name is
+denied everything (see :mod:`sidecar.policy.evaluate`), so it adds nothing
+but its credentials and its own spawn edges.
+
+With an observed history, the part of each allowlist that was never used is
+reported as a suggested tightening: rules never matched, rules of which
+only a few destinations were used, executables never run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.policy.allowset import AllowSet, Box, Destination
+from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
+from sidecar.policy.evaluate import decide_value
+from sidecar.policy.history import ConnectEvent, Event, ExecEvent, HistoryEvent, parse_events
+from sidecar.policy.space import format_address
+
+_logger = logging.getLogger(__name__)
+
+MAX_TEXT_DESTINATIONS = 50
+MAX_TEXT_CIDRS = 20
+MAX_TEXT_OBSERVED = 10
+
+SpawnGraph = Mapping[str, Iterable[str]]
+
+
+@dataclass(frozen=True)
+class Credential:
+    kind: str  # x509-svid | jwt-svid
+    spiffe_id: str
+    audience: str | None  # jwt-svid: '*' (any audience)
+
+    def describe(self) -> str:
+        if self.kind == "jwt-svid":
+            return f"JWT-SVID {self.spiffe_id} (any audience)"
+        return f"X.509-SVID {self.spiffe_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spiffe_id": self.spiffe_id, "audience": self.audience}
+
+
+@dataclass(frozen=True)
+class RuleUse:
+    rule: str
+    allowed: int  # destinations the rule allows
+    used: tuple[str, ...]  # distinct observed destinations it matched, "addr proto/port"
+
+
+@dataclass(frozen=True)
+class Tightening:
+    """The part of one identity's allowlist that the history never used."""
+
+    unused_rules: tuple[RuleUse, ...]
+    partly_used_rules: tuple[RuleUse, ...]
+    unused_destinations: int  # allowed (address, port, protocol) points never used
+    unused_executables: tuple[str, ...]
+    observed_executables: tuple[str, ...] | None  # when exec is unrestricted: what ran
+
+    def to_json(self) -> dict[str, Any]:
+        def use(u: RuleUse) -> dict[str, Any]:
+            return {"rule": u.rule, "allowed": u.allowed, "used": list(u.used)}
+
+        return {
+            "unused_rules": [use(u) for u in self.unused_rules],
+            "partly_used_rules": [use(u) for u in self.partly_used_rules],
+            "unused_destinations": self.unused_destinations,
+            "unused_executables": list(self.unused_executables),
+            "observed_executables": None
+            if self.observed_executables is None
+            else list(self.observed_executables),
+        }
+
+
+@dataclass(frozen=True)
+class IdentityReach:
+    spiffe_id: str
+    in_policy: bool
+    mode: str | None
+    destinations: tuple[Destination, ...]  # its own allowlist
+    own_count: int
+    spawns_into: tuple[str, ...]  # transitive
+    reach_count: int  # destinations of itself and every identity it can spawn into
+    executables: tuple[str, ...] | None  # likewise; None: any executable
+    credentials: tuple[Credential, ...]
+    tightening: Tightening | None
+
+    def rank_key(self) -> tuple[int, int, int, int, int]:
+        exec_any = self.executables is None
+        n_exec = 0 if self.executables is None else len(self.executables)
+        return (
+            self.reach_count,
+            int(exec_any),
+            n_exec,
+            len(self.spawns_into),
+            len(self.credentials),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "identity": self.spiffe_id,
+            "in_policy": self.in_policy,
+            "mode": self.mode,
+            "destinations": [d.to_json() for d in self.destinations],
+            "own_destination_count": self.own_count,
+            "spawns_into": list(self.spawns_into),
+            "reach_destination_count": self.reach_count,
+            "executables": None if self.executables is None else list(self.executables),
+            "executables_unrestricted": self.executables is None,
+            "credentials": [c.to_json() for c in self.credentials],
+            "tightening": None if self.tightening is None else self.tightening.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class BlastRadius:
+    policy_version: str
+    identities: tuple[IdentityReach, ...]  # largest reach first
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy_version": self.policy_version,
+            "identities": [r.to_json() for r in self.identities],
+        }
+
+    def render_text(self) -> str:
+        lines = [f"blast radius of policy {self.policy_version}, largest reach first"]
+        for rank, r in enumerate(self.identities, 1):
+            lines.append("")
+            lines.extend(_render_identity(rank, r))
+        return "\n".join(lines) + "\n"
+
+
+def _render_identity(rank: int, r: IdentityReach) -> list[str]:
+    mode = r.mode if r.in_policy else "not in the policy: denied everything"
+    lines = [
+        f"#{rank} {r.spiffe_id} ({mode})",
+        f"  reach: {r.reach_count:,} destinations (address x port x protocol), "
+        f"{r.own_count:,} of its own",
+    ]
+    if r.destinations:
+        lines.append("  destinations:")
+    for d in r.destinations[:MAX_TEXT_DESTINATIONS]:
+        cidrs = ", ".join(f"{c} ({c.size:,})" for c in d.cidrs[:MAX_TEXT_CIDRS])
+        if len(d.cidrs) > MAX_TEXT_CIDRS:
+            cidrs += f", ... {len(d.cidrs) - MAX_TEXT_CIDRS} more"
+        ports = d.describe().split(" -> ", 1)[0]
+        lines.append(f"    {ports} -> {cidrs}  [{d.count:,}]")
+    if len(r.destinations) > MAX_TEXT_DESTINATIONS:
+        lines.append(f"    ... {len(r.destinations) - MAX_TEXT_DESTINATIONS} more")
+    if r.executables is None:
+        lines.append("  executables: any (unrestricted)")
+    else:
+        lines.append(f"  executables: {', '.join(r.executables) or 'none'}")
+    lines.append(f"  can spawn into: {', '.join(r.spawns_into) or 'nothing'}")
+    lines.append("  credentials: " + "; ".join(c.describe() for c in r.credentials))
+    t = r.tightening
+    if t is not None:
+        lines.append(f"  never used (suggested tightening): {t.unused_destinations:,} destinations")
+        for u in t.unused_rules:
+            lines.append(f"    rule '{u.rule}': never matched ({u.allowed:,} destinations)")
+        for u in t.partly_used_rules:
+            shown = ", ".join(u.used[:MAX_TEXT_OBSERVED])
+            more = (
+                f", ... {len(u.used) - MAX_TEXT_OBSERVED} more"
+                if len(u.used) > MAX_TEXT_OBSERVED
+                else ""
+            )
+            lines.append(
+                f"    rule '{u.rule}': {len(u.used):,} of {u.allowed:,} used: {shown}{more}"
+            )
+        for exe in t.unused_executables:
+            lines.append(f"    executable {exe}: never run")
+        if t.observed_executables is not None:
+            ran = ", ".join(t.observed_executables) or "nothing"
+            lines.append(f"    exec is unrestricted; only these ran: {ran}")
+    return lines
+
+
+def _closure(start: str, graph: Mapping[str, frozenset[str]]) -> tuple[str, ...]:
+    seen: set[str] = set()
+    todo = list(graph.get(start, ()))
+    while todo:
+        node = todo.pop()
+        if node in seen or node == start:
+            continue
+        seen.add(node)
+        todo.extend(graph.get(node, ()))
+    return tuple(sorted(seen))
+
+
+def _exec_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
+    if ci is None:
+        return frozenset()  # not in the policy: may exec nothing
+    return ci.exec_paths
+
+
+def _rule_sets(ci: CompiledIdentity) -> list[AllowSet]:
+    boxes: list[list[Box]] = [[] for _ in ci.rule_names]
+    for entry in ci.prefixes:
+        cidr = entry.cidr
+        for pr in entry.rules:
+            boxes[pr.rule_index].append(
+                (pr.protocol_mask, pr.port_lo, pr.port_hi, ((cidr.lo, cidr.hi),))
+            )
+    return [AllowSet.from_boxes(b) for b in boxes]
+
+
+def _tightening(
+    policy: CompiledPolicy, ci: CompiledIdentity, own: AllowSet, events: list[Event]
+) -> Tightening:
+    used: dict[str, set[tuple[str, int, int]]] = {name: set() for name in ci.rule_names}
+    ran: set[str] = set()
+    for ev in events:
+        if ev.identity != ci.spiffe_id:
+            continue
+        if isinstance(ev, ConnectEvent):
+            d = decide_value(policy, ci.spiffe_id, ev.protocol, ev.address, ev.port)
+            if d.verdict == "allow":
+                used[d.rule].add((ev.protocol, ev.address, ev.port))
+        elif isinstance(ev, ExecEvent) and ev.verdict != "deny":
+            ran.add(ev.exe)
+    unused: list[RuleUse] = []
+    partly: list[RuleUse] = []
+    used_total = 0
+    for name, rule_set in zip(ci.rule_names, _rule_sets(ci), strict=True):
+        points = used[name]
+        used_total += len(points)
+        shown = tuple(
+            f"{format_address(a)} {proto}/{port}"
+            for proto, a, port in sorted(points, key=lambda p: (p[1], p[2], p[0]))
+        )
+        allowed = rule_set.count()
+        if not points:
+            unused.append(RuleUse(name, allowed, ()))
+        elif len(points) < allowed:
+            partly.append(RuleUse(name, allowed, shown))
+    if ci.exec_paths is None:
+        unused_exec: tuple[str, ...] = ()
+        observed_exec: tuple[str, ...] | None = tuple(sorted(ran))
+    else:
+        unused_exec = tuple(sorted(ci.exec_paths - ran))
+        observed_exec = None
+    return Tightening(
+        tuple(unused), tuple(partly), own.count() - used_total, unused_exec, observed_exec
+    )
+
+
+def blast_radius(
+    policy: CompiledPolicy,
+    spawn_graph: SpawnGraph | None = None,
+    observed: Iterable[HistoryEvent] | None = None,
+) -> BlastRadius:
+    """Reach of each identity (of the policy and of the spawn graph), largest first."""
+    graph = {parent: frozenset(children) for parent, children in (spawn_graph or {}).items()}
+    names = set(policy.identities) | set(graph)
+    for children in graph.values():
+        names |= children
+    events = parse_events(observed) if observed is not None else None
+    own_sets = {n: AllowSet.from_identity(policy.identities.get(n)) for n in names}
+    rows: list[IdentityReach] = []
+    for name in sorted(names):
+        ci = policy.identities.get(name)
+        spawns = _closure(name, graph)
+        reach = own_sets[name]
+        executables = _exec_of(ci)
+        for child in spawns:
+            reach = reach.union(own_sets[child])
+            child_exec = _exec_of(policy.identities.get(child))
+            if executables is None or child_exec is None:
+                executables = None
+            else:
+                executables = executables | child_exec
+        credentials = tuple(
+            Credential(kind, sid, "*" if kind == "jwt-svid" else None)
+            for sid in (name, *spawns)
+            for kind in ("x509-svid", "jwt-svid")
+        )
+        tightening = None
+        if events is not None and ci is not None:
+            tightening = _tightening(policy, ci, own_sets[name], events)
+        rows.append(
+            IdentityReach(
+                spiffe_id=name,
+                in_policy=ci is not None,
+                mode=ci.mode if ci else None,
+                destinations=own_sets[name].destinations(),
+                own_count=own_sets[name].count(),
+                spawns_into=spawns,
+                reach_count=reach.count(),
+                executables=None if executables is None else tuple(sorted(executables)),
+                credentials=credentials,
+                tightening=tightening,
+            )
+        )
+    rows.sort(key=lambda r: r.spiffe_id)
+    rows.sort(key=IdentityReach.rank_key, reverse=True)
+    _logger.debug("blast radius over %d identities", len(rows))
+    return BlastRadius(policy.version, tuple(rows))

@@ -1,0 +1,163 @@
+"""``sidecar policy ...``: validate, diff, suggest and blast-radius.
+
+Each command returns its exit code: 0 success, 2 for any product error
+(one line on stderr naming file, line and field).  ``diff`` follows diff(1)
+and returns 1 when the policies differ in what they allow, so scripts and
+CI can gate on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.policy.blast import blast_radius
+from sidecar.policy.diff import diff
+from sidecar.policy.history import read_history
+from sidecar.policy.load import load_policy
+from sidecar.policy.suggest import suggest
+
+EXIT_OK = 0
+EXIT_DIFFERENT = 1
+EXIT_ERROR = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Turn a product error into one line on stderr and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except SidecarError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+@_guarded
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate and compile a policy; print its version."""
+    policy = load_policy(args.file)
+    print(policy.version)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What the new policy grants and takes away, per identity."""
+    result = diff(load_policy(args.old), load_policy(args.new))
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        sys.stdout.write(result.render_text())
+    return EXIT_OK if result.empty else EXIT_DIFFERENT
+
+
+@_guarded
+def cmd_suggest(args: argparse.Namespace) -> int:
+    """A policy learnt from audit-mode history."""
+    events = read_history(args.history)
+    sys.stdout.write(
+        suggest(
+            events,
+            merge_cidrs=args.merge_cidrs,
+            merge_ports=args.merge_ports,
+            include_denied=args.include_denied,
+            source=args.history,
+        )
+    )
+    return EXIT_OK
+
+
+def _read_spawn_graph(path: str) -> dict[str, set[str]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not JSON: {exc}") from exc
+    ok = isinstance(raw, dict) and all(
+        isinstance(v, list) and all(isinstance(c, str) for c in v) for v in raw.values()
+    )
+    if not ok:
+        raise ConfigError(f"{path}: must map each parent SPIFFE ID to a list of child IDs")
+    return {str(k): set(v) for k, v in raw.items()}
+
+
+@_guarded
+def cmd_blast_radius(args: argparse.Namespace) -> int:
+    """What a compromise of each identity could reach, largest first."""
+    policy = load_policy(args.file)
+    observed = read_history(args.observed) if args.observed else None
+    graph = _read_spawn_graph(args.spawn_graph) if args.spawn_graph else None
+    result = blast_radius(policy, graph, observed)
+    if args.json:
+        _print_json(result.to_json())
+    else:
+        sys.stdout.write(result.render_text())
+    return EXIT_OK
+
+
+def _prefix_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value <= 32:
+        raise argparse.ArgumentTypeError("must be an IPv4 prefix length, 0-32")
+    return value
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``policy`` and its commands; each sets ``func(args) -> int``."""
+    policy = subparsers.add_parser("policy", help="validate, compare and learn policies")
+    sub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check a policy file and print its version")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("diff", help="destinations and executables gained and lost")
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("suggest", help="learn an allowlist from audit-mode history")
+    p.add_argument("--history", required=True, metavar="FILE", help="daemon events, JSON lines")
+    p.add_argument(
+        "--merge-cidrs",
+        type=_prefix_length,
+        metavar="N",
+        help="merge observed addresses sharing a /N (IPv4; same host bits for IPv6)",
+    )
+    p.add_argument(
+        "--merge-ports", action="store_true", help="widen ports to one range per protocol"
+    )
+    p.add_argument("--include-denied", action="store_true", help="also learn from blocked attempts")
+    p.set_defaults(func=cmd_suggest)
+
+    p = sub.add_parser("blast-radius", help="what a compromise of each identity could reach")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--observed", metavar="HISTORY", help="history to find unused allowances")
+    p.add_argument(
+        "--spawn-graph",
+        metavar="FILE",
+        help="JSON object: parent SPIFFE ID -> child IDs (registration entries' parent_id)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_blast_radius)

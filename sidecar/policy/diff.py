@@ -1,0 +1,143 @@
+"""What a policy change grants and takes away, per identity.
+
+The diff compares meaning, not text: a renamed rule, a reordered list or a
+CIDR split in two halves shows no change, and an identity that disappears
+loses everything (an identity the policy does not name is denied
+everything).  Executables: ``None`` means unrestricted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.policy.allowset import AllowSet, Destination
+from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
+
+ExecList = tuple[str, ...] | None  # None: any executable
+
+
+@dataclass(frozen=True)
+class IdentityDiff:
+    spiffe_id: str
+    change: str  # added | removed | changed
+    mode_before: str | None  # None: not in the policy
+    mode_after: str | None
+    gained: tuple[Destination, ...]
+    lost: tuple[Destination, ...]
+    exec_before: ExecList
+    exec_after: ExecList
+
+    @property
+    def exec_gained(self) -> tuple[str, ...]:
+        if self.exec_after is None or self.exec_before is None:
+            return ()
+        return tuple(sorted(set(self.exec_after) - set(self.exec_before)))
+
+    @property
+    def exec_lost(self) -> tuple[str, ...]:
+        if self.exec_after is None or self.exec_before is None:
+            return ()
+        return tuple(sorted(set(self.exec_before) - set(self.exec_after)))
+
+    def exec_lines(self) -> list[str]:
+        before, after = self.exec_before, self.exec_after
+        if before == after:
+            return []
+        if after is None:
+            return ["+ exec: any executable (unrestricted)"]
+        if before is None:
+            kept = ", ".join(after) if after else "nothing"
+            return [f"- exec: any executable; now only: {kept}"]
+        return [f"+ exec {p}" for p in self.exec_gained] + [f"- exec {p}" for p in self.exec_lost]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "identity": self.spiffe_id,
+            "change": self.change,
+            "mode": {"before": self.mode_before, "after": self.mode_after},
+            "gained": [d.to_json() for d in self.gained],
+            "lost": [d.to_json() for d in self.lost],
+            "exec": {
+                "before": None if self.exec_before is None else list(self.exec_before),
+                "after": None if self.exec_after is None else list(self.exec_after),
+                "gained": list(self.exec_gained),
+                "lost": list(self.exec_lost),
+                "unrestricted_before": self.exec_before is None,
+                "unrestricted_after": self.exec_after is None,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class PolicyDiff:
+    old_version: str
+    new_version: str
+    defaults: tuple[tuple[str, str, str], ...]  # (field, before, after)
+    identities: tuple[IdentityDiff, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.defaults and not self.identities
+
+    def render_text(self) -> str:
+        lines = [f"policy {self.old_version} -> {self.new_version}"]
+        if self.empty:
+            lines.append("no change in what any identity may do")
+        for name, before, after in self.defaults:
+            lines.append(f"defaults.{name}: {before} -> {after}")
+        for d in self.identities:
+            lines.append(f"{d.spiffe_id} ({d.change})")
+            if d.mode_before != d.mode_after:
+                lines.append(f"  mode: {d.mode_before or 'absent'} -> {d.mode_after or 'absent'}")
+            lines.extend(f"  + {dest.describe()}" for dest in d.gained)
+            lines.extend(f"  - {dest.describe()}" for dest in d.lost)
+            lines.extend(f"  {line}" for line in d.exec_lines())
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "old_version": self.old_version,
+            "new_version": self.new_version,
+            "defaults": [{"field": f, "before": b, "after": a} for f, b, a in self.defaults],
+            "identities": [d.to_json() for d in self.identities],
+        }
+
+
+def _exec(ci: CompiledIdentity | None) -> ExecList:
+    if ci is None:
+        return ()  # not in the policy: may exec nothing
+    return None if ci.exec_paths is None else tuple(sorted(ci.exec_paths))
+
+
+def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
+    """Per identity: destinations and executables gained and lost, and mode changes."""
+    defaults: list[tuple[str, str, str]] = []
+    if old.unidentified != new.unidentified:
+        defaults.append(("unidentified", old.unidentified, new.unidentified))
+    if old.log_allowed != new.log_allowed:
+        defaults.append(("log_allowed", str(old.log_allowed).lower(), str(new.log_allowed).lower()))
+    out: list[IdentityDiff] = []
+    for sid in sorted(set(old.identities) | set(new.identities)):
+        before, after = old.identities.get(sid), new.identities.get(sid)
+        a, b = AllowSet.from_identity(before), AllowSet.from_identity(after)
+        gained, lost = b.difference(a), a.difference(b)
+        mode_before = before.mode if before else None
+        mode_after = after.mode if after else None
+        exec_before, exec_after = _exec(before), _exec(after)
+        if not gained and not lost and mode_before == mode_after and exec_before == exec_after:
+            continue
+        change = "added" if before is None else "removed" if after is None else "changed"
+        out.append(
+            IdentityDiff(
+                sid,
+                change,
+                mode_before,
+                mode_after,
+                gained.destinations(),
+                lost.destinations(),
+                exec_before,
+                exec_after,
+            )
+        )
+    return PolicyDiff(old.version, new.version, tuple(defaults), tuple(out))

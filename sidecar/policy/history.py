@@ -1,0 +1,113 @@
+"""Reading the daemon's event history (JSON lines) for the operator tools.
+
+Only ``connect`` and ``exec`` events matter here; every other type is
+ignored.  A malformed line or field is a :class:`PolicyError` naming the
+file, the line and the field, because a suggestion learnt from a history
+that was silently half-read would be wrong in a way nobody sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import PolicyError
+from sidecar.policy.model import PROTOCOL_BITS
+from sidecar.policy.space import parse_address
+
+_logger = logging.getLogger(__name__)
+
+MAX_HISTORY_BYTES = 1024 * 1024 * 1024
+VERDICTS = ("allow", "deny", "would_deny")
+
+HistoryEvent = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ConnectEvent:
+    identity: str | None
+    protocol: str
+    address: int  # in the 128-bit space (IPv4 mapped)
+    port: int
+    verdict: str
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    identity: str | None
+    exe: str
+    verdict: str
+
+
+Event = ConnectEvent | ExecEvent
+
+
+def read_history(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines history file; blank lines are skipped.
+
+    Each event gets a ``_line`` key (its line number) unless it has one, so
+    that a bad field found later can still be reported at its line.
+    """
+    p = Path(path)
+    events: list[dict[str, Any]] = []
+    try:
+        if p.stat().st_size > MAX_HISTORY_BYTES:
+            raise PolicyError(f"{p}: history is larger than {MAX_HISTORY_BYTES} bytes")
+        with p.open("r", encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PolicyError(f"{p}:{number}: not a JSON event: {exc.msg}") from exc
+                if not isinstance(value, dict):
+                    raise PolicyError(f"{p}:{number}: an event must be a JSON object")
+                value.setdefault("_line", number)
+                events.append(value)
+    except OSError as exc:
+        raise PolicyError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{p}: not UTF-8 text: {exc}") from exc
+    return events
+
+
+def parse_events(events: Iterable[HistoryEvent], source: str = "<history>") -> list[Event]:
+    """Typed connect and exec events; other event types are skipped."""
+    out: list[Event] = []
+    for index, raw in enumerate(events):
+        where = f"{source}:{raw.get('_line', index + 1)}"
+        kind = raw.get("type")
+        if kind not in ("connect", "exec"):
+            continue
+        identity = raw.get("identity")
+        if identity is not None and not isinstance(identity, str):
+            raise PolicyError(f"{where}: identity: must be a string or null")
+        verdict = raw.get("verdict")
+        if verdict not in VERDICTS:
+            raise PolicyError(f"{where}: verdict: must be one of {', '.join(VERDICTS)}")
+        if kind == "exec":
+            exe = raw.get("exe")
+            if not isinstance(exe, str) or not exe:
+                raise PolicyError(f"{where}: exe: must be a non-empty string")
+            out.append(ExecEvent(identity, exe, verdict))
+            continue
+        protocol = raw.get("protocol")
+        if protocol not in PROTOCOL_BITS:
+            raise PolicyError(f"{where}: protocol: must be tcp or udp")
+        port = raw.get("dport")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise PolicyError(f"{where}: dport: must be an integer in 0-65535")
+        daddr = raw.get("daddr")
+        if not isinstance(daddr, str):
+            raise PolicyError(f"{where}: daddr: must be an address string")
+        try:
+            address = parse_address(daddr)
+        except ValueError as exc:
+            raise PolicyError(f"{where}: daddr: {exc}") from exc
+        out.append(ConnectEvent(identity, protocol, address, port, verdict))
+    return out
