@@ -17,8 +17,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 
 from sidecar.api.v1 import collector_pb2 as pb
+from sidecar.api.v1 import collector_pb2_grpc as pbg
 from sidecar.api.v1 import event_pb2 as ev
 from sidecar.collector.config import CollectorConfig
 from sidecar.collector.server import CollectorServer
@@ -233,5 +235,388 @@ def test_exporter_killed_mid_stream_resumes_without_gap_or_duplicate(tmp_path: P
         seqs = stored_sequences(cfg.db_path, "h2")
         assert seqs == list(range(1, before + 501))
         assert verifications(cfg.db_path, "h2") == {pb.VERIFICATION_VERIFIED}
+
+    asyncio.run(body())
+
+
+# ---- authentication and enrollment --------------------------------------------------
+
+
+async def _query_code(
+    port: int, ca: CertificateAuthority, client: tuple[bytes, bytes] | None
+) -> grpc.StatusCode:
+    async with channel(port, ca, client) as ch:
+        try:
+            await pbg.CollectorStub(ch).Query(pb.QueryRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_clients_without_a_valid_listed_svid_are_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            ca, port = server.ca, server.port
+            other = CertificateAuthority.generate_root("other.org")
+            hour = timedelta(hours=1)
+            workload_ca = ca.issue_intermediate(hour)
+            assert await _query_code(port, ca, svid_pair(ca, ALICE, hour)) == grpc.StatusCode.OK
+            # No certificate, another trust domain, expired: the TLS handshake fails.
+            assert await _query_code(port, ca, None) == grpc.StatusCode.UNAVAILABLE
+            foreign = svid_pair(other, "spiffe://other.org/ops/alice", hour)
+            assert await _query_code(port, ca, foreign) == grpc.StatusCode.UNAVAILABLE
+            expired = svid_pair(ca, ALICE, timedelta(seconds=-5))
+            assert await _query_code(port, ca, expired) == grpc.StatusCode.UNAVAILABLE
+            # Valid, but not listed as a subscriber, or not signed by the root itself.
+            bob = svid_pair(ca, "spiffe://example.org/ops/bob", hour)
+            assert await _query_code(port, ca, bob) == grpc.StatusCode.PERMISSION_DENIED
+            via_host = svid_pair(workload_ca, ALICE, hour)
+            assert await _query_code(port, ca, via_host) == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(body())
+
+
+def test_enrollment_gives_working_credentials_once_per_token(tmp_path: Path) -> None:
+    from sidecar.collector.enroll import enroll, load_intermediate, renew
+    from sidecar.collector.server import create_join_token, token_hash
+    from sidecar.errors import TransportError
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            bundle = roots_pem(server.ca)
+            target = f"127.0.0.1:{server.enrollment_port}"
+            token = create_join_token(server.store, TD, "web-1", 60)
+            ident = await enroll(target, token, bundle, tmp_path / "creds")
+            assert ident.host == "web-1"
+            with pytest.raises(TransportError, match="PERMISSION_DENIED"):
+                await enroll(target, token, bundle, tmp_path / "again")
+            server.store.add_join_token(token_hash("stale"), "web-2", time.time_ns() - 1)
+            with pytest.raises(TransportError, match="unknown, used or expired"):
+                await enroll(target, "stale", bundle, tmp_path / "stale")
+            # The host intermediate signs workload SVIDs that chain to the root.
+            inter = load_intermediate(tmp_path / "creds")
+            workload = inter.issue_x509_svid("spiffe://example.org/agent/x", timedelta(hours=1))
+            from sidecar.identity.x509 import verify_svid
+
+            sid = verify_svid(workload.certificate, workload.chain, server.ca.bundle())
+            assert str(sid) == "spiffe://example.org/agent/x"
+            # The host SVID publishes, and renews over mTLS.
+            exp = exporter_for(tmp_path, server.port, ident)
+            task = asyncio.create_task(exp.run())
+            exp.submit(connect_event(1))
+            await until(lambda: exp.spool.acked == 1)
+            await exp.close(2)
+            await task
+            renewed = await renew(f"127.0.0.1:{server.port}", tmp_path / "creds")
+            assert renewed.cert_chain_pem != ident.cert_chain_pem
+            assert renewed.host == "web-1"
+
+    asyncio.run(body())
+
+
+# ---- tamper evidence ------------------------------------------------------------------
+
+
+def _batch(
+    ident: HostIdentity, first: int, prev: bytes, events: list[ev.Event]
+) -> tuple[pb.Batch, bytes]:
+    from sidecar.export.chain import batch_payload, chain_over, sign
+
+    raws = []
+    for i, e in enumerate(events):
+        e.host, e.sequence = ident.host, first + i
+        raws.append(e.SerializeToString())
+    chains = chain_over(prev, first, raws)
+    last = first + len(raws) - 1
+    sig = sign(ident.private_key, batch_payload(ident.host, first, last, prev, chains[-1]))
+    batch = pb.Batch(
+        host=ident.host,
+        first_sequence=first,
+        last_sequence=last,
+        prev_chain=prev,
+        events=raws,
+        signature=sig,
+    )
+    return batch, chains[-1]
+
+
+async def _publish(
+    port: int, ca: CertificateAuthority, ident: HostIdentity, batches: list[pb.Batch]
+) -> list[int]:
+    """Send batches on one stream; the acks received (the first is the opening ack)."""
+    async with channel(port, ca, (ident.key_pem(), ident.cert_chain_pem)) as ch:
+        call = pbg.CollectorStub(ch).Publish()  # type: ignore[call-arg]
+        acks = [_ack(await call.read())]
+        for b in batches:
+            await call.write(b)
+            acks.append(_ack(await call.read()))
+        await call.done_writing()
+        return acks
+
+
+def _ack(msg: object) -> int:
+    assert isinstance(msg, pb.Ack), f"stream ended: {msg!r}"
+    return msg.acked_sequence
+
+
+def _stored(msg: object) -> pb.StoredEvent:
+    assert isinstance(msg, pb.StoredEvent), f"stream ended: {msg!r}"
+    return msg
+
+
+def _alerts(server: CollectorServer) -> list[ev.IntegrityAlert]:
+    rows = server.store.query(pb.EventFilter(kinds=["integrity"]), 0, 100)
+    return [r.event.integrity for r in rows]
+
+
+def test_altered_event_in_a_signed_batch_is_stored_flagged_and_alerted(tmp_path: Path) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            ident = host_identity(server.ca, "h3")
+            good, head = _batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(3)])
+            bad, _ = _batch(ident, 4, head, [connect_event(i) for i in range(3, 6)])
+            altered = ev.Event.FromString(bad.events[1])
+            altered.connect.verdict = ev.VERDICT_ALLOW if altered.connect.verdict else 2  # type: ignore[assignment]
+            altered.connect.address = "203.0.113.9"
+            bad.events[1] = altered.SerializeToString()
+            acks = await _publish(server.port, server.ca, ident, [good, bad])
+            assert acks == [0, 3, 6]
+            alerts = _alerts(server)
+            assert [(a.kind, a.first_sequence, a.last_sequence) for a in alerts] == [
+                (ev.IntegrityAlert.KIND_BAD_SIGNATURE, 4, 6)
+            ]
+            rows = server.store.query(pb.EventFilter(hosts=["h3"], kinds=["connect"]), 0, 100)
+            assert [r.verification for r in rows] == [pb.VERIFICATION_VERIFIED] * 3 + [
+                pb.VERIFICATION_BAD_SIGNATURE
+            ] * 3
+
+    asyncio.run(body())
+
+
+def test_missing_sequence_range_and_broken_chain_are_reported(tmp_path: Path) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            ident = host_identity(server.ca, "h4")
+            b1, h1 = _batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(10)])
+            _, h2 = _batch(ident, 11, h1, [connect_event(i) for i in range(10, 20)])
+            b3, _ = _batch(ident, 21, h2, [connect_event(i) for i in range(20, 30)])
+            # A batch that claims to follow 30 but was chained from somewhere else.
+            b4, _ = _batch(ident, 31, bytes(32), [connect_event(30)])
+            acks = await _publish(server.port, server.ca, ident, [b1, b3, b4])
+            assert acks == [0, 10, 30, 31]
+            got = [(a.kind, a.first_sequence, a.last_sequence) for a in _alerts(server)]
+            assert got == [
+                (ev.IntegrityAlert.KIND_GAP, 11, 20),
+                (ev.IntegrityAlert.KIND_CHAIN_BREAK, 31, 31),
+            ]
+            assert verifications(server.config.db_path, "h4") == {
+                pb.VERIFICATION_VERIFIED,
+                pb.VERIFICATION_AFTER_GAP,
+                pb.VERIFICATION_CHAIN_BREAK,
+            }
+            # A retried batch is acknowledged and stored once.
+            assert await _publish(server.port, server.ca, ident, [b1]) == [31, 31]
+            assert server.store.count("h4") == 21 + 2  # 21 events + 2 alerts
+
+    asyncio.run(body())
+
+
+# ---- subscribe and query ----------------------------------------------------------------
+
+
+def _mixed_events() -> list[ev.Event]:
+    out = []
+    for i in range(60):
+        if i % 3 == 0:
+            e = ev.Event(
+                time_ns=10_000 + i,
+                identity="spiffe://example.org/agent/a",
+                exec=ev.Exec(pid=i, exe="/bin/sh", verdict=ev.VERDICT_DENY),
+            )
+        elif i % 3 == 1:
+            e = connect_event(i, ev.VERDICT_WOULD_DENY if i % 2 else ev.VERDICT_ALLOW)
+            e.time_ns = 10_000 + i
+        else:
+            e = ev.Event(
+                time_ns=10_000 + i,
+                identity="spiffe://example.org/agent/b",
+                policy_loaded=ev.PolicyLoaded(version=f"v{i}"),
+            )
+        out.append(e)
+    return out
+
+
+async def _collect(
+    call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StoredEvent], n: int
+) -> list[pb.StoredEvent]:
+    out: list[pb.StoredEvent] = []
+    while len(out) < n:
+        out.append(_stored(await asyncio.wait_for(call.read(), 10)))
+    return out
+
+
+def test_subscribe_filters_return_exactly_the_matching_events_and_resume_after_cursor(
+    tmp_path: Path,
+) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            alice = svid_pair(server.ca, ALICE, timedelta(hours=1))
+            h5, h6 = host_identity(server.ca, "h5"), host_identity(server.ca, "h6")
+            events = _mixed_events()
+            first_half, _ = _batch(h5, 1, CHAIN_SEED, events[:30])
+            await _publish(server.port, server.ca, h5, [first_half])
+            flt = pb.EventFilter(
+                hosts=["h5"],
+                kinds=["connect", "exec"],
+                verdicts=[ev.VERDICT_DENY, ev.VERDICT_WOULD_DENY],
+                start_time_ns=10_005,
+                end_time_ns=10_050,
+            )
+            expected = [
+                i + 1
+                for i, e in enumerate(events)
+                if e.WhichOneof("body") in ("connect", "exec")
+                and (e.exec.verdict if e.HasField("exec") else e.connect.verdict) in (2, 3)
+                and 10_005 <= e.time_ns <= 10_050
+            ]
+            async with channel(server.port, server.ca, alice) as ch:
+                stub = pbg.CollectorStub(ch)
+                call = stub.Subscribe(pb.SubscribeRequest(filter=flt, after_cursor=0))
+                replayed = await _collect(call, len([s for s in expected if s <= 30]))
+                # Live: the rest from h5, and h6's events that the filter must exclude.
+                b6, _ = _batch(h6, 1, CHAIN_SEED, _mixed_events())
+                rest, _ = _batch(h5, 31, _chain_head(first_half), events[30:])
+                await _publish(server.port, server.ca, h6, [b6])
+                await _publish(server.port, server.ca, h5, [rest])
+                live = await _collect(call, len([s for s in expected if s > 30]))
+                call.cancel()
+                got = replayed + live
+                assert [se.event.sequence for se in got] == expected
+                assert all(se.event.host == "h5" for se in got)
+                # Resume after the 4th: continues with the 5th, nothing skipped or repeated.
+                cursor = got[3].cursor
+                call = stub.Subscribe(pb.SubscribeRequest(filter=flt, after_cursor=cursor))
+                resumed = await _collect(call, len(got) - 4)
+                call.cancel()
+                assert [se.cursor for se in resumed] == [se.cursor for se in got[4:]]
+                page = await stub.Query(pb.QueryRequest(filter=flt, after_cursor=cursor, limit=3))
+                assert [se.cursor for se in page.events] == [se.cursor for se in got[4:7]]
+                assert page.more and page.next_cursor == got[6].cursor
+
+    asyncio.run(body())
+
+
+def _chain_head(batch: pb.Batch) -> bytes:
+    from sidecar.export.chain import chain_over
+
+    return chain_over(batch.prev_chain, batch.first_sequence, batch.events)[-1]
+
+
+def test_slow_subscriber_is_disconnected_with_a_resume_cursor(tmp_path: Path) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        async with running(make_config(tmp_path, subscriber_buffer=10)) as server:
+            alice = svid_pair(server.ca, ALICE, timedelta(hours=1))
+            h = host_identity(server.ca, "h7")
+            async with channel(server.port, server.ca, alice) as ch:
+                call = pbg.CollectorStub(ch).Subscribe(pb.SubscribeRequest())
+                await asyncio.sleep(0.2)  # let the subscription register; we do not read
+                big = "x" * 2000
+                prev = CHAIN_SEED
+                for k in range(10):
+                    evs = [ev.Event(time_ns=i, exec=ev.Exec(pid=i, exe=big)) for i in range(100)]
+                    b, prev = _batch(h, 1 + 100 * k, prev, evs)
+                    await _publish(server.port, server.ca, h, [b])
+                received: list[pb.StoredEvent] = []
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    while True:
+                        received.append(_stored(await asyncio.wait_for(call.read(), 10)))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "resume with after_cursor=" in (info.value.details() or "")
+                assert len(received) < 1000
+                last = received[-1].cursor
+                assert f"after_cursor={last}" in (info.value.details() or "")
+
+    asyncio.run(body())
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+
+def test_malformed_and_oversized_batches_are_refused_and_nothing_acked_is_lost(
+    tmp_path: Path,
+) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        cfg = make_config(tmp_path, max_message_bytes=64 * 1024)
+        async with running(cfg) as server:
+            h = host_identity(server.ca, "h8")
+            good, _ = _batch(h, 1, CHAIN_SEED, [connect_event(i) for i in range(5)])
+            assert await _publish(server.port, server.ca, h, [good]) == [0, 5]
+            garbage = pb.Batch(
+                host="h8",
+                first_sequence=6,
+                last_sequence=6,
+                prev_chain=bytes(32),
+                events=[b"\xff\xff\xff"],
+                signature=b"",
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _publish(server.port, server.ca, h, [garbage])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "cannot be decoded" in (info.value.details() or "")
+            other, _ = _batch(host_identity(server.ca, "h9"), 6, CHAIN_SEED, [connect_event(1)])
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _publish(server.port, server.ca, h, [other])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            huge = [ev.Event(time_ns=1, exec=ev.Exec(exe="y" * 100_000))]
+            big, _ = _batch(h, 6, CHAIN_SEED, huge)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _publish(server.port, server.ca, h, [big])
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert stored_sequences(cfg.db_path, "h8") == [1, 2, 3, 4, 5]
+
+    asyncio.run(body())
+
+
+def test_unknown_enum_values_are_stored_and_filterable(tmp_path: Path) -> None:
+    from sidecar.export.chain import CHAIN_SEED
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            h = host_identity(server.ca, "h10")
+            e = connect_event(1, verdict=42)
+            b, _ = _batch(h, 1, CHAIN_SEED, [e, connect_event(2)])
+            assert await _publish(server.port, server.ca, h, [b]) == [0, 2]
+            rows = server.store.query(pb.EventFilter(verdicts=[42]), 0, 10)  # type: ignore[list-item]
+            assert [r.event.sequence for r in rows] == [1]
+            assert rows[0].event.connect.verdict == 42
+
+    asyncio.run(body())
+
+
+def test_exporter_stops_on_a_non_retryable_refusal(tmp_path: Path) -> None:
+    from sidecar.errors import TransportError
+
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            # A valid SVID of the trust domain that is not a host may not publish.
+            svid = server.ca.issue_x509_svid(ALICE, timedelta(hours=1))
+            ident = HostIdentity(
+                "alice", svid.cert_chain_pem(), svid.private_key, roots_pem(server.ca)
+            )
+            exp = exporter_for(tmp_path, server.port, ident)
+            exp.submit(connect_event(1))
+            with pytest.raises(TransportError, match="PERMISSION_DENIED"):
+                await asyncio.wait_for(exp.run(), 10)
+            assert server.store.count() == 0
 
     asyncio.run(body())
