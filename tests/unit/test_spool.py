@@ -1,0 +1,150 @@
+"""The disk spool: sequences, chain, durability, acks and the size cap, on a real folder."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import pytest
+
+from sidecar.api.v1 import event_pb2 as ev
+from sidecar.errors import TransportError
+from sidecar.export.chain import CHAIN_SEED, chain_over
+from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
+from sidecar.export.spool import Spool
+
+
+def _exit(i: int) -> ev.Event:
+    return ev.Event(host="h", time_ns=i, exit=ev.Exit(pid=i))
+
+
+def test_sequences_and_chain_continue_after_reopening(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, 1 << 20)
+    for i in range(5):
+        assert sp.append(_exit(i)) == i + 1
+    sp.close()
+    sp = Spool(tmp_path, 1 << 20)
+    assert sp.append(_exit(5)) == 6
+    sp.sync()
+    prev, recs = sp.read(0, 100, 1 << 20)
+    assert prev == CHAIN_SEED
+    assert [r.sequence for r in recs] == [1, 2, 3, 4, 5, 6]
+    assert [r.chain for r in recs] == chain_over(CHAIN_SEED, 1, [r.payload for r in recs])
+
+
+def test_only_fsynced_records_are_handed_to_the_sender(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, 1 << 20)
+    sp.append(_exit(1))
+    assert sp.read(0, 10, 1 << 20)[1] == []
+    sp.sync()
+    assert [r.sequence for r in sp.read(0, 10, 1 << 20)[1]] == [1]
+
+
+def test_torn_tail_is_cut_off_and_numbering_resumes_after_the_last_whole_record(
+    tmp_path: Path,
+) -> None:
+    sp = Spool(tmp_path, 1 << 20)
+    for i in range(3):
+        sp.append(_exit(i))
+    sp.close()
+    seg = next(tmp_path.glob("seg-*.spool"))
+    data = seg.read_bytes()
+    seg.write_bytes(data[:-3])  # a crash in the middle of writing record 3
+    sp = Spool(tmp_path, 1 << 20)
+    assert sp.last_sequence == 2
+    assert sp.append(_exit(9)) == 3
+    sp.sync()
+    assert [r.sequence for r in sp.read(0, 10, 1 << 20)[1]] == [1, 2, 3]
+
+
+def test_ack_cursor_persists_and_frees_whole_segments(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, 1 << 20, segment_bytes=1024)
+    for i in range(100):
+        sp.append(_exit(i))
+    sp.sync()
+    segments = len(list(tmp_path.glob("seg-*.spool")))
+    assert segments > 3
+    sp.ack(90)
+    assert len(list(tmp_path.glob("seg-*.spool"))) < segments
+    sp.close()
+    sp = Spool(tmp_path, 1 << 20, segment_bytes=1024)
+    assert sp.acked == 90
+    assert [r.sequence for r in sp.read(sp.acked, 100, 1 << 20)[1]] == list(range(91, 101))
+    # Everything acknowledged: numbering still continues after a restart.
+    sp.ack(100)
+    sp.close()
+    assert Spool(tmp_path, 1 << 20, segment_bytes=1024).append(_exit(0)) == 101
+
+
+def test_full_spool_drops_oldest_and_counts_them_by_kind(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, 8192, segment_bytes=1024)
+    for i in range(400):
+        e = _exit(i) if i % 2 else ev.Event(host="h", exec=ev.Exec(pid=i, exe="/bin/true"))
+        sp.append(e)
+    sp.sync()
+    dropped = sp.take_dropped()
+    assert dropped is not None
+    assert sp.size_bytes() <= 8192
+    prev, recs = sp.read(0, 1000, 1 << 20)
+    first_kept = recs[0].sequence
+    assert dropped.first_sequence == 1 and dropped.last_sequence == first_kept - 1
+    assert dropped.count == first_kept - 1
+    assert dropped.kinds["exec"] == len(range(0, first_kept - 1, 2))
+    assert dropped.kinds["exec"] + dropped.kinds["exit"] == first_kept - 1
+    assert [r.sequence for r in recs] == list(range(first_kept, 401))
+    assert chain_over(prev, first_kept, [r.payload for r in recs]) == [r.chain for r in recs]
+    assert sp.take_dropped() is None
+
+
+def test_a_spool_cap_below_the_minimum_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TransportError, match="below the minimum"):
+        Spool(tmp_path, 100)
+
+
+def _identity() -> HostIdentity:
+    from sidecar.identity.x509 import new_key
+
+    return HostIdentity("h", b"", new_key(), b"")
+
+
+def test_submit_never_blocks_and_counts_drops_by_kind_and_reason(tmp_path: Path) -> None:
+    cfg = ExporterConfig(target="127.0.0.1:1", spool_dir=tmp_path, queue_size=3)
+    exp = Exporter(cfg, _identity)
+    results = [exp.submit(_exit(i)) for i in range(5)]
+    results.append(exp.submit(ev.Event(exec=ev.Exec(pid=1))))
+    assert results == [True, True, True, False, False, False]
+    assert exp.dropped == {("exit", "queue_full"): 2, ("exec", "queue_full"): 1}
+
+
+def test_queue_and_spool_losses_become_one_in_band_report(tmp_path: Path) -> None:
+    cfg = ExporterConfig(
+        target="127.0.0.1:1", spool_dir=tmp_path, queue_size=2, spool_max_bytes=8192
+    )
+    exp = Exporter(cfg, _identity, boot_id="b")
+    exp.spool.segment_bytes = 1024
+    exp.submit(_exit(0))
+    exp.submit(_exit(1))
+    assert not exp.submit(_exit(2))
+    # Drain the queue as the writer thread does, then overflow the spool.
+    while True:
+        try:
+            item = exp._queue.get_nowait()
+        except queue.Empty:
+            break
+        assert isinstance(item, ev.Event)
+        exp._append(item)
+    for i in range(400):
+        exp._append(_exit(i))
+    exp._report_losses()
+    exp.spool.sync()
+    recs = exp.spool.read(0, 1000, 1 << 20)[1]
+    lost = [ev.Event.FromString(r.payload) for r in recs if b"spool_full" in r.payload]
+    assert len(lost) == 1
+    report = lost[0].lost
+    counts = {(c.kind, c.reason): c.count for c in report.counts}
+    assert counts[("exit", "queue_full")] == 1
+    assert counts[("exit", "spool_full")] == report.last_sequence - report.first_sequence + 1
+    assert report.first_sequence == 1
+    assert recs[0].sequence == report.last_sequence + 1
+    assert lost[0].host == "h" and lost[0].boot_id == "b"
+    exp.spool.close()
