@@ -129,7 +129,7 @@ def test_daemon_runs_in_host_pid_namespace_without_privileged_mode() -> None:
     spec = pod_spec("DaemonSet", "sidecar-daemon")
     daemon = container("DaemonSet", "sidecar-daemon")
     assert spec["hostPID"] is True
-    assert daemon["command"] == ["sidecar", "run", "--config", "/etc/sidecar/config.yaml"]
+    assert daemon["command"][:2] == ["sidecar", "run"]
     security = daemon["securityContext"]
     assert security["privileged"] is False
     assert security["allowPrivilegeEscalation"] is False
@@ -164,26 +164,35 @@ def test_daemon_mounts_the_host_paths_it_needs_and_only_writes_its_own() -> None
     }
 
 
-def test_policy_and_entries_reach_the_daemon_in_a_way_that_hot_reloads() -> None:
-    spec = pod_spec("DaemonSet", "sidecar-daemon")
-    (config_mount,) = [
+def mounted_configmap(mount_path: str) -> tuple[Obj, Obj]:
+    """(volumeMount, ConfigMap) of the daemon's volume mounted at ``mount_path``."""
+    (mount,) = [
         m
         for m in container("DaemonSet", "sidecar-daemon")["volumeMounts"]
-        if m["mountPath"] == "/etc/sidecar"
+        if m["mountPath"] == mount_path
     ]
+    (volume,) = [
+        v for v in pod_spec("DaemonSet", "sidecar-daemon")["volumes"] if v["name"] == mount["name"]
+    ]
+    return mount, find("ConfigMap", volume["configMap"]["name"])
+
+
+def test_policy_and_entries_reach_the_daemon_in_a_way_that_hot_reloads() -> None:
+    mount, policy = mounted_configmap("/etc/sidecar")
     # subPath mounts are never updated by the kubelet: the change would not arrive.
-    assert "subPath" not in config_mount
-    (volume,) = [v for v in spec["volumes"] if v["name"] == config_mount["name"]]
-    sources = [s["configMap"]["name"] for s in volume["projected"]["sources"]]
-    policy = generated("sidecar-policy")
-    settings = generated("sidecar-config")
+    assert "subPath" not in mount
+    assert mount["readOnly"] is True
     # Fixed name: edits update the same object, so the mounted files change in place.
     assert policy["metadata"]["name"] == "sidecar-policy"
     assert set(policy["data"]) == {"policy.yaml", "entries.yaml"}
-    # Hashed name: a settings change rolls the pods, which read settings once.
-    assert settings["metadata"]["name"] != "sidecar-config"
+
+
+def test_daemon_settings_come_from_a_hashed_configmap_that_rolls_the_pods() -> None:
+    mount, settings = mounted_configmap("/etc/sidecar-config")
+    assert settings["metadata"]["name"].startswith("sidecar-config-")
     assert set(settings["data"]) == {"config.yaml"}
-    assert sources == [settings["metadata"]["name"], "sidecar-policy"]
+    command = container("DaemonSet", "sidecar-daemon")["command"]
+    assert command[command.index("--config") + 1] == f"{mount['mountPath']}/config.yaml"
 
 
 def test_collector_keeps_its_store_on_the_claim_and_service_selects_its_pods() -> None:
