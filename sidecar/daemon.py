@@ -34,7 +34,6 @@ from sidecar.proctable import (
     read_argv,
     read_cgroup,
     read_exe,
-    read_start_time,
     read_status_ids,
 )
 
@@ -86,7 +85,9 @@ class CgroupNames:
     def name(self, cgroup_id: int) -> str:
         if cgroup_id not in self._cache:
             self._rescan()
-        return self._cache.get(cgroup_id, "")
+            # cgroup ids are never reused, so an unknown one stays unknown.
+            self._cache.setdefault(cgroup_id, "")
+        return self._cache[cgroup_id]
 
     def _rescan(self) -> None:
         for dirpath, _dirs, _files in os.walk(self.scope):
@@ -115,6 +116,7 @@ class Daemon:
         self.scope_rel = "/"
         self._cgroups: CgroupNames | None = None
         self.started_ns = 0
+        self._realpaths: dict[str, str] = {}
 
     # -- start-up ------------------------------------------------------------------
 
@@ -171,13 +173,12 @@ class Daemon:
             if cg is None or not self._in_scope_path(cg):
                 continue
             ids = read_status_ids(pid)
-            start = read_start_time(pid)
-            if ids is None or start is None:
+            if ids is None:
                 continue
             self.table.add(
                 Process(
                     pid=pid,
-                    start=start,
+                    start_ns=time.monotonic_ns(),
                     ppid=ids[0],
                     uid=ids[1],
                     gid=ids[2],
@@ -319,28 +320,37 @@ class Daemon:
         ids = read_status_ids(ev.task.pid)
         return ids[0] if ids else 0
 
+    def _exe(self, pid: int, filename: str) -> str:
+        """The executable's canonical path, without a /proc read when the name is absolute."""
+        if not filename.startswith("/"):
+            return read_exe(pid) or filename
+        exe = self._realpaths.get(filename)
+        if exe is None:
+            if len(self._realpaths) > 4096:
+                self._realpaths.clear()
+            exe = self._realpaths[filename] = os.path.realpath(filename)
+        return exe
+
     def _on_exec(self, ev: abi.Exec) -> dict[str, Any]:
         pid = ev.task.pid
-        start = read_start_time(pid) or 0
-        old = self.table.get(pid)
-        exe = read_exe(pid) or ev.filename
+        proc = self.table.get(pid)
+        exe = self._exe(pid, ev.filename)
         argv = ev.argv if not ev.args_missing else (read_argv(pid) or ())
-        if old is not None and (old.start == start or not start or not old.start):
-            # Same process, new image.
-            old.exe, old.argv, old.exec_count = exe, argv, old.exec_count + 1
-            old.start = old.start or start
-            proc = old
+        if proc is not None:
+            # The same process (no exit seen since its fork), with a new image.
+            proc.exe, proc.argv, proc.exec_count = exe, argv, proc.exec_count + 1
         else:
+            assert self._cgroups is not None
             proc = self.table.add(
                 Process(
                     pid=pid,
-                    start=start,
+                    start_ns=ev.ts_ns,
                     ppid=self._ppid(ev),
                     uid=ev.task.uid,
                     gid=ev.task.gid,
                     exe=exe,
                     argv=argv,
-                    cgroup=self._cgroup(pid, ev.task.cgroup_id),
+                    cgroup=self._cgroups.name(ev.task.cgroup_id) or self._cgroup(pid, 0),
                     exec_count=1,
                 )
             )
@@ -353,16 +363,17 @@ class Daemon:
     def _on_fork(self, ev: abi.Fork) -> dict[str, Any]:
         parent = self.table.get(ev.task.pid)
         child = ev.child_pid
+        assert self._cgroups is not None
         proc = self.table.add(
             Process(
                 pid=child,
-                start=read_start_time(child) or 0,
+                start_ns=ev.ts_ns,
                 ppid=ev.task.pid,
                 uid=ev.task.uid,
                 gid=ev.task.gid,
                 exe=parent.exe if parent else (read_exe(child) or ""),
                 argv=parent.argv if parent else (read_argv(child) or ()),
-                cgroup=parent.cgroup if parent else self._cgroup(child, ev.task.cgroup_id),
+                cgroup=parent.cgroup if parent else self._cgroups.name(ev.task.cgroup_id),
                 identity=parent.identity if parent else None,
             )
         )

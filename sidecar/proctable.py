@@ -1,10 +1,11 @@
 """The daemon's table of live processes in scope.
 
-Keyed by (pid, start time), so a recycled pid is a new row, never the old
-one.  The start time is the kernel's, in clock ticks since boot, read from
-``/proc/PID/stat``; when the process is already gone by the time its event is
-handled (short-lived tools), the row keeps the kernel's event time instead
-and is still removed at exit.
+One row per live pid, created at the fork (or exec) record that started it
+and removed at its exit record, so a recycled pid is always a new row.  The
+row's ``start_ns`` is the kernel's time of that record (CLOCK_MONOTONIC),
+which costs no /proc read on the hot path; the start time in clock ticks
+that identifies a process instance to the outside is read through a pidfd
+at attestation, where it matters.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 @dataclass
 class Process:
     pid: int
-    start: int  # clock ticks since boot, or 0 when the process was gone before we looked
+    start_ns: int  # kernel time of the record that created the row
     ppid: int
     uid: int
     gid: int

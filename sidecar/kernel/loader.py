@@ -160,7 +160,7 @@ class KernelPrograms:
         module = _make_module_class()
         started = time.monotonic()
         try:
-            self._bpf = module(text=self._source_text(src), cflags=cflags)
+            self._bpf = module(text=self._source_text(src).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for every failure
             raise KernelError(f"BPF programs failed to compile or load: {exc}") from exc
         self.report.compile_seconds = time.monotonic() - started

@@ -117,7 +117,7 @@ def test_exit_removes_the_process_from_the_table(
         daemon.sink.wait_for(type="exec", pid=child.pid)
         row = daemon.call(lambda: daemon.table.get(child.pid))
         assert row is not None
-        assert row.start > 0
+        assert row.start_ns > 0
         assert row.exe == os.path.realpath("/bin/sleep")
         assert row.argv == ("/bin/sleep", "30")
     finally:

@@ -1,0 +1,196 @@
+"""Kernel pipeline under an exec storm, against the same storm without the daemon.
+
+Measures, in one run on this machine:
+- the storm's exec rate without the daemon (baseline) and with it, and their ratio;
+- exec events received / execs performed, and the kernel's lost counter;
+- the daemon's CPU share and peak RSS during the storm;
+- start-up time from launch to programs attached (READY=1 on NOTIFY_SOCKET).
+
+Usage: benchmarks/bench_pipeline.py [--seconds 30] [--loops 2]
+Needs root; works in a scratch cgroup and pin directory it removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sidecar.kernel.checks import cgroup2_root  # noqa: E402
+from sidecar.kernel.loader import uninstall  # noqa: E402
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def build_storm(tmp: Path) -> Path:
+    exe = tmp / "storm"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(REPO / "benchmarks" / "storm.c")], check=True)
+    return exe
+
+
+def move_into(cgroup: Path):  # type: ignore[no-untyped-def]
+    procs = str(cgroup / "cgroup.procs")
+
+    def _move() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        os.write(fd, b"0")
+        os.close(fd)
+
+    return _move
+
+
+def run_storm(storm: Path, cgroup: Path, seconds: float, loops: int) -> tuple[int, float]:
+    """Run ``loops`` storms in parallel; returns (execs, wall seconds)."""
+    began = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [str(storm), str(seconds), "/bin/true"],
+            stdout=subprocess.PIPE,
+            preexec_fn=move_into(cgroup),
+        )
+        for _ in range(loops)
+    ]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 60)
+        if p.returncode != 0:
+            raise SystemExit(f"storm failed with {p.returncode}")
+        total += int(out)
+    return total, time.monotonic() - began
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def start_daemon(tmp: Path, cgroup: Path, pin_dir: Path, output: Path) -> tuple[subprocess.Popen[bytes], float]:
+    cfg = tmp / "config.yaml"
+    cfg.write_text(
+        "apiVersion: sidecar/v1\nkind: DaemonConfig\n"
+        f"bpf:\n  pinDir: {pin_dir}\n  detachOnExit: true\n  ringbufPages: 1024\n"
+    )
+    notify_path = tmp / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
+    began = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar.cli", "run", "--config", str(cfg),
+         "--cgroup", str(cgroup), "--output", str(output)],
+        env=env,
+        stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115
+    )
+    while True:
+        msg = notify.recv(4096).decode()
+        if "READY=1" in msg.split("\n"):
+            break
+    startup = time.monotonic() - began
+    notify.close()
+    return proc, startup
+
+
+def count_events(output: Path, storm_pids: set[int] | None = None) -> tuple[int, int]:
+    """(exec events of /bin/true, lost records reported in-band)."""
+    execs = lost = 0
+    with output.open() as fh:
+        for line in fh:
+            ev = json.loads(line)
+            if ev["type"] == "exec" and ev.get("filename") == "/bin/true":
+                execs += 1
+            elif ev["type"] == "lost":
+                lost += sum(ev["counts"].values())
+    return execs, lost
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+
+    tag = uuid.uuid4().hex[:8]
+    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
+    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
+    cgroup.mkdir()
+    daemon = None
+    try:
+        with tempfile.TemporaryDirectory() as tmpname:
+            tmp = Path(tmpname)
+            storm = build_storm(tmp)
+            base_n, base_t = run_storm(storm, cgroup, args.seconds, args.loops)
+            base_rate = base_n / base_t
+
+            output = tmp / "events.jsonl"
+            daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
+            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+            n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+            # Let the daemon drain what the storm produced.
+            received = lost = 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
+                got, lost = count_events(output)
+                if got == received and got > 0:
+                    break
+                received = got
+            cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+            rss = peak_rss_kib(daemon.pid)
+            received, lost = count_events(output)
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            daemon = None
+
+            rate = n / t
+            figures = {
+                "storm_seconds": args.seconds,
+                "loops": args.loops,
+                "baseline_exec_per_s": round(base_rate, 1),
+                "with_daemon_exec_per_s": round(rate, 1),
+                "rate_ratio_with_over_without": round(rate / base_rate, 4),
+                "execs_performed": n,
+                "exec_events_received": received,
+                "received_over_performed": round(received / n, 4) if n else 0.0,
+                "kernel_lost_records": lost,
+                "daemon_cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 3),
+                "daemon_peak_rss_mib": round(rss / 1024, 1),
+                "startup_seconds_to_attached": round(startup, 2),
+            }
+    finally:
+        if daemon is not None:
+            daemon.kill()
+            daemon.wait()
+        uninstall(pin_dir)
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+    print("exec storm (bench_pipeline)")
+    for k, v in figures.items():
+        print(f"  {k:34} {v}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
