@@ -4,13 +4,14 @@ Every request is authorised afresh: the ``workload.spiffe.io: true`` header must
 present (else INVALID_ARGUMENT, as the Workload Endpoint spec demands), and the
 resolver must map the calling process (from :mod:`sidecar.identity.peercred`) to a
 workload instance, else PERMISSION_DENIED and nothing else, not even bundles.  Streams
-re-resolve before every message, so a process that execs into something else loses
-its identity on the next push, and they end with PERMISSION_DENIED when the
-instance's credentials are revoked.
+re-resolve before every message and every ``recheck_interval`` seconds, so a process
+that execs into something else loses its stream soon, and they end with
+PERMISSION_DENIED when the instance's credentials are revoked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -59,11 +60,16 @@ class CallerResolver(Protocol):
 
 class _Servicer(pb_grpc.SpiffeWorkloadAPIServicer):
     def __init__(
-        self, manager: CredentialManager, resolver: CallerResolver, front: PeerCredFront
+        self,
+        manager: CredentialManager,
+        resolver: CallerResolver,
+        front: PeerCredFront,
+        recheck_interval: float,
     ) -> None:
         self._manager = manager
         self._resolver = resolver
         self._front = front
+        self._recheck = recheck_interval
 
     # ---- X509-SVID profile --------------------------------------------------------
 
@@ -72,11 +78,7 @@ class _Servicer(pb_grpc.SpiffeWorkloadAPIServicer):
     ) -> AsyncIterator[pb.X509SVIDResponse]:
         instance = await self._authorize(context)
         await self._ensure_issued(instance, context)
-        async for svid in self._manager.watch(instance.instance_id):
-            if svid is None:
-                await _deny(context, "credentials revoked")
-            if await self._authorize(context) != instance:
-                await _deny(context, "caller is no longer this workload")
+        async for svid in self._authorized_watch(instance, context):
             yield self._x509_response(svid)
 
     async def FetchX509Bundles(
@@ -160,11 +162,40 @@ class _Servicer(pb_grpc.SpiffeWorkloadAPIServicer):
 
     async def _until_revoked(self, instance: WorkloadInstance, context: Context) -> None:
         """Hold a bundle stream open; end it with PERMISSION_DENIED when the caller loses out."""
-        async for svid in self._manager.watch(instance.instance_id):
-            if svid is None:
-                await _deny(context, "credentials revoked")
-            if await self._authorize(context) != instance:
-                await _deny(context, "caller is no longer this workload")
+        async for _ in self._authorized_watch(instance, context):
+            pass
+
+    async def _authorized_watch(
+        self, instance: WorkloadInstance, context: Context
+    ) -> AsyncIterator[X509Svid]:
+        """The instance's SVIDs while the caller still resolves to it.
+
+        The caller is re-resolved before every SVID and every ``recheck_interval``
+        seconds in between, so a process that exec'd into something else loses its
+        stream soon, not only at the next rotation.
+        """
+        updates = self._manager.watch(instance.instance_id)
+        pending: asyncio.Future[X509Svid | None] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(updates))
+                done, _ = await asyncio.wait({pending}, timeout=self._recheck)
+                if await self._authorize(context) != instance:
+                    await _deny(context, "caller is no longer this workload")
+                if not done:
+                    continue
+                svid = pending.result()
+                pending = None
+                if svid is None:
+                    await _deny(context, "credentials revoked")
+                yield svid
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+            await updates.aclose()
 
     def _td_id(self) -> str:
         return f"spiffe://{self._manager.trust_domain}"
@@ -202,8 +233,10 @@ class WorkloadApiServer:
         manager: CredentialManager,
         resolver: CallerResolver,
         private_dir: Path | None = None,
+        recheck_interval: float = 5.0,
     ) -> None:
         self.socket_path = socket_path
+        self._recheck = recheck_interval
         self._manager = manager
         self._resolver = resolver
         self._private_parent = private_dir
@@ -227,7 +260,7 @@ class WorkloadApiServer:
         self._front = PeerCredFront(self.socket_path, upstream)
         server = aio.server()
         pb_grpc.add_SpiffeWorkloadAPIServicer_to_server(
-            _Servicer(self._manager, self._resolver, self._front), server
+            _Servicer(self._manager, self._resolver, self._front, self._recheck), server
         )
         try:
             server.add_insecure_port(f"unix:{upstream}")

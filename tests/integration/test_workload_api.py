@@ -152,7 +152,7 @@ def short_dir() -> Iterator[Path]:
 
 @asynccontextmanager
 async def harness(
-    directory: Path, ca: CertificateAuthority, ttl: float = 60.0
+    directory: Path, ca: CertificateAuthority, ttl: float = 60.0, recheck: float = 60.0
 ) -> AsyncIterator[Harness]:
     events: list[tuple[str, str, SpiffeId, int, datetime]] = []
 
@@ -161,7 +161,9 @@ async def harness(
 
     manager = CredentialManager(ca, JwtAuthority(TD), ttl=timedelta(seconds=ttl), on_event=record)
     resolver = Resolver()
-    server = WorkloadApiServer(directory / "api" / "public.sock", manager, resolver, directory)
+    server = WorkloadApiServer(
+        directory / "api" / "public.sock", manager, resolver, directory, recheck_interval=recheck
+    )
     await server.start()
     channel = aio.insecure_channel(f"unix:{server.socket_path}")
     try:
@@ -404,6 +406,23 @@ def test_a_stream_ends_when_the_resolver_stops_recognising_the_caller(
             h.resolver.allowed.clear()  # e.g. the process exec'd into another binary
             with pytest.raises(aio.AioRpcError) as info:
                 await _next_svid(stream)
+            return info.value.code()
+
+    assert asyncio.run(scenario()) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_bundle_stream_ends_between_rotations_when_the_caller_loses_its_identity(
+    short_dir: Path, root_ca: CertificateAuthority
+) -> None:
+    async def scenario() -> grpc.StatusCode:
+        async with harness(short_dir, root_ca, ttl=600, recheck=0.2) as h:
+            h.allow_me()
+            stream = h.stub.FetchX509Bundles(pb.X509BundlesRequest(), metadata=HEADER)
+            first = await asyncio.wait_for(stream.read(), GUARD)
+            assert isinstance(first, pb.X509BundlesResponse)
+            h.resolver.allowed.clear()  # no rotation is due for minutes
+            with pytest.raises(aio.AioRpcError) as info:
+                await asyncio.wait_for(stream.read(), GUARD)
             return info.value.code()
 
     assert asyncio.run(scenario()) == grpc.StatusCode.PERMISSION_DENIED
