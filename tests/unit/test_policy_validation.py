@@ -1,0 +1,431 @@
+"""Policy validation: every bad input is a PolicyError naming file, line and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sidecar.errors import PolicyError
+from sidecar.policy import load_policy, load_policy_text
+from sidecar.policy.model import MAX_CIDRS_TOTAL, MAX_FILE_BYTES
+
+HEADER = "apiVersion: sidecar/v1\nkind: Policy\n"
+
+
+def policy_text(body: str) -> str:
+    return HEADER + textwrap.dedent(body)
+
+
+def error_of(text: str, source: str = "p.yaml") -> str:
+    with pytest.raises(PolicyError) as info:
+        load_policy_text(text, source)
+    return str(info.value)
+
+
+GOOD_IDENTITY = """\
+identities:
+  - id: spiffe://example.org/agent/a
+    egress:
+      - name: web
+        cidrs: [10.0.0.0/8]
+        ports: [443]
+"""
+
+
+def test_valid_policy_loads_and_reports_a_16_hex_version() -> None:
+    policy = load_policy_text(policy_text(GOOD_IDENTITY))
+    assert len(policy.version) == 16
+    int(policy.version, 16)
+    assert list(policy.identities) == ["spiffe://example.org/agent/a"]
+
+
+def test_example_policy_file_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "policy.yaml"
+    policy = load_policy(example)
+    assert "spiffe://example.org/agent/research-bot" in policy.identities
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # unknown keys, at each level
+        ("colour: blue\n", "p.yaml:3: colour: unknown field"),
+        ("defaults:\n  unidentifed: deny\n", "p.yaml:4: defaults.unidentifed: unknown field"),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egres: []\n",
+            "p.yaml:5: identities[0].egres: unknown field",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        port: [1]\n",
+            "p.yaml:7: identities[0].egress[0].port: unknown field",
+        ),
+        # wrong types
+        ("identities: {}\n", "p.yaml:3: identities: must be a list, not a mapping"),
+        ("defaults:\n  log_allowed: 'yes'\n", "p.yaml:4: defaults.log_allowed: must be true"),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n      - cidrs: 10.0.0.0/8\n",
+            "p.yaml:6: identities[0].egress[0].cidrs: must be a list, not a string",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        ports: [true]\n",
+            "p.yaml:7: identities[0].egress[0].ports[0]: must be a port number",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    exec: /usr/bin/curl\n",
+            "p.yaml:5: identities[0].exec: must be a list, not a string",
+        ),
+        # enumerations
+        ("defaults:\n  unidentified: maybe\n", "p.yaml:4: defaults.unidentified: must be one of"),
+        ("defaults:\n  pending: allow\n", "p.yaml:4: defaults.pending: only 'deny' is accepted"),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    mode: learn\n",
+            "p.yaml:5: identities[0].mode: must be one of enforce, audit",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        protocols: [icmp]\n",
+            "p.yaml:7: identities[0].egress[0].protocols[0]: must be tcp or udp",
+        ),
+        # CIDRs
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8, 10.1.2.3/16]\n",
+            "p.yaml:6: identities[0].egress[0].cidrs[1]: '10.1.2.3/16' has host bits set: "
+            "did you mean 10.1.0.0/16",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: ['2001:db8::1/32']\n",
+            "did you mean 2001:db8::/32",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n      - cidrs: [10.0.0.0/33]\n",
+            "p.yaml:6: identities[0].egress[0].cidrs[0]: '10.0.0.0/33' is not a valid CIDR",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n      - cidrs: [example.org]\n",
+            "is not a valid CIDR",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n      - cidrs: []\n",
+            "p.yaml:6: identities[0].egress[0].cidrs: must list at least one CIDR",
+        ),
+        # ports
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        ports: [0]\n",
+            "p.yaml:7: identities[0].egress[0].ports[0]: port 0 is outside 1-65535",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        ports: [80, 65536]\n",
+            "identities[0].egress[0].ports[1]: port 65536 is outside 1-65535",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        ports: ['9000-8000']\n",
+            "identities[0].egress[0].ports[0]: range '9000-8000' is backwards",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - cidrs: [10.0.0.0/8]\n        ports: ['80-']\n",
+            "is not a port or a 'lo-hi' port range",
+        ),
+        # identities
+        (
+            "identities:\n  - id: spiffe://e.org/a\n  - id: spiffe://e.org/a\n",
+            "p.yaml:5: identities[1].id: duplicate identity 'spiffe://e.org/a' (first at line 4)",
+        ),
+        (
+            "identities:\n  - id: https://e.org/a\n",
+            "p.yaml:4: identities[0].id: SPIFFE ID 'https://e.org/a' must start with 'spiffe://'",
+        ),
+        ("identities:\n  - id: spiffe://E.org/a\n", "identities[0].id: SPIFFE ID"),
+        ("identities:\n  - id: spiffe://e.org\n", "names a trust domain, not a workload"),
+        ("identities:\n  - mode: audit\n", "p.yaml:4: identities[0]: missing required field 'id'"),
+        # rule names
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    egress:\n"
+            "      - {name: web, cidrs: [10.0.0.0/8], ports: [80]}\n"
+            "      - {name: web, cidrs: [10.0.0.0/8], ports: [443]}\n",
+            "p.yaml:7: identities[0].egress[1].name: duplicate rule name 'web'",
+        ),
+        # exec
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    exec: [bin/curl]\n",
+            "identities[0].exec[0]: 'bin/curl' must be an absolute path",
+        ),
+        (
+            "identities:\n  - id: spiffe://e.org/a\n    exec: [/usr/bin/../bin/curl]\n",
+            "did you mean '/usr/bin/curl'",
+        ),
+    ],
+)
+def test_bad_input_names_file_line_and_field(body: str, expected: str) -> None:
+    message = error_of(policy_text(body))
+    assert expected in message, message
+
+
+def test_wrong_api_version_and_kind_are_named() -> None:
+    assert "p.yaml:1: apiVersion: must be 'sidecar/v1'" in error_of(
+        "apiVersion: sidecar/v2\nkind: Policy\n"
+    )
+    assert "p.yaml:2: kind: must be 'Policy'" in error_of("apiVersion: sidecar/v1\nkind: Config\n")
+
+
+def test_overlapping_rules_are_refused_naming_both_rules_and_the_overlap() -> None:
+    text = policy_text(
+        """\
+        identities:
+          - id: spiffe://e.org/a
+            egress:
+              - name: wide
+                cidrs: [10.0.0.0/8]
+                ports: ["400-500"]
+              - name: narrow
+                cidrs: [10.1.0.0/16]
+                ports: [443]
+                protocols: [tcp]
+        """
+    )
+    message = error_of(text)
+    assert message.startswith("p.yaml:9: identities[0].egress[1]: ")
+    assert "'narrow' overlaps rule 'wide' (line 6)" in message
+    assert "10.0.0.0/8 and 10.1.0.0/16 overlap" in message
+    assert "tcp port 443" in message
+
+
+def test_overlap_is_found_across_ipv4_and_ipv4_mapped_spellings() -> None:
+    text = policy_text(
+        """\
+        identities:
+          - id: spiffe://e.org/a
+            egress:
+              - {name: v4, cidrs: [10.0.0.0/8], ports: [443]}
+              - {name: mapped, cidrs: ["::ffff:10.2.0.0/112"], ports: [443]}
+        """
+    )
+    assert "'mapped' overlaps rule 'v4'" in error_of(text)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        "{name: b, cidrs: [10.0.0.0/8], ports: [443], protocols: [udp]}",  # other protocol
+        "{name: b, cidrs: [10.0.0.0/8], ports: [444]}",  # other port
+        "{name: b, cidrs: [11.0.0.0/8], ports: [443]}",  # other addresses
+    ],
+)
+def test_rules_that_differ_in_one_dimension_do_not_overlap(second: str) -> None:
+    text = policy_text(
+        f"""\
+        identities:
+          - id: spiffe://e.org/a
+            egress:
+              - {{name: a, cidrs: [10.0.0.0/8], ports: [443], protocols: [tcp]}}
+              - {second}
+        """
+    )
+    assert load_policy_text(text).identities["spiffe://e.org/a"].rule_names == ("a", "b")
+
+
+def test_same_rules_in_two_identities_are_not_an_overlap() -> None:
+    text = policy_text(
+        """\
+        identities:
+          - {id: spiffe://e.org/a, egress: [{cidrs: [0.0.0.0/0]}]}
+          - {id: spiffe://e.org/b, egress: [{cidrs: [0.0.0.0/0]}]}
+        """
+    )
+    assert len(load_policy_text(text).identities) == 2
+
+
+def test_too_many_port_rules_for_one_prefix_names_identity_and_prefix() -> None:
+    ports = ", ".join(str(1000 + 2 * i) for i in range(7))
+    text = policy_text(
+        f"""\
+        identities:
+          - id: spiffe://e.org/a
+            egress:
+              - {{name: wide, cidrs: [10.0.0.0/8], ports: [{ports}], protocols: [tcp]}}
+              - {{name: a, cidrs: [10.1.0.0/16], ports: [443, 8443], protocols: [tcp]}}
+        """
+    )
+    message = error_of(text)
+    assert message.startswith("p.yaml:4: identities[0]: ")
+    assert "identity 'spiffe://e.org/a': prefix 10.1.0.0/16 would need 9 port rules" in message
+    assert "more than the 8" in message
+
+
+def test_eight_port_rules_for_one_prefix_are_accepted() -> None:
+    ports = ", ".join(str(1000 + 2 * i) for i in range(8))
+    text = policy_text(
+        f"""\
+        identities:
+          - id: spiffe://e.org/a
+            egress: [{{cidrs: [10.0.0.0/8], ports: [{ports}]}}]
+        """
+    )
+    (entry,) = load_policy_text(text).identities["spiffe://e.org/a"].prefixes
+    assert len(entry.rules) == 8
+
+
+def test_file_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    path.write_text(HEADER + "# " + "x" * MAX_FILE_BYTES + "\n")
+    with pytest.raises(PolicyError, match=r"huge.yaml: file is \d+ bytes, larger than"):
+        load_policy(path)
+
+
+def test_more_cidrs_than_the_cap_are_refused() -> None:
+    # Flow style keeps the file under the byte cap while passing the CIDR cap.
+    n = MAX_CIDRS_TOTAL // 2 + 1
+    cidrs = ",".join(f"{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}.0/24" for i in range(n))
+    text = HEADER + (
+        "identities:\n"
+        f"  - {{id: 'spiffe://e.org/a', egress: [{{name: a, ports: [1], cidrs: [{cidrs}]}}]}}\n"
+        f"  - {{id: 'spiffe://e.org/b', egress: [{{name: a, ports: [1], cidrs: [{cidrs}]}}]}}\n"
+    )
+    assert len(text) < MAX_FILE_BYTES
+    assert f"more than {MAX_CIDRS_TOTAL} CIDR entries in total" in error_of(text)
+
+
+def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "absent.yaml")
+
+
+HAND_WRITTEN_CORPUS = [
+    "",
+    "---\n...\n",
+    "[]\n",
+    "just a string\n",
+    "apiVersion: sidecar/v1\nkind: Policy\nidentities: [[[]]]\n",
+    HEADER + "identities:\n  - 42\n",
+    HEADER + "identities:\n  - id: 42\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [7]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [7]}]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [null]}]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: ['10.0.0.0/8%eth0']}]\n",
+    HEADER
+    + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [1.2.3.4], ports: [1.5]}]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [1.2.3.4], ports: []}]\n",
+    HEADER
+    + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [1.2.3.4], ports: [-1]}]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    egress: [{cidrs: [1.2.3.4], name: ''}]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    exec: [null]\n",
+    HEADER + "identities:\n  - id: spiffe://e.org/a\n    exec: ['/bin/sh', '/bin/sh']\n",
+    HEADER + 'identities:\n  - id: spiffe://e.org/a\n    exec: ["/bin/\\0sh"]\n',
+    HEADER + "defaults: []\n",
+    HEADER + "defaults:\n  log_allowed: 1\n",
+    HEADER + "1: 2\n",
+    HEADER + "identities:\n  - {id: spiffe://e.org/a, id: spiffe://e.org/b}\n",
+    HEADER + "identities: !!python/object:os.system {}\n",
+    "\t- bad indentation\n:",
+    "a: &x [1]\nb: *x\n",
+    # the billion laughs: aliases are refused before anything is expanded
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    "b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+    "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+    "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n",
+    "[" * 100_000 + "]" * 100_000,
+    "{a: " * 50_000 + "1" + "}" * 50_000,
+    b"\xff\xfe\x00binary",
+]
+
+
+@pytest.mark.parametrize("text", HAND_WRITTEN_CORPUS)
+def test_malformed_policy_corpus_raises_only_policy_error(text: str | bytes) -> None:
+    with pytest.raises(PolicyError):
+        load_policy_text(text, "corpus.yaml")
+
+
+def test_alias_bomb_is_refused_with_a_line() -> None:
+    bomb = 'a: &a ["lol"]\nb: &b [*a,*a]\n'
+    assert "corpus.yaml:2: invalid YAML: anchors and aliases are not allowed" in error_of(
+        bomb, "corpus.yaml"
+    )
+
+
+# --- generated malformed input ------------------------------------------------
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.sampled_from(
+        ["10.0.0.0/8", "::/0", "443", "1-2", "tcp", "udp", "enforce", "spiffe://e.org/a", "/bin/x"]
+    ),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.sampled_from(
+                ["id", "mode", "egress", "exec", "cidrs", "ports", "protocols", "name", "x"]
+            ),
+            inner,
+            max_size=4,
+        ),
+    ),
+    max_leaves=12,
+)
+rule = st.fixed_dictionaries(
+    {"cidrs": st.one_of(values, st.lists(values, max_size=3))},
+    optional={"ports": values, "protocols": values, "name": values, "extra": values},
+)
+identity = st.fixed_dictionaries(
+    {"id": st.one_of(values, st.sampled_from(["spiffe://e.org/a", "spiffe://e.org/b"]))},
+    optional={
+        "mode": values,
+        "egress": st.one_of(values, st.lists(rule, max_size=3)),
+        "exec": values,
+    },
+)
+documents: st.SearchStrategy[Any] = st.fixed_dictionaries(
+    {"apiVersion": st.sampled_from(["sidecar/v1", "v1"]), "kind": st.just("Policy")},
+    optional={
+        "identities": st.one_of(values, st.lists(identity, max_size=3)),
+        "defaults": st.one_of(
+            values,
+            st.fixed_dictionaries(
+                {}, optional={"unidentified": values, "pending": values, "log_allowed": values}
+            ),
+        ),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents)
+def test_generated_documents_either_load_or_raise_policy_error(doc: Any) -> None:
+    text = yaml.safe_dump(doc)
+    try:
+        policy = load_policy_text(text, "gen.yaml")
+    except PolicyError as exc:
+        assert str(exc).startswith("gen.yaml")
+    else:
+        assert len(policy.version) == 16
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_arbitrary_bytes_either_load_or_raise_policy_error(data: bytes | str) -> None:
+    raw = HEADER.encode() + (data.encode() if isinstance(data, str) else data)
+    try:
+        policy = load_policy_text(raw, "fuzz.yaml")
+    except PolicyError as exc:
+        assert str(exc).startswith("fuzz.yaml")
+    else:
+        assert len(policy.version) == 16
