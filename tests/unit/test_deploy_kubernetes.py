@@ -137,7 +137,6 @@ def test_daemon_runs_in_host_pid_namespace_without_privileged_mode() -> None:
     assert set(security["capabilities"]["add"]) == {
         "BPF",
         "PERFMON",
-        "SYS_ADMIN",
         "NET_ADMIN",
         "SYS_PTRACE",
         "DAC_READ_SEARCH",

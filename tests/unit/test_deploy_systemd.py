@@ -22,7 +22,6 @@ INSTALLED_BINARY = "/opt/sidecar/venv/bin/sidecar"
 DAEMON_CAPABILITIES = {
     "CAP_BPF",
     "CAP_PERFMON",
-    "CAP_SYS_ADMIN",
     "CAP_NET_ADMIN",
     "CAP_SYS_PTRACE",
     "CAP_DAC_READ_SEARCH",
