@@ -48,3 +48,71 @@ static __always_inline void fill_task(struct task_ctx *t, struct proc_state *st)
 	t->ppid = st ? st->ppid : 0;
 	bpf_get_current_comm(&t->comm, sizeof(t->comm));
 }
+
+/*
+ * The policy that governs an identity in generation gen: its own entry, or
+ * the default (identity 0) for identities the policy does not list.  Writes
+ * the identity whose rules apply to *ruled.
+ */
+static __always_inline struct identity_policy *policy_for(u32 gen, u32 identity, u32 *ruled)
+{
+	struct policy_key k = {.gen = gen, .identity = identity};
+	struct identity_policy *p = policies.lookup(&k);
+
+	if (!p) {
+		k.identity = SIDECAR_IDENTITY_NONE;
+		p = policies.lookup(&k);
+	}
+	*ruled = k.identity;
+	return p;
+}
+
+/*
+ * Judge a connection attempt: one LPM lookup by (gen, identity, address),
+ * then a scan of the few port rules stored under the longest prefix.
+ * Reads the generation once, so the whole decision uses one policy.
+ */
+static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, const u8 *addr,
+					u32 *rule, u32 *gen_out, u32 *policy_flags)
+{
+	u32 zero = 0, ruled, i;
+	struct settings *s = settings.lookup(&zero);
+	struct identity_policy *p;
+	struct egress_key k = {};
+	struct egress_rules *r;
+	u8 bit;
+
+	*rule = 0;
+	*gen_out = 0;
+	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
+	if (!s || !(s->flags & SIDECAR_SETTING_POLICY))
+		return SIDECAR_VERDICT_ALLOW;
+	*gen_out = s->policy_gen;
+	p = policy_for(s->policy_gen, identity, &ruled);
+	if (!p)
+		return SIDECAR_VERDICT_ALLOW;
+	*policy_flags = p->flags;
+	if (p->flags & SIDECAR_POLICY_EGRESS_ANY)
+		return SIDECAR_VERDICT_ALLOW;
+
+	k.prefixlen = 64 + 128;
+	k.gen = s->policy_gen;
+	k.identity = ruled;
+	__builtin_memcpy(k.addr, addr, 16);
+	r = egress.lookup(&k);
+	if (r) {
+		bit = protocol == SIDECAR_IPPROTO_UDP ? SIDECAR_PROTO_UDP : SIDECAR_PROTO_TCP;
+#pragma unroll
+		for (i = 0; i < SIDECAR_MAX_PORT_RULES; i++) {
+			struct port_rule *pr = &r->rules[i];
+
+			if (i >= r->count)
+				break;
+			if ((pr->protocols & bit) && port >= pr->port_lo && port <= pr->port_hi) {
+				*rule = pr->rule;
+				return SIDECAR_VERDICT_ALLOW;
+			}
+		}
+	}
+	return (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY : SIDECAR_VERDICT_WOULD_DENY;
+}

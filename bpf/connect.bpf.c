@@ -11,37 +11,48 @@ static __always_inline int report_connect(struct bpf_sock_addr *ctx, u8 hook, u8
 {
 	u32 pid = bpf_get_current_pid_tgid() >> 32;
 	struct proc_state *st = procs.lookup(&pid);
+	u32 identity = st ? st->identity : SIDECAR_IDENTITY_NONE;
+	u8 protocol = ctx->protocol;
+	u16 port = bpf_ntohs((u16)ctx->user_port);
+	u32 rule, gen, flags;
 	struct connect_event *e;
+	u8 addr[16] = {};
+	u8 verdict;
+
+	if (family == SIDECAR_AF_INET) {
+		/* IPv4 as ::ffff:a.b.c.d, so both spellings are one address. */
+		addr[10] = 0xff;
+		addr[11] = 0xff;
+		*(u32 *)&addr[12] = ctx->user_ip4;
+	} else {
+		*(u32 *)&addr[0] = ctx->user_ip6[0];
+		*(u32 *)&addr[4] = ctx->user_ip6[1];
+		*(u32 *)&addr[8] = ctx->user_ip6[2];
+		*(u32 *)&addr[12] = ctx->user_ip6[3];
+	}
+	verdict = judge_connect(identity, protocol, port, addr, &rule, &gen, &flags);
+	if (verdict == SIDECAR_VERDICT_ALLOW && !(flags & SIDECAR_POLICY_LOG_ALLOWED))
+		return 1;
 
 	e = events.ringbuf_reserve(sizeof(struct connect_event));
 	if (!e) {
 		count_lost(SIDECAR_EVENT_CONNECT);
-		return 1;
+		return verdict == SIDECAR_VERDICT_DENY ? 0 : 1;
 	}
 	fill_header(&e->hdr, SIDECAR_EVENT_CONNECT, sizeof(*e));
 	fill_task(&e->task, st);
 	e->family = family;
-	e->protocol = ctx->protocol;
+	e->protocol = protocol;
 	e->hook = hook;
-	e->verdict = SIDECAR_VERDICT_ALLOW;
-	e->dport = bpf_ntohs((u16)ctx->user_port);
+	e->verdict = verdict;
+	e->dport = port;
 	e->pad = 0;
-	e->rule = 0;
-	e->policy_gen = 0;
-	if (family == SIDECAR_AF_INET) {
-		/* IPv4 as ::ffff:a.b.c.d, so both spellings are one address. */
-		__builtin_memset(e->daddr, 0, 10);
-		e->daddr[10] = 0xff;
-		e->daddr[11] = 0xff;
-		*(u32 *)&e->daddr[12] = ctx->user_ip4;
-	} else {
-		*(u32 *)&e->daddr[0] = ctx->user_ip6[0];
-		*(u32 *)&e->daddr[4] = ctx->user_ip6[1];
-		*(u32 *)&e->daddr[8] = ctx->user_ip6[2];
-		*(u32 *)&e->daddr[12] = ctx->user_ip6[3];
-	}
+	e->rule = rule;
+	e->policy_gen = gen;
+	__builtin_memcpy(e->daddr, addr, 16);
 	events.ringbuf_submit(e, 0);
-	return 1;
+	/* 0 makes connect()/sendmsg() fail with EPERM. */
+	return verdict == SIDECAR_VERDICT_DENY ? 0 : 1;
 }
 
 int sidecar_connect4(struct bpf_sock_addr *ctx)

@@ -11,6 +11,7 @@
  *   PIN_DIR        "/sys/fs/bpf/sidecar/v1" (a string literal)
  *   PROCS_MAX      entries of the process map
  *   RINGBUF_PAGES  ring buffer size in pages (a power of two)
+ *   EGRESS_MAX, EXEC_ALLOW_MAX, POLICIES_MAX  policy map sizes (both generations)
  */
 #ifndef SIDECAR_MAPS_H
 #define SIDECAR_MAPS_H
@@ -26,9 +27,19 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
+#ifndef EGRESS_MAX
+#define EGRESS_MAX 262144
+#endif
+#ifndef EXEC_ALLOW_MAX
+#define EXEC_ALLOW_MAX 16384
+#endif
+#ifndef POLICIES_MAX
+#define POLICIES_MAX 4096
+#endif
 
 #define SIDECAR_AF_INET 2
 #define SIDECAR_AF_INET6 10
+#define SIDECAR_IPPROTO_UDP 17
 #define SIDECAR_CLONE_THREAD 0x00010000ULL
 
 /* thread group id -> identity and parent */
@@ -47,7 +58,18 @@ struct scope_table_t scope = {.max_entries = 1};
 /* index 0: struct settings written by the daemon */
 BPF_TABLE_PINNED("array", u32, struct settings, settings, 1, PIN_DIR "/settings");
 
+/* (generation, identity) -> mode and flags; identity 0 holds the default */
+BPF_TABLE_PINNED("hash", struct policy_key, struct identity_policy, policies, POLICIES_MAX,
+		 PIN_DIR "/policies");
+/* (generation, identity, destination prefix) -> the port rules under it */
+BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_rules, egress, EGRESS_MAX,
+		 PIN_DIR "/egress", BPF_F_NO_PREALLOC);
+/* (generation, identity, executable path) -> 1 when the identity may run it */
+BPF_TABLE_PINNED("hash", struct exec_key, u8, exec_allow, EXEC_ALLOW_MAX, PIN_DIR "/exec_allow");
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* per-CPU scratch for exec_key (too big for the stack next to the rest) */
+BPF_PERCPU_ARRAY(exec_key_scratch, struct exec_key, 1);
 /* records that could not be reserved, per CPU, by event type */
 BPF_PERCPU_ARRAY(lost, u64, 8);
 

@@ -63,6 +63,41 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
 	return stash_argv((const char *const *)args->argv);
 }
 
+/*
+ * May this identity run the file it just exec'd?  The kernel knows the path
+ * as the caller spelled it; the policy loader stores every allowed
+ * executable under its canonical path, so a symlink, a relative path or a
+ * script that reaches a file by another name is not on the list and is
+ * refused.  Userspace double-checks /proc/PID/exe of everything let through.
+ */
+static __always_inline u8 judge_exec(u32 identity, void *args, unsigned short loc, u32 *gen_out)
+{
+	u32 zero = 0, ruled;
+	struct settings *s = settings.lookup(&zero);
+	struct identity_policy *p;
+	struct exec_key *k;
+
+	*gen_out = 0;
+	if (!s || !(s->flags & SIDECAR_SETTING_POLICY))
+		return SIDECAR_VERDICT_ALLOW;
+	if (identity == SIDECAR_IDENTITY_NONE || identity == SIDECAR_IDENTITY_PENDING)
+		return SIDECAR_VERDICT_ALLOW;
+	*gen_out = s->policy_gen;
+	p = policy_for(s->policy_gen, identity, &ruled);
+	if (!p || !(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
+		return SIDECAR_VERDICT_ALLOW;
+	k = exec_key_scratch.lookup(&zero);
+	if (!k)
+		return SIDECAR_VERDICT_ALLOW;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->gen = s->policy_gen;
+	k->identity = ruled;
+	bpf_probe_read_kernel_str(k->path, sizeof(k->path), args + loc);
+	if (exec_allow.lookup(k))
+		return SIDECAR_VERDICT_ALLOW;
+	return (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY : SIDECAR_VERDICT_WOULD_DENY;
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
 	u32 pid = bpf_get_current_pid_tgid() >> 32;
@@ -71,7 +106,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct proc_state *st;
 	struct args_stash *stash;
 	struct exec_event *e;
-	unsigned short loc;
+	unsigned short loc = args->data_loc_filename & 0xffff;
+	u32 gen;
+	u8 verdict;
 
 	if (!in_scope())
 		return 0;
@@ -88,6 +125,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if ((settings_flags() & SIDECAR_SETTING_ATTEST) && st->identity == SIDECAR_IDENTITY_NONE)
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
+	verdict = judge_exec(st->identity, args, loc, &gen);
+	if (verdict == SIDECAR_VERDICT_DENY)
+		/* Delivered before the new image runs its first instruction. */
+		bpf_send_signal(9);
+
 	stash = exec_args.lookup(&old_pid);
 	e = events.ringbuf_reserve(sizeof(struct exec_event));
 	if (!e) {
@@ -99,9 +141,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	fill_header(&e->hdr, SIDECAR_EVENT_EXEC, sizeof(*e));
 	fill_task(&e->task, st);
 	e->old_pid = old_pid;
-	e->verdict = SIDECAR_VERDICT_ALLOW;
+	e->policy_gen = gen;
+	e->verdict = verdict;
 	e->pad = 0;
-	loc = args->data_loc_filename & 0xffff;
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
 	if (stash) {

@@ -54,6 +54,17 @@ enum sidecar_hook {
 
 /* Flags of struct settings. */
 #define SIDECAR_SETTING_ATTEST 0x1 /* mark new execs pending until attested */
+#define SIDECAR_SETTING_POLICY 0x2 /* a policy is loaded: judge connects and execs */
+
+/* Flags of struct identity_policy. */
+#define SIDECAR_POLICY_ENFORCE 0x1         /* deny; without it, report would_deny */
+#define SIDECAR_POLICY_EGRESS_ANY 0x2      /* no egress allowlist: every destination */
+#define SIDECAR_POLICY_EXEC_RESTRICTED 0x4 /* only executables in exec_allow */
+#define SIDECAR_POLICY_LOG_ALLOWED 0x8     /* report allowed decisions too */
+
+/* Protocol bits of struct port_rule. */
+#define SIDECAR_PROTO_TCP 0x1
+#define SIDECAR_PROTO_UDP 0x2
 
 /* Flags of exec records. */
 #define SIDECAR_EXEC_ARGS_TRUNCATED 0x1
@@ -83,6 +94,7 @@ struct exec_event {
 	struct task_ctx task;
 	__u32 old_pid;      /* thread that called exec (differs from pid after de-thread) */
 	__u32 flags;        /* SIDECAR_EXEC_* */
+	__u32 policy_gen;   /* policy generation that judged it */
 	__u16 filename_len; /* bytes in filename, including the NUL */
 	__u16 args_len;     /* bytes used in args */
 	__u16 args_count;   /* arguments read */
@@ -126,8 +138,51 @@ struct proc_state {
 
 /* Daemon-written settings, one entry at index 0. */
 struct settings {
-	__u32 flags; /* SIDECAR_SETTING_* */
+	__u32 flags;      /* SIDECAR_SETTING_* */
+	__u32 policy_gen; /* generation of the policy maps in force (0 or 1) */
+};
+
+/*
+ * Policy maps.  Every key carries a generation: a reload writes the other
+ * generation whole, then flips settings.policy_gen, so a decision reads one
+ * generation from start to end and never a mix of two policies.
+ */
+struct policy_key {
+	__u32 gen;
+	__u32 identity; /* SIDECAR_IDENTITY_NONE holds the default for the unlisted */
+};
+
+struct identity_policy {
+	__u32 flags; /* SIDECAR_POLICY_* */
 	__u32 pad;
+};
+
+/* LPM trie key: prefixlen counts bits from gen on (64 + address prefix). */
+struct egress_key {
+	__u32 prefixlen;
+	__u32 gen;
+	__u32 identity;
+	__u8 addr[16]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
+};
+
+struct port_rule {
+	__u16 port_lo;
+	__u16 port_hi;
+	__u8 protocols; /* SIDECAR_PROTO_* */
+	__u8 pad;
+	__u16 rule; /* rule index + 1 */
+};
+
+/* Every rule of an identity that covers the addresses under one prefix. */
+struct egress_rules {
+	__u32 count;
+	struct port_rule rules[SIDECAR_MAX_PORT_RULES];
+};
+
+struct exec_key {
+	__u32 gen;
+	__u32 identity;
+	char path[SIDECAR_FILENAME_LEN]; /* NUL-padded */
 };
 
 #endif /* SIDECAR_EVENTS_H */

@@ -24,6 +24,15 @@ IDENTITY_NONE = 0
 IDENTITY_PENDING = 0xFFFFFFFF
 
 SETTING_ATTEST = 0x1
+SETTING_POLICY = 0x2
+
+POLICY_ENFORCE = 0x1
+POLICY_EGRESS_ANY = 0x2
+POLICY_EXEC_RESTRICTED = 0x4
+POLICY_LOG_ALLOWED = 0x8
+
+PROTO_TCP = 0x1
+PROTO_UDP = 0x2
 
 EXEC_ARGS_TRUNCATED = 0x1
 EXEC_NO_ARGS = 0x2
@@ -82,6 +91,7 @@ class ExecEvent(ctypes.Structure):
         ("task", TaskCtx),
         ("old_pid", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("policy_gen", ctypes.c_uint32),
         ("filename_len", ctypes.c_uint16),
         ("args_len", ctypes.c_uint16),
         ("args_count", ctypes.c_uint16),
@@ -126,7 +136,46 @@ class ProcState(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
+    _fields_ = (("flags", ctypes.c_uint32), ("policy_gen", ctypes.c_uint32))
+
+
+class PolicyKey(ctypes.Structure):
+    _fields_ = (("gen", ctypes.c_uint32), ("identity", ctypes.c_uint32))
+
+
+class IdentityPolicy(ctypes.Structure):
     _fields_ = (("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+
+
+class EgressKey(ctypes.Structure):
+    _fields_ = (
+        ("prefixlen", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
+    )
+
+
+class PortRule(ctypes.Structure):
+    _fields_ = (
+        ("port_lo", ctypes.c_uint16),
+        ("port_hi", ctypes.c_uint16),
+        ("protocols", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+        ("rule", ctypes.c_uint16),
+    )
+
+
+class EgressRules(ctypes.Structure):
+    _fields_ = (("count", ctypes.c_uint32), ("rules", PortRule * MAX_PORT_RULES))
+
+
+class ExecKey(ctypes.Structure):
+    _fields_ = (
+        ("gen", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("path", ctypes.c_char * FILENAME_LEN),
+    )
 
 
 # Every mirrored struct, by its C name, for the layout test.
@@ -139,6 +188,12 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "connect_event": ConnectEvent,
     "proc_state": ProcState,
     "settings": Settings,
+    "policy_key": PolicyKey,
+    "identity_policy": IdentityPolicy,
+    "egress_key": EgressKey,
+    "port_rule": PortRule,
+    "egress_rules": EgressRules,
+    "exec_key": ExecKey,
 }
 
 
@@ -162,6 +217,7 @@ class Task:
 class Exec:
     ts_ns: int
     task: Task
+    policy_gen: int
     filename: str
     argv: tuple[str, ...]
     args_truncated: bool
@@ -259,6 +315,7 @@ def _convert(hdr: EventHeader, rec: ctypes.Structure) -> KernelEvent:
         return Exec(
             ts_ns=hdr.ts_ns,
             task=task,
+            policy_gen=rec.policy_gen,
             filename=_text(rec.filename),
             argv=argv,
             args_truncated=bool(rec.flags & EXEC_ARGS_TRUNCATED),

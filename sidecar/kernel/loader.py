@@ -55,7 +55,7 @@ CGROUP_HOOKS = (
     ("sendmsg4", "sidecar_sendmsg4", libbpf.ATTACH_CGROUP_UDP4_SENDMSG),
     ("sendmsg6", "sidecar_sendmsg6", libbpf.ATTACH_CGROUP_UDP6_SENDMSG),
 )
-PINNED_MAPS = ("procs", "scope", "settings")
+PINNED_MAPS = ("procs", "scope", "settings", "policies", "egress", "exec_allow")
 
 
 def bpf_source_dir() -> Path:
@@ -180,10 +180,64 @@ class KernelPrograms:
         finally:
             os.close(fd)
 
-    def set_settings(self, *, attest: bool) -> None:
+    def settings(self) -> tuple[int, int]:
+        """(flags, policy generation) the kernel judges with now."""
         table = self._table("settings")
-        flags = abi.SETTING_ATTEST if attest else 0
-        table[table.Key(0)] = table.Leaf(flags, 0)
+        leaf = table[table.Key(0)]
+        return int(leaf.flags), int(leaf.policy_gen)
+
+    def set_settings(self, *, attest: bool | None = None, policy_gen: int | None = None) -> None:
+        """Change settings; ``policy_gen`` also marks a policy as loaded (one atomic write)."""
+        table = self._table("settings")
+        flags, gen = self.settings()
+        if attest is not None:
+            flags = flags | abi.SETTING_ATTEST if attest else flags & ~abi.SETTING_ATTEST
+        if policy_gen is not None:
+            flags |= abi.SETTING_POLICY
+            gen = policy_gen
+        table[table.Key(0)] = table.Leaf(flags, gen)
+
+    # -- policy maps ---------------------------------------------------------------
+
+    def write_policies(self, entries: list[tuple[abi.PolicyKey, abi.IdentityPolicy]]) -> None:
+        self._write("policies", entries)
+
+    def write_egress(self, entries: list[tuple[abi.EgressKey, abi.EgressRules]]) -> None:
+        self._write("egress", entries)
+
+    def write_exec_allow(self, keys: list[abi.ExecKey]) -> None:
+        self._write("exec_allow", [(k, ctypes.c_uint8(1)) for k in keys])
+
+    def _write(self, name: str, entries: list[tuple[Any, Any]]) -> None:
+        table = self._table(name)
+        key_t, leaf_t = table.Key, table.Leaf
+        try:
+            for key, leaf in entries:
+                table[key_t.from_buffer_copy(key)] = leaf_t.from_buffer_copy(leaf)
+        except Exception as exc:  # bcc raises bare Exception on a full map
+            raise KernelError(f"cannot write the {name} map: {exc}") from exc
+
+    def delete_generation(self, gen: int) -> int:
+        """Remove every policy entry of one generation; returns how many."""
+        removed = 0
+        for name, key_t in (
+            ("policies", abi.PolicyKey),
+            ("egress", abi.EgressKey),
+            ("exec_allow", abi.ExecKey),
+        ):
+            table = self._table(name)
+            doomed = [k for k in table if key_t.from_buffer_copy(k).gen == gen]
+            for k in doomed:
+                with suppress(KeyError):
+                    del table[k]
+            removed += len(doomed)
+        return removed
+
+    def clear_policy(self) -> None:
+        """Stop judging: no policy loaded (programs observe only)."""
+        table = self._table("settings")
+        flags, gen = self.settings()
+        table[table.Key(0)] = table.Leaf(flags & ~abi.SETTING_POLICY, gen)
 
     def _table(self, name: str) -> Any:
         return self._bpf[name.encode()]

@@ -46,6 +46,14 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_VERDICT_WOULD_DENY",
         "SIDECAR_HOOK_CONNECT4",
         "SIDECAR_HOOK_SENDMSG6",
+        "SIDECAR_SETTING_POLICY",
+        "SIDECAR_POLICY_ENFORCE",
+        "SIDECAR_POLICY_EGRESS_ANY",
+        "SIDECAR_POLICY_EXEC_RESTRICTED",
+        "SIDECAR_POLICY_LOG_ALLOWED",
+        "SIDECAR_PROTO_TCP",
+        "SIDECAR_PROTO_UDP",
+        "SIDECAR_MAX_PORT_RULES",
     ):
         lines.append(f'printf("{name} %llu\\n", (unsigned long long){name});')
     lines.append("return 0; }")
@@ -91,6 +99,14 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
         assert c_layout[f"SIDECAR_VERDICT_{v.name}"] == v.value
     assert c_layout["SIDECAR_HOOK_CONNECT4"] == abi.Hook.CONNECT4
     assert c_layout["SIDECAR_HOOK_SENDMSG6"] == abi.Hook.SENDMSG6
+    assert c_layout["SIDECAR_SETTING_POLICY"] == abi.SETTING_POLICY
+    assert c_layout["SIDECAR_POLICY_ENFORCE"] == abi.POLICY_ENFORCE
+    assert c_layout["SIDECAR_POLICY_EGRESS_ANY"] == abi.POLICY_EGRESS_ANY
+    assert c_layout["SIDECAR_POLICY_EXEC_RESTRICTED"] == abi.POLICY_EXEC_RESTRICTED
+    assert c_layout["SIDECAR_POLICY_LOG_ALLOWED"] == abi.POLICY_LOG_ALLOWED
+    assert c_layout["SIDECAR_PROTO_TCP"] == abi.PROTO_TCP
+    assert c_layout["SIDECAR_PROTO_UDP"] == abi.PROTO_UDP
+    assert c_layout["SIDECAR_MAX_PORT_RULES"] == abi.MAX_PORT_RULES
 
 
 def _connect_record(**over: int) -> bytes:

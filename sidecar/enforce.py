@@ -1,0 +1,237 @@
+"""From a compiled policy to the kernel's policy maps, swapped in atomically.
+
+The kernel programs judge from three pinned maps whose keys all carry a
+generation (0 or 1).  A load writes the generation not in force, completely,
+then flips ``settings.policy_gen`` with one map write; every decision reads
+the generation once, so no connect or exec is ever judged by a mix of two
+policies.  The old generation is deleted only after a grace period far
+longer than any program run, so a decision that started just before the
+flip still finds its entries.
+
+Identity numbers in the maps are derived from the SPIFFE ID alone (a hash),
+so a restarted daemon, or the kernel after the daemon died, agrees on them
+without any saved state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from sidecar.errors import PolicyError
+from sidecar.kernel import abi
+from sidecar.policy import CompiledIdentity, CompiledPolicy
+
+_logger = logging.getLogger(__name__)
+
+GRACE_SECONDS = 0.05  # a BPF program runs for microseconds
+
+
+def identity_number(spiffe_id: str) -> int:
+    """Stable number of an identity in kernel maps (never 0 or the pending marker)."""
+    digest = hashlib.sha256(spiffe_id.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % (abi.IDENTITY_PENDING - 1) + 1
+
+
+class IdentityNumbers:
+    """SPIFFE ID <-> kernel number, with collisions refused."""
+
+    def __init__(self) -> None:
+        self._by_number: dict[int, str] = {}
+
+    def number(self, spiffe_id: str) -> int:
+        n = identity_number(spiffe_id)
+        other = self._by_number.setdefault(n, spiffe_id)
+        if other != spiffe_id:
+            raise PolicyError(
+                f"identities {other} and {spiffe_id} hash to the same kernel number {n}; "
+                "rename one of them"
+            )
+        return n
+
+    def name(self, number: int) -> str | None:
+        if number == abi.IDENTITY_PENDING:
+            return None
+        return self._by_number.get(number)
+
+
+class PolicyMaps(Protocol):
+    """What the enforcer needs of the loaded programs (KernelPrograms has it)."""
+
+    def settings(self) -> tuple[int, int]: ...
+    def set_settings(
+        self, *, attest: bool | None = None, policy_gen: int | None = None
+    ) -> None: ...
+    def write_policies(self, entries: list[tuple[abi.PolicyKey, abi.IdentityPolicy]]) -> None: ...
+    def write_egress(self, entries: list[tuple[abi.EgressKey, abi.EgressRules]]) -> None: ...
+    def write_exec_allow(self, keys: list[abi.ExecKey]) -> None: ...
+    def delete_generation(self, gen: int) -> int: ...
+    def clear_policy(self) -> None: ...
+
+
+def exec_aliases(path: str, root: Path = Path("/")) -> set[str]:
+    """Every spelling under which the kernel may report ``path`` without a user symlink.
+
+    The path as written, its canonical form, and the forms through top-level
+    directory symlinks of the system (``/bin`` -> ``usr/bin`` on merged-/usr
+    systems).  Symlinks elsewhere are deliberately not followed backwards: a
+    link an agent made is a different name, and is refused.
+    """
+    names = {path, os.path.realpath(path)}
+    real = os.path.realpath(path)
+    try:
+        tops = list(root.iterdir())
+    except OSError:
+        tops = []
+    for top in tops:
+        if not top.is_symlink():
+            continue
+        target = os.path.realpath(top)
+        if real.startswith(target + "/"):
+            names.add(str(top) + real[len(target) :])
+    return names
+
+
+@dataclass
+class Generation:
+    """What was written into one generation."""
+
+    gen: int
+    version: str
+    policy: CompiledPolicy | None = None
+    entries: int = 0
+    # identity number -> (dev, inode) of each executable it may run
+    exec_files: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class MapEntries:
+    policies: list[tuple[abi.PolicyKey, abi.IdentityPolicy]] = field(default_factory=list)
+    egress: list[tuple[abi.EgressKey, abi.EgressRules]] = field(default_factory=list)
+    exec_allow: list[abi.ExecKey] = field(default_factory=list)
+    # identity number -> (dev, inode) of each allowed executable, for the userspace check
+    exec_files: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.policies) + len(self.egress) + len(self.exec_allow)
+
+
+def _flags(mode: str, log_allowed: bool) -> int:
+    flags = abi.POLICY_ENFORCE if mode == "enforce" else 0
+    return flags | (abi.POLICY_LOG_ALLOWED if log_allowed else 0)
+
+
+def _identity_entries(
+    out: MapEntries, gen: int, number: int, ident: CompiledIdentity, log_allowed: bool
+) -> None:
+    flags = _flags(ident.mode, log_allowed)
+    if ident.exec_paths is not None:
+        flags |= abi.POLICY_EXEC_RESTRICTED
+        files: set[tuple[int, int]] = set()
+        spellings: set[str] = set()
+        for path in sorted(ident.exec_paths):
+            spellings |= exec_aliases(path)
+            try:
+                st = os.stat(path)
+                files.add((st.st_dev, st.st_ino))
+            except OSError:
+                _logger.warning(
+                    "policy allows %s for %s, but it does not exist", path, ident.spiffe_id
+                )
+        for name in sorted(spellings):
+            raw = name.encode()
+            if len(raw) >= abi.FILENAME_LEN:
+                raise PolicyError(f"{ident.spiffe_id}: executable path {name} is too long")
+            out.exec_allow.append(abi.ExecKey(gen, number, raw))
+        out.exec_files[number] = files
+    out.policies.append((abi.PolicyKey(gen, number), abi.IdentityPolicy(flags, 0)))
+    for prefix in ident.prefixes:
+        rules = abi.EgressRules()
+        rules.count = len(prefix.rules)
+        if rules.count > abi.MAX_PORT_RULES:
+            raise PolicyError(
+                f"{ident.spiffe_id}: more than {abi.MAX_PORT_RULES} rules under one prefix"
+            )
+        for i, r in enumerate(prefix.rules):
+            rules.rules[i] = abi.PortRule(
+                r.port_lo, r.port_hi, r.protocol_mask, 0, r.rule_index + 1
+            )
+        key = abi.EgressKey(64 + prefix.prefix_len, gen, number)
+        key.addr[:] = list(prefix.address)
+        out.egress.append((key, rules))
+
+
+def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) -> MapEntries:
+    """All map entries of ``policy`` for generation ``gen`` (pure, no kernel)."""
+    out = MapEntries()
+    # The default: identity 0 stands for every process the policy does not list.
+    default_flags = abi.POLICY_ENFORCE if policy.unidentified == "deny" else abi.POLICY_EGRESS_ANY
+    if policy.log_allowed:
+        default_flags |= abi.POLICY_LOG_ALLOWED
+    out.policies.append(
+        (abi.PolicyKey(gen, abi.IDENTITY_NONE), abi.IdentityPolicy(default_flags, 0))
+    )
+    enforcing = any(i.mode == "enforce" for i in policy.identities.values())
+    # Pending (exec'd, not yet attested) may do nothing its identity could not: nothing at all.
+    pending = (abi.POLICY_ENFORCE if enforcing else 0) | (
+        abi.POLICY_LOG_ALLOWED if policy.log_allowed else 0
+    )
+    if policy.identities:
+        out.policies.append(
+            (abi.PolicyKey(gen, abi.IDENTITY_PENDING), abi.IdentityPolicy(pending, 0))
+        )
+    for spiffe_id, ident in sorted(policy.identities.items()):
+        _identity_entries(out, gen, numbers.number(spiffe_id), ident, policy.log_allowed)
+    return out
+
+
+class Enforcer:
+    """Loads policies into the kernel maps, one generation at a time."""
+
+    def __init__(self, maps: PolicyMaps, numbers: IdentityNumbers) -> None:
+        self.maps = maps
+        self.numbers = numbers
+        self.active: Generation | None = None
+        # What each generation holds, to name versions and rules in events
+        # judged just before or after a flip.
+        self.generations: dict[int, Generation] = {}
+
+    def adopt(self) -> None:
+        """Take over a generation a previous daemon left in force (nothing to write)."""
+        flags, gen = self.maps.settings()
+        if flags & abi.SETTING_POLICY:
+            self.active = Generation(gen=gen, version="(previous run)")
+
+    def load(self, policy: CompiledPolicy) -> Generation:
+        """Write ``policy`` into the idle generation and put it in force."""
+        flags, current = self.maps.settings()
+        in_force = bool(flags & abi.SETTING_POLICY)
+        gen = 1 - current if in_force else current
+        entries = build_entries(policy, gen, self.numbers)
+        self.maps.delete_generation(gen)  # leftovers of an earlier load
+        self.maps.write_policies(entries.policies)
+        self.maps.write_egress(entries.egress)
+        self.maps.write_exec_allow(entries.exec_allow)
+        self.maps.set_settings(policy_gen=gen)  # the flip: one map write
+        if in_force:
+            time.sleep(GRACE_SECONDS)
+            self.maps.delete_generation(1 - gen)
+        self.active = Generation(gen, policy.version, policy, len(entries), entries.exec_files)
+        self.generations[gen] = self.active
+        return self.active
+
+    def unload(self) -> None:
+        flags, gen = self.maps.settings()
+        self.maps.clear_policy()
+        if flags & abi.SETTING_POLICY:
+            time.sleep(GRACE_SECONDS)
+            self.maps.delete_generation(gen)
+        self.active = None
+
+    def generation(self, gen: int) -> Generation | None:
+        return self.generations.get(gen)
