@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from sidecar.policy.compiled import CompiledIdentity
+from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
+from sidecar.policy.model import ALL_PROTOCOLS as ALL_PROTOCOL_BITS
 from sidecar.policy.model import PROTOCOL_BITS, PortRange, format_ports
 from sidecar.policy.space import (
+    ADDRESS_BITS,
     Cidr,
     Interval,
     interval_count,
@@ -149,8 +151,23 @@ class AllowSet:
         return cls({p: _segments_from_ranges(r) for p, r in per.items()})
 
     @classmethod
+    def everything(cls) -> AllowSet:
+        """Every destination: what ``defaults.unidentified: allow`` lets through
+        (the kernel then skips the port check, so port 0 is included)."""
+        return cls.from_boxes([(ALL_PROTOCOL_BITS, 0, 65535, ((0, (1 << ADDRESS_BITS) - 1),))])
+
+    @classmethod
+    def of(cls, policy: CompiledPolicy, identity: str | None) -> AllowSet:
+        """What ``identity`` may reach under ``policy``: its allowlist if listed,
+        else the ``defaults.unidentified`` verdict (see sidecar.policy.evaluate)."""
+        ci = None if identity is None else policy.identities.get(identity)
+        if ci is not None:
+            return cls.from_identity(ci)
+        return cls.everything() if policy.unidentified == "allow" else cls()
+
+    @classmethod
     def from_identity(cls, ci: CompiledIdentity | None) -> AllowSet:
-        """What a compiled identity allows; an absent identity allows nothing."""
+        """What a compiled identity's allowlist holds (None: nothing)."""
         if ci is None:
             return cls()
         boxes: list[Box] = []

@@ -10,9 +10,10 @@ those of every identity it can spawn into.
 Identities are ranked by reach: the number of (address, port, protocol)
 destinations of the union over the identity and its spawn closure, then
 unrestricted executables, then the number of executables, identities it
-can spawn into and credentials.  An identity the policy does not name is
-denied everything (see :mod:`sidecar.policy.evaluate`), so it adds nothing
-but its credentials and its own spawn edges.
+can spawn into and credentials.  An identity the policy does not list is
+governed by ``defaults.unidentified`` and its execs are not restricted (see
+:mod:`sidecar.policy.evaluate`): under ``unidentified: allow``, being able
+to spawn into an unlisted identity means reaching everything.
 
 With an observed history, the part of each allowlist that was never used is
 reported as a suggested tightening: rules never matched, rules of which
@@ -148,7 +149,7 @@ class BlastRadius:
 
 
 def _render_identity(rank: int, r: IdentityReach) -> list[str]:
-    mode = r.mode if r.in_policy else "not in the policy: denied everything"
+    mode = r.mode if r.in_policy else "not in the policy: the unidentified default applies"
     lines = [
         f"#{rank} {r.spiffe_id} ({mode})",
         f"  reach: {r.reach_count:,} destinations (address x port x protocol), "
@@ -207,7 +208,7 @@ def _closure(start: str, graph: Mapping[str, frozenset[str]]) -> tuple[str, ...]
 
 def _exec_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
     if ci is None:
-        return frozenset()  # not in the policy: may exec nothing
+        return None  # unlisted: execs are not restricted
     return ci.exec_paths
 
 
@@ -273,7 +274,7 @@ def blast_radius(
     for children in graph.values():
         names |= children
     events = parse_events(observed) if observed is not None else None
-    own_sets = {n: AllowSet.from_identity(policy.identities.get(n)) for n in names}
+    own_sets = {n: AllowSet.of(policy, n) for n in names}
     rows: list[IdentityReach] = []
     for name in sorted(names):
         ci = policy.identities.get(name)

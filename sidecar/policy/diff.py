@@ -1,9 +1,11 @@
 """What a policy change grants and takes away, per identity.
 
 The diff compares meaning, not text: a renamed rule, a reordered list or a
-CIDR split in two halves shows no change, and an identity that disappears
-loses everything (an identity the policy does not name is denied
-everything).  Executables: ``None`` means unrestricted.
+CIDR split in two halves shows no change.  An identity the policy does not
+list is governed by ``defaults.unidentified`` (every destination, or none)
+and its execs are not restricted, exactly as in the kernel; so adding an
+identity under ``unidentified: allow`` takes destinations away, and
+removing one grants them.  Executables: ``None`` means unrestricted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sidecar.policy.allowset import AllowSet, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
 
 ExecList = tuple[str, ...] | None  # None: any executable
+MAX_TEXT_DESTINATIONS = 40
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,11 @@ class PolicyDiff:
         for d in self.identities:
             lines.append(f"{d.spiffe_id} ({d.change})")
             if d.mode_before != d.mode_after:
-                lines.append(f"  mode: {d.mode_before or 'absent'} -> {d.mode_after or 'absent'}")
-            lines.extend(f"  + {dest.describe()}" for dest in d.gained)
-            lines.extend(f"  - {dest.describe()}" for dest in d.lost)
+                lines.append(
+                    f"  mode: {d.mode_before or 'unlisted'} -> {d.mode_after or 'unlisted'}"
+                )
+            lines.extend(_limited("+", d.gained))
+            lines.extend(_limited("-", d.lost))
             lines.extend(f"  {line}" for line in d.exec_lines())
         return "\n".join(lines) + "\n"
 
@@ -104,10 +109,17 @@ class PolicyDiff:
         }
 
 
+def _limited(sign: str, dests: tuple[Destination, ...]) -> list[str]:
+    out = [f"  {sign} {dest.describe()}" for dest in dests[:MAX_TEXT_DESTINATIONS]]
+    if len(dests) > MAX_TEXT_DESTINATIONS:
+        out.append(f"  {sign} ... {len(dests) - MAX_TEXT_DESTINATIONS} more (see --json)")
+    return out
+
+
 def _exec(ci: CompiledIdentity | None) -> ExecList:
-    if ci is None:
-        return ()  # not in the policy: may exec nothing
-    return None if ci.exec_paths is None else tuple(sorted(ci.exec_paths))
+    if ci is None or ci.exec_paths is None:
+        return None  # unlisted identities' execs are not restricted
+    return tuple(sorted(ci.exec_paths))
 
 
 def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
@@ -120,7 +132,7 @@ def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
     out: list[IdentityDiff] = []
     for sid in sorted(set(old.identities) | set(new.identities)):
         before, after = old.identities.get(sid), new.identities.get(sid)
-        a, b = AllowSet.from_identity(before), AllowSet.from_identity(after)
+        a, b = AllowSet.of(old, sid), AllowSet.of(new, sid)
         gained, lost = b.difference(a), a.difference(b)
         mode_before = before.mode if before else None
         mode_after = after.mode if after else None

@@ -5,11 +5,12 @@ in the identity's prefixes, then a scan of that entry's port rules), so the
 operator tools, the tests and the daemon's own checks agree with what the
 BPF programs decide from the same map entries.
 
-Who is decided for:
+Who is decided for (as the BPF programs do it, see ``policy_for`` in
+bpf/common.bpf.c and the exec check in bpf/process.bpf.c):
 
-- ``identity=None`` (a process in scope with no identity): ``defaults.unidentified``.
-- an identity the policy does not name: denied everything, connects and
-  execs alike (least agency: no allowlist means nothing is allowed).
+- ``identity=None`` (a process in scope with no identity) and an identity
+  the policy does not list: ``defaults.unidentified`` for connects; their
+  execs are never restricted.
 - a listed identity in ``audit`` mode: nothing is blocked, a would-be deny
   is reported as ``would_deny``.
 """
@@ -58,11 +59,9 @@ def decide_value(
 ) -> Decision:
     """:func:`decide` for an address already in the 128-bit space (IPv4 mapped)."""
     bit = PROTOCOL_BITS[protocol]
-    if identity is None:
-        return Decision(policy.unidentified, DEFAULT_RULE)
-    ci = policy.identities.get(identity)
+    ci = None if identity is None else policy.identities.get(identity)
     if ci is None:
-        return Decision("deny", DEFAULT_RULE)
+        return Decision(policy.unidentified, DEFAULT_RULE)
     entry = ci.lookup(address)
     if entry is not None:
         for pr in entry.rules:
@@ -73,12 +72,8 @@ def decide_value(
 
 def decide_exec(policy: CompiledPolicy, identity: str | None, path: str) -> Decision:
     """The verdict for an exec of ``path`` (exact match of the absolute path)."""
-    if identity is None:
-        return Decision(policy.unidentified, DEFAULT_RULE)
-    ci = policy.identities.get(identity)
-    if ci is None:
-        return Decision("deny", DEFAULT_RULE)
-    if ci.exec_paths is None:
+    ci = None if identity is None else policy.identities.get(identity)
+    if ci is None or ci.exec_paths is None:
         return Decision("allow", DEFAULT_RULE)
     if path in ci.exec_paths:
         return Decision("allow", EXEC_RULE)

@@ -73,11 +73,9 @@ def naive_decide(
     doc: dict[str, Any], identity: str | None, protocol: str, address: str, port: int
 ) -> Decision:
     defaults = doc.get("defaults") or {}
-    if identity is None:
-        return Decision(defaults.get("unidentified", "allow"), "default")
     ident = next((i for i in doc.get("identities") or [] if i["id"] == identity), None)
-    if ident is None:
-        return Decision("deny", "default")
+    if ident is None:  # no identity, or one the policy does not list
+        return Decision(defaults.get("unidentified", "allow"), "default")
     addr = as_v6_addr(address)
     matches = []
     for n, rule in enumerate(ident.get("egress") or []):
@@ -341,7 +339,7 @@ def test_omitted_ports_and_protocols_mean_all_of_them() -> None:
     assert decide(policy, A, "tcp", "10.0.0.1", 0).verdict == "deny"
 
 
-def test_audit_mode_reports_would_deny_and_unidentified_follows_the_default() -> None:
+def test_audit_mode_reports_would_deny_and_unlisted_identities_follow_the_default() -> None:
     policy = load(
         f"""\
         defaults: {{unidentified: deny}}
@@ -352,9 +350,10 @@ def test_audit_mode_reports_would_deny_and_unidentified_follows_the_default() ->
     assert decide(policy, A, "tcp", "10.0.0.1", 443) == Decision("allow", "web")
     assert decide(policy, A, "tcp", "10.0.0.1", 80) == Decision("would_deny", "default")
     assert decide(policy, None, "tcp", "10.0.0.1", 443) == Decision("deny", "default")
-    assert decide(policy, B, "tcp", "10.0.0.1", 443) == Decision("deny", "default")
+    assert decide(policy, B, "tcp", "10.0.0.1", 443) == Decision("deny", "default")  # unlisted
     allow_unidentified = load("defaults: {unidentified: allow}\n")
     assert decide(allow_unidentified, None, "udp", "::1", 53) == Decision("allow", "default")
+    assert decide(allow_unidentified, B, "udp", "::1", 0) == Decision("allow", "default")
 
 
 def test_exec_allowlist_semantics() -> None:
@@ -372,8 +371,11 @@ def test_exec_allowlist_semantics() -> None:
     assert decide_exec(policy, B, "/usr/bin/curl") == Decision("would_deny", "default")
     assert not exec_allowed(policy, B, "/usr/bin/curl")
     assert exec_allowed(policy, "spiffe://example.org/free", "/anything")  # exec omitted
-    assert not exec_allowed(policy, "spiffe://example.org/unlisted", "/usr/bin/curl")
-    assert exec_allowed(policy, None, "/bin/sh")  # unidentified: allow by default
+    # as in the kernel, execs of unlisted identities and of processes without one are free
+    assert exec_allowed(policy, "spiffe://example.org/unlisted", "/usr/bin/curl")
+    assert exec_allowed(policy, None, "/bin/sh")
+    strict = load("defaults: {unidentified: deny}\n")
+    assert decide_exec(strict, None, "/bin/sh") == Decision("allow", "default")
 
 
 def test_decide_rejects_bad_arguments_with_value_error() -> None:

@@ -61,6 +61,7 @@ def execed(identity: str | None, exe: str, verdict: str = "would_deny") -> dict[
 # --- diff -------------------------------------------------------------------
 
 OLD = f"""\
+defaults: {{unidentified: deny}}
 identities:
   - id: {A}
     mode: audit
@@ -73,6 +74,7 @@ identities:
       - {{name: any-https, cidrs: ["::/0"], ports: [443], protocols: [tcp]}}
 """
 NEW = f"""\
+defaults: {{unidentified: deny}}
 identities:
   - id: {A}
     egress:
@@ -102,10 +104,9 @@ def test_diff_reports_gained_and_lost_destinations_executables_and_modes() -> No
     assert [d.describe() for d in b.lost] == ["tcp 443 -> ::/0"]
     assert b.gained == ()
 
-    c = by_id[C]
-    assert c.change == "added"
-    assert c.exec_after is None  # exec omitted: unrestricted
-    assert "+ exec: any executable (unrestricted)" in c.exec_lines()
+    c = by_id[C]  # unlisted under 'deny' had nothing; listed without rules still has nothing
+    assert (c.change, c.mode_before, c.mode_after) == ("added", None, "enforce")
+    assert (c.gained, c.lost, c.exec_after) == ((), (), None)
 
     text = result.render_text()
     assert f"{A} (changed)" in text
@@ -130,9 +131,31 @@ def test_diff_of_a_respelled_policy_is_empty() -> None:
 
 
 def test_diff_reports_changed_defaults() -> None:
-    result = diff(load(OLD), load("defaults: {unidentified: deny}\n" + OLD))
-    assert result.defaults == (("unidentified", "allow", "deny"),)
-    assert result.identities == ()
+    result = diff(load(OLD), load(OLD.replace("unidentified: deny", "unidentified: allow")))
+    assert result.defaults == (("unidentified", "deny", "allow"),)
+    assert result.identities == ()  # both identities are listed: the default does not reach them
+
+
+def test_removing_an_identity_under_unidentified_allow_grants_everything() -> None:
+    allow_old = OLD.replace("unidentified: deny", "unidentified: allow")
+    allow_new = allow_old[: allow_old.index(f"  - id: {B}")]
+    (b,) = diff(load(allow_old), load(allow_new)).identities
+    assert (b.spiffe_id, b.change, b.lost) == (B, "removed", ())
+    gained = AllowSet.from_boxes(
+        (
+            1 if d.protocols == ("tcp",) else 2 if d.protocols == ("udp",) else 3,
+            lo,
+            hi,
+            [(c.lo, c.hi)],
+        )
+        for d in b.gained
+        for lo, hi in d.ports
+        for c in d.cidrs
+    )
+    # everything (both protocols, ports 0-65535, all addresses) except what B had
+    assert gained.count() == 2 * 65536 * 2**128 - 2**128
+    assert not gained.contains("tcp", 1, 443)
+    assert gained.contains("udp", 1, 443)
 
 
 # --- suggest ----------------------------------------------------------------
@@ -289,6 +312,7 @@ def test_suggested_policy_loads_and_allows_the_whole_history(
 # --- blast radius ---------------------------------------------------------------
 
 BLAST_POLICY = f"""\
+defaults: {{unidentified: deny}}
 identities:
   - id: {A}
     egress:
@@ -313,13 +337,13 @@ def test_blast_radius_ranks_a_hand_computed_example() -> None:
     # A: its /24 on 443 (256) united with C's 10.0.0.0/25 (inside it) and 16 x 2 ports
     assert (a.own_count, a.reach_count) == (256, 256 + 32)
     assert a.spawns_into == (C, D)
-    assert a.executables == ("/bin/sh", "/usr/bin/curl")  # D is not in the policy: nothing
+    assert a.executables is None  # D is not in the policy: its execs are not restricted
     assert len(a.credentials) == 6
     assert {(cr.kind, cr.spiffe_id) for cr in a.credentials} >= {("jwt-svid", D)}
     assert (c.own_count, c.reach_count) == (32 + 128, 160)
     assert (b.own_count, b.reach_count) == (2, 2)  # tcp and udp
     assert b.executables is None  # exec omitted: unrestricted
-    assert (d.in_policy, d.reach_count, d.executables) == (False, 0, ())
+    assert (d.in_policy, d.reach_count, d.executables) == (False, 0, None)
     (dest,) = b.destinations
     assert dest.describe() == "tcp/udp 53 -> 10.0.0.53/32"
 
@@ -327,10 +351,19 @@ def test_blast_radius_ranks_a_hand_computed_example() -> None:
     assert text.index(f"#1 {A}") < text.index(f"#2 {C}") < text.index(f"#3 {B}")
     assert "reach: 288 destinations" in text
     assert "10.0.0.0/24 (256)" in text
-    assert f"#4 {D} (not in the policy: denied everything)" in text
+    assert f"#4 {D} (not in the policy: the unidentified default applies)" in text
     data = json.loads(json.dumps(result.to_json()))
     assert [r["identity"] for r in data["identities"]] == [A, C, B, D]
     assert data["identities"][0]["reach_destination_count"] == 288
+
+
+def test_spawning_into_an_unlisted_identity_under_unidentified_allow_reaches_everything() -> None:
+    policy = load(BLAST_POLICY.replace("unidentified: deny", "unidentified: allow"))
+    result = blast_radius(policy, SPAWN_GRAPH)
+    assert [r.spiffe_id for r in result.identities] == [A, C, D, B]
+    everything = 2 * 65536 * 2**128
+    assert [r.reach_count for r in result.identities] == [everything] * 3 + [2]
+    assert result.identities[0].own_count == 256
 
 
 def test_blast_radius_with_history_suggests_what_to_tighten() -> None:
@@ -404,7 +437,7 @@ def test_cli_validate_prints_the_version_or_the_error_line(
     bad.write_text(HEADER + OLD.replace("ports: [53]", "ports: [0]"))
     assert run_cli("policy", "validate", str(bad)) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:8: identities[0].egress[1].ports[0]: port 0 is outside 1-65535" in err
+    assert f"{bad}:9: identities[0].egress[1].ports[0]: port 0 is outside 1-65535" in err
 
 
 def test_cli_diff_exits_1_on_change_and_0_without(
