@@ -62,7 +62,7 @@ def create_join_token(store: Store, trust_domain: str, host: str, ttl_s: int) ->
         raise CredentialError(f"host name '{host}': {exc}") from exc
     if host_name_of(sid) != host:
         raise CredentialError(f"host name '{host}' must be one path segment")
-    token = secrets.token_urlsafe(32)
+    token = secrets.token_hex(24)  # hex: never starts with "-", which a CLI would misread
     store.add_join_token(token_hash(token), host, time.time_ns() + ttl_s * 1_000_000_000)
     return token
 

@@ -151,18 +151,17 @@ class Exporter:
         the spool and are sent after the next start.
         """
         deadline = time.monotonic() + timeout
+        while self._writer is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # run() has not started its writer yet
         self._queue.put(_STOP)
         writer = self._writer
         if writer is not None:
             await asyncio.to_thread(writer.join, max(0.0, deadline - time.monotonic()))
         while self.spool.acked < self.spool.last_sequence and time.monotonic() < deadline:
-            if self._writer is None:
-                break
             await asyncio.sleep(0.02)
         self._stopping = True
         self._poke()
-        done = self.spool.acked >= self.spool.last_sequence
-        return done
+        return self._queue.empty() and self.spool.acked >= self.spool.last_sequence
 
     def _stop_writer(self) -> None:
         if self._writer is not None and self._writer.is_alive():

@@ -1,0 +1,169 @@
+"""Subcommands ``collector``, ``enroll`` and ``tail`` for the ``sidecar`` command.
+
+``register_cli(subparsers)`` adds them; each sets ``handler`` (args -> exit code), as
+the other subcommands of ``sidecar.cli`` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from sidecar.api.v1 import collector_pb2
+from sidecar.errors import ConfigError, CredentialError
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``2h``, ``1d`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 30s, 10m, 2h or 1d")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _cmd_collector(args: argparse.Namespace) -> int:
+    from sidecar.collector.config import load_config
+    from sidecar.collector.server import create_join_token, serve
+    from sidecar.collector.store import Store
+    from sidecar.collector.tls import roots_pem
+    from sidecar.identity.x509 import CertificateAuthority
+
+    cfg = load_config(args.config)
+    if args.join_token or args.issue_svid or args.bundle:
+        cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ca = CertificateAuthority.load_or_generate(cfg.ca_dir, cfg.trust_domain)
+        if args.bundle:
+            sys.stdout.buffer.write(roots_pem(ca))
+        if args.join_token:
+            store = Store(cfg.db_path)
+            try:
+                ttl = int(args.ttl or cfg.join_token_ttl_s)
+                print(create_join_token(store, cfg.trust_domain, args.join_token, ttl))
+            finally:
+                store.close()
+        if args.issue_svid:
+            if args.out is None:
+                raise ConfigError("--issue-svid needs --out DIR")
+            svid = ca.issue_x509_svid(args.issue_svid, timedelta(seconds=args.ttl or 86400))
+            args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (args.out / "svid.pem").write_bytes(svid.cert_chain_pem())
+            (args.out / "svid.key").write_bytes(svid.key_pem())
+            (args.out / "svid.key").chmod(0o600)
+            (args.out / "bundle.pem").write_bytes(roots_pem(ca))
+            print(f"wrote {svid.spiffe_id} into {args.out}")
+        return 0
+    asyncio.run(serve(cfg))
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from sidecar.collector.enroll import enroll, renew
+
+    if args.renew:
+        ident = asyncio.run(renew(args.collector, args.out, args.server_name))
+    else:
+        if not args.token or not args.bundle:
+            raise ConfigError("enroll needs --token and --bundle (or --renew)")
+        try:
+            bundle = args.bundle.read_bytes()
+        except OSError as exc:
+            raise CredentialError(f"cannot read {args.bundle}: {exc}") from exc
+        ident = asyncio.run(enroll(args.collector, args.token, bundle, args.out, args.server_name))
+    print(f"host {ident.host}: credentials in {args.out}")
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read {path}: {exc}") from exc
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from sidecar.collector.tail import VERDICTS, format_json, format_line, tail
+
+    creds = grpc.ssl_channel_credentials(
+        _read(args.credentials / "bundle.pem"),
+        _read(args.credentials / "svid.key"),
+        _read(args.credentials / "svid.pem"),
+    )
+    options = [("grpc.ssl_target_name_override", args.server_name)] if args.server_name else []
+    flt = collector_pb2.EventFilter(
+        hosts=args.host,
+        identities=args.identity,
+        kinds=args.kind,
+        verdicts=[VERDICTS[v] for v in args.verdict],
+    )
+    req = collector_pb2.SubscribeRequest(filter=flt)
+    if args.after_cursor is not None:
+        req.after_cursor = args.after_cursor
+    elif args.since is not None:
+        req.since_time_ns = time.time_ns() - int(args.since * 1e9)
+    fmt = format_json if args.json else format_line
+
+    def emit(se: collector_pb2.StoredEvent) -> None:
+        print(fmt(se), flush=True)
+
+    def channel() -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(args.collector, creds, options=options)
+
+    try:
+        asyncio.run(tail(channel, req, emit, args.limit))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``collector``, ``enroll`` and ``tail`` to the ``sidecar`` command's subparsers."""
+    col = subparsers.add_parser("collector", help="run the central collector (or manage it)")
+    col.add_argument("--config", type=Path, required=True, help="CollectorConfig YAML")
+    col.add_argument("--join-token", metavar="HOST", help="print a single-use join token for HOST")
+    col.add_argument("--issue-svid", metavar="SPIFFE_ID", help="issue a subscriber SVID")
+    col.add_argument("--out", type=Path, help="folder for --issue-svid")
+    col.add_argument("--bundle", action="store_true", help="print the trust bundle (PEM)")
+    col.add_argument("--ttl", type=parse_duration, help="lifetime of a token or SVID (10m, 1d)")
+    col.set_defaults(handler=_cmd_collector)
+
+    enr = subparsers.add_parser("enroll", help="enroll this host with a collector")
+    enr.add_argument(
+        "--collector",
+        required=True,
+        help="host:port: enrollment port, or the mTLS port with --renew",
+    )
+    enr.add_argument("--token", help="single-use join token")
+    enr.add_argument("--bundle", type=Path, help="the collector's trust bundle (PEM)")
+    enr.add_argument("--out", type=Path, required=True, help="credential folder")
+    enr.add_argument("--renew", action="store_true", help="renew over mTLS instead")
+    enr.add_argument("--server-name", help="TLS name to expect (default: the host in --collector)")
+    enr.set_defaults(handler=_cmd_enroll)
+
+    tl = subparsers.add_parser("tail", help="print events from a collector as they arrive")
+    tl.add_argument("--collector", required=True, help="host:port of the mTLS port")
+    tl.add_argument(
+        "--credentials", type=Path, required=True, help="folder with svid.pem, svid.key, bundle.pem"
+    )
+    tl.add_argument("--server-name", help="TLS name to expect")
+    tl.add_argument("--host", action="append", default=[], help="only this host (repeatable)")
+    tl.add_argument("--identity", action="append", default=[], help="only this SPIFFE ID")
+    tl.add_argument("--kind", action="append", default=[], help="exec, connect, lost, integrity…")
+    tl.add_argument(
+        "--verdict", action="append", default=[], choices=["allow", "deny", "would_deny"]
+    )
+    tl.add_argument("--since", type=parse_duration, help="replay stored history from this long ago")
+    tl.add_argument("--after-cursor", type=int, help="replay after this cursor")
+    tl.add_argument("--json", action="store_true", help="one JSON object per line")
+    tl.add_argument("--limit", type=int, default=0, help="stop after this many events")
+    tl.set_defaults(handler=_cmd_tail)

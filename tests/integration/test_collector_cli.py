@@ -1,0 +1,172 @@
+"""``sidecar collector``/``enroll``/``tail`` end to end, against a collector on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sidecar.api.v1 import event_pb2 as ev
+from sidecar.collector.cli import register_cli
+from sidecar.collector.config import load_config
+from sidecar.collector.enroll import load_host_identity
+from sidecar.collector.server import CollectorServer
+from sidecar.export.exporter import Exporter, ExporterConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _run(*argv: str) -> int:
+    args = _parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+class _Background:
+    """A collector running on its own event loop in a thread."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = CollectorServer(load_config(config_path))
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+
+    def call(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.call(self.server.stop(0.2))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[tuple[_Background, Path]]:
+    cfg = tmp_path / "collector.yaml"
+    cfg.write_text(
+        "apiVersion: sidecar/v1\nkind: CollectorConfig\ntrustDomain: example.org\n"
+        "dataDir: data\nlisten: 127.0.0.1:0\nenrollmentListen: 127.0.0.1:0\n"
+        "subscribers: [spiffe://example.org/ops/alice]\n"
+    )
+    bg = _Background(cfg)
+    try:
+        yield bg, cfg
+    finally:
+        bg.stop()
+
+
+def test_enroll_publish_and_tail_from_the_command_line(
+    collector: tuple[_Background, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bg, cfg = collector
+    assert _run("collector", "--config", str(cfg), "--bundle") == 0
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(capsys.readouterr().out)
+    assert _run("collector", "--config", str(cfg), "--join-token", "web-1") == 0
+    token = capsys.readouterr().out.strip()
+    creds = tmp_path / "host"
+    enroll_target = f"127.0.0.1:{bg.server.enrollment_port}"
+    assert (
+        _run(
+            "enroll",
+            "--collector",
+            enroll_target,
+            "--token",
+            token,
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(creds),
+        )
+        == 0
+    )
+    alice = tmp_path / "alice"
+    assert (
+        _run(
+            "collector",
+            "--config",
+            str(cfg),
+            "--issue-svid",
+            "spiffe://example.org/ops/alice",
+            "--out",
+            str(alice),
+        )
+        == 0
+    )
+    capsys.readouterr()
+
+    async def publish() -> None:
+        ident = load_host_identity(creds)
+        exp = Exporter(
+            ExporterConfig(target=f"127.0.0.1:{bg.server.port}", spool_dir=tmp_path / "spool"),
+            lambda: ident,
+        )
+        task = asyncio.create_task(exp.run())
+        exp.submit(
+            ev.Event(
+                time_ns=time.time_ns(),
+                identity="spiffe://example.org/agent/a",
+                connect=ev.Connect(
+                    pid=7,
+                    address="192.0.2.1",
+                    port=443,
+                    protocol=ev.PROTOCOL_TCP,
+                    verdict=ev.VERDICT_DENY,
+                    rule="default",
+                ),
+            )
+        )
+        exp.submit(ev.Event(time_ns=time.time_ns(), exit=ev.Exit(pid=7)))
+        assert await exp.close(10)
+        await task
+
+    bg.call(publish())
+    target = f"127.0.0.1:{bg.server.port}"
+    assert (
+        _run(
+            "tail",
+            "--collector",
+            target,
+            "--credentials",
+            str(alice),
+            "--since",
+            "1d",
+            "--kind",
+            "connect",
+            "--limit",
+            "1",
+        )
+        == 0
+    )
+    line = capsys.readouterr().out.strip()
+    assert "web-1 #1 connect spiffe://example.org/agent/a" in line
+    assert "tcp 192.0.2.1:443 deny rule=default" in line
+    assert (
+        _run(
+            "tail",
+            "--collector",
+            target,
+            "--credentials",
+            str(alice),
+            "--after-cursor",
+            "0",
+            "--json",
+            "--limit",
+            "2",
+        )
+        == 0
+    )
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["event"]["sequence"] for r in rows] == ["1", "2"]
+    assert rows[1]["event"]["exit"]["pid"] == 7
