@@ -19,11 +19,14 @@ static __always_inline void count_lost(u32 type)
 		(*n)++;
 }
 
+/* Settings are rewritten in place by the daemon: read each field once. */
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+
 static __always_inline u32 settings_flags(void)
 {
 	u32 zero = 0;
 	struct settings *s = settings.lookup(&zero);
-	return s ? s->flags : 0;
+	return s ? READ_ONCE(s->flags) : 0;
 }
 
 static __always_inline void fill_header(struct event_header *h, u16 type, u32 size)
@@ -75,7 +78,7 @@ static __always_inline struct identity_policy *policy_for(u32 gen, u32 identity,
 static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, const u8 *addr,
 					u32 *rule, u32 *gen_out, u32 *policy_flags)
 {
-	u32 zero = 0, ruled, i;
+	u32 zero = 0, ruled, i, gen;
 	struct settings *s = settings.lookup(&zero);
 	struct identity_policy *p;
 	struct egress_key k = {};
@@ -85,10 +88,12 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 	*rule = 0;
 	*gen_out = 0;
 	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
-	if (!s || !(s->flags & SIDECAR_SETTING_POLICY))
+	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
 		return SIDECAR_VERDICT_ALLOW;
-	*gen_out = s->policy_gen;
-	p = policy_for(s->policy_gen, identity, &ruled);
+	/* Read the generation exactly once: the daemon flips it in place. */
+	gen = READ_ONCE(s->policy_gen);
+	*gen_out = gen;
+	p = policy_for(gen, identity, &ruled);
 	if (!p)
 		return SIDECAR_VERDICT_ALLOW;
 	*policy_flags = p->flags;
@@ -96,7 +101,7 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 		return SIDECAR_VERDICT_ALLOW;
 
 	k.prefixlen = 64 + 128;
-	k.gen = s->policy_gen;
+	k.gen = gen;
 	k.identity = ruled;
 	__builtin_memcpy(k.addr, addr, 16);
 	r = egress.lookup(&k);

@@ -72,25 +72,26 @@ TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
  */
 static __always_inline u8 judge_exec(u32 identity, void *args, unsigned short loc, u32 *gen_out)
 {
-	u32 zero = 0, ruled;
+	u32 zero = 0, ruled, gen;
 	struct settings *s = settings.lookup(&zero);
 	struct identity_policy *p;
 	struct exec_key *k;
 
 	*gen_out = 0;
-	if (!s || !(s->flags & SIDECAR_SETTING_POLICY))
+	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
 		return SIDECAR_VERDICT_ALLOW;
 	if (identity == SIDECAR_IDENTITY_NONE || identity == SIDECAR_IDENTITY_PENDING)
 		return SIDECAR_VERDICT_ALLOW;
-	*gen_out = s->policy_gen;
-	p = policy_for(s->policy_gen, identity, &ruled);
+	gen = READ_ONCE(s->policy_gen); /* once: the daemon flips it in place */
+	*gen_out = gen;
+	p = policy_for(gen, identity, &ruled);
 	if (!p || !(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
 		return SIDECAR_VERDICT_ALLOW;
 	k = exec_key_scratch.lookup(&zero);
 	if (!k)
 		return SIDECAR_VERDICT_ALLOW;
 	__builtin_memset(k, 0, sizeof(*k));
-	k->gen = s->policy_gen;
+	k->gen = gen;
 	k->identity = ruled;
 	bpf_probe_read_kernel_str(k->path, sizeof(k->path), args + loc);
 	if (exec_allow.lookup(k))

@@ -25,10 +25,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from sidecar import config
     from sidecar.daemon import Daemon, JsonLinesSink
 
-    cfg = config.load(args.config, cgroup=args.cgroup, output=args.output)
+    cfg = config.load(
+        args.config,
+        cgroup=args.cgroup,
+        output=args.output,
+        policy=args.policy,
+        entries=args.entries,
+    )
     sink = JsonLinesSink(cfg.output)
+    metrics = None
+    if cfg.metrics:
+        from sidecar.metrics import DaemonMetrics
+
+        metrics = DaemonMetrics()
     try:
-        asyncio.run(Daemon(cfg, sink).run())
+        asyncio.run(Daemon(cfg, sink, metrics).run())
     finally:
         sink.close()
     return 0
@@ -64,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="DaemonConfig YAML (default: embedded)")
     run.add_argument("--cgroup", type=Path, help="scope cgroup directory (overrides the config)")
     run.add_argument("--output", help="event sink: '-' for stdout or a file (overrides the config)")
+    run.add_argument("--policy", type=Path, help="policy YAML (overrides the config)")
+    run.add_argument(
+        "--entries", type=Path, help="registration entries YAML (overrides the config)"
+    )
     run.set_defaults(handler=_cmd_run)
 
     uninstall = sub.add_parser("uninstall", help="detach every program and remove the pinned state")

@@ -34,6 +34,14 @@ class DaemonConfig:
     ringbuf_pages: int
     detach_on_exit: bool  # False: programs keep enforcing after the daemon stops
     output: str  # "-" for stdout, or a file path
+    entries: Path | None = None  # registration entries; None: no attestation
+    state_dir: Path = Path("/var/lib/sidecar")  # the signing CA lives here
+    svid_ttl: int = 600  # seconds
+    workload_socket: Path | None = Path("/run/sidecar/workload.sock")
+    policy: Path | None = None  # None: observe only
+    reload_interval: float = 1.0  # seconds between checks of the policy and entries files
+    admin_socket: Path | None = Path("/run/sidecar/admin.sock")
+    metrics: str = "127.0.0.1:9464"  # "" turns the endpoint off
     source: str = "<defaults>"
 
 
@@ -75,6 +83,17 @@ def _bounded(lo: int, hi: int) -> Callable[[object], int]:
     return check
 
 
+def _address(value: object) -> str:
+    if value == "" or value is False:
+        return ""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"must be HOST:PORT or '' (off), not {value!r}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT with a port from 1 to 65535, not {value!r}")
+    return value
+
+
 def _power_of_two(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
         raise ValueError(f"must be a power of two, not {value!r}")
@@ -106,9 +125,40 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         pages = bpf.parse("ringbufPages", _power_of_two, pages) or pages
         detach = bpf.optional("detachOnExit", bool, detach)
         bpf.done()
+    entries, state_dir, ttl, workload = (
+        cfg.entries,
+        cfg.state_dir,
+        cfg.svid_ttl,
+        cfg.workload_socket,
+    )
+    if "identity" in doc.data:
+        ident = Fields(doc, ("identity",), top.required("identity", dict))
+        entries = ident.parse("entries", _abs_path, entries)
+        state_dir = ident.parse("stateDir", _abs_path, state_dir) or state_dir
+        ttl = ident.parse("svidTtlSeconds", _bounded(10, 86400), ttl) or ttl
+        workload = ident.parse("workloadSocket", _abs_path, workload)
+        ident.done()
+    policy, interval = cfg.policy, cfg.reload_interval
+    if "policy" in doc.data:
+        pol = Fields(doc, ("policy",), top.required("policy", dict))
+        policy = pol.parse("file", _abs_path, policy)
+        interval = float(
+            pol.parse("reloadIntervalSeconds", _bounded(1, 3600), int(interval)) or interval
+        )
+        pol.done()
+    admin = top.parse("adminSocket", _abs_path, cfg.admin_socket)
+    metrics = top.parse("metrics", _address, cfg.metrics)
     top.done()
     return replace(
         cfg,
+        entries=entries,
+        state_dir=state_dir,
+        svid_ttl=ttl,
+        workload_socket=workload,
+        policy=policy,
+        reload_interval=interval,
+        admin_socket=admin,
+        metrics=metrics if metrics is not None else cfg.metrics,
         host=host,
         output=output,
         scope_cgroup=scope_cgroup,
@@ -125,8 +175,10 @@ def load(
     *,
     cgroup: Path | None = None,
     output: str | None = None,
+    policy: Path | None = None,
+    entries: Path | None = None,
 ) -> DaemonConfig:
-    """Build the effective config; flags (``cgroup``, ``output``) win over everything."""
+    """Build the effective config; flags (``cgroup``, ``output``, ...) win over everything."""
     cfg = _from_env(defaults())
     if path is not None:
         cfg = _from_file(cfg, path)
@@ -134,6 +186,10 @@ def load(
         cfg = replace(cfg, scope_cgroup=cgroup)
     if output is not None:
         cfg = replace(cfg, output=output)
+    if policy is not None:
+        cfg = replace(cfg, policy=policy)
+    if entries is not None:
+        cfg = replace(cfg, entries=entries)
     if cfg.scope_cgroup is not None and not cfg.scope_cgroup.is_dir():
         raise ConfigError(
             f"scope cgroup {cfg.scope_cgroup} does not exist: create it "

@@ -1,9 +1,12 @@
-"""The host daemon: kernel records in, attributed events out.
+"""The host daemon: kernel records in, attested identities and attributed events out.
 
 A reader thread drains the ring buffer and hands decoded records to the
-asyncio loop (``call_soon_threadsafe``); the loop keeps the process table
-and writes each event to the sink.  Decode errors and kernel losses are
-counted and reported in-band (a ``lost`` event) and in the log, never fatal.
+asyncio loop (``call_soon_threadsafe``); the loop keeps the process table,
+attests new images, issues and revokes credentials, and writes each event
+to the sink.  Decisions are the kernel's: the daemon only fills the maps
+(identities, policy) the programs judge from.  Decode errors and kernel
+losses are counted and reported in-band (a ``lost`` event), in metrics and
+in the log, never fatal.
 """
 
 from __future__ import annotations
@@ -17,15 +20,16 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from sidecar import sdnotify
 from sidecar.config import DaemonConfig
-from sidecar.errors import ConfigError, KernelError
+from sidecar.enforce import Enforcer, IdentityNumbers
+from sidecar.errors import AttestationError, ConfigError, KernelError, PolicyError, SidecarError
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
 from sidecar.proctable import (
@@ -46,6 +50,12 @@ _VERDICT = {
     abi.Verdict.DENY: "deny",
     abi.Verdict.WOULD_DENY: "would_deny",
 }
+
+
+class EventSink(Protocol):
+    def write(self, event: dict[str, Any]) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class JsonLinesSink:
@@ -97,17 +107,40 @@ class CgroupNames:
                 self._cache[ino] = "/" if rel == "/." else rel
 
 
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """What changes when a file is edited or swapped (also through a symlink, as kubelet does)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
 class Daemon:
     """One run of the host daemon."""
 
-    def __init__(self, config: DaemonConfig, sink: JsonLinesSink) -> None:
+    def __init__(self, config: DaemonConfig, sink: EventSink, metrics: Any = None) -> None:
         self.config = config
         self.sink = sink
+        self.metrics = metrics
         self.table = ProcessTable()
         self.counts: Counter[str] = Counter()
         self.decode_errors = 0
         self.lost_reported: dict[abi.EventType, int] = {}
+        self.numbers = IdentityNumbers()
+        self.attestor: Any = None
+        self.manager: Any = None
+        self.instances: Any = None
+        self.enforcer: Enforcer | None = None
+        self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
         self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
         self._reader_stop = threading.Event()
         self._clock_offset = time.time_ns() - time.monotonic_ns()
         self._programs: Any = None
@@ -115,10 +148,36 @@ class Daemon:
         self.scope: Path = Path("/")
         self.scope_rel = "/"
         self._cgroups: CgroupNames | None = None
-        self.started_ns = 0
         self._realpaths: dict[str, str] = {}
+        self._stamps: dict[str, tuple[int, int, int] | None] = {}
+        self._policy_error: str | None = None
+        self.started_ns = 0
+        self.attach_seconds = 0.0
 
-    # -- start-up ------------------------------------------------------------------
+    # -- start-up: what can fail before anything is attached ----------------------------
+
+    def _load_entries(self) -> None:
+        if self.config.entries is None:
+            return
+        from sidecar.attest import Attestor, load_entries
+
+        entries = load_entries(self.config.entries)
+        for sid in entries.spiffe_ids:
+            self.numbers.number(sid)
+        self.attestor = Attestor(entries)
+        self._stamps["entries"] = _file_stamp(self.config.entries)
+
+    def _read_policy(self) -> Any:
+        if self.config.policy is None:
+            return None
+        from sidecar.policy import load_policy
+
+        stamp = _file_stamp(self.config.policy)
+        policy = load_policy(self.config.policy)
+        for sid in policy.identities:
+            self.numbers.number(sid)
+        self._stamps["policy"] = stamp
+        return policy
 
     def _resolve_scope(self, mounts: Mounts) -> None:
         scope = (self.config.scope_cgroup or mounts.cgroup2).resolve()
@@ -147,6 +206,7 @@ class Daemon:
                 tracefs=self._mounts.tracefs,
                 procs_max=self.config.procs_max,
                 ringbuf_pages=self.config.ringbuf_pages,
+                attest=self.attestor is not None,
             )
         )
         self._programs.load()
@@ -162,6 +222,24 @@ class Daemon:
         )
         return took
 
+    def _start_credentials(self) -> None:
+        if self.attestor is None:
+            return
+        from sidecar.identity.jwt import JwtAuthority
+        from sidecar.identity.manager import CredentialManager
+        from sidecar.identity.x509 import CertificateAuthority
+        from sidecar.instances import InstanceRegistry
+
+        td = self.attestor.entries.trust_domain
+        ca = CertificateAuthority.load_or_generate(self.config.state_dir / "ca", td)
+        self.manager = CredentialManager(
+            ca,
+            JwtAuthority(td),
+            ttl=timedelta(seconds=self.config.svid_ttl),
+            on_event=self._on_credential,
+        )
+        self.instances = InstanceRegistry(self.manager)
+
     def rebuild_from_proc(self) -> int:
         """Fill the table with processes already running in scope (e.g. after a restart)."""
         added = 0
@@ -175,7 +253,9 @@ class Daemon:
             ids = read_status_ids(pid)
             if ids is None:
                 continue
-            self.table.add(
+            state = self._programs.proc_state(pid) if self._programs else None
+            number = state[0] if state else abi.IDENTITY_NONE
+            proc = self.table.add(
                 Process(
                     pid=pid,
                     start_ns=time.monotonic_ns(),
@@ -185,8 +265,11 @@ class Daemon:
                     exe=read_exe(pid) or "",
                     argv=read_argv(pid) or (),
                     cgroup=cg,
+                    identity=self.numbers.name(number),
                 )
             )
+            if self.attestor is not None:
+                self._attest(proc, time.monotonic_ns(), number)
             added += 1
         return added
 
@@ -199,39 +282,50 @@ class Daemon:
         """Run until SIGTERM/SIGINT or :meth:`stop`."""
         loop = asyncio.get_running_loop()
         self.started_ns = time.monotonic_ns()
-        took = self.start_kernel()
+        self._load_entries()
+        policy = self._read_policy()
+        self.attach_seconds = self.start_kernel()
+        servers: list[Any] = []
+        reader: threading.Thread | None = None
+        signals = threading.current_thread() is threading.main_thread()
         try:
+            self.enforcer = Enforcer(self._programs, self.numbers)
+            self.enforcer.adopt()
+            if policy is not None:
+                self._apply_policy(policy)
+            elif self.enforcer.active is not None:
+                _logger.info("no policy configured: removing the one a previous run left")
+                self.enforcer.unload()
+            self._start_credentials()
             rebuilt = self.rebuild_from_proc()
             _logger.info("process table rebuilt from /proc: %d processes in scope", rebuilt)
-            signals = threading.current_thread() is threading.main_thread()
             if signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.stop)
+                loop.add_signal_handler(signal.SIGTERM, self.stop)
+                loop.add_signal_handler(signal.SIGINT, self.stop)
+                loop.add_signal_handler(signal.SIGHUP, self._reload.set)
             reader = threading.Thread(
                 target=self._read_ring, args=(loop,), name="ringbuf-reader", daemon=True
             )
             reader.start()
-            sdnotify.ready(f"attached to {self.scope} in {took:.2f}s")
+            servers = await self._start_servers()
+            sdnotify.ready(f"attached to {self.scope} in {self.attach_seconds:.2f}s")
             if on_ready is not None:
                 on_ready()
-            watchdog = sdnotify.watchdog_interval()
-            while not self._stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=min(1.0, watchdog or 1.0))
-                self._check_lost()
-                self.sink.flush()
-                if watchdog:
-                    sdnotify.watchdog()
+            await self._main_loop()
+        finally:
             sdnotify.stopping()
             self._reader_stop.set()
-            await loop.run_in_executor(None, reader.join, 5.0)
-            # Records the reader handed over just before it stopped.
-            await asyncio.sleep(0)
-            self._check_lost()
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
+            if reader is not None:
+                await loop.run_in_executor(None, reader.join, 5.0)
+            await asyncio.sleep(0)  # records the reader handed over just before it stopped
+            for server in reversed(servers):
+                await server.stop()
+            if self.manager is not None:
+                await self.manager.close()
+            if signals:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            self._check_lost()
             self.sink.flush()
             self._programs.close(detach=self.config.detach_on_exit)
             if not self.config.detach_on_exit:
@@ -239,8 +333,128 @@ class Daemon:
                     "programs stay attached (fail-static); 'sidecar uninstall' removes them"
                 )
 
+    async def _start_servers(self) -> list[Any]:
+        servers: list[Any] = []
+        if self.manager is not None and self.config.workload_socket is not None:
+            from sidecar.identity.workload_api import WorkloadApiServer
+
+            wl = WorkloadApiServer(self.config.workload_socket, self.manager, self.instances)
+            await wl.start()
+            servers.append(wl)
+            _logger.info("SPIFFE Workload API on %s", wl.endpoint)
+        if self.config.admin_socket is not None:
+            from sidecar.admin import AdminServer
+
+            admin = AdminServer(
+                self.config.admin_socket,
+                {
+                    "status": lambda _req: self.status(),
+                    "identities": lambda _req: self.identities(),
+                },
+            )
+            await admin.start()
+            servers.append(admin)
+        if self.metrics is not None and self.config.metrics:
+            from sidecar.metrics import serve
+
+            host, _, port = self.config.metrics.rpartition(":")
+            endpoint = serve(self.metrics.registry, host, int(port))
+            servers.append(_SyncStopper(endpoint.stop))
+            _logger.info("metrics on %s", endpoint.url)
+        return servers
+
+    async def _main_loop(self) -> None:
+        watchdog = sdnotify.watchdog_interval()
+        tick = min(self.config.reload_interval, (watchdog or 2.0) / 2, 1.0)
+        last_check = time.monotonic()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=tick)
+            self._check_lost()
+            self.sink.flush()
+            if watchdog:
+                sdnotify.watchdog()
+            now = time.monotonic()
+            if self._reload.is_set() or now - last_check >= self.config.reload_interval:
+                forced = self._reload.is_set()
+                self._reload.clear()
+                last_check = now
+                self.reload(force=forced)
+
     def stop(self) -> None:
         self._stop.set()
+
+    # -- reloads -----------------------------------------------------------------------
+
+    def reload(self, force: bool = False) -> None:
+        """Re-read entries and policy when they changed (or when told to, on SIGHUP).
+
+        A file that fails to load is reported and the running one keeps
+        enforcing: nothing is ever left half-applied.
+        """
+        if force:
+            sdnotify.reloading()
+        if self.config.entries is not None and (
+            force or _file_stamp(self.config.entries) != self._stamps.get("entries")
+        ):
+            self._stamps["entries"] = _file_stamp(self.config.entries)
+            try:
+                entries = self.attestor.reload(self.config.entries)
+                for sid in entries.spiffe_ids:
+                    self.numbers.number(sid)
+                self._emit({"type": "entries_loaded", "time": _now(), "digest": entries.digest})
+            except (AttestationError, PolicyError) as exc:
+                self._rejected("entries", str(exc))
+        if self.config.policy is not None and (
+            force or _file_stamp(self.config.policy) != self._stamps.get("policy")
+        ):
+            try:
+                policy = self._read_policy()
+            except (PolicyError, ConfigError) as exc:
+                self._stamps["policy"] = _file_stamp(self.config.policy)
+                self._rejected("policy", str(exc))
+            else:
+                self._apply_policy(policy)
+        if force:
+            sdnotify.ready()
+
+    def _apply_policy(self, policy: Any) -> None:
+        assert self.enforcer is not None
+        began = time.monotonic()
+        gen = self.enforcer.load(policy)
+        self._policy_error = None
+        took = time.monotonic() - began
+        _logger.info(
+            "policy %s version %s in force (%d map entries, %.2f s)",
+            policy.source,
+            policy.version,
+            gen.entries,
+            took,
+        )
+        if self.metrics is not None:
+            self.metrics.set_policy_version(policy.version)
+            self.metrics.record_policy_reload(True)
+        self._emit(
+            {
+                "type": "policy_loaded",
+                "time": _now(),
+                "host": self.config.host,
+                "policy_version": policy.version,
+                "source": policy.source,
+                "identities": sorted(policy.identities),
+            }
+        )
+
+    def _rejected(self, what: str, error: str) -> None:
+        _logger.error("%s reload rejected, the running one stays in force: %s", what, error)
+        self._policy_error = error
+        if self.metrics is not None:
+            self.metrics.record_policy_reload(False)
+        self._emit(
+            {"type": f"{what}_rejected", "time": _now(), "host": self.config.host, "error": error}
+        )
+
+    # -- the ring buffer ---------------------------------------------------------------------
 
     def _read_ring(self, loop: asyncio.AbstractEventLoop) -> None:
         programs = self._programs
@@ -265,26 +479,46 @@ class Daemon:
                 loop.call_soon_threadsafe(self._handle_batch, events, errors)
 
     def _handle_batch(self, events: list[abi.KernelEvent], errors: int) -> None:
-        self.decode_errors += errors
+        if errors:
+            self.decode_errors += errors
+            if self.metrics is not None:
+                self.metrics.record_loss("decode_error", errors)
         for ev in events:
-            self.handle(ev)
+            try:
+                self.handle(ev)
+            except SidecarError as exc:
+                _logger.warning("event of pid %d not handled: %s", ev.task.pid, exc)
 
     # -- events --------------------------------------------------------------------
 
+    def _emit(self, event: dict[str, Any]) -> None:
+        self.counts[event["type"]] += 1
+        if self.metrics is not None:
+            self.metrics.record_event(event["type"])
+        self.sink.write(event)
+
     def _time(self, ts_ns: int) -> str:
         wall = (self._clock_offset + ts_ns) / 1e9
-        return datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds")
+        return datetime.fromtimestamp(wall, timezone.utc).isoformat(timespec="microseconds")
 
     def _cgroup(self, pid: int, cgroup_id: int) -> str:
-        cg = read_cgroup(pid)
-        if cg is not None:
-            return cg
         assert self._cgroups is not None
-        return self._cgroups.name(cgroup_id)
+        return self._cgroups.name(cgroup_id) or read_cgroup(pid) or ""
+
+    def _identity_name(self, number: int) -> str | None:
+        if number in (abi.IDENTITY_NONE, abi.IDENTITY_PENDING):
+            return None
+        return self.numbers.name(number)
+
+    def _policy_version(self, gen: int | None = None) -> str | None:
+        if self.enforcer is None or self.enforcer.active is None:
+            return None
+        g = self.enforcer.generation(gen) if gen is not None else self.enforcer.active
+        return g.version if g else self.enforcer.active.version
 
     def _base(self, kind: str, ev: abi.KernelEvent, proc: Process | None) -> dict[str, Any]:
         task = ev.task
-        return {
+        out = {
             "type": kind,
             "time": self._time(ev.ts_ns),
             "host": self.config.host,
@@ -296,10 +530,20 @@ class Daemon:
             "exe": proc.exe if proc else "",
             "argv": list(proc.argv) if proc else [],
             "cgroup": proc.cgroup if proc else "",
-            "identity": proc.identity if proc else None,
+            "identity": self._identity_name(task.identity) or (proc.identity if proc else None),
             "instance_id": proc.instance_id if proc else None,
-            "svid_serial": proc.svid_serial if proc else None,
+            "svid_serial": self._serial(proc),
+            "policy_version": self._policy_version(),
         }
+        if task.identity == abi.IDENTITY_PENDING:
+            out["attestation"] = "pending"
+        return out
+
+    def _serial(self, proc: Process | None) -> str | None:
+        if proc is None or proc.instance_id is None or self.manager is None:
+            return None
+        svid = self.manager.current(proc.instance_id)
+        return f"{svid.serial:x}" if svid else None
 
     def handle(self, ev: abi.KernelEvent) -> None:
         """Update the table from one kernel record and emit its event."""
@@ -311,8 +555,8 @@ class Daemon:
             out = self._on_exit(ev)
         else:
             out = self._on_connect(ev)
-        self.counts[out["type"]] += 1
-        self.sink.write(out)
+        if out is not None:
+            self._emit(out)
 
     def _ppid(self, ev: abi.KernelEvent) -> int:
         if ev.task.ppid:
@@ -339,8 +583,11 @@ class Daemon:
         if proc is not None:
             # The same process (no exit seen since its fork), with a new image.
             proc.exe, proc.argv, proc.exec_count = exe, argv, proc.exec_count + 1
+            if self.instances is not None and self.instances.get(pid) is not None:
+                self.instances.end(pid)  # credentials belonged to the old image
+                proc.instance_id = None
+                self._count_live()
         else:
-            assert self._cgroups is not None
             proc = self.table.add(
                 Process(
                     pid=pid,
@@ -350,20 +597,99 @@ class Daemon:
                     gid=ev.task.gid,
                     exe=exe,
                     argv=argv,
-                    cgroup=self._cgroups.name(ev.task.cgroup_id) or self._cgroup(pid, 0),
+                    cgroup=self._cgroup(pid, ev.task.cgroup_id),
                     exec_count=1,
                 )
             )
+        verdict = ev.verdict
+        if self.attestor is not None and verdict != abi.Verdict.DENY:
+            self._attest(proc, ev.ts_ns, ev.task.identity)
+        rule = None
+        if verdict == abi.Verdict.ALLOW:
+            verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
         out = self._base("exec", ev, proc)
+        out["identity"] = proc.identity
+        out["svid_serial"] = self._serial(proc)
+        if proc.identity is not None:
+            out.pop("attestation", None)  # settled while handling this record
         out["filename"] = ev.filename
         out["args_truncated"] = ev.args_truncated
-        out["verdict"] = _VERDICT[ev.verdict]
+        out["verdict"] = _VERDICT[verdict]
+        out["policy_version"] = self._policy_version(ev.policy_gen)
+        if verdict != abi.Verdict.ALLOW:
+            out["rule"] = rule or "default"
+            self._record_verdict(proc.identity, out["rule"], out["verdict"])
         return out
+
+    def _double_check_exec(
+        self, pid: int, number: int, verdict: abi.Verdict
+    ) -> tuple[abi.Verdict, str | None]:
+        """Defence in depth: is the file now running really one the identity may run?"""
+        active = self.enforcer.active if self.enforcer else None
+        if active is None or number not in active.exec_files:
+            return verdict, None
+        try:
+            st = os.stat(f"/proc/{pid}/exe")
+        except OSError:
+            return verdict, None  # already gone
+        if (st.st_dev, st.st_ino) in active.exec_files[number]:
+            return verdict, None
+        name = self.numbers.name(number)
+        mode = active.policy.identities[name].mode if active.policy and name else "enforce"
+        if mode != "enforce":
+            return abi.Verdict.WOULD_DENY, "exec-file-check"
+        try:
+            fd = os.pidfd_open(pid)
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            finally:
+                os.close(fd)
+        except OSError:
+            return verdict, None
+        _logger.warning("pid %d runs a file its identity may not run: killed", pid)
+        return abi.Verdict.DENY, "exec-file-check"
+
+    def _attest(self, proc: Process, ts_ns: int, kernel_identity: int) -> None:
+        """Attest a new image; write the identity into the kernel map."""
+        parent = self.table.get(proc.ppid)
+        try:
+            result = self.attestor.attest(proc.pid, parent.identity if parent else None)
+        except AttestationError as exc:
+            _logger.debug("pid %d not attested: %s", proc.pid, exc)
+            return
+        if result.match is not None:
+            number = self.numbers.number(result.match.spiffe_id)
+            self._programs.set_identity(proc.pid, number)
+            self._settle_pending_children(proc, number)
+            now = time.monotonic_ns()
+            self.attest_latency_ns.append(now - ts_ns)
+            if self.metrics is not None:
+                self.metrics.observe_attestation((now - ts_ns) / 1e9)
+            inst = self.instances.add(result, now)
+            proc.identity = result.match.spiffe_id
+            proc.instance_id = inst.instance_id
+            self._count_live()
+        elif kernel_identity == abi.IDENTITY_PENDING:
+            self._programs.set_identity(proc.pid, abi.IDENTITY_NONE)
+            self._settle_pending_children(proc, abi.IDENTITY_NONE)
+        else:
+            # Inherited from an attested ancestor: keep it, with the ancestor's instance.
+            proc.identity = self._identity_name(kernel_identity) or proc.identity
+
+    def _settle_pending_children(self, proc: Process, number: int) -> None:
+        for child in self.table.descendants(proc.pid):
+            state = self._programs.proc_state(child.pid)
+            if state is not None and state[0] == abi.IDENTITY_PENDING:
+                self._programs.set_identity(child.pid, number)
 
     def _on_fork(self, ev: abi.Fork) -> dict[str, Any]:
         parent = self.table.get(ev.task.pid)
         child = ev.child_pid
-        assert self._cgroups is not None
+        if ev.task.identity == abi.IDENTITY_PENDING:
+            # Forked before its parent was attested: it takes the parent's answer.
+            now = self._programs.proc_state(ev.task.pid)
+            if now is not None and now[0] != abi.IDENTITY_PENDING:
+                self._programs.set_identity(child, now[0])
         proc = self.table.add(
             Process(
                 pid=child,
@@ -373,8 +699,9 @@ class Daemon:
                 gid=ev.task.gid,
                 exe=parent.exe if parent else (read_exe(child) or ""),
                 argv=parent.argv if parent else (read_argv(child) or ()),
-                cgroup=parent.cgroup if parent else self._cgroups.name(ev.task.cgroup_id),
+                cgroup=parent.cgroup if parent else self._cgroup(child, ev.task.cgroup_id),
                 identity=parent.identity if parent else None,
+                instance_id=parent.instance_id if parent else None,
             )
         )
         out = self._base("fork", ev, proc)
@@ -384,7 +711,12 @@ class Daemon:
 
     def _on_exit(self, ev: abi.Exit) -> dict[str, Any]:
         proc = self.table.remove(ev.task.pid)
-        return self._base("exit", ev, proc)
+        out = self._base("exit", ev, proc)
+        if self.instances is not None and self.instances.get(ev.task.pid) is not None:
+            out["svid_serial"] = self._serial(proc)
+            self.instances.end(ev.task.pid)
+            self._count_live()
+        return out
 
     def _on_connect(self, ev: abi.Connect) -> dict[str, Any]:
         proc = self.table.get(ev.task.pid)
@@ -395,7 +727,52 @@ class Daemon:
         out["dport"] = ev.port
         out["hook"] = ev.hook.name.lower()
         out["verdict"] = _VERDICT[ev.verdict]
+        out["rule"] = self._rule_name(ev.policy_gen, ev.task.identity, ev.rule)
+        out["policy_version"] = self._policy_version(ev.policy_gen)
+        self._record_verdict(out["identity"], out["rule"], out["verdict"])
         return out
+
+    def _rule_name(self, gen: int, number: int, rule: int) -> str:
+        if rule == 0 or self.enforcer is None:
+            return "default"
+        g = self.enforcer.generation(gen)
+        name = self.numbers.name(number)
+        if g is None or g.policy is None or name not in g.policy.identities:
+            return f"rule-{rule}"
+        names = g.policy.identities[name].rule_names
+        return names[rule - 1] if rule <= len(names) else f"rule-{rule}"
+
+    def _record_verdict(self, identity: str | None, rule: str, verdict: str) -> None:
+        if self.metrics is not None:
+            self.metrics.record_verdict(identity or "none", rule, verdict)
+
+    def _on_credential(
+        self, kind: str, instance_id: str, spiffe_id: Any, serial: int, not_after: datetime
+    ) -> None:
+        if self.metrics is not None:
+            if kind == "credential_issued":
+                self.metrics.record_credential_issued(str(spiffe_id), "x509")
+            else:
+                self.metrics.record_credential_revoked(str(spiffe_id))
+        self._emit(
+            {
+                "type": kind,
+                "time": _now(),
+                "host": self.config.host,
+                "identity": str(spiffe_id),
+                "instance_id": instance_id,
+                "svid_serial": f"{serial:x}",
+                "not_after": not_after.isoformat(),
+                "policy_version": self._policy_version(),
+            }
+        )
+
+    def _count_live(self) -> None:
+        if self.metrics is None or self.instances is None:
+            return
+        counts = Counter(str(i.spiffe_id) for i in self.instances.all())
+        for sid in self.numbers.known():
+            self.metrics.set_live_instances(sid, counts.get(sid, 0))
 
     def _check_lost(self) -> None:
         if self._programs is None:
@@ -406,13 +783,70 @@ class Daemon:
             self.lost_reported = counts
             lost = {t.name.lower(): d for t, d in delta.items() if d > 0}
             _logger.warning("kernel ring buffer full: %s records lost", lost)
-            self.counts["lost"] += 1
-            self.sink.write(
+            if self.metrics is not None:
+                self.metrics.record_loss("ringbuf_full", sum(lost.values()))
+            self._emit(
                 {
                     "type": "lost",
-                    "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+                    "time": _now(),
                     "host": self.config.host,
                     "reason": "ringbuf_full",
                     "counts": lost,
                 }
             )
+
+    # -- admin -----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        from sidecar.kernel.loader import CGROUP_HOOKS, TRACEPOINTS
+
+        active = self.enforcer.active if self.enforcer else None
+        modes = {}
+        if active is not None and active.policy is not None:
+            modes = {sid: i.mode for sid, i in active.policy.identities.items()}
+        live: Counter[str] = Counter()
+        if self.instances is not None:
+            live.update(str(i.spiffe_id) for i in self.instances.all())
+        identities = {
+            sid: {"live_instances": live.get(sid, 0), "mode": modes.get(sid)}
+            for sid in sorted(set(live) | set(modes))
+        }
+        return {
+            "host": self.config.host,
+            "uptime_seconds": round((time.monotonic_ns() - self.started_ns) / 1e9, 1),
+            "scope": str(self.scope),
+            "pin_dir": str(self.config.pin_dir),
+            "programs": {
+                "tracepoints": [f"{c}:{e}" for _p, _f, c, e in TRACEPOINTS],
+                "cgroup_hooks": [p for p, _f, _a in CGROUP_HOOKS],
+                "attach_seconds": round(self.attach_seconds, 2),
+            },
+            "processes_in_scope": len(self.table),
+            "identities": identities,
+            "policy": {
+                "version": active.version if active else None,
+                "file": str(self.config.policy) if self.config.policy else None,
+                "last_error": self._policy_error,
+            },
+            "events": dict(self.counts),
+            "losses": {
+                "kernel": {t.name.lower(): n for t, n in self.lost_reported.items() if n},
+                "decode_errors": self.decode_errors,
+            },
+            "collector": {"state": "not configured", "spool_depth": 0},
+        }
+
+    def identities(self) -> dict[str, Any]:
+        if self.instances is None:
+            return {"instances": []}
+        return {"instances": [i.describe(self.manager) for i in self.instances.all()]}
+
+
+class _SyncStopper:
+    """Adapts a synchronous stop() to the servers list."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    async def stop(self) -> None:
+        self._stop()

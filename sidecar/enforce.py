@@ -54,6 +54,9 @@ class IdentityNumbers:
             )
         return n
 
+    def known(self) -> list[str]:
+        return sorted(self._by_number.values())
+
     def name(self, number: int) -> str | None:
         if number == abi.IDENTITY_PENDING:
             return None

@@ -183,18 +183,43 @@ class InProcessDaemon:
 
 
 @pytest.fixture
-def daemon(scratch_cgroup: Path, pin_dir: Path) -> Iterator[InProcessDaemon]:
-    from sidecar import config
-    from sidecar.daemon import Daemon
+def short_tmp() -> Iterator[Path]:
+    """A short, world-readable temporary folder (unix socket paths are limited to 108 bytes)."""
+    import shutil
+    import tempfile
 
-    cfg = replace(
-        config.load(None, cgroup=scratch_cgroup, output="-"),
+    path = Path(tempfile.mkdtemp(prefix="sc-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def daemon_config(scratch: Path, pin_dir: Path, tmp: Path, **over: Any) -> Any:
+    """The embedded default, pointed at a test's own cgroup, pins, sockets and state."""
+    from sidecar import config
+
+    base = replace(
+        config.load(None, cgroup=scratch, output="-"),
         pin_dir=pin_dir,
         detach_on_exit=True,
         host="test-host",
+        admin_socket=tmp / "admin.sock",
+        workload_socket=tmp / "workload.sock",
+        state_dir=tmp / "state",
+        metrics="",
     )
+    return replace(base, **over)
+
+
+@contextlib.contextmanager
+def run_daemon(cfg: Any, metrics: Any = None) -> Iterator[InProcessDaemon]:
+    """The real daemon on its own loop in a thread, stopped and cleaned up on exit."""
+    from sidecar.daemon import Daemon
+
     sink = MemorySink()
-    d = Daemon(cfg, sink)  # type: ignore[arg-type]
+    d = Daemon(cfg, sink, metrics)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     errors: list[BaseException] = []
@@ -220,6 +245,12 @@ def daemon(scratch_cgroup: Path, pin_dir: Path) -> Iterator[InProcessDaemon]:
         loop.close()
         if errors:
             raise errors[0]
+
+
+@pytest.fixture
+def daemon(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> Iterator[InProcessDaemon]:
+    with run_daemon(daemon_config(scratch_cgroup, pin_dir, short_tmp)) as d:
+        yield d
 
 
 class NotifySocket:
