@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -56,6 +57,35 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_socket(args: argparse.Namespace) -> Path:
+    from sidecar import config
+
+    cfg = config.load(args.config)
+    if args.socket is not None:
+        return Path(args.socket)
+    if cfg.admin_socket is None:
+        raise SidecarError(f"{cfg.source}: adminSocket is off; the daemon cannot be asked")
+    return cfg.admin_socket
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from sidecar.admin import request
+    from sidecar.status import render_status
+
+    answer = request(_admin_socket(args), "status")
+    print(json.dumps(answer, indent=2) if args.json else render_status(answer))
+    return 0
+
+
+def _cmd_identities(args: argparse.Namespace) -> int:
+    from sidecar.admin import request
+    from sidecar.status import render_identities
+
+    answer = request(_admin_socket(args), "identities")
+    print(json.dumps(answer, indent=2) if args.json else render_identities(answer))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
@@ -85,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.add_argument("--config", type=Path, help="DaemonConfig YAML naming the pin dir")
     uninstall.add_argument("--pin-dir", type=Path, help="pin directory (overrides the config)")
     uninstall.set_defaults(handler=_cmd_uninstall)
+
+    for name, fn, text in (
+        ("status", _cmd_status, "the running daemon's state in one screen"),
+        ("identities", _cmd_identities, "live attested instances, their selectors and SVIDs"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", type=Path, help="DaemonConfig YAML naming the admin socket")
+        p.add_argument("--socket", help="admin socket (overrides the config)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=fn)
+
+    from sidecar.collector.cli import register_cli as register_collector
+    from sidecar.policy.cli import register_cli as register_policy
+
+    register_policy(sub)
+    register_collector(sub)
 
     demo = sub.add_parser("demo", help="run the product on its embedded default and show events")
     demo.add_argument(

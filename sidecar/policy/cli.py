@@ -104,6 +104,10 @@ def cmd_blast_radius(args: argparse.Namespace) -> int:
     policy = load_policy(args.file)
     observed = read_history(args.observed) if args.observed else None
     graph = _read_spawn_graph(args.spawn_graph) if args.spawn_graph else None
+    if args.entries:
+        from sidecar.attest import load_entries
+
+        graph = {**(graph or {}), **load_entries(args.entries).spawn_graph()}
     result = blast_radius(policy, graph, observed)
     if args.json:
         _print_json(result.to_json())
@@ -129,13 +133,13 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = sub.add_parser("validate", help="check a policy file and print its version")
     p.add_argument("file", metavar="FILE")
-    p.set_defaults(func=cmd_validate)
+    p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("diff", help="destinations and executables gained and lost")
     p.add_argument("old", metavar="OLD")
     p.add_argument("new", metavar="NEW")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_diff)
+    p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("suggest", help="learn an allowlist from audit-mode history")
     p.add_argument("--history", required=True, metavar="FILE", help="daemon events, JSON lines")
@@ -149,7 +153,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--merge-ports", action="store_true", help="widen ports to one range per protocol"
     )
     p.add_argument("--include-denied", action="store_true", help="also learn from blocked attempts")
-    p.set_defaults(func=cmd_suggest)
+    p.set_defaults(handler=cmd_suggest)
 
     p = sub.add_parser("blast-radius", help="what a compromise of each identity could reach")
     p.add_argument("file", metavar="FILE")
@@ -159,5 +163,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         metavar="FILE",
         help="JSON object: parent SPIFFE ID -> child IDs (registration entries' parent_id)",
     )
+    p.add_argument(
+        "--entries",
+        metavar="FILE",
+        help="registration entries: identities reachable through parent:id selectors",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_blast_radius)
+    p.set_defaults(handler=cmd_blast_radius)

@@ -421,7 +421,7 @@ def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="sidecar")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(list(argv))
-    result: int = args.func(args)
+    result: int = args.handler(args)
     return result
 
 

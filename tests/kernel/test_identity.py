@@ -1,0 +1,266 @@
+"""Attested runtime identities and their SPIFFE credentials, end to end on the real kernel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import site
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import InProcessDaemon, daemon_config, run_daemon, spawn, wait_until
+
+from sidecar.enforce import identity_number
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENT = Path(__file__).with_name("wl_client.py")
+NOBODY = 65534
+PYTHON = os.path.realpath(sys.executable)
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def cgroup_rel(cg: Path) -> str:
+    from sidecar.kernel.checks import cgroup2_root
+
+    return "/" + str(cg.relative_to(cgroup2_root()))
+
+
+def copy_with_one_byte_changed(src: str, dst: Path) -> Path:
+    """A copy that still runs: byte 9 of an ELF file is header padding."""
+    data = bytearray(Path(src).read_bytes())
+    assert data[:4] == b"\x7fELF"
+    data[9] ^= 0x5A
+    dst.write_bytes(bytes(data))
+    dst.chmod(0o755)
+    return dst
+
+
+@pytest.fixture
+def binaries(short_tmp: Path) -> dict[str, Path]:
+    sleeper = short_tmp / "agent-sleep"
+    shutil.copy2("/bin/sleep", sleeper)
+    sleeper.chmod(0o755)
+    return {
+        "sleeper": sleeper,
+        "sleeper_changed": copy_with_one_byte_changed("/bin/sleep", short_tmp / "agent-sleep-2"),
+        "python_changed": copy_with_one_byte_changed(PYTHON, short_tmp / "python-2"),
+    }
+
+
+def write_entries(tmp: Path, scratch: Path, sleeper: Path) -> Path:
+    path = tmp / "entries.yaml"
+    path.write_text(
+        f"""apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+  - spiffeId: spiffe://example.org/agent/sleeper
+    selectors:
+      - unix:uid:{NOBODY}
+      - unix:sha256:{sha256(sleeper)}
+  - spiffeId: spiffe://example.org/agent/research-bot
+    selectors:
+      - unix:uid:0
+      - unix:sha256:{sha256(PYTHON)}
+      - cgroup:path:{cgroup_rel(scratch)}
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def agentd(
+    scratch_cgroup: Path, pin_dir: Path, short_tmp: Path, binaries: dict[str, Path]
+) -> Iterator[InProcessDaemon]:
+    entries = write_entries(short_tmp, scratch_cgroup, binaries["sleeper"])
+    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=10)
+    with run_daemon(cfg) as d:
+        yield d
+
+
+def client_env() -> dict[str, str]:
+    # The repository and this interpreter's packages, also for a copied interpreter
+    # that does not know the venv it came from.
+    paths = [str(REPO), *site.getsitepackages()]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+def run_client(
+    cgroup: Path | None, sock: Path, *args: str, exe: str = sys.executable
+) -> list[dict]:
+    argv = [exe, str(CLIENT), str(sock), *args]
+    if cgroup is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=client_env())
+    else:
+        proc = spawn(cgroup, argv, stdout=subprocess.PIPE, text=True, env=client_env())
+    out, _ = proc.communicate(timeout=60)
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_a_process_matching_uid_and_sha256_is_attested_and_others_are_not(
+    agentd: InProcessDaemon, scratch_cgroup: Path, binaries: dict[str, Path]
+) -> None:
+    good = spawn(scratch_cgroup, [str(binaries["sleeper"]), "0.5"], uid=NOBODY)
+    other = spawn(scratch_cgroup, ["/bin/true"], uid=NOBODY)
+    changed = spawn(scratch_cgroup, [str(binaries["sleeper_changed"]), "0.1"], uid=NOBODY)
+    for p in (good, other, changed):
+        assert p.wait(10) == 0
+    ev = agentd.sink.wait_for(type="exec", pid=good.pid)
+    assert ev["identity"] == "spiffe://example.org/agent/sleeper"
+    assert ev["instance_id"]
+    assert ev["svid_serial"]
+    assert agentd.sink.wait_for(type="exec", pid=other.pid)["identity"] is None
+    assert agentd.sink.wait_for(type="exec", pid=changed.pid)["identity"] is None
+    issued = agentd.sink.wait_for(type="credential_issued", instance_id=ev["instance_id"])
+    assert issued["svid_serial"] == ev["svid_serial"]
+    # At exit the instance's credential is revoked, and the event says so.
+    revoked = agentd.sink.wait_for(type="credential_revoked", instance_id=ev["instance_id"])
+    assert revoked["svid_serial"] == ev["svid_serial"]
+    assert agentd.call(lambda: agentd.daemon.instances.get(good.pid)) is None
+
+
+DOUBLE_FORK = r"""
+import os, socket, sys, time
+port = int(sys.argv[1])
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"x", ("127.0.0.1", port))
+        os.write(w, str(os.getpid()).encode())
+        os._exit(0)
+    os._exit(0)
+os.wait()
+print(os.read(r, 32).decode(), flush=True)
+"""
+
+
+def test_child_and_grandchild_carry_the_identity_from_their_first_connect(
+    agentd: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        agent = spawn(
+            scratch_cgroup,
+            [sys.executable, "-c", DOUBLE_FORK, str(port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        out, _ = agent.communicate(timeout=30)
+    grandchild = int(out.strip())
+    first = agentd.sink.wait_for(type="connect", pid=grandchild)
+    assert first["identity"] == "spiffe://example.org/agent/research-bot"
+    attested = agentd.sink.wait_for(type="exec", pid=agent.pid)
+    assert first["instance_id"] == attested["instance_id"]  # attributed to the agent instance
+    kernel_state = agentd.sink.find(type="connect", pid=grandchild)
+    assert all(e["identity"] == first["identity"] for e in kernel_state)
+
+
+def test_the_attested_process_fetches_a_valid_rotating_svid_revoked_at_exit(
+    agentd: InProcessDaemon, scratch_cgroup: Path, short_tmp: Path
+) -> None:
+    results = run_client(scratch_cgroup, short_tmp / "workload.sock", "x509", "2")
+    assert len(results) == 2, results
+    first, second = results
+    for r in results:
+        assert r["kind"] == "x509"
+        assert r["spiffe_id"] == r["verified_id"] == "spiffe://example.org/agent/research-bot"
+        assert r["uri_sans"] == [r["spiffe_id"]]  # exactly one URI SAN
+        assert r["ca"] is False
+        assert r["digital_signature"] is True
+        assert r["key_cert_sign"] is False
+        assert 0 < r["ttl"] <= 10 + 60  # configured TTL, plus clock-skew backdating at most
+    assert first["serial"] != second["serial"]  # rotated while it lived
+    revoked = {e["svid_serial"] for e in agentd.sink.find(type="credential_revoked")}
+    wait_until(
+        lambda: (
+            {first["serial"], second["serial"]}
+            <= {e["svid_serial"] for e in agentd.sink.find(type="credential_revoked")}
+        ),
+        what="both serials revoked after exit",
+    )
+    assert revoked is not None
+    manager = agentd.daemon.manager
+    assert agentd.call(lambda: manager.is_revoked(int(second["serial"], 16)))
+
+
+def test_jwt_svid_audience_is_honoured_and_tampering_detected(
+    agentd: InProcessDaemon, scratch_cgroup: Path, short_tmp: Path
+) -> None:
+    [r] = run_client(scratch_cgroup, short_tmp / "workload.sock", "jwt", "payments-api")
+    assert r["kind"] == "jwt"
+    assert r["valid_for_own_audience"] == "spiffe://example.org/agent/research-bot"
+    assert r["other_audience"] == "INVALID_ARGUMENT"
+    assert r["tampered"] == "INVALID_ARGUMENT"
+
+
+def test_a_process_without_identity_gets_permission_denied(
+    agentd: InProcessDaemon, short_tmp: Path
+) -> None:
+    # Outside the scope: never attested.
+    [r] = run_client(None, short_tmp / "workload.sock", "x509")
+    assert (r["kind"], r["code"]) == ("error", "PERMISSION_DENIED")
+
+
+def test_a_new_binary_exec_d_under_an_attested_pid_gets_permission_denied(
+    agentd: InProcessDaemon, scratch_cgroup: Path, short_tmp: Path, binaries: dict[str, Path]
+) -> None:
+    # The attested agent (python) replaces itself with a different binary (a changed copy
+    # of python, which matches no entry) that then asks for the agent's SVID.
+    results = run_client(
+        scratch_cgroup,
+        short_tmp / "workload.sock",
+        "exec",
+        str(binaries["python_changed"]),
+        str(CLIENT),
+        str(short_tmp / "workload.sock"),
+        "x509",
+    )
+    assert [(r["kind"], r.get("code")) for r in results] == [("error", "PERMISSION_DENIED")]
+
+
+def test_identities_are_listed_over_the_admin_socket(
+    agentd: InProcessDaemon, scratch_cgroup: Path, short_tmp: Path, binaries: dict[str, Path]
+) -> None:
+    agent = spawn(scratch_cgroup, [str(binaries["sleeper"]), "30"], uid=NOBODY)
+    try:
+        agentd.sink.wait_for(
+            type="credential_issued", identity="spiffe://example.org/agent/sleeper"
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sidecar.cli",
+                "identities",
+                "--socket",
+                str(short_tmp / "admin.sock"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            env=client_env(),
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        [row] = [r for r in json.loads(out.stdout)["instances"] if r["pid"] == agent.pid]
+        assert row["spiffe_id"] == "spiffe://example.org/agent/sleeper"
+        assert f"unix:uid:{NOBODY}" in row["selectors"]
+        assert row["svid_serial"] and row["svid_expires"]
+        assert identity_number(row["spiffe_id"]) == agentd.call(
+            lambda: agentd.daemon._programs.proc_state(agent.pid)[0]
+        )
+    finally:
+        agent.kill()
+        agent.wait(10)
