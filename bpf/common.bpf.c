@@ -22,11 +22,15 @@ static __always_inline void count_lost(u32 type)
 /* Settings are rewritten in place by the daemon: read each field once. */
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 
-static __always_inline u32 settings_flags(void)
+/* Is a live daemon attesting new images?  Its heartbeat says so. */
+static __always_inline int attesting(void)
 {
 	u32 zero = 0;
 	struct settings *s = settings.lookup(&zero);
-	return s ? READ_ONCE(s->flags) : 0;
+
+	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_ATTEST))
+		return 0;
+	return bpf_ktime_get_ns() - READ_ONCE(s->heartbeat_ns) < SIDECAR_HEARTBEAT_STALE_NS;
 }
 
 static __always_inline void fill_header(struct event_header *h, u16 type, u32 size)

@@ -114,8 +114,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (!in_scope())
 		return 0;
 
-	/* A new image must be attested again unless it carries an identity
-	 * inherited from an attested ancestor: until then it is pending. */
+	/* A new image must be attested unless it carries an identity inherited
+	 * from an attested ancestor: until then it is pending (while a daemon
+	 * is alive to attest it). */
 	st = procs.lookup(&pid);
 	if (!st) {
 		procs.update(&pid, &fresh);
@@ -123,7 +124,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		if (!st)
 			return 0;
 	}
-	if ((settings_flags() & SIDECAR_SETTING_ATTEST) && st->identity == SIDECAR_IDENTITY_NONE)
+	if (st->identity == SIDECAR_IDENTITY_NONE && attesting())
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
 	verdict = judge_exec(st->identity, args, loc, &gen);

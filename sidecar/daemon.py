@@ -118,6 +118,14 @@ def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _notify(send: Callable[..., bool], *args: str) -> None:
+    """Tell systemd; a service manager that stopped listening never stops the daemon."""
+    try:
+        send(*args)
+    except SidecarError as exc:
+        _logger.warning("%s", exc)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -308,12 +316,12 @@ class Daemon:
             )
             reader.start()
             servers = await self._start_servers()
-            sdnotify.ready(f"attached to {self.scope} in {self.attach_seconds:.2f}s")
+            _notify(sdnotify.ready, f"attached to {self.scope} in {self.attach_seconds:.2f}s")
             if on_ready is not None:
                 on_ready()
             await self._main_loop()
         finally:
-            sdnotify.stopping()
+            _notify(sdnotify.stopping)
             self._reader_stop.set()
             if reader is not None:
                 await loop.run_in_executor(None, reader.join, 5.0)
@@ -370,10 +378,11 @@ class Daemon:
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
+            self._programs.heartbeat()
             self._check_lost()
             self.sink.flush()
             if watchdog:
-                sdnotify.watchdog()
+                _notify(sdnotify.watchdog)
             now = time.monotonic()
             if self._reload.is_set() or now - last_check >= self.config.reload_interval:
                 forced = self._reload.is_set()
@@ -393,7 +402,7 @@ class Daemon:
         enforcing: nothing is ever left half-applied.
         """
         if force:
-            sdnotify.reloading()
+            _notify(sdnotify.reloading)
         if self.config.entries is not None and (
             force or _file_stamp(self.config.entries) != self._stamps.get("entries")
         ):
@@ -416,7 +425,7 @@ class Daemon:
             else:
                 self._apply_policy(policy)
         if force:
-            sdnotify.ready()
+            _notify(sdnotify.ready)
 
     def _apply_policy(self, policy: Any) -> None:
         assert self.enforcer is not None

@@ -136,10 +136,18 @@ struct proc_state {
 	__u32 ppid;
 };
 
+/*
+ * The daemon writes a heartbeat into settings at least every second.  When
+ * it is older than this, the daemon is gone: new execs are no longer marked
+ * pending (nobody would attest them) and fall to the policy's default.
+ */
+#define SIDECAR_HEARTBEAT_STALE_NS 5000000000ULL
+
 /* Daemon-written settings, one entry at index 0. */
 struct settings {
-	__u32 flags;      /* SIDECAR_SETTING_* */
-	__u32 policy_gen; /* generation of the policy maps in force (0 or 1) */
+	__u32 flags;        /* SIDECAR_SETTING_* */
+	__u32 policy_gen;   /* generation of the policy maps in force (0 or 1) */
+	__u64 heartbeat_ns; /* bpf_ktime_get_ns() clock (CLOCK_MONOTONIC) */
 };
 
 /*

@@ -25,6 +25,7 @@ IDENTITY_PENDING = 0xFFFFFFFF
 
 SETTING_ATTEST = 0x1
 SETTING_POLICY = 0x2
+HEARTBEAT_STALE_NS = 5_000_000_000
 
 POLICY_ENFORCE = 0x1
 POLICY_EGRESS_ANY = 0x2
@@ -136,7 +137,11 @@ class ProcState(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    _fields_ = (("flags", ctypes.c_uint32), ("policy_gen", ctypes.c_uint32))
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("policy_gen", ctypes.c_uint32),
+        ("heartbeat_ns", ctypes.c_uint64),
+    )
 
 
 class PolicyKey(ctypes.Structure):

@@ -187,7 +187,10 @@ class KernelPrograms:
         return int(leaf.flags), int(leaf.policy_gen)
 
     def set_settings(self, *, attest: bool | None = None, policy_gen: int | None = None) -> None:
-        """Change settings; ``policy_gen`` also marks a policy as loaded (one atomic write)."""
+        """Change settings (and beat the heart); ``policy_gen`` also marks a policy loaded.
+
+        One map write, so the kernel never sees half of a change.
+        """
         table = self._table("settings")
         flags, gen = self.settings()
         if attest is not None:
@@ -195,7 +198,11 @@ class KernelPrograms:
         if policy_gen is not None:
             flags |= abi.SETTING_POLICY
             gen = policy_gen
-        table[table.Key(0)] = table.Leaf(flags, gen)
+        table[table.Key(0)] = table.Leaf(flags, gen, time.monotonic_ns())
+
+    def heartbeat(self) -> None:
+        """Tell the kernel a daemon is alive to attest new images."""
+        self.set_settings()
 
     # -- policy maps ---------------------------------------------------------------
 
@@ -237,7 +244,7 @@ class KernelPrograms:
         """Stop judging: no policy loaded (programs observe only)."""
         table = self._table("settings")
         flags, gen = self.settings()
-        table[table.Key(0)] = table.Leaf(flags & ~abi.SETTING_POLICY, gen)
+        table[table.Key(0)] = table.Leaf(flags & ~abi.SETTING_POLICY, gen, time.monotonic_ns())
 
     def _table(self, name: str) -> Any:
         return self._bpf[name.encode()]

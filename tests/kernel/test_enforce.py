@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import spawn, wait_until
+from conftest import Probe, free_port_pair, spawn, wait_until
 
 from sidecar.enforce import Enforcer, IdentityNumbers, identity_number
 from sidecar.kernel import abi
@@ -26,72 +26,6 @@ from sidecar.kernel.checks import find_mount
 from sidecar.policy import load_policy_text
 
 AGENT = "spiffe://example.org/agent/a"
-
-# A child that waits for commands on stdin and answers each with the errno
-# of the attempt (0 = it went through).
-PROBE = r"""
-import os, socket, subprocess, sys
-for line in sys.stdin:
-    cmd = line.split()
-    if cmd[0] == "pid":
-        print(os.getpid(), flush=True); continue
-    if cmd[0] == "exec":
-        r = subprocess.run(cmd[1:])
-        print(r.returncode, flush=True); continue
-    if cmd[0] == "fork-connect":  # a grandchild, through a double fork, connects
-        r, w = os.pipe()
-        if os.fork() == 0:
-            if os.fork() == 0:
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                try:
-                    s.sendto(b"x", (cmd[1], int(cmd[2]))); code = 0
-                except OSError as e:
-                    code = e.errno
-                os.write(w, str(code).encode()); os._exit(0)
-            os._exit(0)
-        os.wait()
-        print(int(os.read(r, 16)), flush=True); continue
-    fam = socket.AF_INET6 if cmd[1] == "6" else socket.AF_INET
-    kind = socket.SOCK_STREAM if cmd[0] == "tcp" else socket.SOCK_DGRAM
-    s = socket.socket(fam, kind)
-    s.settimeout(2)
-    try:
-        if kind == socket.SOCK_STREAM:
-            s.connect((cmd[2], int(cmd[3])))
-        else:
-            s.sendto(b"x", (cmd[2], int(cmd[3])))
-        code = 0
-    except OSError as e:
-        code = e.errno or -1
-    s.close()
-    print(code, flush=True)
-"""
-
-
-class Probe:
-    """A process in the scratch cgroup that makes attempts on request."""
-
-    def __init__(self, cgroup: Path) -> None:
-        self.proc = spawn(
-            cgroup,
-            [sys.executable, "-c", PROBE],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.pid = int(self.ask("pid"))
-
-    def ask(self, line: str) -> int:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -116,17 +50,6 @@ def probe(scratch_cgroup: Path, programs: object) -> Iterator[Probe]:
         yield p
     finally:
         p.close()
-
-
-def free_port_pair() -> int:
-    """A port P such that nothing listens on P-1 .. P+2 on 127.0.0.1 right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if 1025 < p < 65000:
-            return p
-    raise AssertionError("no free port")
 
 
 def policy(body: str) -> str:

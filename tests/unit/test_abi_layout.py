@@ -54,6 +54,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_PROTO_TCP",
         "SIDECAR_PROTO_UDP",
         "SIDECAR_MAX_PORT_RULES",
+        "SIDECAR_HEARTBEAT_STALE_NS",
     ):
         lines.append(f'printf("{name} %llu\\n", (unsigned long long){name});')
     lines.append("return 0; }")
@@ -107,6 +108,7 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
     assert c_layout["SIDECAR_PROTO_TCP"] == abi.PROTO_TCP
     assert c_layout["SIDECAR_PROTO_UDP"] == abi.PROTO_UDP
     assert c_layout["SIDECAR_MAX_PORT_RULES"] == abi.MAX_PORT_RULES
+    assert c_layout["SIDECAR_HEARTBEAT_STALE_NS"] == abi.HEARTBEAT_STALE_NS
 
 
 def _connect_record(**over: int) -> bytes:

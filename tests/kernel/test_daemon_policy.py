@@ -1,0 +1,283 @@
+"""The policy lifecycle through the daemon as operators run it (`sidecar run` in its own process).
+
+Hot reload on file change and on SIGHUP, a bad policy rejected while the old
+one keeps enforcing, decision events attributed to identity and instance,
+and the fail-static promise: SIGKILL the daemon and every deny keeps denying;
+restart it and it takes the pinned state over without attaching twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    DaemonProcess,
+    Probe,
+    free_port_pair,
+    start_daemon_process,
+    stop_daemon_process,
+    wait_until,
+)
+
+from sidecar.kernel.checks import cgroup2_root
+
+AGENT = "spiffe://example.org/agent/research-bot"
+PYTHON = os.path.realpath(sys.executable)
+
+
+def policy_text(port: int, mode: str = "enforce") -> str:
+    return f"""apiVersion: sidecar/v1
+kind: Policy
+defaults:
+  unidentified: allow
+identities:
+  - id: {AGENT}
+    mode: {mode}
+    egress:
+      - name: port-{port}
+        cidrs: [127.0.0.1/32]
+        ports: [{port}]
+        protocols: [udp]
+"""
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write as editors and kubelet do: a new file renamed over the old one."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+def setup(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> dict[str, object]:
+    rel = "/" + str(scratch_cgroup.relative_to(cgroup2_root()))
+    sha = hashlib.sha256(Path(PYTHON).read_bytes()).hexdigest()
+    entries = short_tmp / "entries.yaml"
+    entries.write_text(
+        f"""apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+  - spiffeId: {AGENT}
+    selectors: [unix:uid:0, "unix:sha256:{sha}", "cgroup:path:{rel}"]
+"""
+    )
+    a, b = free_port_pair(), free_port_pair()
+    while b == a:
+        b = free_port_pair()
+    policy = short_tmp / "policy.yaml"
+    policy.write_text(policy_text(a))
+    return {
+        "entries": entries,
+        "policy": policy,
+        "a": a,
+        "b": b,
+        "cgroup": scratch_cgroup,
+        "pin_dir": pin_dir,
+        "tmp": short_tmp,
+    }
+
+
+def config_text(setup: dict[str, object], *, interval: int = 1, detach: bool = True) -> str:
+    tmp = setup["tmp"]
+    return f"""apiVersion: sidecar/v1
+kind: DaemonConfig
+host: policy-test
+scope:
+  cgroup: {setup["cgroup"]}
+bpf:
+  pinDir: {setup["pin_dir"]}
+  detachOnExit: {"true" if detach else "false"}
+identity:
+  entries: {setup["entries"]}
+  stateDir: {tmp}/state
+  workloadSocket: {tmp}/workload.sock
+policy:
+  file: {setup["policy"]}
+  reloadIntervalSeconds: {interval}
+adminSocket: {tmp}/admin.sock
+metrics: ""
+"""
+
+
+@pytest.fixture
+def running(setup: dict[str, object]) -> Iterator[DaemonProcess]:
+    d = start_daemon_process(setup["tmp"], config_text(setup))  # type: ignore[arg-type]
+    try:
+        yield d
+    finally:
+        stop_daemon_process(d)
+
+
+def attested_probe(d: DaemonProcess, cgroup: Path) -> Probe:
+    probe = Probe(cgroup)
+    ev = d.wait_for(type="exec", pid=probe.pid)
+    if ev["identity"] != AGENT:
+        probe.close()
+        raise AssertionError(f"probe not attested: {ev}")
+    return probe
+
+
+def test_decisions_are_events_with_identity_instance_serial_rule_and_version(
+    running: DaemonProcess, setup: dict[str, object]
+) -> None:
+    probe = attested_probe(running, setup["cgroup"])  # type: ignore[arg-type]
+    try:
+        loaded = running.wait_for(type="policy_loaded")
+        assert probe.ask(f"udp 4 127.0.0.1 {setup['a']}") == 0
+        assert probe.ask(f"udp 4 127.0.0.1 {setup['b']}") == errno.EPERM
+        deny = running.wait_for(type="connect", pid=probe.pid, verdict="deny")
+        assert deny["identity"] == AGENT
+        assert deny["instance_id"] and deny["svid_serial"]
+        assert deny["rule"] == "default"
+        assert deny["dport"] == setup["b"]
+        assert deny["policy_version"] == loaded["policy_version"]
+        # Allowed decisions are not logged unless the policy says log_allowed.
+        assert not running.events() or all(
+            e.get("verdict") != "allow" for e in running.events() if e["type"] == "connect"
+        )
+    finally:
+        probe.close()
+
+
+def test_policy_file_change_reloads_and_a_bad_one_keeps_the_old_enforcing(
+    running: DaemonProcess, setup: dict[str, object]
+) -> None:
+    a, b = setup["a"], setup["b"]
+    policy: Path = setup["policy"]  # type: ignore[assignment]
+    probe = attested_probe(running, setup["cgroup"])  # type: ignore[arg-type]
+    try:
+        first = running.wait_for(type="policy_loaded")["policy_version"]
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
+        replace_file(policy, policy_text(b))  # type: ignore[arg-type]
+        second = wait_until(
+            lambda: [
+                e
+                for e in running.events()
+                if e["type"] == "policy_loaded" and e["policy_version"] != first
+            ],
+            what="reload after file change",
+        )[0]["policy_version"]
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == errno.EPERM
+        assert probe.ask(f"udp 4 127.0.0.1 {b}") == 0
+
+        policy.write_text(policy_text(b).replace("ports: [", "ports: [0, "))
+        rejected = running.wait_for(type="policy_rejected")
+        assert f"{policy}:" in rejected["error"] and "ports" in rejected["error"]
+        assert probe.ask(f"udp 4 127.0.0.1 {b}") == 0  # the old policy still enforces
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == errno.EPERM
+        assert running.proc.poll() is None
+        assert second != first
+    finally:
+        probe.close()
+
+
+def test_sighup_reloads(setup: dict[str, object]) -> None:
+    d = start_daemon_process(setup["tmp"], config_text(setup, interval=3600))  # type: ignore[arg-type]
+    probe = None
+    try:
+        probe = attested_probe(d, setup["cgroup"])  # type: ignore[arg-type]
+        first = d.wait_for(type="policy_loaded")["policy_version"]
+        replace_file(setup["policy"], policy_text(setup["b"]))  # type: ignore[arg-type]
+        assert probe.ask(f"udp 4 127.0.0.1 {setup['b']}") == errno.EPERM  # not yet: no timer
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: [
+                e
+                for e in d.events()
+                if e["type"] == "policy_loaded" and e["policy_version"] != first
+            ],
+            what="reload on SIGHUP",
+        )
+        assert probe.ask(f"udp 4 127.0.0.1 {setup['b']}") == 0
+    finally:
+        if probe is not None:
+            probe.close()
+        stop_daemon_process(d)
+
+
+def _attachments(cgroup: Path) -> list[str]:
+    out = subprocess.run(
+        ["bpftool", "cgroup", "show", str(cgroup)], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool is installed by make setup")
+def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attaching_twice(
+    setup: dict[str, object],
+) -> None:
+    a, b = setup["a"], setup["b"]
+    cgroup: Path = setup["cgroup"]  # type: ignore[assignment]
+    text = config_text(setup, detach=False)
+    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    probe = None
+    try:
+        probe = attested_probe(d, cgroup)
+        assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM
+        before = _attachments(cgroup)
+        assert len(before) == 4  # connect4, connect6, sendmsg4, sendmsg6
+
+        stop_daemon_process(d, signal.SIGKILL)
+        assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM  # fail-static
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
+        assert probe.ask(f"fork-connect 127.0.0.1 {b}") == errno.EPERM  # new children too
+        assert _attachments(cgroup) == before
+
+        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+        assert len(_attachments(cgroup)) == 4  # taken over, not attached again
+        assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
+        # The table was rebuilt from /proc: the probe is known and attested again.
+        import json
+
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sidecar.cli",
+                "identities",
+                "--json",
+                "--socket",
+                str(setup["tmp"]) + "/admin.sock",
+            ],  # type: ignore[operator]
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        )
+        assert out.returncode == 0, out.stderr
+        pids = {r["pid"]: r for r in json.loads(out.stdout)["instances"]}
+        assert pids[probe.pid]["spiffe_id"] == AGENT
+    finally:
+        if probe is not None:
+            probe.close()
+        stop_daemon_process(d)
+
+
+def test_uninstall_removes_every_program_and_pin(setup: dict[str, object]) -> None:
+    cgroup: Path = setup["cgroup"]  # type: ignore[assignment]
+    pin_dir: Path = setup["pin_dir"]  # type: ignore[assignment]
+    d = start_daemon_process(setup["tmp"], config_text(setup, detach=False))  # type: ignore[arg-type]
+    stop_daemon_process(d)
+    assert pin_dir.exists()  # fail-static: still attached after a clean stop
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "uninstall", "--pin-dir", str(pin_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert out.returncode == 0, out.stderr
+    assert not pin_dir.exists()
+    if shutil.which("bpftool"):
+        assert _attachments(cgroup) == []
