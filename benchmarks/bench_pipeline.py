@@ -83,7 +83,9 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def start_daemon(tmp: Path, cgroup: Path, pin_dir: Path, output: Path) -> tuple[subprocess.Popen[bytes], float]:
+def start_daemon(
+    tmp: Path, cgroup: Path, pin_dir: Path, output: Path
+) -> tuple[subprocess.Popen[bytes], float]:
     cfg = tmp / "config.yaml"
     cfg.write_text(
         "apiVersion: sidecar/v1\nkind: DaemonConfig\n"
@@ -96,8 +98,18 @@ def start_daemon(tmp: Path, cgroup: Path, pin_dir: Path, output: Path) -> tuple[
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
     began = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sidecar.cli", "run", "--config", str(cfg),
-         "--cgroup", str(cgroup), "--output", str(output)],
+        [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "run",
+            "--config",
+            str(cfg),
+            "--cgroup",
+            str(cgroup),
+            "--output",
+            str(output),
+        ],
         env=env,
         stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115
     )
@@ -124,7 +136,9 @@ def count_events(output: Path, storm_pids: set[int] | None = None) -> tuple[int,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--loops", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the figures here")

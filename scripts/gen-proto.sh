@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+export PATH="$(dirname "$PY"):$PATH"  # protoc-gen-mypy lives beside the interpreter
 out=.
 if [ "${1:-}" = "--check" ]; then
   out=$(mktemp -d)

@@ -59,7 +59,7 @@ class AdminServer:
                 answer = {"error": f"bad request: {exc}"}
             writer.write(json.dumps(answer, default=str).encode() + b"\n")
             await writer.drain()
-        except (TimeoutError, ConnectionError):
+        except (asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

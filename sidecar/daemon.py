@@ -376,7 +376,7 @@ class Daemon:
         tick = min(self.config.reload_interval, (watchdog or 2.0) / 2, 1.0)
         last_check = time.monotonic()
         while not self._stop.is_set():
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
             self._programs.heartbeat()
             self._check_lost()

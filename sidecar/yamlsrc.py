@@ -149,11 +149,11 @@ def _convert(
             key = ctor.construct_object(key_node, deep=True)
             if not isinstance(key, str | int):
                 raise doc.error(path, f"key {key!r} must be a string")
+            key_path = (*path, str(key))
+            doc.lines[key_path] = key_node.start_mark.line + 1
             if key in out:
-                doc.lines[(*path, str(key))] = key_node.start_mark.line + 1
-                raise doc.error((*path, str(key)), "duplicate key")
-            doc.lines[(*path, str(key))] = key_node.start_mark.line + 1
-            out[key] = _convert(value_node, (*path, str(key)), doc, ctor, seen)
+                raise doc.error(key_path, "duplicate key")
+            out[key] = _convert(value_node, key_path, doc, ctor, seen)
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, (*path, i), doc, ctor, seen) for i, item in enumerate(node.value)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -121,7 +121,7 @@ def renewal_due(cred_dir: Path, fraction: float = 0.5) -> bool:
     except (OSError, ValueError):
         return True
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return datetime.now(UTC) >= start + (end - start) * fraction
+    return datetime.now(timezone.utc) >= start + (end - start) * fraction
 
 
 def _options(server_name: str | None) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 import grpc
 from google.protobuf import json_format
@@ -74,7 +74,7 @@ def _details(ev: event_pb2.Event) -> str:
 def format_line(se: collector_pb2.StoredEvent) -> str:
     """One readable line: time, host, sequence, kind, identity, details, and a flag."""
     ev = se.event
-    when = datetime.fromtimestamp(ev.time_ns / 1e9, UTC).isoformat(timespec="milliseconds")
+    when = datetime.fromtimestamp(ev.time_ns / 1e9, timezone.utc).isoformat(timespec="milliseconds")
     flag = ""
     if se.verification not in (
         collector_pb2.VERIFICATION_VERIFIED,

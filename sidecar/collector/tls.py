@@ -9,7 +9,7 @@ that also names the collector's host names and addresses.
 from __future__ import annotations
 
 import ipaddress
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import grpc
 from cryptography import x509
@@ -28,7 +28,7 @@ def server_credentials(
     if ca.private_key is None:
         raise CredentialError("the collector's CA has no private key")
     key = new_key()
-    now = datetime.now(UTC)
+    now = datetime.now(timezone.utc)
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(f"spiffe://{ca.trust_domain}/collector")
     ]

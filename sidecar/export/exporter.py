@@ -348,7 +348,7 @@ class Exporter:
                 self._wake.clear()
                 if self.spool.durable_sequence > sent and sent - self.spool.acked < window:
                     continue
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
                     await asyncio.wait_for(self._wake.wait(), 1.0)
 
     async def _read_acks(

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sidecar.errors import CredentialError
 from sidecar.identity.jwt import JwtAuthority
@@ -183,7 +183,7 @@ class CredentialManager:
             state.task.cancel()
         for mailbox in state.watchers:
             mailbox.push(None)
-        now = datetime.now(UTC)
+        now = datetime.now(timezone.utc)
         live = {s: t for s, t in state.live_serials.items() if t > now}
         self._revoked_serials.update(live)
         for serial, not_after in live.items():
@@ -211,12 +211,12 @@ class CredentialManager:
             try:
                 svid = self._new_svid(state.spiffe_id)
             except CredentialError as exc:
-                remaining = (state.svid.not_after - datetime.now(UTC)).total_seconds()
+                remaining = (state.svid.not_after - datetime.now(timezone.utc)).total_seconds()
                 delay = max(0.0, min(_RETRY_DELAY, remaining))
                 _logger.warning("renewing %s for %s failed: %s", state.spiffe_id, instance_id, exc)
                 continue
             state.svid = svid
-            now = datetime.now(UTC)
+            now = datetime.now(timezone.utc)
             state.live_serials = {s: t for s, t in state.live_serials.items() if t > now}
             state.live_serials[svid.serial] = svid.not_after
             self._emit(CREDENTIAL_ISSUED, instance_id, svid)
@@ -237,7 +237,7 @@ class CredentialManager:
         return any(serial in s.live_serials for s in self._instances.values())
 
     def _prune_revoked(self) -> None:
-        now = datetime.now(UTC)
+        now = datetime.now(timezone.utc)
         expired = [s for s, t in self._revoked_serials.items() if t <= now]
         for serial in expired:
             del self._revoked_serials[serial]
@@ -258,7 +258,7 @@ def _half_life(svid: X509Svid) -> float:
 
     Measured from now rather than from not_before, which is backdated a little.
     """
-    remaining = (svid.not_after - datetime.now(UTC)).total_seconds()
+    remaining = (svid.not_after - datetime.now(timezone.utc)).total_seconds()
     return max(0.0, remaining / 2)
 
 
