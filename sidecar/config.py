@@ -42,6 +42,11 @@ class DaemonConfig:
     reload_interval: float = 1.0  # seconds between checks of the policy and entries files
     admin_socket: Path | None = Path("/run/sidecar/admin.sock")
     metrics: str = "127.0.0.1:9464"  # "" turns the endpoint off
+    collector: str = ""  # host:port of a collector's mTLS port; "" keeps events local
+    collector_credentials: Path = Path("/var/lib/sidecar/host")  # from 'sidecar enroll'
+    collector_server_name: str | None = None
+    spool_dir: Path = Path("/var/lib/sidecar/spool")
+    spool_max_bytes: int = 256 * 1024 * 1024
     source: str = "<defaults>"
 
 
@@ -146,6 +151,23 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
             pol.parse("reloadIntervalSeconds", _bounded(1, 3600), int(interval)) or interval
         )
         pol.done()
+    collector = (
+        cfg.collector,
+        cfg.collector_credentials,
+        cfg.collector_server_name,
+        cfg.spool_dir,
+        cfg.spool_max_bytes,
+    )
+    if "collector" in doc.data:
+        col = Fields(doc, ("collector",), top.required("collector", dict))
+        collector = (
+            col.parse("address", _address, "") or "",
+            col.parse("credentials", _abs_path, collector[1]) or collector[1],
+            col.optional("serverName", str, collector[2] or "") or None,
+            col.parse("spoolDir", _abs_path, collector[3]) or collector[3],
+            col.parse("spoolMaxBytes", _bounded(1 << 20, 1 << 40), collector[4]) or collector[4],
+        )
+        col.done()
     admin = top.parse("adminSocket", _abs_path, cfg.admin_socket)
     metrics = top.parse("metrics", _address, cfg.metrics)
     top.done()
@@ -159,6 +181,11 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         reload_interval=interval,
         admin_socket=admin,
         metrics=metrics if metrics is not None else cfg.metrics,
+        collector=collector[0],
+        collector_credentials=collector[1],
+        collector_server_name=collector[2],
+        spool_dir=collector[3],
+        spool_max_bytes=collector[4],
         host=host,
         output=output,
         scope_cgroup=scope_cgroup,

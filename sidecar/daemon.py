@@ -146,6 +146,8 @@ class Daemon:
         self.manager: Any = None
         self.instances: Any = None
         self.enforcer: Enforcer | None = None
+        self.exporter: Any = None
+        self._export_task: asyncio.Task[None] | None = None
         self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -239,7 +241,18 @@ class Daemon:
         from sidecar.instances import InstanceRegistry
 
         td = self.attestor.entries.trust_domain
-        ca = CertificateAuthority.load_or_generate(self.config.state_dir / "ca", td)
+        if self.config.collector:
+            # Enrolled: sign with the intermediate the collector's root issued us.
+            from sidecar.collector.enroll import load_intermediate
+
+            ca = load_intermediate(self.config.collector_credentials)
+            if ca.trust_domain != td:
+                raise ConfigError(
+                    f"{self.config.entries}: trust domain {td} is not the collector's "
+                    f"({ca.trust_domain})"
+                )
+        else:
+            ca = CertificateAuthority.load_or_generate(self.config.state_dir / "ca", td)
         self.manager = CredentialManager(
             ca,
             JwtAuthority(td),
@@ -341,8 +354,45 @@ class Daemon:
                     "programs stay attached (fail-static); 'sidecar uninstall' removes them"
                 )
 
+    async def _start_exporter(self) -> Any:
+        if not self.config.collector:
+            return None
+        from sidecar.attest import boot_id
+        from sidecar.collector.enroll import load_host_identity
+        from sidecar.export.exporter import Exporter, ExporterConfig
+
+        cred_dir = self.config.collector_credentials
+
+        def identity() -> Any:
+            return load_host_identity(cred_dir)
+
+        identity()  # not enrolled: fail now, with the error naming the folder
+        exporter = Exporter(
+            ExporterConfig(
+                target=self.config.collector,
+                spool_dir=self.config.spool_dir,
+                spool_max_bytes=self.config.spool_max_bytes,
+                server_name=self.config.collector_server_name,
+            ),
+            identity,
+            boot_id(),
+        )
+        self.exporter = exporter
+        self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
+        _logger.info("streaming events to the collector at %s", self.config.collector)
+        return _ExporterStopper(self)
+
+    async def _export(self, exporter: Any) -> None:
+        try:
+            await exporter.run()
+        except SidecarError as exc:
+            _logger.error("event export stopped: %s; events stay in the spool", exc)
+
     async def _start_servers(self) -> list[Any]:
         servers: list[Any] = []
+        stopper = await self._start_exporter()
+        if stopper is not None:
+            servers.append(stopper)
         if self.manager is not None and self.config.workload_socket is not None:
             from sidecar.identity.workload_api import WorkloadApiServer
 
@@ -380,6 +430,7 @@ class Daemon:
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
             self._programs.heartbeat()
             self._check_lost()
+            self._export_metrics()
             self.sink.flush()
             if watchdog:
                 _notify(sdnotify.watchdog)
@@ -505,6 +556,12 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.record_event(event["type"])
         self.sink.write(event)
+        if self.exporter is not None:
+            from sidecar.export.convert import to_proto
+
+            wire = to_proto(event)
+            if wire is not None:
+                self.exporter.submit(wire)
 
     def _time(self, ts_ns: int) -> str:
         wall = (self._clock_offset + ts_ns) / 1e9
@@ -842,13 +899,57 @@ class Daemon:
                 "kernel": {t.name.lower(): n for t, n in self.lost_reported.items() if n},
                 "decode_errors": self.decode_errors,
             },
-            "collector": {"state": "not configured", "spool_depth": 0},
+            "collector": self._collector_status(),
+        }
+
+    def _export_metrics(self) -> None:
+        if self.metrics is None or self.exporter is None:
+            return
+        spool = self.exporter.spool
+        self.metrics.set_spool_depth(spool.pending(), spool.size_bytes())
+        running = self._export_task is not None and not self._export_task.done()
+        self.metrics.set_stream_state(
+            ("streaming" if self.exporter.connected else "backoff") if running else "stopped"
+        )
+
+    def _collector_status(self) -> dict[str, Any]:
+        if self.exporter is None:
+            return {"state": "not configured", "spool_depth": 0}
+        spool = self.exporter.spool
+        running = self._export_task is not None and not self._export_task.done()
+        state = (
+            ("connected" if self.exporter.connected else "reconnecting") if running else "stopped"
+        )
+        return {
+            "state": state,
+            "address": self.config.collector,
+            "spool_depth": spool.pending(),
+            "acked_sequence": spool.acked,
+            "dropped": sum(self.exporter.dropped.values()),
         }
 
     def identities(self) -> dict[str, Any]:
         if self.instances is None:
             return {"instances": []}
         return {"instances": [i.describe(self.manager) for i in self.instances.all()]}
+
+
+class _ExporterStopper:
+    """Flushes the exporter at shutdown: what is not acknowledged stays in the spool."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    async def stop(self) -> None:
+        d = self._daemon
+        if d.exporter is None:
+            return
+        if not await d.exporter.close(timeout=5.0):
+            _logger.info("unacknowledged events stay in the spool for the next run")
+        if d._export_task is not None:
+            d._export_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await d._export_task
 
 
 class _SyncStopper:

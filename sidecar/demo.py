@@ -1,105 +1,337 @@
-"""``make demo``: the product on its embedded default, end to end, in seconds.
+"""``make demo``: the whole product, end to end, in under a minute.
 
-The demo makes its own scratch cgroup and pin directory (never the root
-cgroup, never the production pins), runs the daemon in the foreground
-printing each event as it happens, starts a small demo agent inside the
-cgroup (it runs a tool, connects over TCP to a loopback listener the demo
-opens, and sends a UDP datagram without connecting), then stops and
-removes everything it made.
+Everything runs as an operator would run it, as separate processes, on this
+machine only (loopback), in a scratch cgroup and pin directory of its own
+that are removed at the end:
+
+1. a collector starts (mTLS gRPC, SQLite store) and this host enrolls with a
+   single-use join token;
+2. the daemon starts on the demo cgroup with registration entries and an
+   enforcing policy, and streams every event to the collector;
+3. ``sidecar tail`` prints the attributed events live as the collector stores them;
+4. a demo agent starts in the cgroup: it is attested as
+   ``spiffe://example.org/agent/research-bot``, fetches its X.509-SVID over the
+   SPIFFE Workload API, makes the one connection its allowlist names, is
+   refused (EPERM) a connection it does not name, and is killed trying to run
+   a tool outside its list;
+5. the blast-radius report of the demo policy is printed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
+import hashlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
-from dataclasses import replace
+import tempfile
+import time
 from pathlib import Path
 
-from sidecar import config
-from sidecar.daemon import Daemon, JsonLinesSink
-from sidecar.errors import KernelError
+from sidecar.errors import SidecarError
 from sidecar.kernel.checks import cgroup2_root
 
-_logger = logging.getLogger(__name__)
+AGENT_ID = "spiffe://example.org/agent/research-bot"
+TAIL_ID = "spiffe://example.org/ops/demo-tail"
 
 AGENT = r"""
-import os, socket, subprocess, sys
-port = int(sys.argv[1])
-print("demo agent: running a tool", file=sys.stderr)
-subprocess.run(["/bin/echo", "hello from a tool the agent spawned"], check=True)
-print("demo agent: connecting to 127.0.0.1:%d over TCP" % port, file=sys.stderr)
-with socket.create_connection(("127.0.0.1", port), timeout=2):
-    pass
-print("demo agent: sending a UDP datagram to [::1]:%d without connect" % port, file=sys.stderr)
-with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-    s.sendto(b"ping", ("::1", port))
+import errno, socket, subprocess, sys
+import grpc
+from cryptography import x509
+from sidecar.api.workload import workload_pb2 as pb, workload_pb2_grpc as pb_grpc
+
+sock, ok_port, bad_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+say = lambda msg: print(f"  demo agent | {msg}", file=sys.stderr, flush=True)
+
+with grpc.insecure_channel(f"unix:{sock}") as ch:
+    stub = pb_grpc.SpiffeWorkloadAPIStub(ch)
+    meta = (("workload.spiffe.io", "true"),)
+    svid = next(stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=meta)).svids[0]
+    leaf_len = 4 + int.from_bytes(svid.x509_svid[2:4], "big")  # the first DER certificate
+    leaf = x509.load_der_x509_certificate(svid.x509_svid[:leaf_len])
+    say(f"fetched its X.509-SVID: {svid.spiffe_id}, serial {leaf.serial_number:x}, "
+        f"valid until {leaf.not_valid_after_utc:%H:%M:%S} UTC")
+
+with socket.create_connection(("127.0.0.1", ok_port), timeout=2):
+    say(f"connect to 127.0.0.1:{ok_port} (on its allowlist): connected")
+try:
+    socket.create_connection(("127.0.0.1", bad_port), timeout=2)
+    say(f"connect to 127.0.0.1:{bad_port}: connected (NOT EXPECTED)")
+except PermissionError:
+    say(f"connect to 127.0.0.1:{bad_port} (not on its allowlist): refused by the kernel (EPERM)")
+r = subprocess.run(["/usr/bin/id"])
+say(f"run /usr/bin/id (not on its exec list): exit status {r.returncode}"
+    + (" - killed before it ran" if r.returncode == -9 else " (NOT EXPECTED)"))
 """
 
 
-def _move_self_into(cgroup: Path) -> None:
-    # Runs in the child between fork and exec: only async-signal-safe calls.
-    fd = os.open(cgroup / "cgroup.procs", os.O_WRONLY)
-    try:
-        os.write(fd, b"0")
-    finally:
-        os.close(fd)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-async def _demo(scratch: Path, pin_dir: Path) -> int:
-    cfg = replace(
-        config.load(None, cgroup=scratch, output="-"),
-        pin_dir=pin_dir,
-        detach_on_exit=True,
-    )
-    sink = JsonLinesSink("-")
-    daemon = Daemon(cfg, sink)
-    ready = asyncio.Event()
-    runner = asyncio.create_task(daemon.run(on_ready=ready.set))
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    try:
-        waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done:
-            await runner  # raises the start-up error
-            return 1
-        print(f"== daemon watching {scratch}; starting the demo agent", file=sys.stderr)
-        agent = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            AGENT,
-            str(port),
-            preexec_fn=lambda: _move_self_into(scratch),
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SidecarError(f"the collector exited early:\n{log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise SidecarError(f"the collector did not listen on port {port} within {timeout}s")
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", file=sys.stderr, flush=True)
+
+
+class Demo:
+    def __init__(self) -> None:
+        self.repo_env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                p
+                for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))
+                if p
+            ),
+        }
+        self.work = Path(tempfile.mkdtemp(prefix="sidecar-demo-", dir="/tmp"))
+        self.work.chmod(0o755)
+        self.cgroup = cgroup2_root() / f"sidecar-demo-{os.getpid()}"
+        self.pin_dir = Path(f"/sys/fs/bpf/sidecar-demo-{os.getpid()}")
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", *args],
+            env=self.repo_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
-        rc = await agent.wait()
-        await asyncio.sleep(0.5)  # let the last records drain
-        print(f"== demo agent exited with {rc}; stopping", file=sys.stderr)
-        return 0 if rc == 0 else 1
-    finally:
-        listener.close()
-        daemon.stop()
-        with contextlib.suppress(asyncio.CancelledError):
-            await runner
-        sink.close()
+        if out.returncode != 0:
+            raise SidecarError(f"sidecar {' '.join(args[:2])} failed: {out.stderr.strip()}")
+        return out.stdout
+
+    def start(self, *args: str, log: str, **kw: object) -> subprocess.Popen[bytes]:
+        with (self.work / log).open("wb") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.cli", *args],
+                env=kw.pop("env", self.repo_env),
+                stderr=fh,
+                **kw,  # type: ignore[call-overload]
+            )
+        self.procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    def run(self) -> int:
+        w = self.work
+        mtls, enroll_port, ok_port = _free_port(), _free_port(), _free_port()
+        bad_port = ok_port + 1 if ok_port < 65535 else ok_port - 1
+
+        _step("1. collector: mTLS gRPC on loopback, SQLite store; this host enrolls")
+        (w / "collector.yaml").write_text(
+            f"""apiVersion: sidecar/v1
+kind: CollectorConfig
+trustDomain: example.org
+dataDir: {w}/collector
+listen: 127.0.0.1:{mtls}
+enrollmentListen: 127.0.0.1:{enroll_port}
+subscribers: [{TAIL_ID}]
+"""
+        )
+        collector = self.start(
+            "collector", "--config", str(w / "collector.yaml"), log="collector.log"
+        )
+        _wait_port(mtls, collector, w / "collector.log")
+        (w / "bundle.pem").write_text(
+            self.cli("collector", "--config", str(w / "collector.yaml"), "--bundle")
+        )
+        token = self.cli(
+            "collector", "--config", str(w / "collector.yaml"), "--join-token", "demo-host"
+        ).strip()
+        print(
+            "   "
+            + self.cli(
+                "enroll",
+                "--collector",
+                f"127.0.0.1:{enroll_port}",
+                "--token",
+                token,
+                "--bundle",
+                str(w / "bundle.pem"),
+                "--out",
+                str(w / "host"),
+            ).strip(),
+            file=sys.stderr,
+        )
+        self.cli(
+            "collector",
+            "--config",
+            str(w / "collector.yaml"),
+            "--issue-svid",
+            TAIL_ID,
+            "--out",
+            str(w / "tail"),
+        )
+
+        _step("2. daemon: attests processes in the demo cgroup, enforces the demo policy")
+        python = os.path.realpath(sys.executable)
+        digest = hashlib.sha256(Path(python).read_bytes()).hexdigest()
+        rel = "/" + str(self.cgroup.relative_to(cgroup2_root()))
+        (w / "entries.yaml").write_text(
+            f"""apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+  - spiffeId: {AGENT_ID}
+    selectors: [unix:uid:{os.getuid()}, "unix:sha256:{digest}", "cgroup:path:{rel}"]
+"""
+        )
+        (w / "policy.yaml").write_text(
+            f"""apiVersion: sidecar/v1
+kind: Policy
+defaults:
+  unidentified: allow
+identities:
+  - id: {AGENT_ID}
+    mode: enforce
+    egress:
+      - name: search-api
+        cidrs: [127.0.0.1/32]
+        ports: [{ok_port}]
+        protocols: [tcp]
+    exec: [{python}]
+"""
+        )
+        (w / "daemon.yaml").write_text(
+            f"""apiVersion: sidecar/v1
+kind: DaemonConfig
+host: demo-host
+output: {w}/events.jsonl
+scope:
+  cgroup: {self.cgroup}
+bpf:
+  pinDir: {self.pin_dir}
+  detachOnExit: true
+identity:
+  entries: {w}/entries.yaml
+  stateDir: {w}/state
+  workloadSocket: {w}/workload.sock
+policy:
+  file: {w}/policy.yaml
+collector:
+  address: 127.0.0.1:{mtls}
+  credentials: {w}/host
+  spoolDir: {w}/spool
+adminSocket: {w}/admin.sock
+metrics: ""
+"""
+        )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(w / "notify.sock"))
+        notify.settimeout(60)
+        daemon = self.start(
+            "run",
+            "--config",
+            str(w / "daemon.yaml"),
+            log="daemon.log",
+            env={**self.repo_env, "NOTIFY_SOCKET": str(w / "notify.sock")},
+        )
+        while b"READY=1" not in notify.recv(4096).split(b"\n"):
+            pass
+        notify.close()
+        print("   daemon ready: programs attached, policy in force", file=sys.stderr)
+
+        _step("3. the collector's live stream (sidecar tail), and 4. the demo agent")
+        tail = self.start(
+            "tail",
+            "--collector",
+            f"127.0.0.1:{mtls}",
+            "--credentials",
+            str(w / "tail"),
+            "--identity",
+            AGENT_ID,
+            log="tail.log",
+        )
+        time.sleep(0.5)
+        with socket.create_server(("127.0.0.1", ok_port)):
+            agent = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    AGENT,
+                    str(w / "workload.sock"),
+                    str(ok_port),
+                    str(bad_port),
+                ],
+                env=self.repo_env,
+                preexec_fn=self._into_cgroup,
+                timeout=60,
+            )
+        time.sleep(2.0)  # let the stream catch up
+        tail.send_signal(signal.SIGTERM)
+        tail.wait(10)
+        if agent.returncode != 0:
+            raise SidecarError(f"the demo agent failed (exit {agent.returncode})")
+
+        _step("5. blast radius of the demo policy: what a compromise of each identity could reach")
+        print(
+            self.cli(
+                "policy",
+                "blast-radius",
+                str(w / "policy.yaml"),
+                "--entries",
+                str(w / "entries.yaml"),
+            )
+        )
+        print(self.cli("status", "--socket", str(w / "admin.sock")), file=sys.stderr)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        collector.send_signal(signal.SIGTERM)
+        collector.wait(30)
+        _step("done: every event above was attested, enforced and stored by the collector")
+        return 0
+
+    def _into_cgroup(self) -> None:
+        fd = os.open(self.cgroup / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        from sidecar.kernel.loader import uninstall
+
+        uninstall(self.pin_dir)
+        with contextlib.suppress(OSError):
+            self.cgroup.rmdir()
+        if os.environ.get("SIDECAR_DEMO_KEEP"):
+            print(f"demo files kept in {self.work}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.work, ignore_errors=True)
 
 
 def run_demo(seconds: float = 0) -> int:
-    del seconds  # the demo ends when its agent is done
-    scratch = cgroup2_root() / f"sidecar-demo-{os.getpid()}"
-    pin_dir = Path(f"/sys/fs/bpf/sidecar-demo-{os.getpid()}")
+    del seconds
+    demo = Demo()
     try:
-        scratch.mkdir()
+        demo.cgroup.mkdir()
     except OSError as exc:
-        raise KernelError(f"cannot create the demo cgroup {scratch}: {exc.strerror}") from exc
+        raise SidecarError(f"cannot create the demo cgroup {demo.cgroup}: {exc.strerror}") from exc
     try:
-        return asyncio.run(_demo(scratch, pin_dir))
+        return demo.run()
     finally:
-        from sidecar.kernel.loader import uninstall
-
-        uninstall(pin_dir)
-        with contextlib.suppress(OSError):
-            scratch.rmdir()
+        demo.cleanup()

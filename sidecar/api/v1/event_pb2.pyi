@@ -86,18 +86,24 @@ class ProcessInstance(_message.Message):
 
     PID_FIELD_NUMBER: _builtins.int
     START_TIME_NS_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     start_time_ns: _builtins.int
     """Process start time in nanoseconds since boot (from /proc/<pid>/stat)."""
+    instance_id: _builtins.str
+    """Stable id of the attested instance (boot id, pid, start time) whose
+    identity the process carries: its own, or its nearest attested ancestor's.
+    """
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
         start_time_ns: _builtins.int = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid", "start_time_ns", b"start_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "pid", b"pid", "start_time_ns", b"start_time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,6 +305,34 @@ class PolicyLoaded(_message.Message):
 Global___PolicyLoaded: _TypeAlias = PolicyLoaded  # noqa: Y015
 
 @_typing.final
+class PolicyRejected(_message.Message):
+    """A policy or registration entries file that failed to load; the one in
+    force before keeps enforcing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WHAT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    what: _builtins.str
+    """"policy" or "entries" """
+    error: _builtins.str
+    """file:line: field: message"""
+    def __init__(
+        self,
+        *,
+        what: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "what", b"what"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyRejected: _TypeAlias = PolicyRejected  # noqa: Y015
+
+@_typing.final
 class LostEvents(_message.Message):
     """How many events were lost before they reached the collector, and why."""
 
@@ -430,6 +464,7 @@ class Event(_message.Message):
     POLICY_LOADED_FIELD_NUMBER: _builtins.int
     LOST_FIELD_NUMBER: _builtins.int
     INTEGRITY_FIELD_NUMBER: _builtins.int
+    POLICY_REJECTED_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     """Host name as in its host SVID (spiffe://<td>/host/<name>)."""
     boot_id: _builtins.str
@@ -466,6 +501,8 @@ class Event(_message.Message):
     def lost(self) -> Global___LostEvents: ...
     @_builtins.property
     def integrity(self) -> Global___IntegrityAlert: ...
+    @_builtins.property
+    def policy_rejected(self) -> Global___PolicyRejected: ...
     def __init__(
         self,
         *,
@@ -486,12 +523,13 @@ class Event(_message.Message):
         policy_loaded: Global___PolicyLoaded | None = ...,
         lost: Global___LostEvents | None = ...,
         integrity: Global___IntegrityAlert | None = ...,
+        policy_rejected: Global___PolicyRejected | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "process", b"process"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "process", b"process"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity", "policy_rejected"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
