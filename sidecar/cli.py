@@ -24,7 +24,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sidecar import config
-    from sidecar.daemon import Daemon, JsonLinesSink
+    from sidecar.daemon import Daemon, EventSink, JsonLinesSink, NullSink
 
     cfg = config.load(
         args.config,
@@ -33,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         policy=args.policy,
         entries=args.entries,
     )
-    sink = JsonLinesSink(cfg.output)
+    sink: EventSink = JsonLinesSink(cfg.output) if cfg.output else NullSink()
     metrics = None
     if cfg.metrics:
         from sidecar.metrics import DaemonMetrics

@@ -114,7 +114,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
     output = top.optional("output", str, cfg.output)
     scope_cgroup = cfg.scope_cgroup
     if "scope" in doc.data:
-        scope = Fields(doc, ("scope",), top.required("scope", dict))
+        scope = Fields(doc, ("scope",), top.optional("scope", dict, {}))
         scope_cgroup = scope.parse("cgroup", _abs_path, scope_cgroup)
         scope.done()
     pin_dir, procs_max, pages, detach = (
@@ -124,7 +124,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         cfg.detach_on_exit,
     )
     if "bpf" in doc.data:
-        bpf = Fields(doc, ("bpf",), top.required("bpf", dict))
+        bpf = Fields(doc, ("bpf",), top.optional("bpf", dict, {}))
         pin_dir = bpf.parse("pinDir", _abs_path, pin_dir) or pin_dir
         procs_max = bpf.parse("procsMax", _bounded(1024, 4_194_304), procs_max) or procs_max
         pages = bpf.parse("ringbufPages", _power_of_two, pages) or pages
@@ -137,7 +137,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         cfg.workload_socket,
     )
     if "identity" in doc.data:
-        ident = Fields(doc, ("identity",), top.required("identity", dict))
+        ident = Fields(doc, ("identity",), top.optional("identity", dict, {}))
         entries = ident.parse("entries", _abs_path, entries)
         state_dir = ident.parse("stateDir", _abs_path, state_dir) or state_dir
         ttl = ident.parse("svidTtlSeconds", _bounded(10, 86400), ttl) or ttl
@@ -145,7 +145,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         ident.done()
     policy, interval = cfg.policy, cfg.reload_interval
     if "policy" in doc.data:
-        pol = Fields(doc, ("policy",), top.required("policy", dict))
+        pol = Fields(doc, ("policy",), top.optional("policy", dict, {}))
         policy = pol.parse("file", _abs_path, policy)
         interval = float(
             pol.parse("reloadIntervalSeconds", _bounded(1, 3600), int(interval)) or interval
@@ -159,7 +159,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         cfg.spool_max_bytes,
     )
     if "collector" in doc.data:
-        col = Fields(doc, ("collector",), top.required("collector", dict))
+        col = Fields(doc, ("collector",), top.optional("collector", dict, {}))
         collector = (
             col.parse("address", _address, "") or "",
             col.parse("credentials", _abs_path, collector[1]) or collector[1],

@@ -84,6 +84,19 @@ class JsonLinesSink:
             self._fh.close()
 
 
+class NullSink:
+    """No local copy: events go only to the collector."""
+
+    def write(self, event: dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class CgroupNames:
     """cgroup id (the directory's inode number) -> path, for records of gone processes."""
 
