@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Exec storm: vfork+exec of a program in a loop for a number of seconds,
-// then print how many execs completed.  Used by bench_pipeline.py.
+// then print how many execs completed.  With RATE > 0, paces itself to that
+// many execs per second.  Used by bench_pipeline.py and bench_daemon.py.
 #include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,15 +20,24 @@ static double now(void)
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
-		fprintf(stderr, "usage: storm SECONDS PROGRAM\n");
+		fprintf(stderr, "usage: storm SECONDS PROGRAM [RATE]\n");
 		return 2;
 	}
 	double seconds = atof(argv[1]);
 	char *child_argv[] = {argv[2], NULL};
+	double rate = argc > 3 ? atof(argv[3]) : 0;
 	long n = 0;
-	double end = now() + seconds;
+	double start = now(), end = start + seconds;
 
 	while (now() < end) {
+		if (rate > 0) {
+			double due = start + n / rate;
+			double wait = due - now();
+			if (wait > 0) {
+				struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+				nanosleep(&ts, NULL);
+			}
+		}
 		pid_t pid;
 		int status;
 		/* posix_spawn uses vfork semantics (CLONE_VM|CLONE_VFORK) in glibc. */

@@ -162,6 +162,7 @@ class Daemon:
         self.exporter: Any = None
         self._export_task: asyncio.Task[None] | None = None
         self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
+        self._attested: dict[int, Any] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._reader_stop = threading.Event()
@@ -303,7 +304,7 @@ class Daemon:
                 )
             )
             if self.attestor is not None:
-                self._attest(proc, time.monotonic_ns(), number)
+                self._attest_now(proc, number)
             added += 1
         return added
 
@@ -548,10 +549,44 @@ class Daemon:
                 except abi.DecodeError as exc:
                     errors += 1
                     _logger.debug("undecodable record: %s", exc)
+            attested = self._attest_batch(events) if self.attestor is not None else {}
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(self._handle_batch, events, errors)
+                loop.call_soon_threadsafe(self._handle_batch, events, errors, attested)
 
-    def _handle_batch(self, events: list[abi.KernelEvent], errors: int) -> None:
+    def _attest_batch(self, events: list[abi.KernelEvent]) -> dict[int, Any]:
+        """Attest every new image of a batch and write identities into the kernel map.
+
+        Runs on the reader thread, before the records go to the event loop: the
+        identity reaches the kernel without waiting behind credential issuance or
+        event output.  The loop then finishes each attestation (instance, SVID).
+        """
+        out: dict[int, Any] = {}
+        for ev in events:
+            if not isinstance(ev, abi.Exec) or ev.verdict == abi.Verdict.DENY:
+                continue
+            pid, kernel_identity = ev.task.pid, ev.task.identity
+            parent = self._programs.proc_state(ev.task.ppid) if ev.task.ppid else None
+            parent_identity = self._identity_name(parent[0]) if parent else None
+            try:
+                result = self.attestor.attest(pid, parent_identity)
+            except AttestationError as exc:
+                _logger.debug("pid %d not attested: %s", pid, exc)
+                continue
+            if result.match is not None:
+                self._programs.set_identity(pid, self.numbers.number(result.match.spiffe_id))
+                now = time.monotonic_ns()
+                self.attest_latency_ns.append(now - ev.ts_ns)
+                if self.metrics is not None:
+                    self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
+            elif kernel_identity == abi.IDENTITY_PENDING:
+                self._programs.set_identity(pid, abi.IDENTITY_NONE)
+            out[id(ev)] = result
+        return out
+
+    def _handle_batch(
+        self, events: list[abi.KernelEvent], errors: int, attested: dict[int, Any]
+    ) -> None:
+        self._attested = attested
         if errors:
             self.decode_errors += errors
             if self.metrics is not None:
@@ -681,8 +716,9 @@ class Daemon:
                 )
             )
         verdict = ev.verdict
-        if self.attestor is not None and verdict != abi.Verdict.DENY:
-            self._attest(proc, ev.ts_ns, ev.task.identity)
+        result = self._attested.pop(id(ev), None)
+        if result is not None:
+            self._finish_attestation(proc, result, ev.task.identity)
         rule = None
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
@@ -728,8 +764,8 @@ class Daemon:
         _logger.warning("pid %d runs a file its identity may not run: killed", pid)
         return abi.Verdict.DENY, "exec-file-check"
 
-    def _attest(self, proc: Process, ts_ns: int, kernel_identity: int) -> None:
-        """Attest a new image; write the identity into the kernel map."""
+    def _attest_now(self, proc: Process, kernel_identity: int) -> None:
+        """Attest a process found running (start-up): kernel write and instance at once."""
         parent = self.table.get(proc.ppid)
         try:
             result = self.attestor.attest(proc.pid, parent.identity if parent else None)
@@ -737,19 +773,20 @@ class Daemon:
             _logger.debug("pid %d not attested: %s", proc.pid, exc)
             return
         if result.match is not None:
-            number = self.numbers.number(result.match.spiffe_id)
-            self._programs.set_identity(proc.pid, number)
-            self._settle_pending_children(proc, number)
-            now = time.monotonic_ns()
-            self.attest_latency_ns.append(now - ts_ns)
-            if self.metrics is not None:
-                self.metrics.observe_attestation((now - ts_ns) / 1e9)
-            inst = self.instances.add(result, now)
+            self._programs.set_identity(proc.pid, self.numbers.number(result.match.spiffe_id))
+        elif kernel_identity == abi.IDENTITY_PENDING:
+            self._programs.set_identity(proc.pid, abi.IDENTITY_NONE)
+        self._finish_attestation(proc, result, kernel_identity)
+
+    def _finish_attestation(self, proc: Process, result: Any, kernel_identity: int) -> None:
+        """After the kernel knows: the instance, its SVID, and children forked meanwhile."""
+        if result.match is not None:
+            self._settle_pending_children(proc, self.numbers.number(result.match.spiffe_id))
+            inst = self.instances.add(result, time.monotonic_ns())
             proc.identity = result.match.spiffe_id
             proc.instance_id = inst.instance_id
             self._count_live()
         elif kernel_identity == abi.IDENTITY_PENDING:
-            self._programs.set_identity(proc.pid, abi.IDENTITY_NONE)
             self._settle_pending_children(proc, abi.IDENTITY_NONE)
         else:
             # Inherited from an attested ancestor: keep it, with the ancestor's instance.

@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.errors import PolicyError
 from sidecar.kernel import abi
@@ -74,6 +74,7 @@ class PolicyMaps(Protocol):
     def write_egress(self, entries: list[tuple[abi.EgressKey, abi.EgressRules]]) -> None: ...
     def write_exec_allow(self, keys: list[abi.ExecKey]) -> None: ...
     def delete_generation(self, gen: int) -> int: ...
+    def delete_entries(self, name: str, keys: list[Any]) -> None: ...
     def clear_policy(self) -> None: ...
 
 
@@ -203,6 +204,7 @@ class Enforcer:
         # What each generation holds, to name versions and rules in events
         # judged just before or after a flip.
         self.generations: dict[int, Generation] = {}
+        self._written: dict[int, MapEntries] = {}
 
     def adopt(self) -> None:
         """Take over a generation a previous daemon left in force (nothing to write)."""
@@ -216,24 +218,35 @@ class Enforcer:
         in_force = bool(flags & abi.SETTING_POLICY)
         gen = 1 - current if in_force else current
         entries = build_entries(policy, gen, self.numbers)
-        self.maps.delete_generation(gen)  # leftovers of an earlier load
+        self._clear(gen)  # leftovers of an earlier load
         self.maps.write_policies(entries.policies)
         self.maps.write_egress(entries.egress)
         self.maps.write_exec_allow(entries.exec_allow)
         self.maps.set_settings(policy_gen=gen)  # the flip: one map write
+        self._written[gen] = entries
         if in_force:
             time.sleep(GRACE_SECONDS)
-            self.maps.delete_generation(1 - gen)
+            self._clear(1 - gen)
         self.active = Generation(gen, policy.version, policy, len(entries), entries.exec_files)
         self.generations[gen] = self.active
         return self.active
+
+    def _clear(self, gen: int) -> None:
+        """Empty one generation: by the keys we wrote, or by scanning when we did not write it."""
+        written = self._written.pop(gen, None)
+        if written is None:
+            self.maps.delete_generation(gen)
+            return
+        self.maps.delete_entries("policies", [k for k, _ in written.policies])
+        self.maps.delete_entries("egress", [k for k, _ in written.egress])
+        self.maps.delete_entries("exec_allow", list(written.exec_allow))
 
     def unload(self) -> None:
         flags, gen = self.maps.settings()
         self.maps.clear_policy()
         if flags & abi.SETTING_POLICY:
             time.sleep(GRACE_SECONDS)
-            self.maps.delete_generation(gen)
+            self._clear(gen)
         self.active = None
 
     def generation(self, gen: int) -> Generation | None:

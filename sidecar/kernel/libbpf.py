@@ -100,6 +100,13 @@ def lib() -> ctypes.CDLL:
             ctypes.POINTER(ctypes.c_uint32),
         ]
         _lib.bpf_enable_stats.argtypes = [ctypes.c_int]
+        _lib.bpf_map_update_elem.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_uint64,
+        ]
+        _lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
     return _lib
 
 
@@ -108,6 +115,24 @@ def _check(res: int, what: str) -> int:
         err = -res if res != -1 else ctypes.get_errno()
         raise KernelError(f"{what}: {os.strerror(err)}")
     return res
+
+
+def map_update(map_fd: int, key: ctypes.Structure, value: ctypes._CData) -> None:
+    """One map write, straight to the system call (policy loads write 100,000s)."""
+    res = lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0)
+    if res < 0:
+        _check(res, "bpf_map_update_elem")
+
+
+def map_delete(map_fd: int, key: ctypes.Structure) -> bool:
+    """Delete one entry; False when it was not there."""
+    res = lib().bpf_map_delete_elem(map_fd, ctypes.byref(key))
+    if res < 0:
+        err = -res if res != -1 else ctypes.get_errno()
+        if err == errno.ENOENT:
+            return False
+        raise KernelError(f"bpf_map_delete_elem: {os.strerror(err)}")
+    return True
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:

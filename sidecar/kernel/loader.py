@@ -216,13 +216,18 @@ class KernelPrograms:
         self._write("exec_allow", [(k, ctypes.c_uint8(1)) for k in keys])
 
     def _write(self, name: str, entries: list[tuple[Any, Any]]) -> None:
-        table = self._table(name)
-        key_t, leaf_t = table.Key, table.Leaf
+        fd = self._table(name).map_fd
         try:
             for key, leaf in entries:
-                table[key_t.from_buffer_copy(key)] = leaf_t.from_buffer_copy(leaf)
-        except Exception as exc:  # bcc raises bare Exception on a full map
+                libbpf.map_update(fd, key, leaf)
+        except KernelError as exc:
             raise KernelError(f"cannot write the {name} map: {exc}") from exc
+
+    def delete_entries(self, name: str, keys: list[Any]) -> None:
+        """Delete known keys (what a previous load wrote), without scanning the map."""
+        fd = self._table(name).map_fd
+        for key in keys:
+            libbpf.map_delete(fd, key)
 
     def delete_generation(self, gen: int) -> int:
         """Remove every policy entry of one generation; returns how many."""

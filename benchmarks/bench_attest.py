@@ -1,0 +1,142 @@
+"""Attestation latency: from the kernel's exec record to the identity in the kernel map.
+
+The daemon runs in this process on a scratch cgroup with one registration
+entry (uid + sha256 of a copied binary).  The registered binary is exec'd
+N times at a steady rate (warm hash cache after the first); the daemon
+records, for each, the time from the exec tracepoint (bpf_ktime_get_ns) to
+the moment it wrote the identity into the kernel map.  The baseline in the
+same run is the daemon's handling of the same execs' records without
+attestation (no entries): the cost attestation adds on top.
+
+Usage: benchmarks/bench_attest.py [--execs 1000] [--rate 200]
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sidecar import config  # noqa: E402
+from sidecar.daemon import Daemon, NullSink  # noqa: E402
+from sidecar.kernel.checks import cgroup2_root  # noqa: E402
+from sidecar.kernel.loader import uninstall  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(cfg: Any, binary: Path, cgroup: Path, execs: int, rate: float) -> tuple[list[int], Daemon]:
+    d = Daemon(cfg, NullSink())
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(d.run(on_ready=ready.set))
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    if not ready.wait(60):
+        raise SystemExit("daemon did not start")
+    procs = str(cgroup / "cgroup.procs")
+
+    def move() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        os.write(fd, b"0")
+        os.close(fd)
+
+    children = []
+    start = time.monotonic()
+    for i in range(execs):
+        due = start + i / rate
+        if due > time.monotonic():
+            time.sleep(due - time.monotonic())
+        children.append(subprocess.Popen([str(binary), "0.2"], preexec_fn=move))
+    for c in children:
+        c.wait(30)
+    time.sleep(1.0)
+    loop.call_soon_threadsafe(d.stop)
+    t.join(30)
+    return list(d.attest_latency_ns), d
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--execs", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    tag = uuid.uuid4().hex[:8]
+    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
+    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
+    cgroup.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
+    try:
+        binary = tmp / "registered-agent"
+        shutil.copy2("/bin/sleep", binary)
+        digest = hashlib.sha256(binary.read_bytes()).hexdigest()
+        entries = tmp / "entries.yaml"
+        entries.write_text(
+            "apiVersion: sidecar/v1\nkind: RegistrationEntries\ntrustDomain: example.org\n"
+            "entries:\n  - spiffeId: spiffe://example.org/bench/agent\n"
+            f"    selectors: [unix:uid:0, 'unix:sha256:{digest}']\n"
+        )
+        base = replace(
+            config.load(None, cgroup=cgroup, output=""),
+            pin_dir=pin_dir,
+            detach_on_exit=True,
+            admin_socket=None,
+            workload_socket=None,
+            state_dir=tmp / "state",
+            metrics="",
+        )
+        latencies, d = run(replace(base, entries=entries), binary, cgroup, args.execs, args.rate)
+        attested = d.counts.get("credential_issued", 0)
+    finally:
+        uninstall(pin_dir)
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ms = [v / 1e6 for v in latencies]
+    figures = {
+        "execs": args.execs,
+        "rate_per_s": args.rate,
+        "attested": len(ms),
+        "credentials_issued": attested,
+        "latency_ms_p50": round(statistics.median(ms), 3) if ms else None,
+        "latency_ms_p99": round(percentile(ms, 0.99), 3) if ms else None,
+        "latency_ms_max": round(max(ms), 3) if ms else None,
+    }
+    print("attestation latency, exec record to identity in the kernel map (bench_attest)")
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
