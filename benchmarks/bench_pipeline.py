@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def start_daemon(
         f"bpf:\n  pinDir: {pin_dir}\n  detachOnExit: true\n  ringbufPages: 1024\n"
     )
     notify_path = tmp / "notify.sock"
+    notify_path.unlink(missing_ok=True)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(60)
@@ -141,6 +143,7 @@ def main() -> int:
     )
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--loops", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -149,48 +152,45 @@ def main() -> int:
     pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
     cgroup.mkdir()
     daemon = None
+    base_rates: list[float] = []
+    rates: list[float] = []
+    cpu: list[float] = []
+    startups: list[float] = []
+    performed = received = lost = rss = 0
     try:
         with tempfile.TemporaryDirectory() as tmpname:
             tmp = Path(tmpname)
             storm = build_storm(tmp)
-            base_n, base_t = run_storm(storm, cgroup, args.seconds, args.loops)
-            base_rate = base_n / base_t
-
-            output = tmp / "events.jsonl"
-            daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
-            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
-            n, t = run_storm(storm, cgroup, args.seconds, args.loops)
-            # Let the daemon drain what the storm produced.
-            received = lost = 0
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                time.sleep(1.0)
-                got, lost = count_events(output)
-                if got == received and got > 0:
-                    break
-                received = got
-            cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
-            rss = peak_rss_kib(daemon.pid)
-            received, lost = count_events(output)
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
-            daemon = None
-
-            rate = n / t
-            figures = {
-                "storm_seconds": args.seconds,
-                "loops": args.loops,
-                "baseline_exec_per_s": round(base_rate, 1),
-                "with_daemon_exec_per_s": round(rate, 1),
-                "rate_ratio_with_over_without": round(rate / base_rate, 4),
-                "execs_performed": n,
-                "exec_events_received": received,
-                "received_over_performed": round(received / n, 4) if n else 0.0,
-                "kernel_lost_records": lost,
-                "daemon_cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 3),
-                "daemon_peak_rss_mib": round(rss / 1024, 1),
-                "startup_seconds_to_attached": round(startup, 2),
-            }
+            # Rounds alternate the storm without and with the daemon, so drift
+            # on the machine weighs on both sides alike.
+            for round_no in range(args.rounds):
+                n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+                base_rates.append(n / t)
+                output = tmp / f"events-{round_no}.jsonl"
+                daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
+                startups.append(startup)
+                cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+                n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+                rates.append(n / t)
+                performed += n
+                # Let the daemon drain what the storm produced.
+                got = -1
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    now_got, _ = count_events(output)
+                    if now_got == got:
+                        break
+                    got = now_got
+                cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+                cpu.append((cpu1 - cpu0) / (t1 - t0))
+                rss = max(rss, peak_rss_kib(daemon.pid))
+                daemon.send_signal(signal.SIGTERM)
+                daemon.wait(30)
+                daemon = None
+                got, lost_now = count_events(output)
+                received += got
+                lost += lost_now
     finally:
         if daemon is not None:
             daemon.kill()
@@ -198,6 +198,23 @@ def main() -> int:
         uninstall(pin_dir)
         with contextlib.suppress(OSError):
             cgroup.rmdir()
+    base = statistics.median(base_rates)
+    rate = statistics.median(rates)
+    figures = {
+        "storm_seconds": args.seconds,
+        "loops": args.loops,
+        "rounds": args.rounds,
+        "baseline_exec_per_s_median": round(base, 1),
+        "with_daemon_exec_per_s_median": round(rate, 1),
+        "rate_ratio_with_over_without": round(rate / base, 4),
+        "execs_performed": performed,
+        "exec_events_received": received,
+        "received_over_performed": round(received / performed, 4) if performed else 0.0,
+        "kernel_lost_records": lost,
+        "daemon_cpu_share_of_one_core": round(statistics.median(cpu), 3),
+        "daemon_peak_rss_mib": round(rss / 1024, 1),
+        "startup_seconds_to_attached_median": round(statistics.median(startups), 2),
+    }
     print("exec storm (bench_pipeline)")
     for k, v in figures.items():
         print(f"  {k:34} {v}")

@@ -50,7 +50,7 @@ static __always_inline int report_connect(struct bpf_sock_addr *ctx, u8 hook, u8
 	e->rule = rule;
 	e->policy_gen = gen;
 	__builtin_memcpy(e->daddr, addr, 16);
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, SIDECAR_RB_NO_WAKEUP);
 	/* 0 makes connect()/sendmsg() fail with EPERM. */
 	return verdict == SIDECAR_VERDICT_DENY ? 0 : 1;
 }

@@ -42,6 +42,14 @@
 #define SIDECAR_IPPROTO_UDP 17
 #define SIDECAR_CLONE_THREAD 0x00010000ULL
 
+/*
+ * Ring buffer wake-ups cost the traced workload a context switch each.  Most
+ * records are read by the daemon's periodic poll (every 10 ms); only a record
+ * someone is waiting on (an exec to attest) wakes the reader at once.
+ */
+#define SIDECAR_RB_NO_WAKEUP 1
+#define SIDECAR_RB_FORCE_WAKEUP 2
+
 /* thread group id -> identity and parent */
 BPF_TABLE_PINNED("hash", u32, struct proc_state, procs, PROCS_MAX, PIN_DIR "/procs");
 /* index 0: the cgroup whose subtree is in scope.  Spelled out because BCC's

@@ -163,7 +163,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		e->args_count = 0;
 		e->flags = SIDECAR_EXEC_NO_ARGS;
 	}
-	events.ringbuf_submit(e, 0);
+	/* A pending image is waiting for the daemon: wake it now. */
+	events.ringbuf_submit(e, st->identity == SIDECAR_IDENTITY_PENDING ? SIDECAR_RB_FORCE_WAKEUP
+									 : SIDECAR_RB_NO_WAKEUP);
 	return 0;
 }
 
@@ -211,7 +213,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	fill_task(&e->task, pst);
 	e->child_pid = child;
 	e->pad = 0;
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, SIDECAR_RB_NO_WAKEUP);
 	return 0;
 }
 
@@ -235,7 +237,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	if (e) {
 		fill_header(&e->hdr, SIDECAR_EVENT_EXIT, sizeof(*e));
 		fill_task(&e->task, st);
-		events.ringbuf_submit(e, 0);
+		events.ringbuf_submit(e, SIDECAR_RB_NO_WAKEUP);
 	} else {
 		count_lost(SIDECAR_EVENT_EXIT);
 	}

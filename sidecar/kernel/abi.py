@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import ipaddress
+import struct
 from dataclasses import dataclass
 
 ABI_VERSION = 1
@@ -268,79 +269,101 @@ _BY_TYPE: dict[int, type[ctypes.Structure]] = {
 
 
 def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _task(t: TaskCtx) -> Task:
-    return Task(
-        pid=t.pid,
-        tid=t.tid,
-        ppid=t.ppid,
-        uid=t.uid,
-        gid=t.gid,
-        identity=t.identity,
-        cgroup_id=t.cgroup_id,
-        comm=_text(t.comm),
-    )
+# The decoder reads records with struct (several times faster than ctypes
+# per record); the formats are checked against the ctypes mirrors at import,
+# and the mirrors against the C header by tests/unit/test_abi_layout.py.
+_HEADER = struct.Struct("<HHIQ")
+_TASK = struct.Struct("<IIIIIIQ16s")
+_EXEC_TAIL = struct.Struct(f"<IIIHHHBB{FILENAME_LEN}s")
+_FORK_TAIL = struct.Struct("<II")
+_CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
+_T0 = _HEADER.size
+_T1 = _T0 + _TASK.size
+
+for _what, _got, _want in (
+    ("event_header", _HEADER.size, ctypes.sizeof(EventHeader)),
+    ("task_ctx", _TASK.size, ctypes.sizeof(TaskCtx)),
+    ("exec_event.args", _T1 + _EXEC_TAIL.size, ExecEvent.args.offset),
+    ("fork_event", _T1 + _FORK_TAIL.size, ctypes.sizeof(ForkEvent)),
+    ("exit_event", _T1, ctypes.sizeof(ExitEvent)),
+    ("connect_event", _T1 + _CONNECT_TAIL.size, ctypes.sizeof(ConnectEvent)),
+):
+    if _got != _want:  # pragma: no cover - a broken build, not bad input
+        raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
+
+_SIZES = {t: ctypes.sizeof(m) for t, m in _BY_TYPE.items()}
+
+
+def _task(data: bytes) -> Task:
+    pid, tid, ppid, uid, gid, identity, cgroup_id, comm = _TASK.unpack_from(data, _T0)
+    return Task(pid, tid, ppid, uid, gid, identity, cgroup_id, _text(comm))
 
 
 def _address(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    addr = ipaddress.IPv6Address(raw)
-    if family == AF_INET and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
+    if family == AF_INET and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        return ipaddress.IPv4Address(raw[12:])
+    return ipaddress.IPv6Address(raw)
 
 
 def decode(data: bytes) -> KernelEvent:
     """Decode one ring-buffer record; raises ``DecodeError`` for anything unexpected."""
-    hsize = ctypes.sizeof(EventHeader)
-    if len(data) < hsize:
+    if len(data) < _HEADER.size:
         raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
-    hdr = EventHeader.from_buffer_copy(data[:hsize])
-    if hdr.version != ABI_VERSION:
-        raise DecodeError(f"record of ABI version {hdr.version}, expected {ABI_VERSION}")
-    struct = _BY_TYPE.get(hdr.type)
-    if struct is None:
-        raise DecodeError(f"record of unknown type {hdr.type}")
-    size = ctypes.sizeof(struct)
-    if len(data) < size or hdr.size != size:
-        raise DecodeError(f"{struct.__name__} of {len(data)} bytes, expected {size}")
-    rec = struct.from_buffer_copy(data[:size])
+    kind, version, size, ts_ns = _HEADER.unpack_from(data)
+    if version != ABI_VERSION:
+        raise DecodeError(f"record of ABI version {version}, expected {ABI_VERSION}")
+    expected = _SIZES.get(kind)
+    if expected is None:
+        raise DecodeError(f"record of unknown type {kind}")
+    if len(data) < expected or size != expected:
+        raise DecodeError(f"{_BY_TYPE[kind].__name__} of {len(data)} bytes, expected {expected}")
     try:
-        return _convert(hdr, rec)
+        return _convert(kind, ts_ns, data)
     except ValueError as exc:
-        raise DecodeError(f"{struct.__name__} with {exc}") from exc
+        raise DecodeError(f"{_BY_TYPE[kind].__name__} with {exc}") from exc
 
 
-def _convert(hdr: EventHeader, rec: ctypes.Structure) -> KernelEvent:
-    task = _task(rec.task)
-    if isinstance(rec, ExecEvent):
-        args = bytes(rec.args)[: min(rec.args_len, ARGS_LEN)]
-        argv = tuple(_text(a) for a in args.split(b"\0")[: rec.args_count])
-        return Exec(
-            ts_ns=hdr.ts_ns,
-            task=task,
-            policy_gen=rec.policy_gen,
-            filename=_text(rec.filename),
-            argv=argv,
-            args_truncated=bool(rec.flags & EXEC_ARGS_TRUNCATED),
-            args_missing=bool(rec.flags & EXEC_NO_ARGS),
-            verdict=Verdict(rec.verdict),
+def _convert(kind: int, ts_ns: int, data: bytes) -> KernelEvent:
+    task = _task(data)
+    if kind == EventType.EXEC:
+        _old, flags, gen, _flen, args_len, args_count, verdict, _pad, filename = (
+            _EXEC_TAIL.unpack_from(data, _T1)
         )
-    if isinstance(rec, ForkEvent):
-        return Fork(ts_ns=hdr.ts_ns, task=task, child_pid=rec.child_pid)
-    if isinstance(rec, ExitEvent):
-        return Exit(ts_ns=hdr.ts_ns, task=task)
-    assert isinstance(rec, ConnectEvent)
+        start = _T1 + _EXEC_TAIL.size
+        args = data[start : start + min(args_len, ARGS_LEN)]
+        argv = tuple(
+            a.decode("utf-8", "surrogateescape") for a in args.split(b"\0")[:args_count]
+        )
+        return Exec(
+            ts_ns=ts_ns,
+            task=task,
+            policy_gen=gen,
+            filename=_text(filename),
+            argv=argv,
+            args_truncated=bool(flags & EXEC_ARGS_TRUNCATED),
+            args_missing=bool(flags & EXEC_NO_ARGS),
+            verdict=Verdict(verdict),
+        )
+    if kind == EventType.FORK:
+        child, _pad = _FORK_TAIL.unpack_from(data, _T1)
+        return Fork(ts_ns=ts_ns, task=task, child_pid=child)
+    if kind == EventType.EXIT:
+        return Exit(ts_ns=ts_ns, task=task)
+    family, protocol, hook, verdict, dport, _pad, daddr, rule, gen = _CONNECT_TAIL.unpack_from(
+        data, _T1
+    )
     return Connect(
-        ts_ns=hdr.ts_ns,
+        ts_ns=ts_ns,
         task=task,
-        family=rec.family,
-        protocol=rec.protocol,
-        hook=Hook(rec.hook),
-        verdict=Verdict(rec.verdict),
-        address=_address(bytes(rec.daddr), rec.family),
-        port=rec.dport,
-        rule=rec.rule,
-        policy_gen=rec.policy_gen,
+        family=family,
+        protocol=protocol,
+        hook=Hook(hook),
+        verdict=Verdict(verdict),
+        address=_address(daddr, family),
+        port=dport,
+        rule=rule,
+        policy_gen=gen,
     )

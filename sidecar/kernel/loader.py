@@ -328,6 +328,9 @@ class KernelPrograms:
             self._table("events").open_ring_buffer(self._on_record)
             self._ringbuf_open = True
         self._bpf.ring_buffer_poll(timeout_ms)
+        # Records submitted without a wake-up are not signalled to epoll: take
+        # whatever is there once the wait is over.
+        self._bpf.ring_buffer_consume()
         out, self._pending = self._pending, []
         return out
 
