@@ -1,0 +1,175 @@
+"""The daemon's steady-state CPU share and memory under a paced exec load.
+
+`sidecar run` (its own process) on a scratch cgroup, with 20 registered
+identities and a policy of 10,000 egress rules spread over them.  A paced
+storm (storm.c) execs a registered tool at 100 and then 1,000 execs per
+second; each exec is attested (the tool matches identity #1) and judged.
+The baseline in the same run is the same daemon idle.
+
+Usage: benchmarks/bench_daemon.py [--seconds 10]
+Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench_pipeline import build_storm, cpu_seconds, move_into  # noqa: E402
+
+from sidecar.kernel.checks import cgroup2_root  # noqa: E402
+from sidecar.kernel.loader import uninstall  # noqa: E402
+
+IDENTITIES = 20
+RULES = 10_000
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def write_files(tmp: Path, cgroup: Path, pin_dir: Path, tool: Path) -> Path:
+    digest = hashlib.sha256(tool.read_bytes()).hexdigest()
+    entries = ["apiVersion: sidecar/v1", "kind: RegistrationEntries", "trustDomain: example.org"]
+    entries.append("entries:")
+    for i in range(IDENTITIES):
+        sel = f"[unix:uid:0, 'unix:sha256:{digest}']" if i == 0 else f"[unix:uid:{10000 + i}]"
+        entries += [f"  - spiffeId: spiffe://example.org/agent/a{i}", f"    selectors: {sel}"]
+    (tmp / "entries.yaml").write_text("\n".join(entries) + "\n")
+    policy = ["apiVersion: sidecar/v1", "kind: Policy", "identities:"]
+    per = RULES // IDENTITIES
+    for i in range(IDENTITIES):
+        policy += [f"  - id: spiffe://example.org/agent/a{i}", "    mode: enforce", "    egress:"]
+        policy += ["      - ports: [443]", "        cidrs:"]
+        for j in range(per):
+            n = i * per + j
+            policy.append(f"          - 10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32")
+        policy.append(f"    exec: [{tool}]")
+    (tmp / "policy.yaml").write_text("\n".join(policy) + "\n")
+    cfg = tmp / "daemon.yaml"
+    cfg.write_text(
+        f"""apiVersion: sidecar/v1
+kind: DaemonConfig
+output: {tmp}/events.jsonl
+scope:
+  cgroup: {cgroup}
+bpf:
+  pinDir: {pin_dir}
+  detachOnExit: true
+  ringbufPages: 1024
+identity:
+  entries: {tmp}/entries.yaml
+  stateDir: {tmp}/state
+  workloadSocket: {tmp}/workload.sock
+policy:
+  file: {tmp}/policy.yaml
+adminSocket: {tmp}/admin.sock
+metrics: ""
+"""
+    )
+    return cfg
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tag = uuid.uuid4().hex[:8]
+    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
+    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
+    cgroup.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
+    tmp.chmod(0o755)
+    daemon = None
+    figures: dict[str, object] = {"identities": IDENTITIES, "rules": RULES}
+    try:
+        tool = tmp / "agent-tool"
+        shutil.copy2("/bin/true", tool)
+        storm = build_storm(tmp)
+        cfg = write_files(tmp, cgroup, pin_dir, tool)
+        notify_path = tmp / "notify.sock"
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        notify.settimeout(60)
+        with (tmp / "daemon.log").open("wb") as log:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.cli", "run", "--config", str(cfg)],
+                env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)},
+                stderr=log,
+            )
+        while b"READY=1" not in notify.recv(4096).split(b"\n"):
+            pass
+        notify.close()
+        time.sleep(1.0)
+
+        def measure(label: str, rate: float | None) -> None:
+            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+            done = 0
+            if rate is None:
+                time.sleep(args.seconds)
+            else:
+                p = subprocess.Popen(
+                    [str(storm), str(args.seconds), str(tool), str(rate)],
+                    stdout=subprocess.PIPE,
+                    preexec_fn=move_into(cgroup),
+                )
+                done = int(p.communicate()[0])
+                time.sleep(1.0)  # the tail of the load is handled too
+            cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+            figures[label] = {
+                "execs": done,
+                "exec_per_s": round(done / args.seconds, 1),
+                "daemon_cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 3),
+                "daemon_rss_mib": round(rss_kib(daemon.pid) / 1024, 1),
+            }
+
+        measure("idle_baseline", None)
+        measure("load_100_exec_per_s", 100)
+        measure("load_1000_exec_per_s", 1000)
+        attested = sum(
+            1
+            for line in (tmp / "events.jsonl").read_text().splitlines()
+            if '"type":"credential_issued"' in line
+        )
+        figures["credentials_issued"] = attested
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        uninstall(pin_dir)
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("daemon under paced exec load, 20 identities, 10,000 rules (bench_daemon)")
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

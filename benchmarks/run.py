@@ -1,0 +1,66 @@
+"""`make bench`: every benchmark of the product, each against a baseline measured in the same run.
+
+Runs each benchmark script in turn and prints its figures; with --json DIR
+each also writes its figures as DIR/<name>.json.  Nothing here asserts a
+time: the figures are for people (and issue notes) to read.  Needs root for
+the kernel benchmarks.
+
+  bench_pipeline   exec storm with and without the daemon: rate ratio, events
+                   received / execs, kernel losses, daemon CPU and RSS, start-up
+  bench_connect    added connect() latency with 10 / 10k / 100k rules, BPF
+                   program run time, policy compile and load time
+  bench_attest     attestation latency, exec record to identity in the kernel map
+  bench_hash       cold sha256 of a 50 MB binary, warm cache lookups
+  bench_daemon     daemon CPU and RSS at 100 and 1,000 exec/s, 20 identities, 10k rules
+  bench_collector  exporter to collector over mTLS: events/s and latency vs raw SQLite
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+PLAN = [
+    ("bench_pipeline", ["--seconds", "10", "--rounds", "3"]),
+    ("bench_connect", ["--reps", "3"]),
+    ("bench_attest", ["--execs", "1000"]),
+    ("bench_hash", []),
+    ("bench_daemon", ["--seconds", "10"]),
+    ("bench_collector", []),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--only", action="append", default=[], help="run only these (repeatable)")
+    ap.add_argument("--json", type=Path, help="write each benchmark's figures into this folder")
+    args = ap.parse_args()
+    failed = []
+    for name, extra in PLAN:
+        if args.only and name not in args.only:
+            continue
+        cmd = [sys.executable, str(HERE / f"{name}.py"), *extra]
+        if args.json and name != "bench_hash" and name != "bench_collector":
+            args.json.mkdir(parents=True, exist_ok=True)
+            cmd += ["--json", str(args.json / f"{name}.json")]
+        print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
+        began = time.monotonic()
+        rc = subprocess.run(cmd).returncode
+        print(f"### {name} done in {time.monotonic() - began:.0f} s (exit {rc})", flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
