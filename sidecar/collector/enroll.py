@@ -64,20 +64,22 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def save_credentials(
-    out_dir: Path, creds: collector_pb2.HostCredentials, inter_key: ec.EllipticCurvePrivateKey
+    out_dir: Path,
+    creds: collector_pb2.HostCredentials,
+    inter_key: ec.EllipticCurvePrivateKey,
+    host_key: ec.EllipticCurvePrivateKey,
 ) -> None:
-    """Check what the collector sent and write it into ``out_dir``."""
+    """Check what the collector sent and write it, with our own keys, into ``out_dir``."""
     try:
         host_cert = x509.load_der_x509_certificate(creds.host_svid)
-        host_key = serialization.load_der_private_key(creds.host_key, password=None)
         inter = x509.load_der_x509_certificate(creds.intermediate_ca)
         roots = [x509.load_der_x509_certificate(c) for c in creds.trust_bundle]
     except ValueError as exc:
         raise CredentialError(f"the collector sent unreadable credentials: {exc}") from exc
-    if not isinstance(host_key, ec.EllipticCurvePrivateKey):
-        raise CredentialError("the collector sent a host key that is not an EC key")
     if inter.public_key() != inter_key.public_key():
         raise CredentialError("the collector's intermediate CA is not for our key")
+    if host_cert.public_key() != host_key.public_key():
+        raise CredentialError("the collector's host SVID is not for our key")
     pem = serialization.Encoding.PEM
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -132,19 +134,23 @@ async def enroll(
     target: str, token: str, bundle_pem: bytes, out_dir: Path, server_name: str | None = None
 ) -> HostIdentity:
     """Enroll once with a join token; ``bundle_pem`` is the root, obtained out of band."""
-    inter_key = new_key()
+    inter_key, host_key = new_key(), new_key()
     creds = grpc.ssl_channel_credentials(bundle_pem)
     async with grpc.aio.secure_channel(target, creds, options=_options(server_name)) as ch:
         try:
             reply = await collector_pb2_grpc.EnrollmentStub(ch).Enroll(
-                collector_pb2.EnrollRequest(join_token=token, intermediate_csr=_csr(inter_key)),
+                collector_pb2.EnrollRequest(
+                    join_token=token,
+                    intermediate_csr=_csr(inter_key),
+                    host_csr=_csr(host_key),
+                ),
                 timeout=30,
             )
         except grpc.aio.AioRpcError as exc:
             raise TransportError(
                 f"enrollment at {target} failed: {exc.code().name}: {exc.details()}"
             ) from exc
-    save_credentials(out_dir, reply, inter_key)
+    save_credentials(out_dir, reply, inter_key, host_key)
     _logger.info("enrolled as %s", reply.spiffe_id)
     return load_host_identity(out_dir)
 
@@ -152,17 +158,20 @@ async def enroll(
 async def renew(target: str, cred_dir: Path, server_name: str | None = None) -> HostIdentity:
     """Replace the host SVID and intermediate with fresh ones, over mTLS."""
     ident = load_host_identity(cred_dir)
-    inter_key = new_key()
+    inter_key, host_key = new_key(), new_key()
     creds = grpc.ssl_channel_credentials(ident.roots_pem, ident.key_pem(), ident.cert_chain_pem)
     async with grpc.aio.secure_channel(target, creds, options=_options(server_name)) as ch:
         try:
             reply = await collector_pb2_grpc.CollectorStub(ch).Renew(
-                collector_pb2.RenewRequest(intermediate_csr=_csr(inter_key)), timeout=30
+                collector_pb2.RenewRequest(
+                    intermediate_csr=_csr(inter_key), host_csr=_csr(host_key)
+                ),
+                timeout=30,
             )
         except grpc.aio.AioRpcError as exc:
             raise TransportError(
                 f"renewal at {target} failed: {exc.code().name}: {exc.details()}"
             ) from exc
-    save_credentials(cred_dir, reply, inter_key)
+    save_credentials(cred_dir, reply, inter_key, host_key)
     _logger.info("renewed %s", reply.spiffe_id)
     return load_host_identity(cred_dir)

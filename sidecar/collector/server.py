@@ -112,22 +112,27 @@ class _Core:
             self._states[host] = await self.db(self.store.host_state, host)
         return self._states[host]
 
-    def issue(self, host: str, csr_der: bytes) -> collector_pb2.HostCredentials:
-        """Host SVID (signed by the root) and the host's intermediate CA for its CSR."""
+    def issue(
+        self, host: str, csr_der: bytes, host_csr_der: bytes
+    ) -> collector_pb2.HostCredentials:
+        """Host SVID (signed by the root) and the host's intermediate CA, both for the
+        host's own keys: only certificate requests travel, never a private key."""
         try:
             csr = x509.load_der_x509_csr(csr_der)
+            host_csr = x509.load_der_x509_csr(host_csr_der)
         except ValueError as exc:
-            raise CredentialError(f"intermediate CSR cannot be read: {exc}") from exc
+            raise CredentialError(f"certificate request cannot be read: {exc}") from exc
         inter = self.ca.sign_intermediate_csr(
             csr, timedelta(seconds=self.config.intermediate_ttl_s)
         )
         sid = f"spiffe://{self.ca.trust_domain}{HOST_PREFIX}{host}"
-        svid = self.ca.issue_x509_svid(sid, timedelta(seconds=self.config.host_svid_ttl_s))
+        cert = self.ca.sign_x509_svid_csr(
+            sid, timedelta(seconds=self.config.host_svid_ttl_s), host_csr
+        )
         der = serialization.Encoding.DER
         return collector_pb2.HostCredentials(
             spiffe_id=sid,
-            host_svid=svid.certificate.public_bytes(der),
-            host_key=svid.key_der(),
+            host_svid=cert.public_bytes(der),
             intermediate_ca=inter.public_bytes(der),
             trust_bundle=[c.public_bytes(der) for c in self.ca.bundle()],
         )
@@ -263,7 +268,7 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
     ) -> collector_pb2.HostCredentials:
         host, _ = await _host_peer(context, self.core)  # type: ignore[arg-type]
         try:
-            creds = self.core.issue(host, request.intermediate_csr)
+            creds = self.core.issue(host, request.intermediate_csr, request.host_csr)
         except CredentialError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise
@@ -291,7 +296,7 @@ class EnrollmentService(collector_pb2_grpc.EnrollmentServicer):
             )
             raise AssertionError("unreachable")
         try:
-            creds = core.issue(host, request.intermediate_csr)
+            creds = core.issue(host, request.intermediate_csr, request.host_csr)
         except CredentialError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise

@@ -258,20 +258,50 @@ class CertificateAuthority:
 
     def issue_x509_svid(self, spiffe_id: SpiffeId | str, ttl: timedelta) -> X509Svid:
         """A leaf X509-SVID for ``spiffe_id``, valid for ``ttl`` (capped by this CA)."""
+        key = new_key()
+        cert = self.sign_x509_svid(spiffe_id, ttl, key.public_key())
+        sid = _as_spiffe_id(spiffe_id)
+        return X509Svid(
+            spiffe_id=sid,
+            certificate=cert,
+            private_key=key,
+            chain=self.intermediates(),
+            serial=cert.serial_number,
+            not_after=cert.not_valid_after_utc,  # second precision, as encoded
+        )
+
+    def sign_x509_svid_csr(
+        self, spiffe_id: SpiffeId | str, ttl: timedelta, csr: x509.CertificateSigningRequest
+    ) -> x509.Certificate:
+        """An X509-SVID for the key in ``csr`` (the key never leaves its owner).
+
+        Only the CSR's key is used, after checking its self-signature; its
+        subject and extensions are ignored.
+        """
+        if not csr.is_signature_valid:
+            raise CredentialError("the certificate request's signature does not verify")
+        public = csr.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise CredentialError("the certificate request must carry an EC key")
+        return self.sign_x509_svid(spiffe_id, ttl, public)
+
+    def sign_x509_svid(
+        self, spiffe_id: SpiffeId | str, ttl: timedelta, public_key: ec.EllipticCurvePublicKey
+    ) -> x509.Certificate:
+        """The certificate of an X509-SVID for ``public_key``."""
         sid = _as_spiffe_id(spiffe_id)
         if not sid.member_of(self.trust_domain):
             raise CredentialError(f"{sid} is not in trust domain '{self.trust_domain}'")
         if not sid.path:
             raise CredentialError(f"{sid}: an X509-SVID needs a SPIFFE ID with a path")
         signer = self._signer()
-        key = new_key()
         serial = new_serial()
         now = _now()
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE")]))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(serial)
             .not_valid_before(max(now - _BACKDATE, self.certificate.not_valid_before_utc))
             .not_valid_after(self._cap(now + ttl))
@@ -287,23 +317,13 @@ class CertificateAuthority:
                 x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid.uri)]),
                 critical=False,
             )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(_aki(self.certificate), critical=False)
         )
         try:
-            cert = builder.sign(signer, hashes.SHA256())
+            return builder.sign(signer, hashes.SHA256())
         except (ValueError, TypeError) as exc:
             raise CredentialError(f"cannot sign X509-SVID for {sid}: {exc}") from exc
-        return X509Svid(
-            spiffe_id=sid,
-            certificate=cert,
-            private_key=key,
-            chain=self.intermediates(),
-            serial=serial,
-            not_after=cert.not_valid_after_utc,  # second precision, as encoded
-        )
 
     # ---- trust --------------------------------------------------------------------
 

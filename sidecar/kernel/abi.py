@@ -334,9 +334,7 @@ def _convert(kind: int, ts_ns: int, data: bytes) -> KernelEvent:
         )
         start = _T1 + _EXEC_TAIL.size
         args = data[start : start + min(args_len, ARGS_LEN)]
-        argv = tuple(
-            a.decode("utf-8", "surrogateescape") for a in args.split(b"\0")[:args_count]
-        )
+        argv = tuple(a.decode("utf-8", "surrogateescape") for a in args.split(b"\0")[:args_count])
         return Exec(
             ts_ns=ts_ns,
             task=task,

@@ -285,18 +285,22 @@ class RenewRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INTERMEDIATE_CSR_FIELD_NUMBER: _builtins.int
+    HOST_CSR_FIELD_NUMBER: _builtins.int
     intermediate_csr: _builtins.bytes
     """PKCS#10 (DER) for the key of the host's intermediate CA, with which the
     host daemon signs its workloads' SVIDs.  The key never leaves the host.
     """
+    host_csr: _builtins.bytes
+    """as in EnrollRequest"""
     def __init__(
         self,
         *,
         intermediate_csr: _builtins.bytes = ...,
+        host_csr: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intermediate_csr", b"intermediate_csr"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_csr", b"host_csr", "intermediate_csr", b"intermediate_csr"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,16 +312,15 @@ class HostCredentials(_message.Message):
 
     SPIFFE_ID_FIELD_NUMBER: _builtins.int
     HOST_SVID_FIELD_NUMBER: _builtins.int
-    HOST_KEY_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_CA_FIELD_NUMBER: _builtins.int
     TRUST_BUNDLE_FIELD_NUMBER: _builtins.int
     spiffe_id: _builtins.str
     """spiffe://<td>/host/<name>"""
     host_svid: _builtins.bytes
-    """DER certificate of the host SVID (signed by the root) and its key
-    (PKCS#8 DER), made by the collector: sent once, over TLS.
+    """DER certificate of the host SVID (signed by the root) for the key of
+    the request's host_csr.  Field 3 carried a key made by the collector in
+    an earlier draft; it is never sent.
     """
-    host_key: _builtins.bytes
     intermediate_ca: _builtins.bytes
     """DER certificate of the host's intermediate CA, for the CSR's key."""
     @_builtins.property
@@ -327,13 +330,12 @@ class HostCredentials(_message.Message):
         *,
         spiffe_id: _builtins.str = ...,
         host_svid: _builtins.bytes = ...,
-        host_key: _builtins.bytes = ...,
         intermediate_ca: _builtins.bytes = ...,
         trust_bundle: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_key", b"host_key", "host_svid", b"host_svid", "intermediate_ca", b"intermediate_ca", "spiffe_id", b"spiffe_id", "trust_bundle", b"trust_bundle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_svid", b"host_svid", "intermediate_ca", b"intermediate_ca", "spiffe_id", b"spiffe_id", "trust_bundle", b"trust_bundle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -383,18 +385,24 @@ class EnrollRequest(_message.Message):
 
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_CSR_FIELD_NUMBER: _builtins.int
+    HOST_CSR_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
     intermediate_csr: _builtins.bytes
     """PKCS#10 (DER) for the key of the host's intermediate CA."""
+    host_csr: _builtins.bytes
+    """Certificate request for the host's mTLS key (PKCS#10, DER): the key
+    never leaves the host.
+    """
     def __init__(
         self,
         *,
         join_token: _builtins.str = ...,
         intermediate_csr: _builtins.bytes = ...,
+        host_csr: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intermediate_csr", b"intermediate_csr", "join_token", b"join_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_csr", b"host_csr", "intermediate_csr", b"intermediate_csr", "join_token", b"join_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
