@@ -38,6 +38,11 @@ class DaemonConfig:
     state_dir: Path = Path("/var/lib/sidecar")  # the signing CA lives here
     svid_ttl: int = 600  # seconds
     workload_socket: Path | None = Path("/run/sidecar/workload.sock")
+    # An upstream-signed intermediate to sign workload SVIDs with, instead of
+    # a CA generated in state_dir: certificate, key and the chain above it.
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    ca_chain: Path | None = None
     policy: Path | None = None  # None: observe only
     reload_interval: float = 1.0  # seconds between checks of the policy and entries files
     admin_socket: Path | None = Path("/run/sidecar/admin.sock")
@@ -142,7 +147,14 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         state_dir = ident.parse("stateDir", _abs_path, state_dir) or state_dir
         ttl = ident.parse("svidTtlSeconds", _bounded(10, 86400), ttl) or ttl
         workload = ident.parse("workloadSocket", _abs_path, workload)
+        ca_cert = ident.parse("caCert", _abs_path, cfg.ca_cert)
+        ca_key = ident.parse("caKey", _abs_path, cfg.ca_key)
+        ca_chain = ident.parse("caChain", _abs_path, cfg.ca_chain)
+        if (ca_cert is None) != (ca_key is None):
+            raise doc.error(("identity",), "caCert and caKey go together")
         ident.done()
+    else:
+        ca_cert, ca_key, ca_chain = cfg.ca_cert, cfg.ca_key, cfg.ca_chain
     policy, interval = cfg.policy, cfg.reload_interval
     if "policy" in doc.data:
         pol = Fields(doc, ("policy",), top.optional("policy", dict, {}))
@@ -177,6 +189,9 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         state_dir=state_dir,
         svid_ttl=ttl,
         workload_socket=workload,
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        ca_chain=ca_chain,
         policy=policy,
         reload_interval=interval,
         admin_socket=admin,

@@ -271,13 +271,17 @@ class Daemon:
             from sidecar.collector.enroll import load_intermediate
 
             ca = load_intermediate(self.config.collector_credentials)
-            if ca.trust_domain != td:
-                raise ConfigError(
-                    f"{self.config.entries}: trust domain {td} is not the collector's "
-                    f"({ca.trust_domain})"
-                )
+        elif self.config.ca_cert is not None and self.config.ca_key is not None:
+            ca = CertificateAuthority.load(
+                self.config.ca_cert, self.config.ca_key, self.config.ca_chain
+            )
         else:
             ca = CertificateAuthority.load_or_generate(self.config.state_dir / "ca", td)
+        if ca.trust_domain != td:
+            raise ConfigError(
+                f"{self.config.entries}: trust domain {td} is not the signing CA's "
+                f"({ca.trust_domain})"
+            )
         self.manager = CredentialManager(
             ca,
             JwtAuthority(td),

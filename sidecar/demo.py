@@ -142,6 +142,7 @@ dataDir: {w}/collector
 listen: 127.0.0.1:{mtls}
 enrollmentListen: 127.0.0.1:{enroll_port}
 subscribers: [{TAIL_ID}]
+metrics: ""
 """
         )
         collector = self.start(

@@ -33,6 +33,7 @@ class CollectorConfig:
     data_dir: Path
     listen: str = "127.0.0.1:7443"
     enrollment_listen: str | None = "127.0.0.1:7444"
+    metrics: str = "127.0.0.1:9465"  # Prometheus endpoint; "" turns it off
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1")
     subscribers: frozenset[SpiffeId] = field(default_factory=frozenset)
     max_message_bytes: int = 4 * 1024 * 1024
@@ -80,6 +81,12 @@ def load_config(path: str | Path) -> CollectorConfig:
     data_dir = base / top.required("dataDir", str)
     listen = top.parse("listen", _address, "127.0.0.1:7443")
     enroll = top.parse("enrollmentListen", _address, "127.0.0.1:7444")
+    metrics = top.optional("metrics", str, "127.0.0.1:9465")
+    if metrics:
+        try:
+            _address(metrics)
+        except ValueError as exc:
+            raise doc.error(top.at("metrics"), str(exc)) from exc
     names = top.optional("serverNames", list, ["localhost", "127.0.0.1"])
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name:
@@ -98,6 +105,7 @@ def load_config(path: str | Path) -> CollectorConfig:
         data_dir=data_dir,
         listen=listen or "127.0.0.1:7443",
         enrollment_listen=enroll,
+        metrics=metrics,
         server_names=tuple(names),
         subscribers=frozenset(subs),
         max_message_bytes=_positive(top, "maxMessageBytes", 4 * 1024 * 1024),

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
+from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
 from sidecar.collector.broker import Broker
 from sidecar.collector.config import CollectorConfig
 from sidecar.collector.store import HostState, NewEvent, Store
@@ -82,6 +82,9 @@ class _Core:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-db")
         self._states: dict[str, HostState] = {}
         self._host_locks: dict[str, asyncio.Lock] = {}
+        from sidecar.metrics import CollectorMetrics
+
+        self.metrics = CollectorMetrics()
 
     async def db(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
@@ -100,6 +103,9 @@ class _Core:
             stored = self.store.ingest(host, rows, state)
             if stored:
                 loop.call_soon_threadsafe(self.broker.publish, stored)
+            self.metrics.record_stored(host, len(stored))
+            if len(rows) > len(stored):
+                self.metrics.record_duplicates(host, len(rows) - len(stored))
             return stored
 
         return await self.db(write)
@@ -197,6 +203,11 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                 rows.extend(checked.events)
                 for alert in checked.alerts:
                     _logger.warning("integrity alert for host %s: %s", host, alert.integrity.detail)
+                    core.metrics.record_verification_failure(
+                        event_pb2.IntegrityAlert.Kind.Name(alert.integrity.kind)
+                        .removeprefix("KIND_")
+                        .lower()
+                    )
                 await core.ingest(host, rows, checked.state)
                 core._states[host] = checked.state
             yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)
@@ -230,6 +241,7 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                         break
                 if sub is None:
                     sub = core.broker.add(request.filter)
+                    core.metrics.set_subscribers(len(core.broker))
             assert sub is not None
             while True:
                 if sub.overflowed:
@@ -246,6 +258,7 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
         finally:
             if sub is not None:
                 core.broker.remove(sub)
+                core.metrics.set_subscribers(len(core.broker))
 
     async def Query(
         self,
@@ -385,6 +398,13 @@ async def serve(config: CollectorConfig) -> None:
     """Run the collector until SIGTERM or SIGINT, then shut down gracefully."""
     server = CollectorServer(config)
     await server.start()
+    endpoint = None
+    if config.metrics:
+        from sidecar.metrics import serve as serve_metrics
+
+        host, _, port = config.metrics.rpartition(":")
+        endpoint = serve_metrics(server.core.metrics.registry, host, int(port))
+        _logger.info("metrics on %s", endpoint.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -397,3 +417,5 @@ async def serve(config: CollectorConfig) -> None:
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
         await server.stop()
+        if endpoint is not None:
+            endpoint.stop()

@@ -421,6 +421,13 @@ def test_missing_sequence_range_and_broken_chain_are_reported(tmp_path: Path) ->
             # A retried batch is acknowledged and stored once.
             assert await _publish(server.port, server.ca, ident, [b1]) == [31, 31]
             assert server.store.count("h4") == 21 + 2  # 21 events + 2 alerts
+            # ... and the collector's metrics say exactly that.
+            sample = server.core.metrics.registry.get_sample_value
+            assert sample("sidecar_collector_events_stored_total", {"host": "h4"}) == 23
+            assert sample("sidecar_collector_events_duplicate_total", {"host": "h4"}) == 10
+            for kind in ("gap", "chain_break"):
+                got = sample("sidecar_collector_verification_failures_total", {"reason": kind})
+                assert got == 1, kind
 
     asyncio.run(body())
 
