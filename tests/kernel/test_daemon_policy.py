@@ -281,3 +281,37 @@ def test_uninstall_removes_every_program_and_pin(setup: dict[str, object]) -> No
     assert not pin_dir.exists()
     if shutil.which("bpftool"):
         assert _attachments(cgroup) == []
+
+
+def test_a_file_swapped_in_at_an_allowed_path_is_killed_by_the_userspace_check(
+    setup: dict[str, object],
+) -> None:
+    """The kernel allows by path; the daemon checks the file really running (/proc/PID/exe)."""
+    tmp: Path = setup["tmp"]  # type: ignore[assignment]
+    tool = tmp / "allowed-tool"
+    shutil.copy2("/bin/true", tool)
+    policy: Path = setup["policy"]  # type: ignore[assignment]
+    policy.write_text(
+        policy_text(setup["a"]) + f"    exec: [{os.path.realpath(sys.executable)}, {tool}]\n"  # type: ignore[arg-type]
+    )
+    d = start_daemon_process(tmp, config_text(setup))
+    probe = None
+    try:
+        probe = attested_probe(d, setup["cgroup"])  # type: ignore[arg-type]
+        assert probe.ask(f"exec {tool}") == 0  # the allowed file runs
+        swapped = tmp / "swap"
+        shutil.copy2("/bin/sleep", swapped)
+        os.replace(swapped, tool)  # same path, another file
+        assert probe.ask(f"exec {tool} 30") == -signal.SIGKILL
+        ev = wait_until(
+            lambda: [
+                e for e in d.events() if e["type"] == "exec" and e.get("rule") == "exec-file-check"
+            ],
+            what="the userspace check's deny",
+        )[0]
+        assert ev["verdict"] == "deny"
+        assert ev["identity"] == AGENT
+    finally:
+        if probe is not None:
+            probe.close()
+        stop_daemon_process(d)
