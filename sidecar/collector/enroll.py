@@ -14,7 +14,6 @@ its CSR.  Renewal is done over mTLS with the current host SVID, before it expire
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
 from sidecar.errors import CredentialError, TransportError
 from sidecar.export.exporter import HostIdentity
+from sidecar.fsutil import write_atomic
 from sidecar.identity.x509 import CertificateAuthority, new_key
 
 _logger = logging.getLogger(__name__)
@@ -44,17 +44,6 @@ def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
         .sign(key, hashes.SHA256())
     )
     return csr.public_bytes(serialization.Encoding.DER)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -83,11 +72,11 @@ def save_credentials(
     pem = serialization.Encoding.PEM
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(out_dir / BUNDLE, b"".join(r.public_bytes(pem) for r in roots), 0o644)
-        _write(out_dir / INTER_KEY, _pem_key(inter_key), 0o600)
-        _write(out_dir / INTER_CERT, inter.public_bytes(pem), 0o644)
-        _write(out_dir / HOST_KEY, _pem_key(host_key), 0o600)
-        _write(out_dir / HOST_CERT, host_cert.public_bytes(pem), 0o644)
+        write_atomic(out_dir / BUNDLE, b"".join(r.public_bytes(pem) for r in roots), 0o644)
+        write_atomic(out_dir / INTER_KEY, _pem_key(inter_key), 0o600)
+        write_atomic(out_dir / INTER_CERT, inter.public_bytes(pem), 0o644)
+        write_atomic(out_dir / HOST_KEY, _pem_key(host_key), 0o600)
+        write_atomic(out_dir / HOST_CERT, host_cert.public_bytes(pem), 0o644)
     except OSError as exc:
         raise CredentialError(f"cannot write credentials into {out_dir}: {exc}") from exc
 

@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 from sidecar.api.v1 import event_pb2
 from sidecar.errors import TransportError
 from sidecar.export.chain import CHAIN_SEED, chain_next
+from sidecar.fsutil import write_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -130,18 +131,10 @@ class Spool:
             raise TransportError(f"{path}: spool state is corrupt: {exc}") from exc
 
     def _save_state(self) -> None:
-        path = self.directory / STATE_FILE
-        tmp = path.with_suffix(".tmp")
         data = json.dumps(
             {"acked_sequence": self.acked, "acked_chain": self.acked_chain.hex()}
         ).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(self.directory / STATE_FILE, data, 0o600)
         self._fsync_dir()
 
     def _fsync_dir(self) -> None:

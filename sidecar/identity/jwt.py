@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from sidecar.errors import CredentialError
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.identity.x509 import as_spiffe_id
+from sidecar.spiffeid import SpiffeId, parse_trust_domain
 
 _logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class JwtAuthority:
         ttl: timedelta = MAX_TTL,
     ) -> str:
         """A compact JWS for ``spiffe_id`` and ``audience``; ``ttl`` is capped at 5 minutes."""
-        sid = _as_spiffe_id(spiffe_id)
+        sid = as_spiffe_id(spiffe_id)
         if not sid.member_of(self.trust_domain):
             raise CredentialError(f"{sid} is not in trust domain '{self.trust_domain}'")
         auds = [audience] if isinstance(audience, str) else list(audience)
@@ -190,7 +191,7 @@ class JwtAuthority:
         sub = claims.get("sub")
         if not isinstance(sub, str):
             raise CredentialError("JWT-SVID has no 'sub' claim")
-        sid = _as_spiffe_id(sub)
+        sid = as_spiffe_id(sub)
         if not sid.member_of(self.trust_domain):
             raise CredentialError(f"JWT-SVID subject {sid} is not in '{self.trust_domain}'")
         aud = claims.get("aud")
@@ -204,15 +205,6 @@ class JwtAuthority:
             raise CredentialError("JWT-SVID has no numeric 'exp' claim")
         if time.time() > exp + leeway:
             raise CredentialError("JWT-SVID has expired")
-
-
-def _as_spiffe_id(value: SpiffeId | str) -> SpiffeId:
-    if isinstance(value, SpiffeId):
-        return value
-    try:
-        return parse_spiffe_id(value)
-    except ValueError as exc:
-        raise CredentialError(str(exc)) from exc
 
 
 def _jwk(kid: str, pub: ec.EllipticCurvePublicKey) -> dict[str, str]:

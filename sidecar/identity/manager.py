@@ -20,8 +20,8 @@ from datetime import datetime, timedelta, timezone
 
 from sidecar.errors import CredentialError
 from sidecar.identity.jwt import JwtAuthority
-from sidecar.identity.x509 import CertificateAuthority, X509Svid
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id
+from sidecar.identity.x509 import CertificateAuthority, X509Svid, as_spiffe_id
+from sidecar.spiffeid import SpiffeId
 
 _logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class CredentialManager:
         Calling it again for a live instance returns its current SVID when the SPIFFE
         ID matches; a revoked instance id is refused for good.
         """
-        sid = _as_spiffe_id(spiffe_id)
+        sid = as_spiffe_id(spiffe_id)
         if self._closed:
             raise CredentialError("credential manager is closed")
         if instance_id in self._revoked_instances:
@@ -260,15 +260,6 @@ def _half_life(svid: X509Svid) -> float:
     """
     remaining = (svid.not_after - datetime.now(timezone.utc)).total_seconds()
     return max(0.0, remaining / 2)
-
-
-def _as_spiffe_id(value: SpiffeId | str) -> SpiffeId:
-    if isinstance(value, SpiffeId):
-        return value
-    try:
-        return parse_spiffe_id(value)
-    except ValueError as exc:
-        raise CredentialError(str(exc)) from exc
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:

@@ -17,7 +17,6 @@ Keys are EC P-256.  Foreign errors (``cryptography``, ``OSError``) leave this mo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.errors import CredentialError
+from sidecar.fsutil import write_atomic
 from sidecar.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
 
 _logger = logging.getLogger(__name__)
@@ -216,10 +216,10 @@ class CertificateAuthority:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
-            _write_atomic(directory / KEY_FILE, key_pem, 0o600)
-            _write_atomic(directory / CERT_FILE, _pem(self.certificate), 0o644)
+            write_atomic(directory / KEY_FILE, key_pem, 0o600)
+            write_atomic(directory / CERT_FILE, _pem(self.certificate), 0o644)
             if self.chain:
-                _write_atomic(directory / CHAIN_FILE, b"".join(_pem(c) for c in self.chain), 0o644)
+                write_atomic(directory / CHAIN_FILE, b"".join(_pem(c) for c in self.chain), 0o644)
             else:
                 (directory / CHAIN_FILE).unlink(missing_ok=True)
         except OSError as exc:
@@ -260,7 +260,7 @@ class CertificateAuthority:
         """A leaf X509-SVID for ``spiffe_id``, valid for ``ttl`` (capped by this CA)."""
         key = new_key()
         cert = self.sign_x509_svid(spiffe_id, ttl, key.public_key())
-        sid = _as_spiffe_id(spiffe_id)
+        sid = as_spiffe_id(spiffe_id)
         return X509Svid(
             spiffe_id=sid,
             certificate=cert,
@@ -289,7 +289,7 @@ class CertificateAuthority:
         self, spiffe_id: SpiffeId | str, ttl: timedelta, public_key: ec.EllipticCurvePublicKey
     ) -> x509.Certificate:
         """The certificate of an X509-SVID for ``public_key``."""
-        sid = _as_spiffe_id(spiffe_id)
+        sid = as_spiffe_id(spiffe_id)
         if not sid.member_of(self.trust_domain):
             raise CredentialError(f"{sid} is not in trust domain '{self.trust_domain}'")
         if not sid.path:
@@ -433,7 +433,8 @@ def verify_svid(
 # ---- module helpers --------------------------------------------------------------------
 
 
-def _as_spiffe_id(value: SpiffeId | str) -> SpiffeId:
+def as_spiffe_id(value: SpiffeId | str) -> SpiffeId:
+    """A SpiffeId from either form; a malformed one is a CredentialError."""
     if isinstance(value, SpiffeId):
         return value
     try:
@@ -504,23 +505,6 @@ def _ca_extensions(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(_aki(issuer), critical=False)
     )
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a key."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
