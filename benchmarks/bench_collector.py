@@ -26,7 +26,7 @@ from sidecar.collector.store import NewEvent, Store
 from sidecar.collector.tls import roots_pem
 from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
 
-BATCH = 500
+BATCH = ExporterConfig.batch_max_events  # what the daemon sends
 
 
 def _event(i: int) -> ev.Event:

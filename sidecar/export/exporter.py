@@ -69,7 +69,7 @@ class ExporterConfig:
     spool_dir: Path
     spool_max_bytes: int = 256 * 1024 * 1024
     queue_size: int = 10_000
-    batch_max_events: int = 500
+    batch_max_events: int = 2000
     batch_max_bytes: int = 1024 * 1024
     max_in_flight_batches: int = 8
     fsync_interval: float = 0.5
