@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,21 @@ from sidecar.daemon import Daemon, NullSink  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
+LOAD = r"""
+import os, subprocess, sys, time
+procs, binary, execs, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+def move():
+    fd = os.open(procs, os.O_WRONLY); os.write(fd, b"0"); os.close(fd)
+children, start = [], time.monotonic()
+for i in range(execs):
+    due = start + i / rate
+    if due > time.monotonic():
+        time.sleep(due - time.monotonic())
+    children.append(subprocess.Popen([binary, "0.2"], preexec_fn=move))
+for c in children:
+    c.wait(30)
+"""
+
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -59,22 +73,12 @@ def run(cfg: Any, binary: Path, cgroup: Path, execs: int, rate: float) -> tuple[
     t.start()
     if not ready.wait(60):
         raise SystemExit("daemon did not start")
+    # The load comes from a process of its own, as it would in production: the
+    # daemon's process holds only the daemon.
     procs = str(cgroup / "cgroup.procs")
-
-    def move() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        os.write(fd, b"0")
-        os.close(fd)
-
-    children = []
-    start = time.monotonic()
-    for i in range(execs):
-        due = start + i / rate
-        if due > time.monotonic():
-            time.sleep(due - time.monotonic())
-        children.append(subprocess.Popen([str(binary), "0.2"], preexec_fn=move))
-    for c in children:
-        c.wait(30)
+    subprocess.run(
+        [sys.executable, "-c", LOAD, procs, str(binary), str(execs), str(rate)], check=True
+    )
     time.sleep(1.0)
     loop.call_soon_threadsafe(d.stop)
     t.join(30)
