@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from sidecar.errors import PolicyError
 from sidecar.kernel import abi
@@ -70,11 +70,9 @@ class PolicyMaps(Protocol):
     def set_settings(
         self, *, attest: bool | None = None, policy_gen: int | None = None
     ) -> None: ...
-    def write_policies(self, entries: list[tuple[abi.PolicyKey, abi.IdentityPolicy]]) -> None: ...
-    def write_egress(self, entries: list[tuple[abi.EgressKey, abi.EgressRules]]) -> None: ...
-    def write_exec_allow(self, keys: list[abi.ExecKey]) -> None: ...
+    def write_entries(self, name: str, entries: list[tuple[bytes, bytes]]) -> None: ...
     def delete_generation(self, gen: int) -> int: ...
-    def delete_entries(self, name: str, keys: list[Any]) -> None: ...
+    def delete_entries(self, name: str, keys: list[bytes]) -> None: ...
     def clear_policy(self) -> None: ...
 
 
@@ -115,9 +113,10 @@ class Generation:
 
 @dataclass
 class MapEntries:
-    policies: list[tuple[abi.PolicyKey, abi.IdentityPolicy]] = field(default_factory=list)
-    egress: list[tuple[abi.EgressKey, abi.EgressRules]] = field(default_factory=list)
-    exec_allow: list[abi.ExecKey] = field(default_factory=list)
+    # (key, value) bytes per map, in the layouts of bpf/include/events.h
+    policies: list[tuple[bytes, bytes]] = field(default_factory=list)
+    egress: list[tuple[bytes, bytes]] = field(default_factory=list)
+    exec_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
     # identity number -> (dev, inode) of each allowed executable, for the userspace check
     exec_files: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
 
@@ -151,23 +150,25 @@ def _identity_entries(
             raw = name.encode()
             if len(raw) >= abi.FILENAME_LEN:
                 raise PolicyError(f"{ident.spiffe_id}: executable path {name} is too long")
-            out.exec_allow.append(abi.ExecKey(gen, number, raw))
+            out.exec_allow.append((abi.EXEC_KEY.pack(gen, number, raw), b"\1"))
         out.exec_files[number] = files
-    out.policies.append((abi.PolicyKey(gen, number), abi.IdentityPolicy(flags, 0)))
+    out.policies.append((abi.POLICY_KEY.pack(gen, number), abi.IDENTITY_POLICY.pack(flags, 0)))
+    egress_key = abi.EGRESS_KEY.pack
+    rules_cache: dict[object, bytes] = {}  # prefixes share few distinct rule sets
     for prefix in ident.prefixes:
-        rules = abi.EgressRules()
-        rules.count = len(prefix.rules)
-        if rules.count > abi.MAX_PORT_RULES:
-            raise PolicyError(
-                f"{ident.spiffe_id}: more than {abi.MAX_PORT_RULES} rules under one prefix"
-            )
-        for i, r in enumerate(prefix.rules):
-            rules.rules[i] = abi.PortRule(
-                r.port_lo, r.port_hi, r.protocol_mask, 0, r.rule_index + 1
-            )
-        key = abi.EgressKey(64 + prefix.prefix_len, gen, number)
-        key.addr[:] = list(prefix.address)
-        out.egress.append((key, rules))
+        value = rules_cache.get(prefix.rules)
+        if value is None:
+            try:
+                value = abi.pack_egress_rules(
+                    [
+                        (r.port_lo, r.port_hi, r.protocol_mask, r.rule_index + 1)
+                        for r in prefix.rules
+                    ]
+                )
+            except ValueError as exc:
+                raise PolicyError(f"{ident.spiffe_id}: {exc}") from exc
+            rules_cache[prefix.rules] = value
+        out.egress.append((egress_key(64 + prefix.prefix_len, gen, number, prefix.address), value))
 
 
 def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) -> MapEntries:
@@ -178,7 +179,7 @@ def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) ->
     if policy.log_allowed:
         default_flags |= abi.POLICY_LOG_ALLOWED
     out.policies.append(
-        (abi.PolicyKey(gen, abi.IDENTITY_NONE), abi.IdentityPolicy(default_flags, 0))
+        (abi.POLICY_KEY.pack(gen, abi.IDENTITY_NONE), abi.IDENTITY_POLICY.pack(default_flags, 0))
     )
     enforcing = any(i.mode == "enforce" for i in policy.identities.values())
     # Pending (exec'd, not yet attested) may do nothing its identity could not: nothing at all.
@@ -187,7 +188,7 @@ def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) ->
     )
     if policy.identities:
         out.policies.append(
-            (abi.PolicyKey(gen, abi.IDENTITY_PENDING), abi.IdentityPolicy(pending, 0))
+            (abi.POLICY_KEY.pack(gen, abi.IDENTITY_PENDING), abi.IDENTITY_POLICY.pack(pending, 0))
         )
     for spiffe_id, ident in sorted(policy.identities.items()):
         _identity_entries(out, gen, numbers.number(spiffe_id), ident, policy.log_allowed)
@@ -219,9 +220,9 @@ class Enforcer:
         gen = 1 - current if in_force else current
         entries = build_entries(policy, gen, self.numbers)
         self._clear(gen)  # leftovers of an earlier load
-        self.maps.write_policies(entries.policies)
-        self.maps.write_egress(entries.egress)
-        self.maps.write_exec_allow(entries.exec_allow)
+        self.maps.write_entries("policies", entries.policies)
+        self.maps.write_entries("egress", entries.egress)
+        self.maps.write_entries("exec_allow", entries.exec_allow)
         self.maps.set_settings(policy_gen=gen)  # the flip: one map write
         self._written[gen] = entries
         if in_force:
@@ -239,7 +240,7 @@ class Enforcer:
             return
         self.maps.delete_entries("policies", [k for k, _ in written.policies])
         self.maps.delete_entries("egress", [k for k, _ in written.egress])
-        self.maps.delete_entries("exec_allow", list(written.exec_allow))
+        self.maps.delete_entries("exec_allow", [k for k, _ in written.exec_allow])
 
     def unload(self) -> None:
         flags, gen = self.maps.settings()

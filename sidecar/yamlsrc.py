@@ -157,11 +157,15 @@ def _convert(
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_convert(item, (*path, i), doc, ctor, seen) for i, item in enumerate(node.value)]
+    if node.tag == _STR_TAG:
+        return node.value  # the common case, without the constructor's machinery
     try:
         return ctor.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
         raise doc.error(path, f"invalid value: {exc}") from exc
 
+
+_STR_TAG = "tag:yaml.org,2002:str"
 
 _TYPE_NAMES: dict[type, str] = {
     str: "a string",

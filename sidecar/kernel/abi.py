@@ -296,6 +296,38 @@ for _what, _got, _want in (
 
 _SIZES = {t: ctypes.sizeof(m) for t, m in _BY_TYPE.items()}
 
+# Policy map entries, packed straight to bytes: a 100,000-rule policy is
+# built and written without a Python object per entry.
+POLICY_KEY = struct.Struct("<II")  # gen, identity
+IDENTITY_POLICY = struct.Struct("<II")  # flags, pad
+EGRESS_KEY = struct.Struct("<III16s")  # prefixlen, gen, identity, addr
+PORT_RULE = struct.Struct("<HHBBH")  # port_lo, port_hi, protocols, pad, rule
+EGRESS_RULES_HEAD = struct.Struct("<I")  # count, then MAX_PORT_RULES port rules
+EXEC_KEY = struct.Struct(f"<II{FILENAME_LEN}s")  # gen, identity, path
+
+for _what, _got, _want in (
+    ("policy_key", POLICY_KEY.size, ctypes.sizeof(PolicyKey)),
+    ("identity_policy", IDENTITY_POLICY.size, ctypes.sizeof(IdentityPolicy)),
+    ("egress_key", EGRESS_KEY.size, ctypes.sizeof(EgressKey)),
+    ("port_rule", PORT_RULE.size, ctypes.sizeof(PortRule)),
+    (
+        "egress_rules",
+        EGRESS_RULES_HEAD.size + MAX_PORT_RULES * PORT_RULE.size,
+        ctypes.sizeof(EgressRules),
+    ),
+    ("exec_key", EXEC_KEY.size, ctypes.sizeof(ExecKey)),
+):
+    if _got != _want:  # pragma: no cover - a broken build, not bad input
+        raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
+
+
+def pack_egress_rules(rules: list[tuple[int, int, int, int]]) -> bytes:
+    """(port_lo, port_hi, protocols, rule) for each rule, padded to the fixed array."""
+    if len(rules) > MAX_PORT_RULES:
+        raise ValueError(f"more than {MAX_PORT_RULES} port rules under one prefix")
+    body = b"".join(PORT_RULE.pack(lo, hi, proto, 0, rule) for lo, hi, proto, rule in rules)
+    return EGRESS_RULES_HEAD.pack(len(rules)) + body.ljust(MAX_PORT_RULES * PORT_RULE.size, b"\0")
+
 
 def _task(data: bytes) -> Task:
     pid, tid, ppid, uid, gid, identity, cgroup_id, comm = _TASK.unpack_from(data, _T0)

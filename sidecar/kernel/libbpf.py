@@ -107,6 +107,13 @@ def lib() -> ctypes.CDLL:
             ctypes.c_uint64,
         ]
         _lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        _lib.bpf_map_update_batch.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_uint32),
+            ctypes.c_void_p,
+        ]
     return _lib
 
 
@@ -117,16 +124,28 @@ def _check(res: int, what: str) -> int:
     return res
 
 
-def map_update(map_fd: int, key: ctypes.Structure, value: ctypes._CData) -> None:
-    """One map write, straight to the system call (policy loads write 100,000s)."""
-    res = lib().bpf_map_update_elem(map_fd, ctypes.byref(key), ctypes.byref(value), 0)
+def map_update(map_fd: int, key: bytes, value: bytes) -> None:
+    """One map write of packed key and value, straight to the system call."""
+    res = lib().bpf_map_update_elem(map_fd, key, value, 0)
     if res < 0:
         _check(res, "bpf_map_update_elem")
 
 
-def map_delete(map_fd: int, key: ctypes.Structure) -> bool:
-    """Delete one entry; False when it was not there."""
-    res = lib().bpf_map_delete_elem(map_fd, ctypes.byref(key))
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, n: int) -> bool:
+    """Write ``n`` packed entries in one system call; False when the map type cannot batch."""
+    count = ctypes.c_uint32(n)
+    res = lib().bpf_map_update_batch(map_fd, keys, values, ctypes.byref(count), None)
+    if res < 0:
+        err = -res if res != -1 else ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and count.value == 0:
+            return False
+        raise KernelError(f"bpf_map_update_batch: {os.strerror(err)} after {count.value} of {n}")
+    return True
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """Delete one entry (packed key); False when it was not there."""
+    res = lib().bpf_map_delete_elem(map_fd, key)
     if res < 0:
         err = -res if res != -1 else ctypes.get_errno()
         if err == errno.ENOENT:

@@ -55,6 +55,8 @@ CGROUP_HOOKS = (
     ("sendmsg4", "sidecar_sendmsg4", libbpf.ATTACH_CGROUP_UDP4_SENDMSG),
     ("sendmsg6", "sidecar_sendmsg6", libbpf.ATTACH_CGROUP_UDP6_SENDMSG),
 )
+BATCH = 8192  # map entries per batched update
+
 PINNED_MAPS = ("procs", "scope", "settings", "policies", "egress", "exec_allow")
 
 
@@ -206,24 +208,23 @@ class KernelPrograms:
 
     # -- policy maps ---------------------------------------------------------------
 
-    def write_policies(self, entries: list[tuple[abi.PolicyKey, abi.IdentityPolicy]]) -> None:
-        self._write("policies", entries)
-
-    def write_egress(self, entries: list[tuple[abi.EgressKey, abi.EgressRules]]) -> None:
-        self._write("egress", entries)
-
-    def write_exec_allow(self, keys: list[abi.ExecKey]) -> None:
-        self._write("exec_allow", [(k, ctypes.c_uint8(1)) for k in keys])
-
-    def _write(self, name: str, entries: list[tuple[Any, Any]]) -> None:
+    def write_entries(self, name: str, entries: list[tuple[bytes, bytes]]) -> None:
+        """Write packed (key, value) entries, in batches of one system call where possible."""
+        if not entries:
+            return
         fd = self._table(name).map_fd
         try:
-            for key, leaf in entries:
-                libbpf.map_update(fd, key, leaf)
+            for start in range(0, len(entries), BATCH):
+                chunk = entries[start : start + BATCH]
+                keys = b"".join(k for k, _ in chunk)
+                values = b"".join(v for _, v in chunk)
+                if not libbpf.map_update_batch(fd, keys, values, len(chunk)):
+                    for key, value in chunk:
+                        libbpf.map_update(fd, key, value)
         except KernelError as exc:
             raise KernelError(f"cannot write the {name} map: {exc}") from exc
 
-    def delete_entries(self, name: str, keys: list[Any]) -> None:
+    def delete_entries(self, name: str, keys: list[bytes]) -> None:
         """Delete known keys (what a previous load wrote), without scanning the map."""
         fd = self._table(name).map_fd
         for key in keys:
