@@ -89,7 +89,7 @@ def _cmd_identities(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    return run_demo(seconds=args.seconds)
+    return run_demo()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,9 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     register_collector(sub)
 
     demo = sub.add_parser("demo", help="run the product on its embedded default and show events")
-    demo.add_argument(
-        "--seconds", type=float, default=0, help="stop after this long (0: when done)"
-    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 

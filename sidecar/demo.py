@@ -325,8 +325,7 @@ metrics: ""
             shutil.rmtree(self.work, ignore_errors=True)
 
 
-def run_demo(seconds: float = 0) -> int:
-    del seconds
+def run_demo() -> int:
     demo = Demo()
     try:
         demo.cgroup.mkdir()

@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from sidecar.attest import AttestationResult, boot_id, read_start_time
@@ -106,18 +105,6 @@ class InstanceRegistry:
         if inst is not None and self.manager is not None:
             self.manager.revoke(inst.instance_id)
         return inst
-
-    def serial(self, pid: int) -> str | None:
-        inst = self._by_pid.get(pid)
-        if inst is None or self.manager is None:
-            return None
-        svid = self.manager.current(inst.instance_id)
-        return f"{svid.serial:x}" if svid else None
-
-    def expiry(self, pid: int) -> datetime | None:
-        inst = self._by_pid.get(pid)
-        svid = self.manager.current(inst.instance_id) if inst and self.manager else None
-        return svid.not_after if svid else None
 
     # -- CallerResolver ------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +55,6 @@ CGROUP_HOOKS = (
     ("sendmsg6", "sidecar_sendmsg6", libbpf.ATTACH_CGROUP_UDP6_SENDMSG),
 )
 BATCH = 8192  # map entries per batched update
-
-PINNED_MAPS = ("procs", "scope", "settings", "policies", "egress", "exec_allow")
 
 
 def bpf_source_dir() -> Path:
@@ -364,11 +361,6 @@ class KernelPrograms:
         except KeyError:
             pass
         table[key] = table.Leaf(identity, ppid)
-
-    def proc_pids(self) -> Iterator[int]:
-        table = self._table("procs")
-        for key in table:
-            yield int(key.value)
 
     # -- teardown --------------------------------------------------------------
 
