@@ -109,7 +109,7 @@ def main() -> int:
     )
     ap.add_argument("--udp", type=int, default=1_000_000)
     ap.add_argument("--tcp", type=int, default=20_000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -149,6 +149,17 @@ def main() -> int:
                 on = {
                     "udp_connect_ns": median(runs["un"]),
                     "tcp_connect_accept_close_ns": median(runs["tn"]),
+                    # Paired: each on run against the off run just before it, which
+                    # cancels most of the machine's drift between runs.
+                    "udp_added_ns_paired_median": median(
+                        [n - o for n, o in zip(runs["un"], runs["uo"], strict=True)]
+                    ),
+                    "tcp_ratio_paired_median": round(
+                        statistics.median(
+                            [n / o for n, o in zip(runs["tn"], runs["to"], strict=True)]
+                        ),
+                        4,
+                    ),
                 }
                 return off, on
 

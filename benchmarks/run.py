@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 
 PLAN = [
     ("bench_pipeline", ["--seconds", "10", "--rounds", "3"]),
-    ("bench_connect", ["--reps", "3"]),
+    ("bench_connect", ["--reps", "5"]),
     ("bench_attest", ["--execs", "1000"]),
     ("bench_hash", []),
     ("bench_daemon", ["--seconds", "10"]),
