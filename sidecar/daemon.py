@@ -582,12 +582,15 @@ class Daemon:
         event output.  The loop then finishes each attestation (instance, SVID).
         """
         out: dict[int, Any] = {}
+        needs_parent = self.attestor.entries.needs_parent
         for ev in events:
             if not isinstance(ev, abi.Exec) or ev.verdict == abi.Verdict.DENY:
                 continue
             pid, kernel_identity = ev.task.pid, ev.task.identity
-            parent = self._programs.proc_state(ev.task.ppid) if ev.task.ppid else None
-            parent_identity = self._identity_name(parent[0]) if parent else None
+            parent_identity = None
+            if needs_parent and ev.task.ppid:  # a map lookup only when a selector asks
+                parent = self._programs.proc_state(ev.task.ppid)
+                parent_identity = self._identity_name(parent[0]) if parent else None
             try:
                 result = self.attestor.attest(pid, parent_identity)
             except AttestationError as exc:

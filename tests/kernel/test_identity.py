@@ -264,3 +264,41 @@ def test_identities_are_listed_over_the_admin_socket(
     finally:
         agent.kill()
         agent.wait(10)
+
+
+def test_a_tool_registered_under_its_parent_identity_takes_that_identity(
+    scratch_cgroup: Path, pin_dir: Path, short_tmp: Path
+) -> None:
+    """parent:id: what the agent spawns may be its own, narrower identity."""
+    sleep = os.path.realpath("/bin/sleep")
+    entries = short_tmp / "entries.yaml"
+    entries.write_text(
+        f"""apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+  - spiffeId: spiffe://example.org/agent/research-bot
+    selectors: [unix:uid:0, "unix:sha256:{sha256(PYTHON)}", "cgroup:path:{cgroup_rel(scratch_cgroup)}"]
+  - spiffeId: spiffe://example.org/tool/sleeper
+    selectors: ["parent:id:spiffe://example.org/agent/research-bot", "unix:path:{sleep}"]
+"""
+    )
+    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
+    with run_daemon(cfg) as d:
+        agent = spawn(
+            scratch_cgroup,
+            [sys.executable, "-c", "import subprocess; subprocess.run(['/bin/sleep', '0.3'])"],
+        )
+        assert agent.wait(30) == 0
+        tool = wait_until(
+            lambda: [e for e in d.sink.find(type="exec") if e.get("filename") == "/bin/sleep"],
+            what="the tool's exec",
+        )[0]
+        assert tool["identity"] == "spiffe://example.org/tool/sleeper"
+        assert d.sink.wait_for(type="exec", pid=agent.pid)["identity"] == (
+            "spiffe://example.org/agent/research-bot"
+        )
+        # Outside its parent, the same binary is nobody.
+        alone = spawn(scratch_cgroup, ["/bin/sleep", "0.1"])
+        assert alone.wait(10) == 0
+        assert d.sink.wait_for(type="exec", pid=alone.pid)["identity"] is None
