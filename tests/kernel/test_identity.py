@@ -271,6 +271,7 @@ def test_a_tool_registered_under_its_parent_identity_takes_that_identity(
 ) -> None:
     """parent:id: what the agent spawns may be its own, narrower identity."""
     sleep = os.path.realpath("/bin/sleep")
+    cg = cgroup_rel(scratch_cgroup)
     entries = short_tmp / "entries.yaml"
     entries.write_text(
         f"""apiVersion: sidecar/v1
@@ -278,7 +279,7 @@ kind: RegistrationEntries
 trustDomain: example.org
 entries:
   - spiffeId: spiffe://example.org/agent/research-bot
-    selectors: [unix:uid:0, "unix:sha256:{sha256(PYTHON)}", "cgroup:path:{cgroup_rel(scratch_cgroup)}"]
+    selectors: [unix:uid:0, "unix:sha256:{sha256(PYTHON)}", "cgroup:path:{cg}"]
   - spiffeId: spiffe://example.org/tool/sleeper
     selectors: ["parent:id:spiffe://example.org/agent/research-bot", "unix:path:{sleep}"]
 """
