@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_pipeline import move_into  # noqa: E402
+
 from sidecar.enforce import Enforcer, IdentityNumbers, identity_number  # noqa: E402
 from sidecar.kernel import libbpf  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root, find_mount  # noqa: E402
@@ -56,17 +58,6 @@ def policy_text(entries: int, port: int) -> str:
         for n in range(entries - 1):
             lines.append(f"          - 10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32")
     return "\n".join(lines) + "\n"
-
-
-def move_into(cgroup: Path):  # type: ignore[no-untyped-def]
-    procs = str(cgroup / "cgroup.procs")
-
-    def _move() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        os.write(fd, b"0")
-        os.close(fd)
-
-    return _move
 
 
 def run_loop(
