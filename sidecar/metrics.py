@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -76,6 +76,8 @@ class DaemonMetrics:
         self._events = Counter(
             "sidecar_events", "Events read from the kernel, by type.", ["type"], registry=r
         )
+        self._event_children: dict[str, Any] = {}
+        self._verdict_children: dict[tuple[str, str, str], Any] = {}
         self._verdicts = Counter(
             "sidecar_verdicts",
             "Enforcement decisions, by identity, policy rule and verdict.",
@@ -133,12 +135,20 @@ class DaemonMetrics:
         )
 
     def record_event(self, event_type: str) -> None:
-        """Count one event decoded from the ring buffer."""
-        self._events.labels(type=event_type).inc()
+        """Count one event decoded from the ring buffer (called per event: children cached)."""
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self._events.labels(type=event_type)
+        child.inc()
 
     def record_verdict(self, identity: str, rule: str, verdict: str) -> None:
         """Count one decision (``allow``, ``deny`` or ``audit``) made under ``rule``."""
-        self._verdicts.labels(identity=identity, rule=rule, verdict=verdict).inc()
+        key = (identity, rule, verdict)
+        child = self._verdict_children.get(key)
+        if child is None:
+            child = self._verdicts.labels(identity=identity, rule=rule, verdict=verdict)
+            self._verdict_children[key] = child
+        child.inc()
 
     def record_loss(self, reason: str, n: int = 1) -> None:
         """Count ``n`` events dropped for ``reason`` (e.g. ``ringbuf_full``, ``spool_full``)."""
