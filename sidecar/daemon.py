@@ -591,21 +591,35 @@ class Daemon:
             if needs_parent and ev.task.ppid:  # a map lookup only when a selector asks
                 parent = self._programs.proc_state(ev.task.ppid)
                 parent_identity = self._identity_name(parent[0]) if parent else None
-            try:
-                result = self.attestor.attest(pid, parent_identity)
-            except AttestationError as exc:
-                _logger.debug("pid %d not attested: %s", pid, exc)
+            result = self._attest_into_kernel(pid, parent_identity, kernel_identity)
+            if result is None:
                 continue
             if result.match is not None:
-                self._programs.set_identity(pid, self.numbers.number(result.match.spiffe_id))
                 now = time.monotonic_ns()
                 self.attest_latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-            elif kernel_identity == abi.IDENTITY_PENDING:
-                self._programs.set_identity(pid, abi.IDENTITY_NONE)
             out[id(ev)] = result
         return out
+
+    def _attest_into_kernel(
+        self, pid: int, parent_identity: str | None, kernel_identity: int
+    ) -> Any:
+        """Attest ``pid`` and write the answer into the kernel map; None if it is gone.
+
+        A match writes its identity; no match settles a pending image as having
+        none; an identity inherited from an attested ancestor is left alone.
+        """
+        try:
+            result = self.attestor.attest(pid, parent_identity)
+        except AttestationError as exc:
+            _logger.debug("pid %d not attested: %s", pid, exc)
+            return None
+        if result.match is not None:
+            self._programs.set_identity(pid, self.numbers.number(result.match.spiffe_id))
+        elif kernel_identity == abi.IDENTITY_PENDING:
+            self._programs.set_identity(pid, abi.IDENTITY_NONE)
+        return result
 
     def _handle_batch(
         self, events: list[abi.KernelEvent], errors: int, attested: dict[int, Any]
@@ -798,16 +812,11 @@ class Daemon:
     def _attest_now(self, proc: Process, kernel_identity: int) -> None:
         """Attest a process found running (start-up): kernel write and instance at once."""
         parent = self.table.get(proc.ppid)
-        try:
-            result = self.attestor.attest(proc.pid, parent.identity if parent else None)
-        except AttestationError as exc:
-            _logger.debug("pid %d not attested: %s", proc.pid, exc)
-            return
-        if result.match is not None:
-            self._programs.set_identity(proc.pid, self.numbers.number(result.match.spiffe_id))
-        elif kernel_identity == abi.IDENTITY_PENDING:
-            self._programs.set_identity(proc.pid, abi.IDENTITY_NONE)
-        self._finish_attestation(proc, result, kernel_identity)
+        result = self._attest_into_kernel(
+            proc.pid, parent.identity if parent else None, kernel_identity
+        )
+        if result is not None:
+            self._finish_attestation(proc, result, kernel_identity)
 
     def _finish_attestation(self, proc: Process, result: Any, kernel_identity: int) -> None:
         """After the kernel knows: the instance, its SVID, and children forked meanwhile."""

@@ -167,12 +167,7 @@ class KernelPrograms:
         self.set_settings(attest=self.options.attest)
 
     def _set_scope(self) -> None:
-        try:
-            fd = os.open(self.options.scope, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise KernelError(
-                f"scope cgroup {self.options.scope} cannot be opened: {exc.strerror}"
-            ) from exc
+        fd = self._open_scope()
         try:
             table = self._table("scope")
             table[table.Key(0)] = fd
