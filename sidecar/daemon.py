@@ -161,7 +161,8 @@ class Daemon:
         self.sink = sink
         self.metrics = metrics
         self.table = ProcessTable()
-        self.counts: Counter[str] = Counter()
+        # Events emitted, by type; the metrics endpoint reads the same dict.
+        self.counts: dict[str, int] = metrics.event_counts if metrics is not None else {}
         self.decode_errors = 0
         self.lost_reported: dict[abi.EventType, int] = {}
         self.numbers = IdentityNumbers()
@@ -638,9 +639,8 @@ class Daemon:
     # -- events --------------------------------------------------------------------
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self.counts[event["type"]] += 1
-        if self.metrics is not None:
-            self.metrics.record_event(event["type"])
+        kind = event["type"]
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         self.sink.write(event)
         if self.exporter is not None:
             from sidecar.export.convert import to_proto
@@ -676,25 +676,51 @@ class Daemon:
         return g.version if g else self.enforcer.active.version
 
     def _base(self, kind: str, ev: abi.KernelEvent, proc: Process | None) -> dict[str, Any]:
+        """The fields every process event has.  Runs for every record: kept lean."""
         task = ev.task
-        out = {
-            "type": kind,
-            "time": self._time(ev.ts_ns),
-            "host": self.config.host,
-            "pid": task.pid,
-            "ppid": proc.ppid if proc else task.ppid,
-            "uid": task.uid,
-            "gid": task.gid,
-            "comm": task.comm,
-            "exe": proc.exe if proc else "",
-            "argv": list(proc.argv) if proc else [],
-            "cgroup": proc.cgroup if proc else "",
-            "identity": self._identity_name(task.identity) or (proc.identity if proc else None),
-            "instance_id": proc.instance_id if proc else None,
-            "svid_serial": self._serial(proc),
-            "policy_version": self._policy_version(),
-        }
-        if task.identity == abi.IDENTITY_PENDING:
+        number = task.identity
+        identity = (
+            self.numbers.name(number)
+            if number != abi.IDENTITY_NONE and number != abi.IDENTITY_PENDING
+            else None
+        )
+        if proc is None:
+            out = {
+                "type": kind,
+                "time": self._time(ev.ts_ns),
+                "host": self.config.host,
+                "pid": task.pid,
+                "ppid": task.ppid,
+                "uid": task.uid,
+                "gid": task.gid,
+                "comm": task.comm,
+                "exe": "",
+                "argv": (),
+                "cgroup": "",
+                "identity": identity,
+                "instance_id": None,
+                "svid_serial": None,
+                "policy_version": self._policy_version(),
+            }
+        else:
+            out = {
+                "type": kind,
+                "time": self._time(ev.ts_ns),
+                "host": self.config.host,
+                "pid": task.pid,
+                "ppid": proc.ppid,
+                "uid": task.uid,
+                "gid": task.gid,
+                "comm": task.comm,
+                "exe": proc.exe,
+                "argv": proc.argv,  # a tuple: orjson writes it as an array
+                "cgroup": proc.cgroup,
+                "identity": identity or proc.identity,
+                "instance_id": proc.instance_id,
+                "svid_serial": self._serial(proc) if proc.instance_id is not None else None,
+                "policy_version": self._policy_version(),
+            }
+        if number == abi.IDENTITY_PENDING:
             out["attestation"] = "pending"
         return out
 

@@ -28,6 +28,7 @@ from prometheus_client import (
     Info,
     start_http_server,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from sidecar.errors import ConfigError
 
@@ -67,16 +68,37 @@ _ATTESTATION_BUCKETS: Final = (
 )
 
 
+class _EventCounts:
+    """``sidecar_events_total`` by type, read from a dict of counts at each scrape."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self._counts = counts
+
+    def describe(self) -> list[Metric]:
+        return [CounterMetricFamily("sidecar_events", _EVENTS_HELP, labels=["type"])]
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily("sidecar_events", _EVENTS_HELP, labels=["type"])
+        # A copy made in one step: the daemon's thread may add a type meanwhile.
+        for kind, n in sorted(dict(self._counts).items()):
+            family.add_metric([kind], n)
+        return [family]
+
+
+_EVENTS_HELP: Final = "Events read from the kernel, by type."
+
+
 class DaemonMetrics:
     """Metrics of ``sidecar run``: what the kernel saw, decided and lost, and how export goes."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._events = Counter(
-            "sidecar_events", "Events read from the kernel, by type.", ["type"], registry=r
-        )
-        self._event_children: dict[str, Any] = {}
+        # Events are counted by the daemon in a plain dict as it emits them; the
+        # series is read from it at scrape time, which keeps a Prometheus
+        # increment (and its lock) off the per-event path.
+        self.event_counts: dict[str, int] = {}
+        r.register(_EventCounts(self.event_counts))
         self._verdict_children: dict[tuple[str, str, str], Any] = {}
         self._verdicts = Counter(
             "sidecar_verdicts",
@@ -135,11 +157,8 @@ class DaemonMetrics:
         )
 
     def record_event(self, event_type: str) -> None:
-        """Count one event decoded from the ring buffer (called per event: children cached)."""
-        child = self._event_children.get(event_type)
-        if child is None:
-            child = self._event_children[event_type] = self._events.labels(type=event_type)
-        child.inc()
+        """Count one event (the daemon increments ``event_counts`` itself, inline)."""
+        self.event_counts[event_type] = self.event_counts.get(event_type, 0) + 1
 
     def record_verdict(self, identity: str, rule: str, verdict: str) -> None:
         """Count one decision (``allow``, ``deny`` or ``audit``) made under ``rule``."""

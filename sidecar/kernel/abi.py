@@ -12,6 +12,7 @@ import enum
 import ipaddress
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 ABI_VERSION = 1
 COMM_LEN = 16
@@ -207,7 +208,9 @@ class DecodeError(ValueError):
     """A record that is too short, of another ABI version, or of an unknown type."""
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted classes rather than frozen dataclasses: a frozen dataclass
+# costs four times as much to build, and the daemon builds two per record.
+@dataclass(slots=True)
 class Task:
     pid: int
     tid: int
@@ -219,7 +222,7 @@ class Task:
     comm: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Exec:
     ts_ns: int
     task: Task
@@ -231,20 +234,20 @@ class Exec:
     verdict: Verdict
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fork:
     ts_ns: int
     task: Task
     child_pid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Exit:
     ts_ns: int
     task: Task
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Connect:
     ts_ns: int
     task: Task
@@ -277,16 +280,23 @@ def _text(raw: bytes) -> str:
 # and the mirrors against the C header by tests/unit/test_abi_layout.py.
 _HEADER = struct.Struct("<HHIQ")
 _TASK = struct.Struct("<IIIIIIQ16s")
+_HEADER_TASK = struct.Struct("<HHIQIIIIIIQ16s")  # both in one call, on the hot path
 _EXEC_TAIL = struct.Struct(f"<IIIHHHBB{FILENAME_LEN}s")
+_EXEC_FIXED = struct.Struct("<IIIHHHB")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
 _CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
 _T0 = _HEADER.size
 _T1 = _T0 + _TASK.size
+_NAME = _T1 + _EXEC_TAIL.size - FILENAME_LEN  # offset of exec_event.filename
+_ARGS = _T1 + _EXEC_TAIL.size  # offset of exec_event.args
 
 for _what, _got, _want in (
     ("event_header", _HEADER.size, ctypes.sizeof(EventHeader)),
     ("task_ctx", _TASK.size, ctypes.sizeof(TaskCtx)),
-    ("exec_event.args", _T1 + _EXEC_TAIL.size, ExecEvent.args.offset),
+    ("event_header + task_ctx", _HEADER_TASK.size, _T1),
+    ("exec_event.args", _ARGS, ExecEvent.args.offset),
+    ("exec_event.filename", _NAME, ExecEvent.filename.offset),
+    ("exec_event.verdict", _T1 + _EXEC_FIXED.size, ExecEvent.pad.offset),
     ("fork_event", _T1 + _FORK_TAIL.size, ctypes.sizeof(ForkEvent)),
     ("exit_event", _T1, ctypes.sizeof(ExitEvent)),
     ("connect_event", _T1 + _CONNECT_TAIL.size, ctypes.sizeof(ConnectEvent)),
@@ -329,71 +339,105 @@ def pack_egress_rules(rules: list[tuple[int, int, int, int]]) -> bytes:
     return EGRESS_RULES_HEAD.pack(len(rules)) + body.ljust(MAX_PORT_RULES * PORT_RULE.size, b"\0")
 
 
-def _task(data: bytes) -> Task:
-    pid, tid, ppid, uid, gid, identity, cgroup_id, comm = _TASK.unpack_from(data, _T0)
-    return Task(pid, tid, ppid, uid, gid, identity, cgroup_id, _text(comm))
-
-
 def _address(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if family == AF_INET and raw[:12] == b"\0" * 10 + b"\xff\xff":
         return ipaddress.IPv4Address(raw[12:])
     return ipaddress.IPv6Address(raw)
 
 
+# Enum members by value, looked up by index: calling the enum class costs
+# more than the rest of a small record's decoding.
+_VERDICTS: tuple[Verdict | None, ...] = tuple(
+    Verdict(v) if v in Verdict._value2member_map_ else None for v in range(max(Verdict) + 1)
+)
+_HOOKS: tuple[Hook | None, ...] = tuple(
+    Hook(v) if v in Hook._value2member_map_ else None for v in range(max(Hook) + 1)
+)
+
+# Process names repeat: decode each distinct one once.
+_COMMS: dict[bytes, str] = {}
+_COMMS_MAX = 4096
+
+
+def _comm(raw: bytes) -> str:
+    text = _COMMS.get(raw)
+    if text is None:
+        if len(_COMMS) >= _COMMS_MAX:
+            _COMMS.clear()
+        text = _COMMS[raw] = _text(raw)
+    return text
+
+
+def _enum(table: tuple[Any, ...], value: int, what: str) -> Any:
+    member = table[value] if value < len(table) else None
+    if member is None:
+        raise DecodeError(f"unknown {what} {value}")
+    return member
+
+
 def decode(data: bytes) -> KernelEvent:
     """Decode one ring-buffer record; raises ``DecodeError`` for anything unexpected."""
-    if len(data) < _HEADER.size:
-        raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
-    kind, version, size, ts_ns = _HEADER.unpack_from(data)
+    if len(data) < _T1:
+        if len(data) < _T0:
+            raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
+        kind, version, size, ts_ns = _HEADER.unpack_from(data)
+        _check(kind, version, size, len(data))
+    kind, version, size, ts_ns, pid, tid, ppid, uid, gid, identity, cgroup_id, comm = (
+        _HEADER_TASK.unpack_from(data)
+    )
+    _check(kind, version, size, len(data))
+    task = Task(pid, tid, ppid, uid, gid, identity, cgroup_id, _comm(comm))
+    if kind == EventType.FORK:
+        return Fork(ts_ns, task, _FORK_TAIL.unpack_from(data, _T1)[0])
+    if kind == EventType.EXIT:
+        return Exit(ts_ns, task)
+    if kind == EventType.EXEC:
+        _old, flags, gen, name_len, args_len, args_count, verdict = _EXEC_FIXED.unpack_from(
+            data, _T1
+        )
+        # name_len counts the NUL; past the field's end the name was not read whole.
+        name_end = _NAME + (name_len - 1 if 0 < name_len <= FILENAME_LEN else 0)
+        filename = data[_NAME:name_end].decode("utf-8", "surrogateescape")
+        args = data[_ARGS : _ARGS + min(args_len, ARGS_LEN)].split(b"\0")
+        if len(args) > args_count:
+            del args[args_count:]
+        argv = tuple([a.decode("utf-8", "surrogateescape") for a in args])
+        return Exec(
+            ts_ns,
+            task,
+            gen,
+            filename,
+            argv,
+            bool(flags & EXEC_ARGS_TRUNCATED),
+            bool(flags & EXEC_NO_ARGS),
+            _enum(_VERDICTS, verdict, "verdict"),
+        )
+    family, protocol, hook, verdict, dport, _pad, daddr, rule, gen = _CONNECT_TAIL.unpack_from(
+        data, _T1
+    )
+    try:
+        address = _address(daddr, family)
+    except ValueError as exc:  # pragma: no cover - 16 bytes always make an address
+        raise DecodeError(f"ConnectEvent with {exc}") from exc
+    return Connect(
+        ts_ns,
+        task,
+        family,
+        protocol,
+        _enum(_HOOKS, hook, "hook"),
+        _enum(_VERDICTS, verdict, "verdict"),
+        address,
+        dport,
+        rule,
+        gen,
+    )
+
+
+def _check(kind: int, version: int, size: int, length: int) -> None:
     if version != ABI_VERSION:
         raise DecodeError(f"record of ABI version {version}, expected {ABI_VERSION}")
     expected = _SIZES.get(kind)
     if expected is None:
         raise DecodeError(f"record of unknown type {kind}")
-    if len(data) < expected or size != expected:
-        raise DecodeError(f"{_BY_TYPE[kind].__name__} of {len(data)} bytes, expected {expected}")
-    try:
-        return _convert(kind, ts_ns, data)
-    except ValueError as exc:
-        raise DecodeError(f"{_BY_TYPE[kind].__name__} with {exc}") from exc
-
-
-def _convert(kind: int, ts_ns: int, data: bytes) -> KernelEvent:
-    task = _task(data)
-    if kind == EventType.EXEC:
-        _old, flags, gen, _flen, args_len, args_count, verdict, _pad, filename = (
-            _EXEC_TAIL.unpack_from(data, _T1)
-        )
-        start = _T1 + _EXEC_TAIL.size
-        args = data[start : start + min(args_len, ARGS_LEN)]
-        argv = tuple(a.decode("utf-8", "surrogateescape") for a in args.split(b"\0")[:args_count])
-        return Exec(
-            ts_ns=ts_ns,
-            task=task,
-            policy_gen=gen,
-            filename=_text(filename),
-            argv=argv,
-            args_truncated=bool(flags & EXEC_ARGS_TRUNCATED),
-            args_missing=bool(flags & EXEC_NO_ARGS),
-            verdict=Verdict(verdict),
-        )
-    if kind == EventType.FORK:
-        child, _pad = _FORK_TAIL.unpack_from(data, _T1)
-        return Fork(ts_ns=ts_ns, task=task, child_pid=child)
-    if kind == EventType.EXIT:
-        return Exit(ts_ns=ts_ns, task=task)
-    family, protocol, hook, verdict, dport, _pad, daddr, rule, gen = _CONNECT_TAIL.unpack_from(
-        data, _T1
-    )
-    return Connect(
-        ts_ns=ts_ns,
-        task=task,
-        family=family,
-        protocol=protocol,
-        hook=Hook(hook),
-        verdict=Verdict(verdict),
-        address=_address(daddr, family),
-        port=dport,
-        rule=rule,
-        policy_gen=gen,
-    )
+    if length < expected or size != expected:
+        raise DecodeError(f"{_BY_TYPE[kind].__name__} of {length} bytes, expected {expected}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 SCRATCH_PREFIX = "sidecar-test-"
@@ -131,7 +132,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 class MemorySink:
-    """Event sink that keeps events in memory for assertions (thread-safe)."""
+    """Event sink that keeps events in memory for assertions (thread-safe).
+
+    Each event is kept as its JSON line reads back, so tests see exactly what
+    the JSON-lines sink writes (argv is a list there, for example).
+    """
 
     def __init__(self) -> None:
         self.target = "<memory>"
@@ -139,8 +144,9 @@ class MemorySink:
         self._lock = threading.Lock()
 
     def write(self, event: dict[str, Any]) -> None:
+        line = orjson.loads(orjson.dumps(event))
         with self._lock:
-            self.events.append(event)
+            self.events.append(line)
 
     def flush(self) -> None:
         pass

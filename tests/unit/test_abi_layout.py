@@ -147,6 +147,7 @@ def test_decode_reads_nul_separated_argv_in_full() -> None:
     rec.args[: len(args)] = list(args)
     rec.args_len, rec.args_count = len(args), 3
     rec.filename = b"/bin/echo"
+    rec.filename_len = len(b"/bin/echo") + 1  # what bpf_probe_read_kernel_str returns
     ev = abi.decode(bytes(rec))
     assert isinstance(ev, abi.Exec)
     assert ev.argv == ("/bin/echo", "hello", "world")
@@ -168,5 +169,5 @@ def test_decode_rejects_malformed_records(mutate, message) -> None:  # type: ign
 
 
 def test_decode_rejects_an_unknown_verdict() -> None:
-    with pytest.raises(abi.DecodeError, match="Verdict"):
+    with pytest.raises(abi.DecodeError, match="unknown verdict 9"):
         abi.decode(_connect_record(verdict=9))

@@ -1,0 +1,143 @@
+"""The ring-buffer record decoder, on records packed here byte by byte.
+
+tests/unit/test_abi_layout.py builds records through the ctypes mirrors;
+these pack them with struct, field by field, as the C layout has them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+import pytest
+
+from sidecar.kernel import abi
+
+HEADER = struct.Struct("<HHIQ")
+TASK = struct.Struct("<IIIIIIQ16s")
+
+
+def task(pid: int = 42, ppid: int = 7, identity: int = 0, comm: bytes = b"agent") -> bytes:
+    return TASK.pack(pid, pid + 1, ppid, 1000, 1001, identity, 99, comm)
+
+
+def record(kind: int, body: bytes, version: int = abi.ABI_VERSION) -> bytes:
+    size = abi._SIZES[kind]
+    data = HEADER.pack(kind, version, size, 123_456_789) + body
+    return data.ljust(size, b"\0")
+
+
+def exec_record(
+    filename: bytes,
+    args: list[bytes],
+    *,
+    name_len: int | None = None,
+    flags: int = 0,
+    verdict: int = abi.Verdict.ALLOW,
+) -> bytes:
+    packed = b"".join(a + b"\0" for a in args)
+    tail = struct.pack(
+        f"<IIIHHHBB{abi.FILENAME_LEN}s",
+        42,
+        flags,
+        1,
+        len(filename) + 1 if name_len is None else name_len,
+        len(packed),
+        len(args),
+        verdict,
+        0,
+        filename,
+    )
+    return record(abi.EventType.EXEC, task(identity=5) + tail + packed)
+
+
+def test_exec_record_decodes_every_field() -> None:
+    ev = abi.decode(exec_record(b"/usr/bin/curl", [b"curl", b"-s", b"https://example.org"]))
+    assert isinstance(ev, abi.Exec)
+    assert ev.ts_ns == 123_456_789
+    assert ev.task == abi.Task(42, 43, 7, 1000, 1001, 5, 99, "agent")
+    assert ev.filename == "/usr/bin/curl"
+    assert ev.argv == ("curl", "-s", "https://example.org")
+    assert ev.policy_gen == 1
+    assert ev.verdict is abi.Verdict.ALLOW
+    assert not ev.args_truncated and not ev.args_missing
+
+
+def test_exec_flags_and_verdicts() -> None:
+    ev = abi.decode(
+        exec_record(
+            b"/bin/sh",
+            [b"sh"],
+            flags=abi.EXEC_ARGS_TRUNCATED | abi.EXEC_NO_ARGS,
+            verdict=abi.Verdict.WOULD_DENY,
+        )
+    )
+    assert isinstance(ev, abi.Exec)
+    assert ev.args_truncated and ev.args_missing
+    assert ev.verdict is abi.Verdict.WOULD_DENY
+
+
+def test_exec_argv_stops_at_the_count_the_kernel_gave() -> None:
+    # Empty arguments are arguments; bytes past the count are not.
+    ev = abi.decode(exec_record(b"/bin/echo", [b"echo", b"", b"x"]))
+    assert isinstance(ev, abi.Exec)
+    assert ev.argv == ("echo", "", "x")
+
+
+def test_exec_name_that_could_not_be_read_is_empty() -> None:
+    # bpf_probe_read_kernel_str failed: a negative length, seen as a large u16.
+    ev = abi.decode(exec_record(b"garbage", [b"x"], name_len=0xFFF2))
+    assert isinstance(ev, abi.Exec)
+    assert ev.filename == ""
+
+
+def test_undecodable_bytes_in_names_survive_as_surrogates() -> None:
+    ev = abi.decode(exec_record(b"/tmp/\xff", [b"\xfe"]))
+    assert isinstance(ev, abi.Exec)
+    assert ev.filename.encode("utf-8", "surrogateescape") == b"/tmp/\xff"
+    assert ev.argv[0].encode("utf-8", "surrogateescape") == b"\xfe"
+
+
+def test_fork_exit_and_connect_records() -> None:
+    fork = abi.decode(record(abi.EventType.FORK, task() + struct.pack("<II", 4242, 0)))
+    assert isinstance(fork, abi.Fork)
+    assert fork.child_pid == 4242 and fork.task.pid == 42
+
+    exit_ = abi.decode(record(abi.EventType.EXIT, task(comm=b"x" * 16)))
+    assert isinstance(exit_, abi.Exit)
+    assert exit_.task.comm == "x" * 16  # a full name has no NUL
+
+    mapped = b"\0" * 10 + b"\xff\xff" + bytes([10, 0, 0, 1])
+    body = struct.pack("<BBBBHH16sII", 2, 6, 1, 2, 443, 0, mapped, 3, 1)
+    conn = abi.decode(record(abi.EventType.CONNECT, task() + body))
+    assert isinstance(conn, abi.Connect)
+    assert conn.address == ipaddress.IPv4Address("10.0.0.1")
+    assert (conn.port, conn.rule, conn.policy_gen) == (443, 3, 1)
+    assert conn.hook is abi.Hook.CONNECT4 and conn.verdict is abi.Verdict.DENY
+
+    v6 = ipaddress.IPv6Address("2001:db8::1")
+    body6 = struct.pack("<BBBBHH16sII", 10, 17, 4, 1, 53, 0, v6.packed, 0, 0)
+    conn6 = abi.decode(record(abi.EventType.CONNECT, task() + body6))
+    assert isinstance(conn6, abi.Connect)
+    assert conn6.address == v6 and conn6.hook is abi.Hook.SENDMSG6
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (HEADER.pack(3, abi.ABI_VERSION, abi._SIZES[3], 0), "ExitEvent of 16 bytes"),
+        (record(abi.EventType.EXIT, task())[:-1], "expected 64"),
+        (exec_record(b"/bin/x", [], verdict=9), "unknown verdict 9"),
+        (exec_record(b"/bin/x", [], verdict=0), "unknown verdict 0"),
+        (
+            record(
+                abi.EventType.CONNECT,
+                task() + struct.pack("<BBBBHH16sII", 2, 6, 9, 1, 80, 0, bytes(16), 0, 0),
+            ),
+            "unknown hook 9",
+        ),
+    ],
+)
+def test_bad_records_raise_decode_error(data: bytes, message: str) -> None:
+    with pytest.raises(abi.DecodeError, match=message):
+        abi.decode(data)
