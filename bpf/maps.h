@@ -44,7 +44,7 @@
 
 /*
  * Ring buffer wake-ups cost the traced workload a context switch each.  Most
- * records are read by the daemon's periodic poll (every 10 ms); only a record
+ * records are read by the daemon's periodic poll (every 50 ms); only a record
  * someone is waiting on (an exec to attest) wakes the reader at once.
  */
 #define SIDECAR_RB_NO_WAKEUP 1
