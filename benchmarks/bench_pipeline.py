@@ -1,12 +1,13 @@
 """Kernel pipeline under an exec storm, against the same storm without the daemon.
 
 Measures, in one run on this machine:
-- the storm's exec rate without the daemon (baseline) and with it, and their ratio;
+- the storm's exec rate without the daemon (baseline) and with it, in rounds
+  that each run both, and the ratio within each round and its median;
 - exec events received / execs performed, and the kernel's lost counter;
 - the daemon's CPU share and peak RSS during the storm;
 - start-up time from launch to programs attached (READY=1 on NOTIFY_SOCKET).
 
-Usage: benchmarks/bench_pipeline.py [--seconds 30] [--loops 2]
+Usage: benchmarks/bench_pipeline.py [--seconds 30] [--loops 2] [--rounds 5]
 Needs root; works in a scratch cgroup and pin directory it removes.
 """
 
@@ -137,13 +138,36 @@ def count_events(output: Path, storm_pids: set[int] | None = None) -> tuple[int,
     return execs, lost
 
 
+def finish_daemon(
+    daemon: subprocess.Popen[bytes], output: Path, cpu0: float, t0: float
+) -> tuple[int, int, float, int]:
+    """Let the daemon drain what the storm produced, then stop it.
+
+    Returns (exec events received, losses reported, CPU share, peak RSS KiB).
+    """
+    got = -1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now_got, _ = count_events(output)
+        if now_got == got:
+            break
+        got = now_got
+    cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+    rss = peak_rss_kib(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    daemon.wait(30)
+    got, lost = count_events(output)
+    return got, lost, (cpu1 - cpu0) / (t1 - t0), rss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--loops", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -154,6 +178,7 @@ def main() -> int:
     daemon = None
     base_rates: list[float] = []
     rates: list[float] = []
+    ratios: list[float] = []
     cpu: list[float] = []
     startups: list[float] = []
     performed = received = lost = rss = 0
@@ -161,36 +186,32 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmpname:
             tmp = Path(tmpname)
             storm = build_storm(tmp)
-            # Rounds alternate the storm without and with the daemon, so drift
-            # on the machine weighs on both sides alike.
+            # Each round runs the storm once without and once with the daemon,
+            # and the ratio is taken within the round: this VM's speed drifts
+            # by +-10% over minutes, which a ratio of two runs made seconds
+            # apart mostly cancels.  The order flips from round to round so
+            # that a steady drift favours neither side.
             for round_no in range(args.rounds):
-                n, t = run_storm(storm, cgroup, args.seconds, args.loops)
-                base_rates.append(n / t)
-                output = tmp / f"events-{round_no}.jsonl"
-                daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
-                startups.append(startup)
-                cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
-                n, t = run_storm(storm, cgroup, args.seconds, args.loops)
-                rates.append(n / t)
-                performed += n
-                # Let the daemon drain what the storm produced.
-                got = -1
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    now_got, _ = count_events(output)
-                    if now_got == got:
-                        break
-                    got = now_got
-                cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
-                cpu.append((cpu1 - cpu0) / (t1 - t0))
-                rss = max(rss, peak_rss_kib(daemon.pid))
-                daemon.send_signal(signal.SIGTERM)
-                daemon.wait(30)
-                daemon = None
-                got, lost_now = count_events(output)
-                received += got
-                lost += lost_now
+                order = ("base", "daemon") if round_no % 2 == 0 else ("daemon", "base")
+                for side in order:
+                    if side == "base":
+                        n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+                        base_rates.append(n / t)
+                        continue
+                    output = tmp / f"events-{round_no}.jsonl"
+                    daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
+                    startups.append(startup)
+                    cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+                    n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+                    rates.append(n / t)
+                    performed += n
+                    got, lost_now, cpu_share, rss_now = finish_daemon(daemon, output, cpu0, t0)
+                    daemon = None
+                    cpu.append(cpu_share)
+                    rss = max(rss, rss_now)
+                    received += got
+                    lost += lost_now
+                ratios.append(rates[-1] / base_rates[-1])
     finally:
         if daemon is not None:
             daemon.kill()
@@ -206,7 +227,9 @@ def main() -> int:
         "rounds": args.rounds,
         "baseline_exec_per_s_median": round(base, 1),
         "with_daemon_exec_per_s_median": round(rate, 1),
-        "rate_ratio_with_over_without": round(rate / base, 4),
+        "rate_ratio_per_round": [round(r, 4) for r in ratios],
+        "rate_ratio_median_of_rounds": round(statistics.median(ratios), 4),
+        "rate_ratio_of_medians": round(rate / base, 4),
         "execs_performed": performed,
         "exec_events_received": received,
         "received_over_performed": round(received / performed, 4) if performed else 0.0,
