@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-@dataclass
+@dataclass(slots=True)  # one per live process, built per fork record: kept small
 class Process:
     pid: int
     start_ns: int  # kernel time of the record that created the row
