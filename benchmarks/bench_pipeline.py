@@ -138,6 +138,20 @@ def count_events(output: Path, storm_pids: set[int] | None = None) -> tuple[int,
     return execs, lost
 
 
+SETTLE_S = 1.0
+
+
+def settle() -> None:
+    """Start each storm from a quiet machine.
+
+    The previous phase leaves dirty pages (the daemon's event file, tens of
+    MB) that the kernel would otherwise write back during the next storm:
+    in one run that made the side measured second slower in every round.
+    """
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
 def finish_daemon(
     daemon: subprocess.Popen[bytes], output: Path, cpu0: float, t0: float
 ) -> tuple[int, int, float, int]:
@@ -194,6 +208,7 @@ def main() -> int:
             for round_no in range(args.rounds):
                 order = ("base", "daemon") if round_no % 2 == 0 else ("daemon", "base")
                 for side in order:
+                    settle()
                     if side == "base":
                         n, t = run_storm(storm, cgroup, args.seconds, args.loops)
                         base_rates.append(n / t)
@@ -201,6 +216,7 @@ def main() -> int:
                     output = tmp / f"events-{round_no}.jsonl"
                     daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
                     startups.append(startup)
+                    time.sleep(SETTLE_S)  # past start-up, which is measured on its own
                     cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
                     n, t = run_storm(storm, cgroup, args.seconds, args.loops)
                     rates.append(n / t)
