@@ -315,35 +315,17 @@ class KernelPrograms:
         self._pending.append(ctypes.string_at(data, size))
         return 0
 
-    def _open_ring(self) -> Any:
-        table = self._table("events")
-        if not self._ringbuf_open:
-            table.open_ring_buffer(self._on_record)
-            self._ringbuf_open = True
-        return table
-
-    def ring_fd(self) -> int:
-        """A descriptor that polls readable when the kernel wakes the reader.
-
-        Only records submitted with a wake-up (an exec waiting for
-        attestation) make it readable; the rest wait for :meth:`consume`.
-        """
-        return int(self._open_ring().map_fd)
-
-    def consume(self) -> list[bytes]:
-        """Every record the ring buffer holds now, without waiting."""
-        self._open_ring()
-        self._bpf.ring_buffer_consume()
-        out, self._pending = self._pending, []
-        return out
-
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Wait up to ``timeout_ms`` for records; returns those that arrived (maybe none)."""
-        self._open_ring()
+        if not self._ringbuf_open:
+            self._table("events").open_ring_buffer(self._on_record)
+            self._ringbuf_open = True
         self._bpf.ring_buffer_poll(timeout_ms)
         # Records submitted without a wake-up are not signalled to epoll: take
         # whatever is there once the wait is over.
-        return self.consume()
+        self._bpf.ring_buffer_consume()
+        out, self._pending = self._pending, []
+        return out
 
     def lost_counts(self) -> dict[abi.EventType, int]:
         """Records the kernel could not reserve, summed over CPUs, by type."""
