@@ -8,7 +8,7 @@ host, boot id and sequence.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sidecar.api.v1 import event_pb2 as pb
@@ -22,56 +22,94 @@ _FAMILY = {"inet": pb.ADDRESS_FAMILY_INET, "inet6": pb.ADDRESS_FAMILY_INET6}
 _PROTOCOL = {"tcp": pb.PROTOCOL_TCP, "udp": pb.PROTOCOL_UDP}
 
 
+# Epoch seconds of the "YYYY-MM-DDTHH:MM:SS" prefixes seen lately: events
+# come in time order, so a handful covers them.
+_SECONDS: dict[str, int] = {}
+
+
 def _ns(iso: str | None) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 time, exact to the microsecond.
+
+    The daemon writes "YYYY-MM-DDTHH:MM:SS.ffffff+00:00"; that shape is read
+    without a datetime per event, anything else through ``fromisoformat``.
+    Integer arithmetic throughout: a float timestamp loses ~100 ns here.
+    """
     if not iso:
         return 0
-    return int(datetime.fromisoformat(iso).timestamp() * 1e9)
+    if len(iso) == 32 and iso[19] == "." and iso.endswith("+00:00"):
+        prefix = iso[:19]
+        seconds = _SECONDS.get(prefix)
+        if seconds is None:
+            if len(_SECONDS) >= 64:
+                _SECONDS.clear()
+            when = datetime.fromisoformat(prefix).replace(tzinfo=timezone.utc)
+            seconds = _SECONDS[prefix] = int(when.timestamp())
+        return (seconds * 1_000_000 + int(iso[20:26])) * 1000
+    when = datetime.fromisoformat(iso)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def to_proto(ev: dict[str, Any]) -> pb.Event | None:
-    """The wire form of one daemon event; None for kinds the collector does not keep."""
-    out = pb.Event(
-        host=ev.get("host") or "",
-        time_ns=_ns(ev.get("time")),
-        identity=ev.get("identity") or "",
-        credential_serial=ev.get("svid_serial") or "",
-        policy_version=ev.get("policy_version") or "",
-    )
+    """The wire form of one daemon event; None for kinds the collector does not keep.
+
+    Runs for every event streamed: sub-messages are filled in place, and
+    fields left at their defaults are not set at all.
+    """
+    out = pb.Event(time_ns=_ns(ev.get("time")))
+    host = ev.get("host")
+    if host:
+        out.host = host
+    identity = ev.get("identity")
+    if identity:
+        out.identity = identity
+    serial = ev.get("svid_serial")
+    if serial:
+        out.credential_serial = serial
+    version = ev.get("policy_version")
+    if version:
+        out.policy_version = version
     if "pid" in ev:
         out.process.pid = ev["pid"]
-    if ev.get("instance_id"):
-        out.process.instance_id = ev["instance_id"]
+    instance = ev.get("instance_id")
+    if instance:
+        out.process.instance_id = instance
     kind = ev["type"]
     if kind == "exec":
-        out.exec.CopyFrom(
-            pb.Exec(
-                pid=ev["pid"],
-                ppid=ev.get("ppid") or 0,
-                uid=ev["uid"],
-                gid=ev["gid"],
-                exe=ev.get("exe") or "",
-                argv=ev.get("argv") or [],
-                cgroup=ev.get("cgroup") or "",
-                verdict=_VERDICT.get(ev.get("verdict", ""), pb.VERDICT_UNSPECIFIED),
-                rule=ev.get("rule") or "",
-            )
-        )
+        x = out.exec
+        x.pid = ev["pid"]
+        x.ppid = ev.get("ppid") or 0
+        x.uid = ev["uid"]
+        x.gid = ev["gid"]
+        x.exe = ev.get("exe") or ""
+        x.argv.extend(ev.get("argv") or ())
+        x.cgroup = ev.get("cgroup") or ""
+        x.verdict = _VERDICT.get(ev.get("verdict", ""), pb.VERDICT_UNSPECIFIED)
+        rule = ev.get("rule")
+        if rule:
+            x.rule = rule
     elif kind == "fork":
-        out.fork.CopyFrom(pb.Fork(parent_pid=ev.get("ppid") or 0, child_pid=ev["pid"]))
+        f = out.fork
+        f.parent_pid = ev.get("ppid") or 0
+        f.child_pid = ev["pid"]
     elif kind == "exit":
-        out.exit.CopyFrom(pb.Exit(pid=ev["pid"]))
+        out.exit.pid = ev["pid"]
     elif kind == "connect":
-        out.connect.CopyFrom(
-            pb.Connect(
-                pid=ev["pid"],
-                family=_FAMILY.get(ev["family"], pb.ADDRESS_FAMILY_UNSPECIFIED),
-                protocol=_PROTOCOL.get(ev["protocol"], pb.PROTOCOL_UNSPECIFIED),
-                address=ev["daddr"],
-                port=ev["dport"],
-                verdict=_VERDICT.get(ev["verdict"], pb.VERDICT_UNSPECIFIED),
-                rule=ev.get("rule") or "",
-            )
-        )
+        c = out.connect
+        c.pid = ev["pid"]
+        c.family = _FAMILY.get(ev["family"], pb.ADDRESS_FAMILY_UNSPECIFIED)
+        c.protocol = _PROTOCOL.get(ev["protocol"], pb.PROTOCOL_UNSPECIFIED)
+        c.address = ev["daddr"]
+        c.port = ev["dport"]
+        c.verdict = _VERDICT.get(ev["verdict"], pb.VERDICT_UNSPECIFIED)
+        rule = ev.get("rule")
+        if rule:
+            c.rule = rule
     elif kind in ("credential_issued", "credential_revoked"):
         body = out.credential_issued if kind == "credential_issued" else out.credential_revoked
         body.serial = ev["svid_serial"]
