@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import shutil
@@ -35,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sidecar import config  # noqa: E402
+from sidecar.cgroups import remove_tree  # noqa: E402
 from sidecar.daemon import Daemon, NullSink  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
@@ -122,8 +122,7 @@ def main() -> int:
         attested = d.counts.get("credential_issued", 0)
     finally:
         uninstall(pin_dir)
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+        remove_tree(cgroup)
         shutil.rmtree(tmp, ignore_errors=True)
     ms = [v / 1e6 for v in latencies]
     figures = {

@@ -16,7 +16,6 @@ Needs root.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_pipeline import move_into  # noqa: E402
 
+from sidecar.cgroups import remove_tree  # noqa: E402
 from sidecar.enforce import Enforcer, IdentityNumbers, identity_number  # noqa: E402
 from sidecar.kernel import libbpf  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root, find_mount  # noqa: E402
@@ -206,9 +206,7 @@ def main() -> int:
         if programs is not None:
             programs.close(detach=True)
         uninstall(pin_dir)
-        for cg in (cgroup, off_cgroup, parent):
-            with contextlib.suppress(OSError):
-                cg.rmdir()
+        remove_tree(parent)
     print("connect latency (bench_connect)")
     print(json.dumps(figures, indent=2))
     if args.json:

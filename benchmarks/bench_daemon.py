@@ -13,7 +13,6 @@ Needs root.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_pipeline import build_storm, cpu_seconds, move_into  # noqa: E402
 
+from sidecar.cgroups import remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
@@ -161,8 +161,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 daemon.kill()
         uninstall(pin_dir)
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+        remove_tree(cgroup)
         shutil.rmtree(tmp, ignore_errors=True)
     print("daemon under paced exec load, 20 identities, 10,000 rules (bench_daemon)")
     print(json.dumps(figures, indent=2))

@@ -14,7 +14,6 @@ Needs root; works in a scratch cgroup and pin directory it removes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -30,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from sidecar.cgroups import remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
@@ -233,8 +233,7 @@ def main() -> int:
             daemon.kill()
             daemon.wait()
         uninstall(pin_dir)
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+        remove_tree(cgroup)
     base = statistics.median(base_rates)
     rate = statistics.median(rates)
     figures = {

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sidecar.cgroups import remove_tree
 from sidecar.errors import SidecarError
 from sidecar.kernel.checks import cgroup2_root
 
@@ -317,8 +318,10 @@ metrics: ""
         from sidecar.kernel.loader import uninstall
 
         uninstall(self.pin_dir)
-        with contextlib.suppress(OSError):
-            self.cgroup.rmdir()
+        try:
+            remove_tree(self.cgroup)
+        except OSError as exc:
+            print(f"demo cgroup {self.cgroup} not removed: {exc.strerror}", file=sys.stderr)
         if os.environ.get("SIDECAR_DEMO_KEEP"):
             print(f"demo files kept in {self.work}", file=sys.stderr)
         else:

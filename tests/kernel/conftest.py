@@ -27,6 +27,8 @@ from typing import Any
 import orjson
 import pytest
 
+from sidecar.cgroups import remove_tree
+
 SCRATCH_PREFIX = "sidecar-test-"
 BPFFS = Path("/sys/fs/bpf")
 REPO = Path(__file__).resolve().parents[2]
@@ -38,38 +40,6 @@ def cgroup2_mount() -> Path:
     return cgroup2_root()
 
 
-def _kill_cgroup(cg: Path) -> None:
-    kill = cg / "cgroup.kill"
-    if kill.exists():
-        with contextlib.suppress(OSError):
-            kill.write_text("1")
-    else:
-        for line in (cg / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(line), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while (cg / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def remove_cgroup(cg: Path) -> None:
-    """Kill whatever is left in a scratch cgroup tree and remove it, leaves first."""
-    if not cg.exists():
-        return
-    for sub in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        _kill_cgroup(sub)
-        with contextlib.suppress(OSError):
-            sub.rmdir()
-    _kill_cgroup(cg)
-    for _ in range(50):
-        try:
-            cg.rmdir()
-            return
-        except OSError:
-            time.sleep(0.05)
-    cg.rmdir()
-
-
 @pytest.fixture
 def scratch_cgroup() -> Iterator[Path]:
     cg = cgroup2_mount() / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:10]}"
@@ -77,7 +47,7 @@ def scratch_cgroup() -> Iterator[Path]:
     try:
         yield cg
     finally:
-        remove_cgroup(cg)
+        remove_tree(cg)
 
 
 @pytest.fixture

@@ -43,3 +43,35 @@ def test_a_failing_kernel_test_leaves_no_cgroup_link_or_pinned_map(tmp_path: Pat
     assert not cgroup.exists(), "scratch cgroup left behind"
     assert not pin_dir.exists(), "pinned links or maps left behind"
     assert _attached_to(cgroup) == ""
+
+
+def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
+    import uuid
+
+    from sidecar.cgroups import remove_tree
+    from sidecar.kernel.checks import cgroup2_root
+
+    top = cgroup2_root() / f"sidecar-test-{uuid.uuid4().hex[:10]}"
+    nested = top / "tool"
+    nested.mkdir(parents=True)
+    procs = []
+    try:
+        for cg in (top, nested):
+            target = str(cg / "cgroup.procs")
+
+            def move(target: str = target) -> None:
+                with open(target, "w") as fh:
+                    fh.write("0")
+
+            procs.append(subprocess.Popen(["sleep", "60"], preexec_fn=move))
+        for cg in (top, nested):  # each holds a live process, so a plain rmdir would fail
+            assert (cg / "cgroup.procs").read_text().strip()
+        remove_tree(top)
+        assert not top.exists()
+        assert [p.wait(5) for p in procs] == [-9, -9]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        if top.exists():
+            remove_tree(top)
