@@ -76,6 +76,8 @@ BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_rules, egress, EGR
 BPF_TABLE_PINNED("hash", struct exec_key, u8, exec_allow, EXEC_ALLOW_MAX, PIN_DIR "/exec_allow");
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* per-CPU scratch to build an exec record, sent without its unused argv tail */
+BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 /* per-CPU scratch for exec_key (too big for the stack next to the rest) */
 BPF_PERCPU_ARRAY(exec_key_scratch, struct exec_key, 1);
 /* records that could not be reserved, per CPU, by event type */

@@ -108,7 +108,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct args_stash *stash;
 	struct exec_event *e;
 	unsigned short loc = args->data_loc_filename & 0xffff;
-	u32 gen;
+	u32 gen, len, size, zero = 0;
 	u8 verdict;
 
 	if (!in_scope())
@@ -133,14 +133,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		bpf_send_signal(9);
 
 	stash = exec_args.lookup(&old_pid);
-	e = events.ringbuf_reserve(sizeof(struct exec_event));
+	e = exec_scratch.lookup(&zero);
 	if (!e) {
-		count_lost(SIDECAR_EVENT_EXEC);
 		if (stash)
 			exec_args.delete(&old_pid);
 		return 0;
 	}
-	fill_header(&e->hdr, SIDECAR_EVENT_EXEC, sizeof(*e));
 	fill_task(&e->task, st);
 	e->old_pid = old_pid;
 	e->policy_gen = gen;
@@ -148,24 +146,28 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->pad = 0;
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
+	len = 0;
 	if (stash) {
-		u32 len = stash->len;
-
+		len = stash->len;
 		if (len > SIDECAR_ARGS_LEN)
 			len = SIDECAR_ARGS_LEN;
-		bpf_probe_read_kernel(e->args, sizeof(e->args), stash->args);
-		e->args_len = len;
+		bpf_probe_read_kernel(e->args, len, stash->args);
 		e->args_count = stash->count;
 		e->flags = stash->flags;
 		exec_args.delete(&old_pid);
 	} else {
-		e->args_len = 0;
 		e->args_count = 0;
 		e->flags = SIDECAR_EXEC_NO_ARGS;
 	}
+	e->args_len = len;
+	/* Only the argv actually read goes out: most execs use a small part of it. */
+	size = __builtin_offsetof(struct exec_event, args) + len;
+	fill_header(&e->hdr, SIDECAR_EVENT_EXEC, size);
 	/* A pending image is waiting for the daemon: wake it now. */
-	events.ringbuf_submit(e, st->identity == SIDECAR_IDENTITY_PENDING ? SIDECAR_RB_FORCE_WAKEUP
-									 : SIDECAR_RB_NO_WAKEUP);
+	if (events.ringbuf_output(e, size,
+				  st->identity == SIDECAR_IDENTITY_PENDING ? SIDECAR_RB_FORCE_WAKEUP
+									   : SIDECAR_RB_NO_WAKEUP))
+		count_lost(SIDECAR_EVENT_EXEC);
 	return 0;
 }
 

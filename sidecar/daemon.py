@@ -51,8 +51,8 @@ _logger = logging.getLogger(__name__)
 # under a paced exec load of 2,000/s, 50 ms instead of 10 ms cut the daemon's
 # CPU per exec from about 41 to 25 us.  Nothing waits on these records (an
 # exec pending attestation wakes the reader at once), and the ring buffer's
-# default 1 MiB holds 50 ms of the fastest storm this machine makes four
-# times over.
+# default 1 MiB holds 50 ms of the fastest storm this machine makes more than
+# ten times over.
 POLL_MS = 50
 
 _FAMILY = {abi.AF_INET: "inet", abi.AF_INET6: "inet6"}

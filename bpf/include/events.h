@@ -89,6 +89,10 @@ struct task_ctx {
 	char comm[SIDECAR_COMM_LEN];
 };
 
+/*
+ * Sent only up to the end of the argv actually read: hdr.size is
+ * offsetof(struct exec_event, args) + args_len, not sizeof(struct exec_event).
+ */
 struct exec_event {
 	struct event_header hdr;
 	struct task_ctx task;

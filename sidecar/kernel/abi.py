@@ -398,7 +398,7 @@ def decode(data: bytes) -> KernelEvent:
         # name_len counts the NUL; past the field's end the name was not read whole.
         name_end = _NAME + (name_len - 1 if 0 < name_len <= FILENAME_LEN else 0)
         filename = data[_NAME:name_end].decode("utf-8", "surrogateescape")
-        args = data[_ARGS : _ARGS + min(args_len, ARGS_LEN)].split(b"\0")
+        args = data[_ARGS : _ARGS + min(args_len, ARGS_LEN, size - _ARGS)].split(b"\0")
         if len(args) > args_count:
             del args[args_count:]
         argv = tuple([a.decode("utf-8", "surrogateescape") for a in args])
@@ -439,5 +439,12 @@ def _check(kind: int, version: int, size: int, length: int) -> None:
     expected = _SIZES.get(kind)
     if expected is None:
         raise DecodeError(f"record of unknown type {kind}")
+    if kind == EventType.EXEC:
+        # Sent without the unused tail of args: the header says how much came.
+        if not _ARGS <= size <= expected or length < size:
+            raise DecodeError(
+                f"ExecEvent of {length} bytes (header: {size}), expected {_ARGS} to {expected}"
+            )
+        return
     if length < expected or size != expected:
         raise DecodeError(f"{_BY_TYPE[kind].__name__} of {length} bytes, expected {expected}")

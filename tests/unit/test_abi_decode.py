@@ -63,6 +63,24 @@ def test_exec_record_decodes_every_field() -> None:
     assert not ev.args_truncated and not ev.args_missing
 
 
+def test_exec_record_sent_without_its_unused_args_tail() -> None:
+    full = exec_record(b"/bin/echo", [b"echo", b"hi"])
+    used = abi._ARGS + len(b"echo\0hi\0")
+    short = full[:4] + struct.pack("<I", used) + full[8:used]
+    ev = abi.decode(short)
+    assert isinstance(ev, abi.Exec)
+    assert ev.argv == ("echo", "hi") and ev.filename == "/bin/echo"
+
+
+def test_exec_args_never_read_past_the_record() -> None:
+    # A header shorter than args_len claims: only what came is read.
+    full = exec_record(b"/bin/echo", [b"echo", b"hello"])
+    cut = abi._ARGS + 5
+    ev = abi.decode(full[:4] + struct.pack("<I", cut) + full[8:cut])
+    assert isinstance(ev, abi.Exec)
+    assert ev.argv == ("echo", "")
+
+
 def test_exec_flags_and_verdicts() -> None:
     ev = abi.decode(
         exec_record(
@@ -127,6 +145,7 @@ def test_fork_exit_and_connect_records() -> None:
     [
         (HEADER.pack(3, abi.ABI_VERSION, abi._SIZES[3], 0), "ExitEvent of 16 bytes"),
         (record(abi.EventType.EXIT, task())[:-1], "expected 64"),
+        (exec_record(b"/bin/x", [])[: abi._ARGS - 1], "ExecEvent of"),
         (exec_record(b"/bin/x", [], verdict=9), "unknown verdict 9"),
         (exec_record(b"/bin/x", [], verdict=0), "unknown verdict 0"),
         (
