@@ -43,6 +43,14 @@ static __always_inline int stash_argv(const char *const *argv)
 			s->flags |= SIDECAR_EXEC_NO_ARGS;
 			break;
 		}
+		if (n == SIDECAR_ARG_MAX) {
+			/* The limit was reached: was there more of this argument? */
+			char next = 0;
+
+			bpf_probe_read_user(&next, 1, arg + SIDECAR_ARG_MAX - 1);
+			if (next)
+				s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+		}
 		off += n;
 		s->count++;
 	}

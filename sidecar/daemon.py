@@ -759,8 +759,13 @@ class Daemon:
         return ids[0] if ids else 0
 
     def _exe(self, pid: int, filename: str) -> str:
-        """The executable's canonical path, without a /proc read when the name is absolute."""
-        if not filename.startswith("/"):
+        """The executable's canonical path, without a /proc read when the name is absolute.
+
+        An exec through a file descriptor (fexecve, execveat with an empty
+        path) is named /dev/fd/N by the kernel: N is the process's descriptor,
+        not ours, so only /proc/PID/exe tells which file it was.
+        """
+        if not filename.startswith("/") or filename.startswith("/dev/fd/"):
             return read_exe(pid) or filename
         exe = self._realpaths.get(filename)
         if exe is None:

@@ -67,7 +67,7 @@ enum sidecar_hook {
 #define SIDECAR_PROTO_UDP 0x2
 
 /* Flags of exec records. */
-#define SIDECAR_EXEC_ARGS_TRUNCATED 0x1
+#define SIDECAR_EXEC_ARGS_TRUNCATED 0x1 /* argv cut: over 32 args, over 1 KiB, or an arg over 255 bytes */
 #define SIDECAR_EXEC_NO_ARGS 0x2 /* argv could not be read */
 
 struct event_header {

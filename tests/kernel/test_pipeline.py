@@ -158,3 +158,58 @@ def test_a_forked_child_is_attributed_to_its_own_pid(
     assert conn["ppid"] == parent.pid
     wait_until(lambda: daemon.sink.find(type="exit", pid=child_pid), what="child exit")
     assert daemon.call(lambda: daemon.table.get(child_pid)) is None
+
+
+def test_argv_past_the_argument_limit_is_cut_and_flagged(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    many = [f"a{i}" for i in range(40)]  # more than SIDECAR_MAX_ARGS (32)
+    child = spawn(scratch_cgroup, ["/bin/echo", *many], stdout=subprocess.DEVNULL)
+    child.wait(10)
+    ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+    assert ev["argv"] == ["/bin/echo", *many][:32]
+    assert ev["args_truncated"] is True
+
+    short = spawn(scratch_cgroup, ["/bin/echo", "x"], stdout=subprocess.DEVNULL)
+    short.wait(10)
+    assert daemon.sink.wait_for(type="exec", pid=short.pid)["args_truncated"] is False
+
+
+def test_a_long_argument_is_cut_to_the_per_argument_limit_and_flagged(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    long_arg = "L" * 300  # more than SIDECAR_ARG_MAX (256, NUL included)
+    child = spawn(scratch_cgroup, ["/bin/echo", long_arg, "after"], stdout=subprocess.DEVNULL)
+    child.wait(10)
+    ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+    assert ev["argv"][:2] == ["/bin/echo", "L" * 255]
+    assert ev["args_truncated"] is True
+
+
+FEXECVE = r"""
+import os, sys
+fd = os.open("/bin/sleep", os.O_RDONLY)
+os.execve(fd, ["sleep", "1"], {})
+"""
+
+
+def test_exec_through_a_file_descriptor_reports_its_argv_and_real_file(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    # glibc's fexecve is execveat(fd, "", AT_EMPTY_PATH).  The kernel names the
+    # file /dev/fd/N, N being the child's descriptor: the daemon must not
+    # resolve that in its own descriptor table, but read the child's exe.
+    child = spawn(scratch_cgroup, [sys.executable, "-c", FEXECVE])
+    try:
+        found = wait_until(
+            lambda: [
+                e for e in daemon.sink.find(type="exec", pid=child.pid) if e["argv"][0] == "sleep"
+            ],
+            what="exec of sleep through a file descriptor",
+        )
+    finally:
+        child.kill()
+        child.wait(10)
+    assert found[0]["argv"] == ["sleep", "1"]
+    assert found[0]["filename"].startswith("/dev/fd/")
+    assert found[0]["exe"] == os.path.realpath("/bin/sleep")
