@@ -259,12 +259,14 @@ class Daemon:
         report = self._programs.attach()
         took = time.monotonic() - began
         _logger.info(
-            "programs attached to %s in %.2f s (compile %.2f s); links created %s, taken over %s",
+            "programs attached to %s in %.2f s (compile %.2f s); links created %s, taken over %s,"
+            " retired %s",
             self.scope,
             took,
             report.compile_seconds,
             ",".join(report.created) or "none",
             ",".join(report.adopted) or "none",
+            ",".join(report.retired) or "none",
         )
         return took
 

@@ -102,6 +102,7 @@ class AttachReport:
     compile_seconds: float = 0.0
     adopted: list[str] = field(default_factory=list)  # links found pinned and taken over
     created: list[str] = field(default_factory=list)  # links made by this run
+    retired: list[str] = field(default_factory=list)  # links of hooks this build no longer has
 
 
 def _make_module_class() -> Any:
@@ -282,7 +283,21 @@ class KernelPrograms:
                 self._replace_pin(pin, link)
         finally:
             os.close(cg_fd)
+        self._retire_stale_links()
         return self.report
+
+    def _retire_stale_links(self) -> None:
+        """Unpin links an earlier build made for hooks this one does not have.
+
+        Without this, a program dropped or renamed in an upgrade would stay
+        attached (a pinned link outlives every daemon) next to the new ones.
+        The new programs are attached before anything is removed.
+        """
+        current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
+        for path in sorted(self.links_dir.iterdir()):
+            if path.name not in current:
+                path.unlink()  # the link's last reference: its program detaches
+                self.report.retired.append(path.name)
 
     def _open_scope(self) -> int:
         try:

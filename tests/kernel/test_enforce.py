@@ -337,3 +337,36 @@ def test_reloads_during_a_connect_storm_never_mix_two_policies(
         storm.wait(10)
     assert refused == 0
     assert ok > 1000  # the storm really ran across the reloads
+
+
+def test_a_restart_unpins_links_of_hooks_this_build_no_longer_has(
+    programs: object, scratch_cgroup: Path, pin_dir: Path
+) -> None:
+    from sidecar.kernel import libbpf
+    from sidecar.kernel.loader import KernelPrograms, LoadOptions
+
+    links = pin_dir / "links"
+    # What an older build would leave: a pinned link under a name this build
+    # does not use (here a second pin of a live link, so it is a real link).
+    fd = libbpf.obj_get(links / "connect4")
+    assert fd is not None
+    try:
+        libbpf.obj_pin(fd, links / "retired_hook")
+    finally:
+        os.close(fd)
+    tracefs = find_mount("tracefs")
+    assert tracefs is not None
+    again = KernelPrograms(LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs))
+    again.load()
+    try:
+        report = again.attach()
+        assert report.retired == ["retired_hook"]
+        assert not (links / "retired_hook").exists()
+        current = {
+            *("connect4", "connect6", "sendmsg4", "sendmsg6"),
+            *("sys_enter_execve", "sys_enter_execveat", "sched_process_exec"),
+            *("task_newtask", "sched_process_fork", "sched_process_exit"),
+        }
+        assert {p.name for p in links.iterdir()} == current
+    finally:
+        again.close(detach=False)
