@@ -695,42 +695,30 @@ class Daemon:
             if number != abi.IDENTITY_NONE and number != abi.IDENTITY_PENDING
             else None
         )
+        argv: tuple[str, ...] = ()
         if proc is None:
-            out = {
-                "type": kind,
-                "time": self._time(ev.ts_ns),
-                "host": self.config.host,
-                "pid": task.pid,
-                "ppid": task.ppid,
-                "uid": task.uid,
-                "gid": task.gid,
-                "comm": task.comm,
-                "exe": "",
-                "argv": (),
-                "cgroup": "",
-                "identity": identity,
-                "instance_id": None,
-                "svid_serial": None,
-                "policy_version": self._policy_version(),
-            }
+            ppid, exe, cgroup, instance_id, serial = task.ppid, "", "", None, None
         else:
-            out = {
-                "type": kind,
-                "time": self._time(ev.ts_ns),
-                "host": self.config.host,
-                "pid": task.pid,
-                "ppid": proc.ppid,
-                "uid": task.uid,
-                "gid": task.gid,
-                "comm": task.comm,
-                "exe": proc.exe,
-                "argv": proc.argv,  # a tuple: orjson writes it as an array
-                "cgroup": proc.cgroup,
-                "identity": identity or proc.identity,
-                "instance_id": proc.instance_id,
-                "svid_serial": self._serial(proc) if proc.instance_id is not None else None,
-                "policy_version": self._policy_version(),
-            }
+            ppid, exe, argv, cgroup = proc.ppid, proc.exe, proc.argv, proc.cgroup
+            instance_id, serial = proc.instance_id, self._serial(proc)
+            identity = identity or proc.identity
+        out = {
+            "type": kind,
+            "time": self._time(ev.ts_ns),
+            "host": self.config.host,
+            "pid": task.pid,
+            "ppid": ppid,
+            "uid": task.uid,
+            "gid": task.gid,
+            "comm": task.comm,
+            "exe": exe,
+            "argv": argv,  # a tuple: orjson writes it as an array
+            "cgroup": cgroup,
+            "identity": identity,
+            "instance_id": instance_id,
+            "svid_serial": serial,
+            "policy_version": self._policy_version(),
+        }
         if number == abi.IDENTITY_PENDING:
             out["attestation"] = "pending"
         return out

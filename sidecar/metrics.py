@@ -4,7 +4,9 @@ Each side owns its own ``CollectorRegistry`` instead of prometheus_client's
 global one, so a test (or a process that runs both sides) gets exactly the
 series it recorded and nothing left over from elsewhere.  The daemon and the
 collector call the typed methods below rather than touching metric objects,
-which keeps metric names and label sets in this one file.
+which keeps metric names and label sets in this one file.  One exception:
+events by type, which the daemon counts in ``DaemonMetrics.event_counts``
+itself, once per event, and which are read from there at scrape time.
 
 Label values are bounded by configuration: identities are the SPIFFE IDs of
 registration entries, rules are policy rule names, hosts are enrolled hosts.
@@ -155,10 +157,6 @@ class DaemonMetrics:
             ["identity"],
             registry=r,
         )
-
-    def record_event(self, event_type: str) -> None:
-        """Count one event (the daemon increments ``event_counts`` itself, inline)."""
-        self.event_counts[event_type] = self.event_counts.get(event_type, 0) + 1
 
     def record_verdict(self, identity: str, rule: str, verdict: str) -> None:
         """Count one decision (``allow``, ``deny`` or ``audit``) made under ``rule``."""

@@ -22,6 +22,8 @@ _FAMILY = {"inet": pb.ADDRESS_FAMILY_INET, "inet6": pb.ADDRESS_FAMILY_INET6}
 _PROTOCOL = {"tcp": pb.PROTOCOL_TCP, "udp": pb.PROTOCOL_UDP}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
 # Epoch seconds of the "YYYY-MM-DDTHH:MM:SS" prefixes seen lately: events
 # come in time order, so a handful covers them.
 _SECONDS: dict[str, int] = {}
@@ -50,9 +52,6 @@ def _ns(iso: str | None) -> int:
         when = when.replace(tzinfo=timezone.utc)
     delta = when - _EPOCH
     return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def to_proto(ev: dict[str, Any]) -> pb.Event | None:

@@ -377,10 +377,10 @@ def _enum(table: tuple[Any, ...], value: int, what: str) -> Any:
 
 def decode(data: bytes) -> KernelEvent:
     """Decode one ring-buffer record; raises ``DecodeError`` for anything unexpected."""
-    if len(data) < _T1:
+    if len(data) < _T1:  # every record is longer: _check says what is wrong with it
         if len(data) < _T0:
             raise DecodeError(f"record of {len(data)} bytes is shorter than its header")
-        kind, version, size, ts_ns = _HEADER.unpack_from(data)
+        kind, version, size, _ts = _HEADER.unpack_from(data)
         _check(kind, version, size, len(data))
     kind, version, size, ts_ns, pid, tid, ppid, uid, gid, identity, cgroup_id, comm = (
         _HEADER_TASK.unpack_from(data)
