@@ -16,6 +16,8 @@
 #ifndef SIDECAR_MAPS_H
 #define SIDECAR_MAPS_H
 
+#include <uapi/linux/ptrace.h> /* struct pt_regs, for the user stack pointer */
+
 #include "events.h"
 
 #ifndef PIN_DIR
@@ -83,16 +85,6 @@ BPF_PERCPU_ARRAY(exec_key_scratch, struct exec_key, 1);
 /* records that could not be reserved, per CPU, by event type */
 BPF_PERCPU_ARRAY(lost, u64, 8);
 
-struct args_stash {
-	__u16 len;
-	__u16 count;
-	__u32 flags;
-	char args[SIDECAR_ARGS_LEN];
-};
-/* thread id -> argv read at execve entry, consumed at sched_process_exec */
-BPF_TABLE("lru_hash", u32, struct args_stash, exec_args, 4096);
-/* per-CPU scratch space to build an args_stash (too big for the stack) */
-BPF_PERCPU_ARRAY(args_scratch, struct args_stash, 1);
 /* child thread id -> 1 for clones that create a thread, not a process */
 BPF_TABLE("lru_hash", u32, u8, new_threads, 4096);
 

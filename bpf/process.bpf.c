@@ -3,44 +3,53 @@
  * Process lifecycle: exec, fork, exit.
  *
  * Only stable ABI: tracepoint arguments, helpers and user memory.  argv is
- * read from the execve() arguments in user memory at syscall entry and
- * stashed by thread id, because sched_process_exec carries only the file
- * name and the new image's kernel structures are not ours to read.
+ * read at sched_process_exec from the new image's user stack, which the ELF
+ * ABI lays out before the first instruction runs: argc at the stack pointer,
+ * then argv[0..argc-1] and a NULL.  That is the argv /proc/PID/cmdline shows
+ * (for a #! script, the interpreter's), and it needs no syscall tracepoint:
+ * one of those would put every system call on the host on the slow path.
  */
 
-static __always_inline int stash_argv(const char *const *argv)
+/* Copy the new image's argv into e->args; sets args_len, args_count, flags. */
+/* The kernel's own limit on argc (MAX_ARG_STRINGS). */
+#define SIDECAR_MAX_ARG_STRINGS 0x7fffffffULL
+
+static __always_inline void read_argv(struct exec_event *e)
 {
-	u32 tid = (u32)bpf_get_current_pid_tgid();
-	u32 zero = 0;
-	struct args_stash *s;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	const char *const *argv;
+	u64 sp = 0, argc = 0;
 	u32 off = 0;
 	int i;
 
-	if (!in_scope())
-		return 0;
-	s = args_scratch.lookup(&zero);
-	if (!s)
-		return 0;
-	s->len = 0;
-	s->count = 0;
-	s->flags = 0;
-	for (i = 0; i < SIDECAR_MAX_ARGS; i++) {
+	e->args_len = 0;
+	e->args_count = 0;
+	e->flags = 0;
+	if (!regs || bpf_probe_read_kernel(&sp, sizeof(sp), &PT_REGS_SP(regs)) < 0 ||
+	    bpf_probe_read_user(&argc, sizeof(argc), (void *)sp) < 0 ||
+	    argc > SIDECAR_MAX_ARG_STRINGS) {
+		/* A 32-bit image's stack has 4-byte slots: argc and argv[0] read
+		 * together as one number past anything the kernel accepts. */
+		e->flags = SIDECAR_EXEC_NO_ARGS;
+		return;
+	}
+	argv = (const char *const *)(sp + sizeof(u64));
+	for (i = 0; i < SIDECAR_MAX_ARGS && i < argc; i++) {
 		const char *arg = NULL;
 		long n;
 
-		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0) {
-			s->flags |= SIDECAR_EXEC_NO_ARGS;
+		if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) < 0 || !arg) {
+			e->flags |= SIDECAR_EXEC_NO_ARGS;
 			break;
 		}
-		if (!arg)
-			break;
 		if (off > SIDECAR_ARGS_LEN - SIDECAR_ARG_MAX) {
-			s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+			e->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
 			break;
 		}
-		n = bpf_probe_read_user_str(&s->args[off], SIDECAR_ARG_MAX, arg);
+		n = bpf_probe_read_user_str(&e->args[off], SIDECAR_ARG_MAX, arg);
 		if (n <= 0) {
-			s->flags |= SIDECAR_EXEC_NO_ARGS;
+			e->flags |= SIDECAR_EXEC_NO_ARGS;
 			break;
 		}
 		if (n == SIDECAR_ARG_MAX) {
@@ -49,26 +58,14 @@ static __always_inline int stash_argv(const char *const *argv)
 
 			bpf_probe_read_user(&next, 1, arg + SIDECAR_ARG_MAX - 1);
 			if (next)
-				s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+				e->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
 		}
 		off += n;
-		s->count++;
+		e->args_count++;
 	}
-	if (i == SIDECAR_MAX_ARGS)
-		s->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
-	s->len = off;
-	exec_args.update(&tid, s);
-	return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_execve)
-{
-	return stash_argv((const char *const *)args->argv);
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
-{
-	return stash_argv((const char *const *)args->argv);
+	if (i == SIDECAR_MAX_ARGS && argc > SIDECAR_MAX_ARGS)
+		e->flags |= SIDECAR_EXEC_ARGS_TRUNCATED;
+	e->args_len = off;
 }
 
 /*
@@ -113,7 +110,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	u32 old_pid = args->old_pid;
 	struct proc_state fresh = {};
 	struct proc_state *st;
-	struct args_stash *stash;
 	struct exec_event *e;
 	unsigned short loc = args->data_loc_filename & 0xffff;
 	u32 gen, len, size, zero = 0;
@@ -140,13 +136,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		/* Delivered before the new image runs its first instruction. */
 		bpf_send_signal(9);
 
-	stash = exec_args.lookup(&old_pid);
 	e = exec_scratch.lookup(&zero);
-	if (!e) {
-		if (stash)
-			exec_args.delete(&old_pid);
+	if (!e)
 		return 0;
-	}
 	fill_task(&e->task, st);
 	e->old_pid = old_pid;
 	e->policy_gen = gen;
@@ -154,20 +146,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->pad = 0;
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
-	len = 0;
-	if (stash) {
-		len = stash->len;
-		if (len > SIDECAR_ARGS_LEN)
-			len = SIDECAR_ARGS_LEN;
-		bpf_probe_read_kernel(e->args, len, stash->args);
-		e->args_count = stash->count;
-		e->flags = stash->flags;
-		exec_args.delete(&old_pid);
-	} else {
-		e->args_count = 0;
-		e->flags = SIDECAR_EXEC_NO_ARGS;
-	}
-	e->args_len = len;
+	read_argv(e);
+	len = e->args_len;
+	if (len > SIDECAR_ARGS_LEN)
+		len = SIDECAR_ARGS_LEN;
 	/* Only the argv actually read goes out: most execs use a small part of it. */
 	size = __builtin_offsetof(struct exec_event, args) + len;
 	fill_header(&e->hdr, SIDECAR_EVENT_EXEC, size);
@@ -235,7 +217,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct proc_state *st;
 	struct exit_event *e;
 
-	exec_args.delete(&tid);
 	/* Only the thread group leader's exit ends the process. */
 	if (pid != tid)
 		return 0;

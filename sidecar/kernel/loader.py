@@ -35,13 +35,6 @@ _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 # (pin name, BCC function, tracefs category, event)
 TRACEPOINTS = (
-    ("sys_enter_execve", "tracepoint__syscalls__sys_enter_execve", "syscalls", "sys_enter_execve"),
-    (
-        "sys_enter_execveat",
-        "tracepoint__syscalls__sys_enter_execveat",
-        "syscalls",
-        "sys_enter_execveat",
-    ),
     ("sched_process_exec", "tracepoint__sched__sched_process_exec", "sched", "sched_process_exec"),
     ("task_newtask", "tracepoint__task__task_newtask", "task", "task_newtask"),
     ("sched_process_fork", "tracepoint__sched__sched_process_fork", "sched", "sched_process_fork"),

@@ -213,3 +213,22 @@ def test_exec_through_a_file_descriptor_reports_its_argv_and_real_file(
     assert found[0]["argv"] == ["sleep", "1"]
     assert found[0]["filename"].startswith("/dev/fd/")
     assert found[0]["exe"] == os.path.realpath("/bin/sleep")
+
+
+def test_a_script_reports_the_argv_its_interpreter_runs_with(
+    daemon: InProcessDaemon, scratch_cgroup: Path, tmp_path: Path
+) -> None:
+    # argv is read from the new image's stack, so a #! script reports what
+    # the kernel handed its interpreter: the same argv /proc/PID/cmdline shows.
+    script = tmp_path / "agent-tool.sh"
+    script.write_text("#!/bin/sh\nexec sleep 2\n")
+    script.chmod(0o755)
+    child = spawn(scratch_cgroup, [str(script), "--flag", "value"])
+    try:
+        ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+        assert ev["argv"] == ["/bin/sh", str(script), "--flag", "value"]
+        assert ev["filename"] == str(script)
+        assert ev["args_truncated"] is False
+    finally:
+        child.kill()
+        child.wait(10)
