@@ -12,7 +12,6 @@ programs in behind the same links, with no gap and no second attachment.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -123,8 +122,7 @@ class KernelPrograms:
         self.links_dir = options.pin_dir / "links"
         self._bpf: Any = None
         self._link_fds: dict[str, int] = {}
-        self._pending: list[bytes] = []
-        self._ringbuf_open = False
+        self._ring: libbpf.RingBuffer | None = None
         self.report = AttachReport()
 
     # -- loading -----------------------------------------------------------
@@ -319,21 +317,11 @@ class KernelPrograms:
 
     # -- ring buffer ---------------------------------------------------------
 
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        self._pending.append(ctypes.string_at(data, size))
-        return 0
-
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Wait up to ``timeout_ms`` for records; returns those that arrived (maybe none)."""
-        if not self._ringbuf_open:
-            self._table("events").open_ring_buffer(self._on_record)
-            self._ringbuf_open = True
-        self._bpf.ring_buffer_poll(timeout_ms)
-        # Records submitted without a wake-up are not signalled to epoll: take
-        # whatever is there once the wait is over.
-        self._bpf.ring_buffer_consume()
-        out, self._pending = self._pending, []
-        return out
+        if self._ring is None:
+            self._ring = libbpf.RingBuffer(self._table("events").map_fd)
+        return self._ring.poll(timeout_ms)
 
     def lost_counts(self) -> dict[abi.EventType, int]:
         """Records the kernel could not reserve, summed over CPUs, by type."""
@@ -373,6 +361,9 @@ class KernelPrograms:
             with suppress(OSError):
                 os.close(fd)
         self._link_fds.clear()
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
