@@ -42,7 +42,10 @@
 #define SIDECAR_AF_INET 2
 #define SIDECAR_AF_INET6 10
 #define SIDECAR_IPPROTO_UDP 17
+#define SIDECAR_CLONE_VFORK 0x00004000ULL
 #define SIDECAR_CLONE_THREAD 0x00010000ULL
+#define SIDECAR_NEW_THREAD 1
+#define SIDECAR_NEW_VFORK 2
 
 /*
  * Ring buffer wake-ups cost the traced workload a context switch each.  Most
@@ -85,7 +88,8 @@ BPF_PERCPU_ARRAY(exec_key_scratch, struct exec_key, 1);
 /* records that could not be reserved, per CPU, by event type */
 BPF_PERCPU_ARRAY(lost, u64, 8);
 
-/* child thread id -> 1 for clones that create a thread, not a process */
-BPF_TABLE("lru_hash", u32, u8, new_threads, 4096);
+/* new task id -> SIDECAR_NEW_THREAD or SIDECAR_NEW_VFORK, from task_newtask to
+ * sched_process_fork */
+BPF_TABLE("lru_hash", u32, u8, new_tasks, 4096);
 
 #endif /* SIDECAR_MAPS_H */

@@ -163,12 +163,18 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(task, task_newtask)
 {
-	u8 one = 1;
 	u32 child = args->pid;
+	u8 kind;
 
-	/* sched_process_fork cannot tell a thread from a process; this can. */
+	/* sched_process_fork cannot tell a thread or a vfork child from a
+	 * process; the clone flags here can. */
 	if (args->clone_flags & SIDECAR_CLONE_THREAD)
-		new_threads.update(&child, &one);
+		kind = SIDECAR_NEW_THREAD;
+	else if ((args->clone_flags & SIDECAR_CLONE_VFORK) && in_scope())
+		kind = SIDECAR_NEW_VFORK;
+	else
+		return 0;
+	new_tasks.update(&child, &kind);
 	return 0;
 }
 
@@ -179,11 +185,14 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	struct proc_state *pst;
 	struct proc_state cst = {};
 	struct fork_event *e;
-	int scoped;
+	u8 *kind = new_tasks.lookup(&child);
+	int scoped, vfork = 0;
 
-	if (new_threads.lookup(&child)) {
-		new_threads.delete(&child);
-		return 0;
+	if (kind) {
+		vfork = *kind == SIDECAR_NEW_VFORK;
+		new_tasks.delete(&child);
+		if (!vfork)
+			return 0; /* a thread */
 	}
 	scoped = in_scope();
 	pst = procs.lookup(&parent);
@@ -193,7 +202,10 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	cst.identity = pst ? pst->identity : SIDECAR_IDENTITY_NONE;
 	cst.ppid = parent;
 	procs.update(&child, &cst);
-	if (!scoped)
+	/* A vfork child (posix_spawn, most launchers) runs nothing of its own
+	 * before it execs or exits, and those records name its parent: a fork
+	 * record of its own would only cost the daemon a third more records. */
+	if (!scoped || vfork)
 		return 0;
 
 	e = events.ringbuf_reserve(sizeof(struct fork_event));

@@ -603,7 +603,7 @@ class Daemon:
             if needs_parent and ev.task.ppid:  # a map lookup only when a selector asks
                 parent = self._programs.proc_state(ev.task.ppid)
                 parent_identity = self._identity_name(parent[0]) if parent else None
-            result = self._attest_into_kernel(pid, parent_identity, kernel_identity)
+            result = self._attest_into_kernel(pid, ev.task.ppid, parent_identity, kernel_identity)
             if result is None:
                 continue
             if result.match is not None:
@@ -615,12 +615,14 @@ class Daemon:
         return out
 
     def _attest_into_kernel(
-        self, pid: int, parent_identity: str | None, kernel_identity: int
+        self, pid: int, ppid: int, parent_identity: str | None, kernel_identity: int
     ) -> Any:
         """Attest ``pid`` and write the answer into the kernel map; None if it is gone.
 
-        A match writes its identity; no match settles a pending image as having
-        none; an identity inherited from an attested ancestor is left alone.
+        A match writes its identity.  No match settles a pending image with
+        what its parent has now: a child forked while its parent was pending
+        inherits the parent's answer, as it would have at fork.  An identity
+        inherited from an attested ancestor is left alone.
         """
         try:
             result = self.attestor.attest(pid, parent_identity)
@@ -630,7 +632,11 @@ class Daemon:
         if result.match is not None:
             self._programs.set_identity(pid, self.numbers.number(result.match.spiffe_id))
         elif kernel_identity == abi.IDENTITY_PENDING:
-            self._programs.set_identity(pid, abi.IDENTITY_NONE)
+            parent = self._programs.proc_state(ppid) if ppid else None
+            number = parent[0] if parent else abi.IDENTITY_NONE
+            self._programs.set_identity(
+                pid, abi.IDENTITY_NONE if number == abi.IDENTITY_PENDING else number
+            )
         return result
 
     def _handle_batch(
@@ -777,16 +783,22 @@ class Daemon:
                 proc.instance_id = None
                 self._count_live()
         else:
+            # A vfork child (its fork sends no record) or one whose fork record
+            # was lost: it starts with what its parent had, as at fork.
+            ppid = self._ppid(ev)
+            parent = self.table.get(ppid)
             proc = self.table.add(
                 Process(
                     pid=pid,
                     start_ns=ev.ts_ns,
-                    ppid=self._ppid(ev),
+                    ppid=ppid,
                     uid=ev.task.uid,
                     gid=ev.task.gid,
                     exe=exe,
                     argv=argv,
                     cgroup=self._cgroup(pid, ev.task.cgroup_id),
+                    identity=parent.identity if parent else None,
+                    instance_id=parent.instance_id if parent else None,
                     exec_count=1,
                 )
             )
@@ -843,7 +855,7 @@ class Daemon:
         """Attest a process found running (start-up): kernel write and instance at once."""
         parent = self.table.get(proc.ppid)
         result = self._attest_into_kernel(
-            proc.pid, parent.identity if parent else None, kernel_identity
+            proc.pid, proc.ppid, parent.identity if parent else None, kernel_identity
         )
         if result is not None:
             self._finish_attestation(proc, result, kernel_identity)
@@ -857,7 +869,12 @@ class Daemon:
             proc.instance_id = inst.instance_id
             self._count_live()
         elif kernel_identity == abi.IDENTITY_PENDING:
-            self._settle_pending_children(proc, abi.IDENTITY_NONE)
+            # Settled in the kernel with the parent's answer (_attest_into_kernel).
+            parent = self.table.get(proc.ppid)
+            if parent is not None and parent.identity is not None:
+                proc.identity, proc.instance_id = parent.identity, parent.instance_id
+            number = self.numbers.number(proc.identity) if proc.identity else abi.IDENTITY_NONE
+            self._settle_pending_children(proc, number)
         else:
             # Inherited from an attested ancestor: keep it, with the ancestor's instance.
             proc.identity = self._identity_name(kernel_identity) or proc.identity

@@ -303,3 +303,65 @@ entries:
         alone = spawn(scratch_cgroup, ["/bin/sleep", "0.1"])
         assert alone.wait(10) == 0
         assert d.sink.wait_for(type="exec", pid=alone.pid)["identity"] is None
+
+
+SPAWNER_C = r"""
+#include <spawn.h>
+#include <stdio.h>
+#include <sys/wait.h>
+extern char **environ;
+int main(void)
+{
+    /* posix_spawn is vfork + exec: the tool starts within microseconds of
+     * this image, while the daemon is still attesting it. */
+    char *argv[] = {"sleep", "1", NULL};
+    pid_t pid;
+    int status;
+    if (posix_spawn(&pid, "/bin/sleep", NULL, NULL, argv, environ))
+        return 1;
+    printf("%d\n", pid);
+    fflush(stdout);
+    waitpid(pid, &status, 0);
+    return 0;
+}
+"""
+
+
+def test_a_tool_spawned_while_its_agent_is_pending_takes_the_agent_identity(
+    scratch_cgroup: Path, pin_dir: Path, short_tmp: Path
+) -> None:
+    # A vfork child sends no fork record: its exec record alone must carry
+    # it into the agent's identity and instance, in the kernel and in events.
+    src = short_tmp / "spawner.c"
+    src.write_text(SPAWNER_C)
+    spawner = short_tmp / "agent-spawner"
+    subprocess.run(["cc", "-O2", "-o", str(spawner), str(src)], check=True)
+    entries = short_tmp / "entries.yaml"
+    entries.write_text(
+        f"""apiVersion: sidecar/v1
+kind: RegistrationEntries
+trustDomain: example.org
+entries:
+  - spiffeId: spiffe://example.org/agent/spawner
+    selectors: [unix:uid:0, "unix:sha256:{sha256(spawner)}"]
+"""
+    )
+    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
+    with run_daemon(cfg) as d:
+        agent = spawn(scratch_cgroup, [str(spawner)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert agent.stdout is not None
+            tool_pid = int(agent.stdout.readline())
+            tool = d.sink.wait_for(type="exec", pid=tool_pid)
+            attested = d.sink.wait_for(type="exec", pid=agent.pid)
+            number = d.call(lambda: d.daemon._programs.proc_state(tool_pid))
+        finally:
+            agent.kill()
+            agent.wait(10)
+    assert attested["identity"] == "spiffe://example.org/agent/spawner"
+    assert tool["identity"] == attested["identity"]
+    assert tool["ppid"] == agent.pid
+    assert tool["instance_id"] == attested["instance_id"]
+    assert tool["svid_serial"] == attested["svid_serial"]
+    assert number is not None and number[0] == identity_number(attested["identity"])
+    assert d.sink.find(type="fork", pid=tool_pid) == []
