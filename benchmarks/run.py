@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 PLAN = [
-    ("bench_pipeline", ["--seconds", "30", "--rounds", "5"]),  # the 30 s storm
+    ("bench_pipeline", ["--seconds", "30", "--rounds", "6"]),  # the 30 s storm
     ("bench_connect", ["--reps", "5"]),
     ("bench_attest", ["--execs", "1000"]),
     ("bench_hash", []),
