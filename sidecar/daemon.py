@@ -692,8 +692,13 @@ class Daemon:
         g = self.enforcer.generation(gen) if gen is not None else self.enforcer.active
         return g.version if g else self.enforcer.active.version
 
-    def _base(self, kind: str, ev: abi.KernelEvent, proc: Process | None) -> dict[str, Any]:
-        """The fields every process event has.  Runs for every record: kept lean."""
+    def _base(
+        self, kind: str, ev: abi.KernelEvent, proc: Process | None, gen: int | None = None
+    ) -> dict[str, Any]:
+        """The fields every process event has.  Runs for every record: kept lean.
+
+        ``gen``: the policy generation that judged the record, for its version.
+        """
         task = ev.task
         number = task.identity
         identity = (
@@ -723,7 +728,7 @@ class Daemon:
             "identity": identity,
             "instance_id": instance_id,
             "svid_serial": serial,
-            "policy_version": self._policy_version(),
+            "policy_version": self._policy_version(gen),
         }
         if number == abi.IDENTITY_PENDING:
             out["attestation"] = "pending"
@@ -809,15 +814,13 @@ class Daemon:
         rule = None
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
-        out = self._base("exec", ev, proc)
+        out = self._base("exec", ev, proc, ev.policy_gen)
         out["identity"] = proc.identity
-        out["svid_serial"] = self._serial(proc)
         if proc.identity is not None:
             out.pop("attestation", None)  # settled while handling this record
         out["filename"] = ev.filename
         out["args_truncated"] = ev.args_truncated
         out["verdict"] = _VERDICT[verdict]
-        out["policy_version"] = self._policy_version(ev.policy_gen)
         if verdict != abi.Verdict.ALLOW:
             out["rule"] = rule or "default"
             self._record_verdict(proc.identity, out["rule"], out["verdict"])
@@ -923,7 +926,7 @@ class Daemon:
 
     def _on_connect(self, ev: abi.Connect) -> dict[str, Any]:
         proc = self.table.get(ev.task.pid)
-        out = self._base("connect", ev, proc)
+        out = self._base("connect", ev, proc, ev.policy_gen)
         out["family"] = _FAMILY.get(ev.family, str(ev.family))
         out["protocol"] = _PROTOCOL.get(ev.protocol, str(ev.protocol))
         out["daddr"] = str(ev.address)
@@ -931,7 +934,6 @@ class Daemon:
         out["hook"] = ev.hook.name.lower()
         out["verdict"] = _VERDICT[ev.verdict]
         out["rule"] = self._rule_name(ev.policy_gen, ev.task.identity, ev.rule)
-        out["policy_version"] = self._policy_version(ev.policy_gen)
         self._record_verdict(out["identity"], out["rule"], out["verdict"])
         return out
 
