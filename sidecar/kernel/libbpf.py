@@ -264,11 +264,6 @@ class RingBuffer:
             raise KernelError(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
         self._rb: int | None = rb
 
-    @property
-    def deferred(self) -> int:
-        """Records left in the ring for a later poll because one batch was full."""
-        return int(self._batch.deferred)
-
     def poll(self, timeout_ms: int) -> list[bytes]:
         """Wait up to ``timeout_ms`` for a wake-up, then take every record there."""
         with self._lock:
