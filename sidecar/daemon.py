@@ -54,6 +54,8 @@ _logger = logging.getLogger(__name__)
 # default 1 MiB holds 50 ms of the fastest storm this machine makes more than
 # ten times over.
 POLL_MS = 50
+# Identities written by the reader that stay known after their process exits.
+SETTLED_REMEMBERED = 4096
 
 _FAMILY = {abi.AF_INET: "inet", abi.AF_INET6: "inet6"}
 _PROTOCOL = {abi.IPPROTO_TCP: "tcp", abi.IPPROTO_UDP: "udp"}
@@ -183,6 +185,10 @@ class Daemon:
         self._export_task: asyncio.Task[None] | None = None
         self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
         self._attested: dict[int, Any] = {}
+        # pid -> identity number the reader last wrote for it, newest last: a
+        # parent that exits before its pending child is attested has left the
+        # kernel map, and its child still takes its answer from here.
+        self._settled: dict[int, int] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._reader_stop = threading.Event()
@@ -630,14 +636,27 @@ class Daemon:
             _logger.debug("pid %d not attested: %s", pid, exc)
             return None
         if result.match is not None:
-            self._programs.set_identity(pid, self.numbers.number(result.match.spiffe_id))
+            self._settle(pid, self.numbers.number(result.match.spiffe_id))
         elif kernel_identity == abi.IDENTITY_PENDING:
-            parent = self._programs.proc_state(ppid) if ppid else None
-            number = parent[0] if parent else abi.IDENTITY_NONE
-            self._programs.set_identity(
-                pid, abi.IDENTITY_NONE if number == abi.IDENTITY_PENDING else number
-            )
+            self._settle(pid, self._parent_answer(ppid))
         return result
+
+    def _settle(self, pid: int, number: int) -> None:
+        self._programs.set_identity(pid, number)
+        settled = self._settled
+        settled.pop(pid, None)  # a reused pid moves to the newest end
+        settled[pid] = number
+        if len(settled) > SETTLED_REMEMBERED:
+            del settled[next(iter(settled))]
+
+    def _parent_answer(self, ppid: int) -> int:
+        """The identity a pending child takes from its parent: the kernel's, or
+        the last one written for the parent if it has exited since."""
+        if not ppid:
+            return abi.IDENTITY_NONE
+        state = self._programs.proc_state(ppid)
+        number = state[0] if state else self._settled.get(ppid, abi.IDENTITY_NONE)
+        return abi.IDENTITY_NONE if number == abi.IDENTITY_PENDING else number
 
     def _handle_batch(
         self, events: list[abi.KernelEvent], errors: int, attested: dict[int, Any]
@@ -872,11 +891,15 @@ class Daemon:
             proc.instance_id = inst.instance_id
             self._count_live()
         elif kernel_identity == abi.IDENTITY_PENDING:
-            # Settled in the kernel with the parent's answer (_attest_into_kernel).
-            parent = self.table.get(proc.ppid)
-            if parent is not None and parent.identity is not None:
-                proc.identity, proc.instance_id = parent.identity, parent.instance_id
-            number = self.numbers.number(proc.identity) if proc.identity else abi.IDENTITY_NONE
+            # Settled in the kernel with its parent's answer (_parent_answer),
+            # which outlives the parent's row if the parent has exited since.
+            number = self._settled.get(proc.pid, abi.IDENTITY_NONE)
+            name = self._identity_name(number)
+            if name is not None:
+                parent = self.table.get(proc.ppid)
+                proc.identity = name
+                if parent is not None and parent.identity == name:
+                    proc.instance_id = parent.instance_id
             self._settle_pending_children(proc, number)
         else:
             # Inherited from an attested ancestor: keep it, with the ancestor's instance.
