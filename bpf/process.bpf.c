@@ -10,10 +10,10 @@
  * one of those would put every system call on the host on the slow path.
  */
 
-/* Copy the new image's argv into e->args; sets args_len, args_count, flags. */
 /* The kernel's own limit on argc (MAX_ARG_STRINGS). */
 #define SIDECAR_MAX_ARG_STRINGS 0x7fffffffULL
 
+/* Copy the new image's argv into e->args; sets args_len, args_count, flags. */
 static __always_inline void read_argv(struct exec_event *e)
 {
 	struct task_struct *task = bpf_get_current_task_btf();

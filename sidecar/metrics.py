@@ -70,6 +70,9 @@ _ATTESTATION_BUCKETS: Final = (
 )
 
 
+_EVENTS_HELP: Final = "Events read from the kernel, by type."
+
+
 class _EventCounts:
     """``sidecar_events_total`` by type, read from a dict of counts at each scrape."""
 
@@ -85,9 +88,6 @@ class _EventCounts:
         for kind, n in sorted(dict(self._counts).items()):
             family.add_metric([kind], n)
         return [family]
-
-
-_EVENTS_HELP: Final = "Events read from the kernel, by type."
 
 
 class DaemonMetrics:

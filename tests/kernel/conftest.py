@@ -90,6 +90,16 @@ def spawn(
     return subprocess.Popen(list(argv), preexec_fn=pre, **kw)
 
 
+def write_entries_file(tmp: Path, entries: str) -> Path:
+    """A registration entries file in ``tmp`` with ``entries`` (YAML list items) under it."""
+    path = tmp / "entries.yaml"
+    path.write_text(
+        "apiVersion: sidecar/v1\nkind: RegistrationEntries\ntrustDomain: example.org\n"
+        "entries:\n" + entries
+    )
+    return path
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:

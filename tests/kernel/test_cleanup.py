@@ -48,6 +48,8 @@ def test_a_failing_kernel_test_leaves_no_cgroup_link_or_pinned_map(tmp_path: Pat
 def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
     import uuid
 
+    from conftest import spawn
+
     from sidecar.cgroups import remove_tree
     from sidecar.kernel.checks import cgroup2_root
 
@@ -56,14 +58,7 @@ def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
     nested.mkdir(parents=True)
     procs = []
     try:
-        for cg in (top, nested):
-            target = str(cg / "cgroup.procs")
-
-            def move(target: str = target) -> None:
-                with open(target, "w") as fh:
-                    fh.write("0")
-
-            procs.append(subprocess.Popen(["sleep", "60"], preexec_fn=move))
+        procs = [spawn(cg, ["sleep", "60"]) for cg in (top, nested)]
         for cg in (top, nested):  # each holds a live process, so a plain rmdir would fail
             assert (cg / "cgroup.procs").read_text().strip()
         remove_tree(top)

@@ -26,6 +26,7 @@ from conftest import (
     start_daemon_process,
     stop_daemon_process,
     wait_until,
+    write_entries_file,
 )
 
 from sidecar.kernel.checks import cgroup2_root
@@ -61,15 +62,11 @@ def replace_file(path: Path, text: str) -> None:
 def setup(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> dict[str, object]:
     rel = "/" + str(scratch_cgroup.relative_to(cgroup2_root()))
     sha = hashlib.sha256(Path(PYTHON).read_bytes()).hexdigest()
-    entries = short_tmp / "entries.yaml"
-    entries.write_text(
-        f"""apiVersion: sidecar/v1
-kind: RegistrationEntries
-trustDomain: example.org
-entries:
-  - spiffeId: {AGENT}
+    entries = write_entries_file(
+        short_tmp,
+        f"""  - spiffeId: {AGENT}
     selectors: [unix:uid:0, "unix:sha256:{sha}", "cgroup:path:{rel}"]
-"""
+""",
     )
     a, b = free_port_pair(), free_port_pair()
     while b == a:

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import InProcessDaemon, daemon_config, run_daemon, spawn, wait_until
+from conftest import (
+    InProcessDaemon,
+    daemon_config,
+    run_daemon,
+    spawn,
+    wait_until,
+    write_entries_file,
+)
 
 from sidecar.enforce import identity_number
 
@@ -57,13 +64,9 @@ def binaries(short_tmp: Path) -> dict[str, Path]:
 
 
 def write_entries(tmp: Path, scratch: Path, sleeper: Path) -> Path:
-    path = tmp / "entries.yaml"
-    path.write_text(
-        f"""apiVersion: sidecar/v1
-kind: RegistrationEntries
-trustDomain: example.org
-entries:
-  - spiffeId: spiffe://example.org/agent/sleeper
+    return write_entries_file(
+        tmp,
+        f"""  - spiffeId: spiffe://example.org/agent/sleeper
     selectors:
       - unix:uid:{NOBODY}
       - unix:sha256:{sha256(sleeper)}
@@ -72,9 +75,8 @@ entries:
       - unix:uid:0
       - unix:sha256:{sha256(PYTHON)}
       - cgroup:path:{cgroup_rel(scratch)}
-"""
+""",
     )
-    return path
 
 
 @pytest.fixture
@@ -272,17 +274,13 @@ def test_a_tool_registered_under_its_parent_identity_takes_that_identity(
     """parent:id: what the agent spawns may be its own, narrower identity."""
     sleep = os.path.realpath("/bin/sleep")
     cg = cgroup_rel(scratch_cgroup)
-    entries = short_tmp / "entries.yaml"
-    entries.write_text(
-        f"""apiVersion: sidecar/v1
-kind: RegistrationEntries
-trustDomain: example.org
-entries:
-  - spiffeId: spiffe://example.org/agent/research-bot
+    entries = write_entries_file(
+        short_tmp,
+        f"""  - spiffeId: spiffe://example.org/agent/research-bot
     selectors: [unix:uid:0, "unix:sha256:{sha256(PYTHON)}", "cgroup:path:{cg}"]
   - spiffeId: spiffe://example.org/tool/sleeper
     selectors: ["parent:id:spiffe://example.org/agent/research-bot", "unix:path:{sleep}"]
-"""
+""",
     )
     cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
     with run_daemon(cfg) as d:
@@ -336,15 +334,11 @@ def test_a_tool_spawned_while_its_agent_is_pending_takes_the_agent_identity(
     src.write_text(SPAWNER_C)
     spawner = short_tmp / "agent-spawner"
     subprocess.run(["cc", "-O2", "-o", str(spawner), str(src)], check=True)
-    entries = short_tmp / "entries.yaml"
-    entries.write_text(
-        f"""apiVersion: sidecar/v1
-kind: RegistrationEntries
-trustDomain: example.org
-entries:
-  - spiffeId: spiffe://example.org/agent/spawner
+    entries = write_entries_file(
+        short_tmp,
+        f"""  - spiffeId: spiffe://example.org/agent/spawner
     selectors: [unix:uid:0, "unix:sha256:{sha256(spawner)}"]
-"""
+""",
     )
     cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
     with run_daemon(cfg) as d:
