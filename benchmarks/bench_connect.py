@@ -29,9 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_pipeline import move_into  # noqa: E402
 
-from sidecar.cgroups import remove_tree  # noqa: E402
+from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
 from sidecar.enforce import Enforcer, IdentityNumbers, identity_number  # noqa: E402
 from sidecar.kernel import libbpf  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root, find_mount  # noqa: E402
@@ -64,11 +63,10 @@ def run_loop(
     exe: Path, cgroup: Path, kind: str, n: int, port: int, programs: object | None
 ) -> float:
     p = subprocess.Popen(
-        [str(exe), kind, str(n), str(port)],
+        launch_argv([str(exe), kind, str(n), str(port)], cgroup=cgroup),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=move_into(cgroup),
     )
     assert p.stdout is not None and p.stdin is not None
     assert p.stdout.readline().strip() == "ready"

@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_pipeline import build_storm, cpu_seconds, move_into  # noqa: E402
+from bench_pipeline import build_storm, cpu_seconds  # noqa: E402
 
-from sidecar.cgroups import remove_tree  # noqa: E402
+from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
@@ -130,9 +130,10 @@ def main() -> int:
                 time.sleep(args.seconds)
             else:
                 p = subprocess.Popen(
-                    [str(storm), str(args.seconds), str(tool), str(rate)],
+                    launch_argv(
+                        [str(storm), str(args.seconds), str(tool), str(rate)], cgroup=cgroup
+                    ),
                     stdout=subprocess.PIPE,
-                    preexec_fn=move_into(cgroup),
                 )
                 done = int(p.communicate()[0])
                 time.sleep(1.0)  # the tail of the load is handled too

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.cgroups import remove_tree  # noqa: E402
+from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
@@ -43,25 +43,13 @@ def build_storm(tmp: Path) -> Path:
     return exe
 
 
-def move_into(cgroup: Path):  # type: ignore[no-untyped-def]
-    procs = str(cgroup / "cgroup.procs")
-
-    def _move() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        os.write(fd, b"0")
-        os.close(fd)
-
-    return _move
-
-
 def run_storm(storm: Path, cgroup: Path, seconds: float, loops: int) -> tuple[int, float]:
     """Run ``loops`` storms in parallel; returns (execs, wall seconds)."""
     began = time.monotonic()
     procs = [
         subprocess.Popen(
-            [str(storm), str(seconds), "/bin/true"],
+            launch_argv([str(storm), str(seconds), "/bin/true"], cgroup=cgroup),
             stdout=subprocess.PIPE,
-            preexec_fn=move_into(cgroup),
         )
         for _ in range(loops)
     ]

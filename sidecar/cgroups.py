@@ -1,4 +1,7 @@
-"""Removing a cgroup the product made for itself (the demo's, a benchmark's or a test's).
+"""Starting a tool inside a cgroup, and removing a cgroup the product made for itself.
+
+``launch_argv`` wraps a command so that it starts in a cgroup (the demo's, a
+benchmark's or a test's) without forking the caller with a ``preexec_fn``.
 
 A cgroup can only be removed once no process is left in it, and a process
 that outlived its parent (a tool an agent started, a storm's last child)
@@ -11,8 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def kill_all(cg: Path, timeout: float = 5.0) -> None:
@@ -46,3 +53,77 @@ def remove_tree(cg: Path) -> None:
         except OSError:
             time.sleep(0.05)
     cg.rmdir()
+
+
+# Runs in a fresh interpreter, started by vfork+exec from the caller, so no code
+# of the caller's (and none of the gRPC fork handlers a live server registers)
+# runs in a forked copy of it.  It moves itself into the cgroup, drops to the
+# uid, and execs the tool: the tool's exec is the first one the cgroup sees.
+_LAUNCH = """\
+import os, sys
+cg, uid, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+if cg:
+    fd = os.open(os.path.join(cg, "cgroup.procs"), os.O_WRONLY)
+    os.write(fd, b"0")
+    os.close(fd)
+if uid >= 0:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"cannot run {argv[0]}: {exc.strerror}\\n")
+    sys.exit(127)
+"""
+
+
+def launch_argv(
+    argv: Sequence[str], *, cgroup: Path | None = None, uid: int | None = None
+) -> list[str]:
+    """An argv that runs ``argv`` inside ``cgroup`` and as ``uid`` (group ``uid``), from its exec.
+
+    Use it instead of a ``preexec_fn``: ``subprocess`` then starts the child
+    with vfork, and a process that runs gRPC (a daemon, a collector, a test
+    with servers) is never forked with its threads' state half-copied.
+    """
+    if not argv:
+        raise ValueError("launch_argv needs a program to run")
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _LAUNCH,
+        str(cgroup) if cgroup is not None else "",
+        str(-1 if uid is None else uid),
+        *argv,
+    ]
+
+
+def start_in(
+    cgroup: Path,
+    argv: Sequence[str],
+    *,
+    uid: int | None = None,
+    timeout: float = 10.0,
+    **popen: Any,
+) -> subprocess.Popen[Any]:
+    """Start ``argv`` in ``cgroup`` (as ``uid``) and return once it is in the cgroup.
+
+    The tool's own exec, and everything after it, happens inside the cgroup.
+    """
+    proc: subprocess.Popen[Any] = subprocess.Popen(
+        launch_argv(argv, cgroup=cgroup, uid=uid), **popen
+    )
+    procs = cgroup / "cgroup.procs"
+    deadline = time.monotonic() + timeout
+    while str(proc.pid) not in procs.read_text().split():
+        if proc.poll() is not None:
+            break  # it ran and ended already: the caller reads its status
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TimeoutError(f"pid {proc.pid} did not reach {cgroup} in {timeout} s")
+        time.sleep(0.001)
+    return proc

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.cgroups import remove_tree
+from sidecar.cgroups import launch_argv, remove_tree
 from sidecar.errors import SidecarError
 from sidecar.kernel.checks import cgroup2_root
 
@@ -263,16 +263,18 @@ metrics: ""
         time.sleep(0.5)
         with socket.create_server(("127.0.0.1", ok_port)):
             agent = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    AGENT,
-                    str(w / "workload.sock"),
-                    str(ok_port),
-                    str(bad_port),
-                ],
+                launch_argv(
+                    [
+                        sys.executable,
+                        "-c",
+                        AGENT,
+                        str(w / "workload.sock"),
+                        str(ok_port),
+                        str(bad_port),
+                    ],
+                    cgroup=self.cgroup,
+                ),
                 env=self.repo_env,
-                preexec_fn=self._into_cgroup,
                 timeout=60,
             )
         time.sleep(2.0)  # let the stream catch up
@@ -298,13 +300,6 @@ metrics: ""
         collector.wait(30)
         _step("done: every event above was attested, enforced and stored by the collector")
         return 0
-
-    def _into_cgroup(self) -> None:
-        fd = os.open(self.cgroup / "cgroup.procs", os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
 
     def cleanup(self) -> None:
         for p in self.procs:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sidecar.cgroups import remove_tree
+from sidecar.cgroups import remove_tree, start_in
 
 SCRATCH_PREFIX = "sidecar-test-"
 BPFFS = Path("/sys/fs/bpf")
@@ -61,33 +61,11 @@ def pin_dir() -> Iterator[Path]:
         uninstall(path)
 
 
-def move_into(cgroup: Path) -> Callable[[], None]:
-    """preexec_fn that moves the child into ``cgroup`` before it execs."""
-    procs = str(cgroup / "cgroup.procs")
-
-    def _move() -> None:
-        fd = os.open(procs, os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
-
-    return _move
-
-
 def spawn(
     cgroup: Path, argv: Sequence[str], *, uid: int | None = None, **kw: Any
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` inside ``cgroup`` (optionally as ``uid``), from its first instruction."""
-    move = move_into(cgroup)
-
-    def pre() -> None:
-        move()
-        if uid is not None:
-            os.setgid(uid)
-            os.setuid(uid)
-
-    return subprocess.Popen(list(argv), preexec_fn=pre, **kw)
+    return start_in(cgroup, argv, uid=uid, **kw)
 
 
 def write_entries_file(tmp: Path, entries: str) -> Path:

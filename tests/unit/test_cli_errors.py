@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import cli
+from sidecar.cgroups import launch_argv
 from sidecar.kernel import checks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,18 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 def _run(
     args: list[str], env: dict[str, str] | None = None, uid: int | None = None
 ) -> tuple[int, list[str]]:
-    def drop() -> None:
-        if uid is not None:
-            os.setgid(uid)
-            os.setuid(uid)
-
+    # No preexec_fn: the uid is dropped by a launcher that vfork starts, so this
+    # process (which may hold gRPC threads from other tests) is never forked.
     proc = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", *args],
+        launch_argv([sys.executable, "-m", "sidecar.cli", *args], uid=uid),
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
-        preexec_fn=drop,
         cwd="/",
     )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
