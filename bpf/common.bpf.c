@@ -33,6 +33,45 @@ static __always_inline int attesting(void)
 	return bpf_ktime_get_ns() - READ_ONCE(s->heartbeat_ns) < SIDECAR_HEARTBEAT_STALE_NS;
 }
 
+/*
+ * The same question for the cgroup hooks, which are attached at the cgroup2
+ * root and run for every process on the host: is the caller inside the
+ * scope's subtree?  The daemon writes the scope's id and depth in settings.
+ */
+static __always_inline int in_scope_cg(void)
+{
+	u32 zero = 0;
+	struct settings *s = settings.lookup(&zero);
+	u64 id;
+
+	if (!s)
+		return 0;
+	id = READ_ONCE(s->scope_id);
+	return id && bpf_get_current_ancestor_cgroup_id(READ_ONCE(s->scope_level)) == id;
+}
+
+/*
+ * Which identity judges the calling process at a cgroup hook?  Returns 0
+ * for a process that is none of ours to judge: no identity of our maps and
+ * outside the scope.  That is the fast path every other process on the host
+ * takes: one hash lookup, and a cgroup check only without an identity.
+ */
+static __always_inline int judged_identity(struct proc_state **stp, u32 *identity)
+{
+	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	struct proc_state *st = procs.lookup(&pid);
+
+	*stp = st;
+	if (st && st->identity != SIDECAR_IDENTITY_NONE) {
+		*identity = st->identity;
+		return 1;
+	}
+	if (!in_scope_cg())
+		return 0;
+	*identity = SIDECAR_IDENTITY_NONE;
+	return 1;
+}
+
 static __always_inline void fill_header(struct event_header *h, u16 type, u32 size)
 {
 	h->type = type;
@@ -109,8 +148,14 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 	k.identity = ruled;
 	__builtin_memcpy(k.addr, addr, 16);
 	r = egress.lookup(&k);
-	if (r) {
-		bit = protocol == SIDECAR_IPPROTO_UDP ? SIDECAR_PROTO_UDP : SIDECAR_PROTO_TCP;
+	/* Protocols match exactly: only TCP and UDP have port rules. */
+	if (protocol == SIDECAR_IPPROTO_TCP)
+		bit = SIDECAR_PROTO_TCP;
+	else if (protocol == SIDECAR_IPPROTO_UDP)
+		bit = SIDECAR_PROTO_UDP;
+	else
+		bit = 0;
+	if (r && bit) {
 #pragma unroll
 		for (i = 0; i < SIDECAR_MAX_PORT_RULES; i++) {
 			struct port_rule *pr = &r->rules[i];
@@ -123,5 +168,40 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 			}
 		}
 	}
+	return (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY : SIDECAR_VERDICT_WOULD_DENY;
+}
+
+/*
+ * May this identity create a socket of (family, type, protocol)?  TCP and UDP
+ * over IPv4 and IPv6 are judged at connect and sendmsg; every other kind
+ * (raw, ICMP, UDP-Lite, SCTP, MPTCP, ...) only when its policy names it.
+ */
+static __always_inline u8 judge_socket(u32 identity, u16 family, u16 type, u16 protocol,
+				       u32 *gen_out, u32 *policy_flags)
+{
+	u32 zero = 0, ruled, gen;
+	struct settings *s = settings.lookup(&zero);
+	struct identity_policy *p;
+	struct socket_key k = {};
+
+	*gen_out = 0;
+	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
+	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
+		return SIDECAR_VERDICT_ALLOW;
+	gen = READ_ONCE(s->policy_gen);
+	*gen_out = gen;
+	p = policy_for(gen, identity, &ruled);
+	if (!p)
+		return SIDECAR_VERDICT_ALLOW;
+	*policy_flags = p->flags;
+	if (p->flags & SIDECAR_POLICY_EGRESS_ANY)
+		return SIDECAR_VERDICT_ALLOW;
+	k.gen = gen;
+	k.identity = ruled;
+	k.family = family;
+	k.type = type;
+	k.protocol = protocol;
+	if (socket_allow.lookup(&k))
+		return SIDECAR_VERDICT_ALLOW;
 	return (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY : SIDECAR_VERDICT_WOULD_DENY;
 }

@@ -8,10 +8,13 @@
  * buffer and scratch space belong to one daemon run and are not pinned.
  *
  * Build settings come in as -D flags, validated by the loader:
- *   PIN_DIR        "/sys/fs/bpf/sidecar/v1" (a string literal)
+ *   PIN_DIR        "/sys/fs/bpf/sidecar/v2" (a string literal)
  *   PROCS_MAX      entries of the process map
  *   RINGBUF_PAGES  ring buffer size in pages (a power of two)
  *   EGRESS_MAX, EXEC_ALLOW_MAX, POLICIES_MAX  policy map sizes (both generations)
+ *   SIDECAR_OFF_*  offsets of the few kernel-internal fields read (the file
+ *                  an exec runs), from the running kernel's BTF
+ *   SIDECAR_HAVE_GROUP_DEAD  sched_process_exit says when a whole process ends
  */
 #ifndef SIDECAR_MAPS_H
 #define SIDECAR_MAPS_H
@@ -38,14 +41,30 @@
 #ifndef POLICIES_MAX
 #define POLICIES_MAX 4096
 #endif
+#ifndef SOCKET_ALLOW_MAX
+#define SOCKET_ALLOW_MAX 4096
+#endif
+#if !defined(SIDECAR_OFF_TASK_MM) || !defined(SIDECAR_OFF_MM_EXE_FILE) ||                   \
+	!defined(SIDECAR_OFF_FILE_INODE) || !defined(SIDECAR_OFF_INODE_INO) ||              \
+	!defined(SIDECAR_OFF_INODE_SB) || !defined(SIDECAR_OFF_SB_DEV) ||                   \
+	!defined(SIDECAR_OFF_INODE_CTIME_SEC) || !defined(SIDECAR_OFF_INODE_CTIME_NSEC)
+#error "the loader passes the kernel's field offsets (SIDECAR_OFF_*) from its BTF"
+#endif
 
 #define SIDECAR_AF_INET 2
 #define SIDECAR_AF_INET6 10
+#define SIDECAR_SOCK_STREAM 1
+#define SIDECAR_SOCK_DGRAM 2
+#define SIDECAR_IPPROTO_TCP 6
 #define SIDECAR_IPPROTO_UDP 17
+#define SIDECAR_SOL_IP 0
+#define SIDECAR_IP_OPTIONS 4      /* carries LSRR/SSRR source routes */
+#define SIDECAR_SOL_IPV6 41
+#define SIDECAR_IPV6_2292RTHDR 5  /* routing header, RFC 2292 spelling */
+#define SIDECAR_IPV6_RTHDR 57     /* routing header */
 #define SIDECAR_CLONE_VFORK 0x00004000ULL
 #define SIDECAR_CLONE_THREAD 0x00010000ULL
-#define SIDECAR_NEW_THREAD 1
-#define SIDECAR_NEW_VFORK 2
+#define SIDECAR_SIGKILL 9
 
 /*
  * Ring buffer wake-ups cost the traced workload a context switch each.  Most
@@ -77,19 +96,17 @@ BPF_TABLE_PINNED("hash", struct policy_key, struct identity_policy, policies, PO
 /* (generation, identity, destination prefix) -> the port rules under it */
 BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_rules, egress, EGRESS_MAX,
 		 PIN_DIR "/egress", BPF_F_NO_PREALLOC);
-/* (generation, identity, executable path) -> 1 when the identity may run it */
-BPF_TABLE_PINNED("hash", struct exec_key, u8, exec_allow, EXEC_ALLOW_MAX, PIN_DIR "/exec_allow");
+/* (generation, identity, device, inode) -> the file's change time when allowed */
+BPF_TABLE_PINNED("hash", struct exec_key, struct exec_file, exec_allow, EXEC_ALLOW_MAX,
+		 PIN_DIR "/exec_allow");
+/* (generation, identity, family, type, protocol) -> 1 for each other socket kind allowed */
+BPF_TABLE_PINNED("hash", struct socket_key, u8, socket_allow, SOCKET_ALLOW_MAX,
+		 PIN_DIR "/socket_allow");
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* per-CPU scratch to build an exec record, sent without its unused argv tail */
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
-/* per-CPU scratch for exec_key (too big for the stack next to the rest) */
-BPF_PERCPU_ARRAY(exec_key_scratch, struct exec_key, 1);
 /* records that could not be reserved, per CPU, by event type */
 BPF_PERCPU_ARRAY(lost, u64, 8);
-
-/* new task id -> SIDECAR_NEW_THREAD or SIDECAR_NEW_VFORK, from task_newtask to
- * sched_process_fork */
-BPF_TABLE("lru_hash", u32, u8, new_tasks, 4096);
 
 #endif /* SIDECAR_MAPS_H */

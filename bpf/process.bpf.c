@@ -68,19 +68,65 @@ static __always_inline void read_argv(struct exec_event *e)
 	e->args_len = off;
 }
 
+/* Nanoseconds are below 2^30; the bits above may be flags of the kernel's. */
+#define SIDECAR_NSEC_MASK 0x3fffffffU
+
+/* The file the new image runs, as the kernel holds it. */
+struct exe_file_id {
+	u64 ino;
+	u64 ctime_sec;
+	u32 dev;
+	u32 ctime_nsec;
+};
+
 /*
- * May this identity run the file it just exec'd?  The kernel knows the path
- * as the caller spelled it; the policy loader stores every allowed
- * executable under its canonical path, so a symlink, a relative path or a
- * script that reaches a file by another name is not on the list and is
- * refused.  Userspace double-checks /proc/PID/exe of everything let through.
+ * Read current->mm->exe_file: set by the exec before this tracepoint, it is
+ * the file that runs (the interpreter of a #! script), however its path was
+ * spelled, mounted or chrooted.  Offsets come from the running kernel's BTF.
  */
-static __always_inline u8 judge_exec(u32 identity, void *args, unsigned short loc, u32 *gen_out)
+static __always_inline int read_exe_file(struct exe_file_id *x)
+{
+	u64 task = bpf_get_current_task();
+	u64 mm = 0, file = 0, inode = 0, sb = 0;
+
+	if (bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(task + SIDECAR_OFF_TASK_MM)) || !mm)
+		return -1;
+	if (bpf_probe_read_kernel(&file, sizeof(file), (void *)(mm + SIDECAR_OFF_MM_EXE_FILE)) ||
+	    !file)
+		return -1;
+	if (bpf_probe_read_kernel(&inode, sizeof(inode), (void *)(file + SIDECAR_OFF_FILE_INODE)) ||
+	    !inode)
+		return -1;
+	if (bpf_probe_read_kernel(&sb, sizeof(sb), (void *)(inode + SIDECAR_OFF_INODE_SB)) || !sb)
+		return -1;
+	if (bpf_probe_read_kernel(&x->ino, sizeof(x->ino), (void *)(inode + SIDECAR_OFF_INODE_INO)) ||
+	    bpf_probe_read_kernel(&x->dev, sizeof(x->dev), (void *)(sb + SIDECAR_OFF_SB_DEV)) ||
+	    bpf_probe_read_kernel(&x->ctime_sec, sizeof(x->ctime_sec),
+				  (void *)(inode + SIDECAR_OFF_INODE_CTIME_SEC)) ||
+	    bpf_probe_read_kernel(&x->ctime_nsec, sizeof(x->ctime_nsec),
+				  (void *)(inode + SIDECAR_OFF_INODE_CTIME_NSEC)))
+		return -1;
+	/* Multigrain timestamps (6.13+) keep a "queried" flag in the top bit. */
+	x->ctime_nsec &= SIDECAR_NSEC_MASK;
+	return 0;
+}
+
+/*
+ * May this identity run the file its new image runs?  Judged by the file
+ * (device and inode), not the path: a bind mount, a chroot, a rename or a
+ * link cannot put another file behind an allowed name.  An allowed file
+ * whose change time moved since the policy was loaded (written in place,
+ * chmod'ed, linked) is refused until a reload trusts it again.
+ */
+static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags)
 {
 	u32 zero = 0, ruled, gen;
 	struct settings *s = settings.lookup(&zero);
 	struct identity_policy *p;
-	struct exec_key *k;
+	struct exec_key k = {};
+	struct exec_file *allowed;
+	struct exe_file_id x = {};
+	u8 deny;
 
 	*gen_out = 0;
 	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
@@ -92,16 +138,24 @@ static __always_inline u8 judge_exec(u32 identity, void *args, unsigned short lo
 	p = policy_for(gen, identity, &ruled);
 	if (!p || !(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
 		return SIDECAR_VERDICT_ALLOW;
-	k = exec_key_scratch.lookup(&zero);
-	if (!k)
-		return SIDECAR_VERDICT_ALLOW;
-	__builtin_memset(k, 0, sizeof(*k));
-	k->gen = gen;
-	k->identity = ruled;
-	bpf_probe_read_kernel_str(k->path, sizeof(k->path), args + loc);
-	if (exec_allow.lookup(k))
-		return SIDECAR_VERDICT_ALLOW;
-	return (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY : SIDECAR_VERDICT_WOULD_DENY;
+	deny = (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY
+						   : SIDECAR_VERDICT_WOULD_DENY;
+	if (read_exe_file(&x) < 0) {
+		*flags |= SIDECAR_EXEC_FILE_UNKNOWN;
+		return deny; /* fail closed: a restricted identity runs only what is known */
+	}
+	k.gen = gen;
+	k.identity = ruled;
+	k.dev = x.dev;
+	k.ino = x.ino;
+	allowed = exec_allow.lookup(&k);
+	if (!allowed)
+		return deny;
+	if (allowed->ctime_sec != x.ctime_sec || allowed->ctime_nsec != x.ctime_nsec) {
+		*flags |= SIDECAR_EXEC_FILE_CHANGED;
+		return deny;
+	}
+	return SIDECAR_VERDICT_ALLOW;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
@@ -112,29 +166,32 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct proc_state *st;
 	struct exec_event *e;
 	unsigned short loc = args->data_loc_filename & 0xffff;
-	u32 gen, len, size, zero = 0;
+	u32 gen, len, size, zero = 0, flags = 0;
 	u8 verdict;
 
-	if (!in_scope())
-		return 0;
-
-	/* A new image must be attested unless it carries an identity inherited
-	 * from an attested ancestor: until then it is pending (while a daemon
-	 * is alive to attest it). */
+	/* A process that holds an identity is judged wherever it runs; the
+	 * scope only decides which new processes are attested. */
 	st = procs.lookup(&pid);
 	if (!st) {
+		if (!in_scope())
+			return 0;
 		procs.update(&pid, &fresh);
 		st = procs.lookup(&pid);
-		if (!st)
+		if (!st) {
+			count_lost(SIDECAR_EVENT_EXEC);
 			return 0;
+		}
 	}
-	if (st->identity == SIDECAR_IDENTITY_NONE && attesting())
+	/* A new image must be attested unless it carries an identity inherited
+	 * from an attested ancestor: until then it is pending (while a daemon
+	 * is alive to attest it).  Out of scope, nothing new is attested. */
+	if (st->identity == SIDECAR_IDENTITY_NONE && attesting() && in_scope())
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
-	verdict = judge_exec(st->identity, args, loc, &gen);
+	verdict = judge_exec(st->identity, &gen, &flags);
 	if (verdict == SIDECAR_VERDICT_DENY)
 		/* Delivered before the new image runs its first instruction. */
-		bpf_send_signal(9);
+		bpf_send_signal(SIDECAR_SIGKILL);
 
 	e = exec_scratch.lookup(&zero);
 	if (!e)
@@ -147,6 +204,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
 	read_argv(e);
+	e->flags |= flags;
 	len = e->args_len;
 	if (len > SIDECAR_ARGS_LEN)
 		len = SIDECAR_ARGS_LEN;
@@ -161,51 +219,41 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	return 0;
 }
 
+/*
+ * A new process.  task_newtask runs in copy_process once the child exists
+ * and before it runs, for every way a task is made (fork, vfork, clone,
+ * clone3); threads, io_uring workers and other kernel-made threads carry
+ * CLONE_THREAD and share their process's entry, so they write nothing.
+ */
 TRACEPOINT_PROBE(task, task_newtask)
 {
-	u32 child = args->pid;
-	u8 kind;
-
-	/* sched_process_fork cannot tell a thread or a vfork child from a
-	 * process; the clone flags here can. */
-	if (args->clone_flags & SIDECAR_CLONE_THREAD)
-		kind = SIDECAR_NEW_THREAD;
-	else if ((args->clone_flags & SIDECAR_CLONE_VFORK) && in_scope())
-		kind = SIDECAR_NEW_VFORK;
-	else
-		return 0;
-	new_tasks.update(&child, &kind);
-	return 0;
-}
-
-TRACEPOINT_PROBE(sched, sched_process_fork)
-{
 	u32 parent = bpf_get_current_pid_tgid() >> 32;
-	u32 child = args->child_pid;
+	u32 child = args->pid;
+	u64 clone_flags = args->clone_flags;
 	struct proc_state *pst;
 	struct proc_state cst = {};
 	struct fork_event *e;
-	u8 *kind = new_tasks.lookup(&child);
-	int scoped, vfork = 0;
+	int scoped;
 
-	if (kind) {
-		vfork = *kind == SIDECAR_NEW_VFORK;
-		new_tasks.delete(&child);
-		if (!vfork)
-			return 0; /* a thread */
-	}
-	scoped = in_scope();
+	if (clone_flags & SIDECAR_CLONE_THREAD)
+		return 0;
 	pst = procs.lookup(&parent);
+	scoped = in_scope();
 	if (!pst && !scoped)
 		return 0;
 	/* The child carries its parent's identity from its first instruction. */
 	cst.identity = pst ? pst->identity : SIDECAR_IDENTITY_NONE;
 	cst.ppid = parent;
-	procs.update(&child, &cst);
+	if (procs.update(&child, &cst)) {
+		/* The map is full: the child runs without an entry.  Counted and
+		 * reported; its exec in scope is marked pending again. */
+		count_lost(SIDECAR_EVENT_FORK);
+		return 0;
+	}
 	/* A vfork child (posix_spawn, most launchers) runs nothing of its own
 	 * before it execs or exits, and those records name its parent: a fork
 	 * record of its own would only cost the daemon a third more records. */
-	if (!scoped || vfork)
+	if (!scoped || (clone_flags & SIDECAR_CLONE_VFORK))
 		return 0;
 
 	e = events.ringbuf_reserve(sizeof(struct fork_event));
@@ -229,9 +277,17 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	struct proc_state *st;
 	struct exit_event *e;
 
-	/* Only the thread group leader's exit ends the process. */
+	/* The process ends when its last thread does, whichever thread that is:
+	 * a leader that calls pthread_exit leaves the process (and its identity)
+	 * running in its other threads. */
+#ifdef SIDECAR_HAVE_GROUP_DEAD
+	(void)tid;
+	if (!args->group_dead)
+		return 0;
+#else
 	if (pid != tid)
 		return 0;
+#endif
 	st = procs.lookup(&pid);
 	if (!st && !in_scope())
 		return 0;

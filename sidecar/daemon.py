@@ -22,6 +22,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -30,10 +31,11 @@ import orjson
 
 from sidecar import sdnotify
 from sidecar.config import DaemonConfig
-from sidecar.enforce import Enforcer, IdentityNumbers
+from sidecar.enforce import Enforcer, ExecFile, IdentityNumbers
 from sidecar.errors import AttestationError, ConfigError, KernelError, PolicyError, SidecarError
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
+from sidecar.policy.model import format_socket_kind
 from sidecar.proctable import (
     Process,
     ProcessTable,
@@ -59,6 +61,7 @@ SETTLED_REMEMBERED = 4096
 
 _FAMILY = {abi.AF_INET: "inet", abi.AF_INET6: "inet6"}
 _PROTOCOL = {abi.IPPROTO_TCP: "tcp", abi.IPPROTO_UDP: "udp"}
+_SOCKOPT = {(0, 4): "IP_OPTIONS", (41, 57): "IPV6_RTHDR", (41, 5): "IPV6_2292RTHDR"}
 _VERDICT = {
     abi.Verdict.ALLOW: "allow",
     abi.Verdict.DENY: "deny",
@@ -164,6 +167,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What the reader thread's attestation of one exec record found and wrote."""
+
+    result: Any  # the attestor's answer
+    number: int  # the identity number the process holds after it
+
+
 class Daemon:
     """One run of the host daemon."""
 
@@ -184,11 +195,14 @@ class Daemon:
         self.exporter: Any = None
         self._export_task: asyncio.Task[None] | None = None
         self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
-        self._attested: dict[int, Any] = {}
+        # Owned by the reader thread (after start-up): it alone writes
+        # identities into the kernel map.
         # pid -> identity number the reader last wrote for it, newest last: a
         # parent that exits before its pending child is attested has left the
         # kernel map, and its child still takes its answer from here.
         self._settled: dict[int, int] = {}
+        # pending parent pid -> children waiting for its answer
+        self._waiting: dict[int, list[int]] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._reader_stop = threading.Event()
@@ -259,6 +273,7 @@ class Daemon:
                 procs_max=self.config.procs_max,
                 ringbuf_pages=self.config.ringbuf_pages,
                 attest=self.attestor is not None,
+                hook_root=self._mounts.cgroup2.resolve(),
             )
         )
         self._programs.load()
@@ -368,6 +383,7 @@ class Daemon:
             self._start_credentials()
             rebuilt = self.rebuild_from_proc()
             _logger.info("process table rebuilt from /proc: %d processes in scope", rebuilt)
+            self._programs.retire_other_versions()  # an upgrade: only now is ours in force
             if signals:
                 loop.add_signal_handler(signal.SIGTERM, self.stop)
                 loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -588,20 +604,29 @@ class Daemon:
                 except abi.DecodeError as exc:
                     errors += 1
                     _logger.debug("undecodable record: %s", exc)
-            attested = self._attest_batch(events) if self.attestor is not None else {}
+            attested: list[Settled | None] = (
+                self._attest_batch(events) if self.attestor is not None else [None] * len(events)
+            )
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 loop.call_soon_threadsafe(self._handle_batch, events, errors, attested)
 
-    def _attest_batch(self, events: list[abi.KernelEvent]) -> dict[int, Any]:
+    def _attest_batch(self, events: list[abi.KernelEvent]) -> list[Settled | None]:
         """Attest every new image of a batch and write identities into the kernel map.
 
-        Runs on the reader thread, before the records go to the event loop: the
-        identity reaches the kernel without waiting behind credential issuance or
-        event output.  The loop then finishes each attestation (instance, SVID).
+        Runs on the reader thread, which alone writes identities into the
+        kernel map, in the order the kernel recorded them: a newer answer is
+        never overwritten by an older one.  The identity is in the kernel
+        before the records go to the event loop, without waiting behind
+        credential issuance or event output.  The loop then finishes each
+        attestation (instance, SVID) from the returned list, one slot per record.
         """
-        out: dict[int, Any] = {}
+        out: list[Settled | None] = [None] * len(events)
         needs_parent = self.attestor.entries.needs_parent
-        for ev in events:
+        for i, ev in enumerate(events):
+            if isinstance(ev, abi.Fork):
+                if ev.task.identity == abi.IDENTITY_PENDING:
+                    self._settle_forked(ev.child_pid, ev.task.pid)
+                continue
             if not isinstance(ev, abi.Exec) or ev.verdict == abi.Verdict.DENY:
                 continue
             pid, kernel_identity = ev.task.pid, ev.task.identity
@@ -612,63 +637,96 @@ class Daemon:
             result = self._attest_into_kernel(pid, ev.task.ppid, parent_identity, kernel_identity)
             if result is None:
                 continue
-            if result.match is not None:
+            settled = result[1]
+            if result[0].match is not None:
                 now = time.monotonic_ns()
                 self.attest_latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-            out[id(ev)] = result
+            out[i] = Settled(result[0], settled)
         return out
 
     def _attest_into_kernel(
         self, pid: int, ppid: int, parent_identity: str | None, kernel_identity: int
-    ) -> Any:
-        """Attest ``pid`` and write the answer into the kernel map; None if it is gone.
+    ) -> tuple[Any, int] | None:
+        """Attest ``pid`` and write the answer into the kernel map.
 
-        A match writes its identity.  No match settles a pending image with
-        what its parent has now: a child forked while its parent was pending
-        inherits the parent's answer, as it would have at fork.  An identity
-        inherited from an attested ancestor is left alone.
+        Returns the attestation and the identity number the process holds
+        after it, or None if the process is gone.  A match writes its
+        identity.  No match settles a pending image with what its parent has
+        now: a child forked while its parent was pending inherits the
+        parent's answer, as it would have at fork.  An identity inherited
+        from an attested ancestor is left alone.
         """
         try:
             result = self.attestor.attest(pid, parent_identity)
         except AttestationError as exc:
             _logger.debug("pid %d not attested: %s", pid, exc)
             return None
+        number = kernel_identity
         if result.match is not None:
-            self._settle(pid, self.numbers.number(result.match.spiffe_id))
+            number = self.numbers.number(result.match.spiffe_id)
+            self._settle(pid, number)
         elif kernel_identity == abi.IDENTITY_PENDING:
-            self._settle(pid, self._parent_answer(ppid))
-        return result
+            number = self._parent_answer(ppid)
+            if number == abi.IDENTITY_PENDING:
+                self._wait_for_parent(ppid, pid)  # settled with the parent's answer
+                number = abi.IDENTITY_NONE
+            else:
+                self._settle(pid, number)
+        return result, number
 
     def _settle(self, pid: int, number: int) -> None:
+        """Write ``pid``'s identity, then that of its children waiting on it (reader thread)."""
         self._programs.set_identity(pid, number)
         settled = self._settled
         settled.pop(pid, None)  # a reused pid moves to the newest end
         settled[pid] = number
         if len(settled) > SETTLED_REMEMBERED:
             del settled[next(iter(settled))]
+        for child in self._waiting.pop(pid, ()):
+            state = self._programs.proc_state(child)
+            # Only a child still pending: one attested meanwhile keeps its own answer.
+            if state is not None and state[0] == abi.IDENTITY_PENDING:
+                self._settle(child, number)
+
+    def _settle_forked(self, child: int, parent: int) -> None:
+        """A child forked while its parent was pending takes the parent's answer, once known."""
+        answer = self._parent_answer(parent)
+        if answer == abi.IDENTITY_PENDING:
+            self._wait_for_parent(parent, child)
+            return
+        state = self._programs.proc_state(child)
+        if state is not None and state[0] == abi.IDENTITY_PENDING:
+            self._settle(child, answer)
+
+    def _wait_for_parent(self, parent: int, child: int) -> None:
+        waiting = self._waiting
+        if len(waiting) > SETTLED_REMEMBERED:  # parents that never settle (gone unattested)
+            waiting.clear()
+        waiting.setdefault(parent, []).append(child)
 
     def _parent_answer(self, ppid: int) -> int:
         """The identity a pending child takes from its parent: the kernel's, or
-        the last one written for the parent if it has exited since."""
+        the last one written for the parent if it has exited since.  PENDING
+        while the parent itself is not yet settled."""
         if not ppid:
             return abi.IDENTITY_NONE
         state = self._programs.proc_state(ppid)
-        number = state[0] if state else self._settled.get(ppid, abi.IDENTITY_NONE)
-        return abi.IDENTITY_NONE if number == abi.IDENTITY_PENDING else number
+        if state is not None:
+            return int(state[0])
+        return self._settled.get(ppid, abi.IDENTITY_NONE)
 
     def _handle_batch(
-        self, events: list[abi.KernelEvent], errors: int, attested: dict[int, Any]
+        self, events: list[abi.KernelEvent], errors: int, attested: list[Settled | None]
     ) -> None:
-        self._attested = attested
         if errors:
             self.decode_errors += errors
             if self.metrics is not None:
                 self.metrics.record_loss("decode_error", errors)
-        for ev in events:
+        for ev, settled in zip(events, attested, strict=True):
             try:
-                self.handle(ev)
+                self.handle(ev, settled)
             except SidecarError as exc:
                 _logger.warning("event of pid %d not handled: %s", ev.task.pid, exc)
 
@@ -759,14 +817,20 @@ class Daemon:
         svid = self.manager.current(proc.instance_id)
         return f"{svid.serial:x}" if svid else None
 
-    def handle(self, ev: abi.KernelEvent) -> None:
-        """Update the table from one kernel record and emit its event."""
+    def handle(self, ev: abi.KernelEvent, settled: Settled | None = None) -> None:
+        """Update the table from one kernel record and emit its event.
+
+        ``settled``: what the reader thread's attestation of this exec record
+        found and wrote into the kernel, if it attested it.
+        """
         if isinstance(ev, abi.Exec):
-            out = self._on_exec(ev)
+            out = self._on_exec(ev, settled)
         elif isinstance(ev, abi.Fork):
             out = self._on_fork(ev)
         elif isinstance(ev, abi.Exit):
             out = self._on_exit(ev)
+        elif isinstance(ev, abi.Socket):
+            out = self._on_socket(ev)
         else:
             out = self._on_connect(ev)
         if out is not None:
@@ -794,7 +858,7 @@ class Daemon:
             exe = self._realpaths[filename] = os.path.realpath(filename)
         return exe
 
-    def _on_exec(self, ev: abi.Exec) -> dict[str, Any]:
+    def _on_exec(self, ev: abi.Exec, settled: Settled | None) -> dict[str, Any]:
         pid = ev.task.pid
         proc = self.table.get(pid)
         exe = self._exe(pid, ev.filename)
@@ -827,15 +891,20 @@ class Daemon:
                 )
             )
         verdict = ev.verdict
-        result = self._attested.pop(id(ev), None)
-        if result is not None:
-            self._finish_attestation(proc, result, ev.task.identity)
-        rule = None
+        # The identity this exec left the process with: the one the reader
+        # wrote when it attested this very record, else the kernel's.
+        number = ev.task.identity
+        if settled is not None:
+            number = settled.number
+            self._finish_attestation(proc, settled.result, number)
+        elif number not in (abi.IDENTITY_NONE, abi.IDENTITY_PENDING):
+            proc.identity = self._identity_name(number)
+        rule = "file-changed" if ev.flags & abi.EXEC_FILE_CHANGED else None
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
         out = self._base("exec", ev, proc, ev.policy_gen)
-        out["identity"] = proc.identity
-        if proc.identity is not None:
+        out["identity"] = self._identity_name(number)
+        if number != abi.IDENTITY_PENDING:
             out.pop("attestation", None)  # settled while handling this record
         out["filename"] = ev.filename
         out["args_truncated"] = ev.args_truncated
@@ -853,10 +922,10 @@ class Daemon:
         if active is None or number not in active.exec_files:
             return verdict, None
         try:
-            st = os.stat(f"/proc/{pid}/exe")
+            running = ExecFile.of(f"/proc/{pid}/exe")
         except OSError:
             return verdict, None  # already gone
-        if (st.st_dev, st.st_ino) in active.exec_files[number]:
+        if running in active.exec_files[number]:
             return verdict, None
         name = self.numbers.name(number)
         mode = active.policy.identities[name].mode if active.policy and name else "enforce"
@@ -880,45 +949,28 @@ class Daemon:
             proc.pid, proc.ppid, parent.identity if parent else None, kernel_identity
         )
         if result is not None:
-            self._finish_attestation(proc, result, kernel_identity)
+            self._finish_attestation(proc, result[0], result[1])
 
-    def _finish_attestation(self, proc: Process, result: Any, kernel_identity: int) -> None:
-        """After the kernel knows: the instance, its SVID, and children forked meanwhile."""
+    def _finish_attestation(self, proc: Process, result: Any, number: int) -> None:
+        """After the kernel knows (``number``): the instance and its SVID (event loop)."""
         if result.match is not None:
-            self._settle_pending_children(proc, self.numbers.number(result.match.spiffe_id))
             inst = self.instances.add(result, time.monotonic_ns())
             proc.identity = result.match.spiffe_id
             proc.instance_id = inst.instance_id
             self._count_live()
-        elif kernel_identity == abi.IDENTITY_PENDING:
-            # Settled in the kernel with its parent's answer (_parent_answer),
-            # which outlives the parent's row if the parent has exited since.
-            number = self._settled.get(proc.pid, abi.IDENTITY_NONE)
-            name = self._identity_name(number)
-            if name is not None:
-                parent = self.table.get(proc.ppid)
-                proc.identity = name
-                if parent is not None and parent.identity == name:
-                    proc.instance_id = parent.instance_id
-            self._settle_pending_children(proc, number)
-        else:
-            # Inherited from an attested ancestor: keep it, with the ancestor's instance.
-            proc.identity = self._identity_name(kernel_identity) or proc.identity
-
-    def _settle_pending_children(self, proc: Process, number: int) -> None:
-        for child in self.table.descendants(proc.pid):
-            state = self._programs.proc_state(child.pid)
-            if state is not None and state[0] == abi.IDENTITY_PENDING:
-                self._programs.set_identity(child.pid, number)
+            return
+        # Settled with its parent's answer, or inherited from an attested
+        # ancestor: the ancestor's instance when the parent carries it.
+        name = self._identity_name(number)
+        proc.identity = name
+        parent = self.table.get(proc.ppid)
+        if name is not None and parent is not None and parent.identity == name:
+            proc.instance_id = parent.instance_id
 
     def _on_fork(self, ev: abi.Fork) -> dict[str, Any]:
         parent = self.table.get(ev.task.pid)
         child = ev.child_pid
-        if ev.task.identity == abi.IDENTITY_PENDING:
-            # Forked before its parent was attested: it takes the parent's answer.
-            now = self._programs.proc_state(ev.task.pid)
-            if now is not None and now[0] != abi.IDENTITY_PENDING:
-                self._programs.set_identity(child, now[0])
+        # A child forked while its parent was pending was settled by the reader.
         proc = self.table.add(
             Process(
                 pid=child,
@@ -957,6 +1009,22 @@ class Daemon:
         out["hook"] = ev.hook.name.lower()
         out["verdict"] = _VERDICT[ev.verdict]
         out["rule"] = self._rule_name(ev.policy_gen, ev.task.identity, ev.rule)
+        self._record_verdict(out["identity"], out["rule"], out["verdict"])
+        return out
+
+    def _on_socket(self, ev: abi.Socket) -> dict[str, Any]:
+        proc = self.table.get(ev.task.pid)
+        out = self._base("socket", ev, proc, ev.policy_gen)
+        out["family"] = _FAMILY.get(ev.family, str(ev.family))
+        if ev.hook == abi.Hook.SETSOCKOPT:
+            out["operation"] = "setsockopt"
+            out["option"] = _SOCKOPT.get((ev.level, ev.optname), f"{ev.level}/{ev.optname}")
+            out["rule"] = "source-route"
+        else:
+            out["operation"] = "create"
+            out["socket"] = format_socket_kind((ev.family, ev.type, ev.protocol))
+            out["rule"] = "default" if ev.verdict != abi.Verdict.ALLOW else "sockets"
+        out["verdict"] = _VERDICT[ev.verdict]
         self._record_verdict(out["identity"], out["rule"], out["verdict"])
         return out
 
@@ -1046,7 +1114,7 @@ class Daemon:
             "pin_dir": str(self.config.pin_dir),
             "programs": {
                 "tracepoints": [f"{c}:{e}" for _p, _f, c, e in TRACEPOINTS],
-                "cgroup_hooks": [p for p, _f, _a in CGROUP_HOOKS],
+                "cgroup_hooks": [p for p, *_ in CGROUP_HOOKS],
                 "attach_seconds": round(self.attach_seconds, 2),
             },
             "processes_in_scope": len(self.table),

@@ -20,7 +20,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from sidecar.errors import PolicyError
@@ -76,27 +75,18 @@ class PolicyMaps(Protocol):
     def clear_policy(self) -> None: ...
 
 
-def exec_aliases(path: str, root: Path = Path("/")) -> set[str]:
-    """Every spelling under which the kernel may report ``path`` without a user symlink.
+@dataclass(frozen=True)
+class ExecFile:
+    """An allowed executable as the kernel knows it: the file, and when it last changed."""
 
-    The path as written, its canonical form, and the forms through top-level
-    directory symlinks of the system (``/bin`` -> ``usr/bin`` on merged-/usr
-    systems).  Symlinks elsewhere are deliberately not followed backwards: a
-    link an agent made is a different name, and is refused.
-    """
-    names = {path, os.path.realpath(path)}
-    real = os.path.realpath(path)
-    try:
-        tops = list(root.iterdir())
-    except OSError:
-        tops = []
-    for top in tops:
-        if not top.is_symlink():
-            continue
-        target = os.path.realpath(top)
-        if real.startswith(target + "/"):
-            names.add(str(top) + real[len(target) :])
-    return names
+    dev: int  # kernel dev_t (MAJOR << 20 | MINOR)
+    ino: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: str) -> ExecFile:
+        st = os.stat(path)  # follows symlinks: the kernel sees the file that runs
+        return cls(abi.kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns)
 
 
 @dataclass
@@ -107,8 +97,8 @@ class Generation:
     version: str
     policy: CompiledPolicy | None = None
     entries: int = 0
-    # identity number -> (dev, inode) of each executable it may run
-    exec_files: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    # identity number -> each executable it may run
+    exec_files: dict[int, set[ExecFile]] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,11 +107,12 @@ class MapEntries:
     policies: list[tuple[bytes, bytes]] = field(default_factory=list)
     egress: list[tuple[bytes, bytes]] = field(default_factory=list)
     exec_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
-    # identity number -> (dev, inode) of each allowed executable, for the userspace check
-    exec_files: dict[int, set[tuple[int, int]]] = field(default_factory=dict)
+    socket_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # identity number -> each allowed executable, for the userspace check
+    exec_files: dict[int, set[ExecFile]] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.policies) + len(self.egress) + len(self.exec_allow)
+        return len(self.policies) + len(self.egress) + len(self.exec_allow) + len(self.socket_allow)
 
 
 def _flags(mode: str, log_allowed: bool) -> int:
@@ -134,24 +125,30 @@ def _identity_entries(
 ) -> None:
     flags = _flags(ident.mode, log_allowed)
     if ident.exec_paths is not None:
+        # The kernel judges the file that runs, not its path: each allowed
+        # path is taken as the file it names now (device, inode) and the time
+        # it last changed.  A file replaced or modified after this is refused
+        # until the policy is loaded again.
         flags |= abi.POLICY_EXEC_RESTRICTED
-        files: set[tuple[int, int]] = set()
-        spellings: set[str] = set()
+        files: set[ExecFile] = set()
         for path in sorted(ident.exec_paths):
-            spellings |= exec_aliases(path)
             try:
-                st = os.stat(path)
-                files.add((st.st_dev, st.st_ino))
-            except OSError:
+                files.add(ExecFile.of(path))
+            except OSError as exc:
                 _logger.warning(
-                    "policy allows %s for %s, but it does not exist", path, ident.spiffe_id
+                    "policy allows %s for %s, but it cannot be read (%s): it will not run",
+                    path,
+                    ident.spiffe_id,
+                    exc.strerror,
                 )
-        for name in sorted(spellings):
-            raw = name.encode()
-            if len(raw) >= abi.FILENAME_LEN:
-                raise PolicyError(f"{ident.spiffe_id}: executable path {name} is too long")
-            out.exec_allow.append((abi.EXEC_KEY.pack(gen, number, raw), b"\1"))
+        for f in sorted(files, key=lambda f: (f.dev, f.ino)):
+            sec, nsec = divmod(f.ctime_ns, 1_000_000_000)
+            out.exec_allow.append(
+                (abi.EXEC_KEY.pack(gen, number, f.dev, 0, f.ino), abi.EXEC_FILE.pack(sec, nsec, 0))
+            )
         out.exec_files[number] = files
+    for family, stype, proto in sorted(ident.sockets):
+        out.socket_allow.append((abi.SOCKET_KEY.pack(gen, number, family, stype, proto, 0), b"\1"))
     out.policies.append((abi.POLICY_KEY.pack(gen, number), abi.IDENTITY_POLICY.pack(flags, 0)))
     egress_key = abi.EGRESS_KEY.pack
     rules_cache: dict[object, bytes] = {}  # prefixes share few distinct rule sets
@@ -223,6 +220,7 @@ class Enforcer:
         self.maps.write_entries("policies", entries.policies)
         self.maps.write_entries("egress", entries.egress)
         self.maps.write_entries("exec_allow", entries.exec_allow)
+        self.maps.write_entries("socket_allow", entries.socket_allow)
         self.maps.set_settings(policy_gen=gen)  # the flip: one map write
         self._written[gen] = entries
         if in_force:
@@ -241,6 +239,7 @@ class Enforcer:
         self.maps.delete_entries("policies", [k for k, _ in written.policies])
         self.maps.delete_entries("egress", [k for k, _ in written.egress])
         self.maps.delete_entries("exec_allow", [k for k, _ in written.exec_allow])
+        self.maps.delete_entries("socket_allow", [k for k, _ in written.socket_allow])
 
     def unload(self) -> None:
         flags, gen = self.maps.settings()

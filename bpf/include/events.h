@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define SIDECAR_ABI_VERSION 1
+#define SIDECAR_ABI_VERSION 2
 
 /* Limits. */
 #define SIDECAR_COMM_LEN 16
@@ -31,6 +31,7 @@ enum sidecar_event_type {
 	SIDECAR_EVENT_FORK = 2,
 	SIDECAR_EVENT_EXIT = 3,
 	SIDECAR_EVENT_CONNECT = 4,
+	SIDECAR_EVENT_SOCKET = 5,
 };
 
 /* Identity numbers in the procs map. 0 and the top values are reserved. */
@@ -50,6 +51,8 @@ enum sidecar_hook {
 	SIDECAR_HOOK_CONNECT6 = 2,
 	SIDECAR_HOOK_SENDMSG4 = 3,
 	SIDECAR_HOOK_SENDMSG6 = 4,
+	SIDECAR_HOOK_SOCKET_CREATE = 5, /* socket(): family, type, protocol */
+	SIDECAR_HOOK_SETSOCKOPT = 6,    /* setsockopt(): a source-routing option */
 };
 
 /* Flags of struct settings. */
@@ -69,6 +72,8 @@ enum sidecar_hook {
 /* Flags of exec records. */
 #define SIDECAR_EXEC_ARGS_TRUNCATED 0x1 /* argv cut: over 32 args, over 1 KiB, or an arg over 255 bytes */
 #define SIDECAR_EXEC_NO_ARGS 0x2 /* argv could not be read */
+#define SIDECAR_EXEC_FILE_CHANGED 0x4 /* an allowed file, changed since the policy allowed it */
+#define SIDECAR_EXEC_FILE_UNKNOWN 0x8 /* the running file could not be read */
 
 struct event_header {
 	__u16 type;    /* enum sidecar_event_type */
@@ -134,6 +139,21 @@ struct connect_event {
 	__u32 policy_gen;
 };
 
+/* A socket the kernel judged at creation, or a socket option it refused. */
+struct socket_event {
+	struct event_header hdr;
+	struct task_ctx task;
+	__u16 family;
+	__u16 type;
+	__u16 protocol;
+	__u8 hook;    /* SIDECAR_HOOK_SOCKET_CREATE or SIDECAR_HOOK_SETSOCKOPT */
+	__u8 verdict; /* enum sidecar_verdict */
+	__s32 level;  /* setsockopt level, 0 for socket creation */
+	__s32 optname;
+	__u32 policy_gen;
+	__u32 pad;
+};
+
 /* Kernel-side state of one process (key: thread group id). */
 struct proc_state {
 	__u32 identity;
@@ -152,6 +172,9 @@ struct settings {
 	__u32 flags;        /* SIDECAR_SETTING_* */
 	__u32 policy_gen;   /* generation of the policy maps in force (0 or 1) */
 	__u64 heartbeat_ns; /* bpf_ktime_get_ns() clock (CLOCK_MONOTONIC) */
+	__u64 scope_id;     /* cgroup id of the scope, for hooks attached at the root */
+	__u32 scope_level;  /* its depth below the cgroup2 root */
+	__u32 pad;
 };
 
 /*
@@ -191,10 +214,36 @@ struct egress_rules {
 	struct port_rule rules[SIDECAR_MAX_PORT_RULES];
 };
 
+/*
+ * An executable an identity may run, by the file itself: the device and
+ * inode of the running image (mm->exe_file, the interpreter for a #! script),
+ * not the path it was reached by.  dev is the kernel's dev_t (MAJOR << 20 |
+ * MINOR), as in super_block.s_dev.
+ */
 struct exec_key {
 	__u32 gen;
 	__u32 identity;
-	char path[SIDECAR_FILENAME_LEN]; /* NUL-padded */
+	__u32 dev;
+	__u32 pad;
+	__u64 ino;
+};
+
+/* The file's change time when the policy allowed it: a write, chmod, link or
+ * rename since then moves it, and the file is no longer trusted. */
+struct exec_file {
+	__u64 ctime_sec;
+	__u32 ctime_nsec;
+	__u32 pad;
+};
+
+/* A socket kind (other than TCP and UDP over IPv4/IPv6) an identity may create. */
+struct socket_key {
+	__u32 gen;
+	__u32 identity;
+	__u16 family;   /* AF_* */
+	__u16 type;     /* SOCK_* */
+	__u16 protocol; /* IPPROTO_* as the kernel resolved it */
+	__u16 pad;
 };
 
 #endif /* SIDECAR_EVENTS_H */

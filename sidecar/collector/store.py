@@ -94,6 +94,8 @@ def verdict_of(event: event_pb2.Event) -> int:
         return int(event.exec.verdict)
     if kind == "connect":
         return int(event.connect.verdict)
+    if kind == "socket":
+        return int(event.socket.verdict)
     return 0
 
 

@@ -50,6 +50,9 @@ def _details(ev: event_pb2.Event) -> str:
         proto = {event_pb2.PROTOCOL_TCP: "tcp", event_pb2.PROTOCOL_UDP: "udp"}.get(c.protocol, "?")
         host = f"[{c.address}]" if ":" in c.address else c.address
         return f"pid={c.pid} {proto} {host}:{c.port} {_verdict(c.verdict)} rule={c.rule}"
+    if kind == "socket":
+        k = ev.socket
+        return f"pid={k.pid} {k.operation} {k.kind} {_verdict(k.verdict)} rule={k.rule}"
     if kind == "fork":
         return f"parent={ev.fork.parent_pid} child={ev.fork.child_pid}"
     if kind == "exit":

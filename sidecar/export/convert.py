@@ -109,6 +109,13 @@ def to_proto(ev: dict[str, Any]) -> pb.Event | None:
         rule = ev.get("rule")
         if rule:
             c.rule = rule
+    elif kind == "socket":
+        k = out.socket
+        k.pid = ev["pid"]
+        k.operation = ev["operation"]
+        k.kind = ev.get("socket") or ev.get("option") or ""
+        k.verdict = _VERDICT.get(ev["verdict"], pb.VERDICT_UNSPECIFIED)
+        k.rule = ev.get("rule") or ""
     elif kind in ("credential_issued", "credential_revoked"):
         body = out.credential_issued if kind == "credential_issued" else out.credential_revoked
         body.serial = ev["svid_serial"]

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 COMM_LEN = 16
 FILENAME_LEN = 256
 ARGS_LEN = 1024
@@ -39,6 +39,8 @@ PROTO_UDP = 0x2
 
 EXEC_ARGS_TRUNCATED = 0x1
 EXEC_NO_ARGS = 0x2
+EXEC_FILE_CHANGED = 0x4
+EXEC_FILE_UNKNOWN = 0x8
 
 AF_INET = 2
 AF_INET6 = 10
@@ -51,6 +53,7 @@ class EventType(enum.IntEnum):
     FORK = 2
     EXIT = 3
     CONNECT = 4
+    SOCKET = 5
 
 
 class Verdict(enum.IntEnum):
@@ -64,6 +67,8 @@ class Hook(enum.IntEnum):
     CONNECT6 = 2
     SENDMSG4 = 3
     SENDMSG6 = 4
+    SOCKET_CREATE = 5
+    SETSOCKOPT = 6
 
 
 class EventHeader(ctypes.Structure):
@@ -134,6 +139,22 @@ class ConnectEvent(ctypes.Structure):
     )
 
 
+class SocketEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", EventHeader),
+        ("task", TaskCtx),
+        ("family", ctypes.c_uint16),
+        ("type", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint16),
+        ("hook", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("level", ctypes.c_int32),
+        ("optname", ctypes.c_int32),
+        ("policy_gen", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
 class ProcState(ctypes.Structure):
     _fields_ = (("identity", ctypes.c_uint32), ("ppid", ctypes.c_uint32))
 
@@ -143,6 +164,9 @@ class Settings(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("policy_gen", ctypes.c_uint32),
         ("heartbeat_ns", ctypes.c_uint64),
+        ("scope_id", ctypes.c_uint64),
+        ("scope_level", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     )
 
 
@@ -181,7 +205,28 @@ class ExecKey(ctypes.Structure):
     _fields_ = (
         ("gen", ctypes.c_uint32),
         ("identity", ctypes.c_uint32),
-        ("path", ctypes.c_char * FILENAME_LEN),
+        ("dev", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("ino", ctypes.c_uint64),
+    )
+
+
+class ExecFile(ctypes.Structure):
+    _fields_ = (
+        ("ctime_sec", ctypes.c_uint64),
+        ("ctime_nsec", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class SocketKey(ctypes.Structure):
+    _fields_ = (
+        ("gen", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("family", ctypes.c_uint16),
+        ("type", ctypes.c_uint16),
+        ("protocol", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
     )
 
 
@@ -193,6 +238,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "fork_event": ForkEvent,
     "exit_event": ExitEvent,
     "connect_event": ConnectEvent,
+    "socket_event": SocketEvent,
     "proc_state": ProcState,
     "settings": Settings,
     "policy_key": PolicyKey,
@@ -201,6 +247,8 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "port_rule": PortRule,
     "egress_rules": EgressRules,
     "exec_key": ExecKey,
+    "exec_file": ExecFile,
+    "socket_key": SocketKey,
 }
 
 
@@ -232,6 +280,7 @@ class Exec:
     args_truncated: bool
     args_missing: bool
     verdict: Verdict
+    flags: int = 0  # EXEC_* as the kernel set them
 
 
 @dataclass(slots=True)
@@ -261,13 +310,28 @@ class Connect:
     policy_gen: int
 
 
-KernelEvent = Exec | Fork | Exit | Connect
+@dataclass(slots=True)
+class Socket:
+    ts_ns: int
+    task: Task
+    family: int
+    type: int
+    protocol: int
+    hook: Hook
+    verdict: Verdict
+    level: int
+    optname: int
+    policy_gen: int
+
+
+KernelEvent = Exec | Fork | Exit | Connect | Socket
 
 _BY_TYPE: dict[int, type[ctypes.Structure]] = {
     EventType.EXEC: ExecEvent,
     EventType.FORK: ForkEvent,
     EventType.EXIT: ExitEvent,
     EventType.CONNECT: ConnectEvent,
+    EventType.SOCKET: SocketEvent,
 }
 
 
@@ -285,6 +349,7 @@ _EXEC_TAIL = struct.Struct(f"<IIIHHHBB{FILENAME_LEN}s")
 _EXEC_FIXED = struct.Struct("<IIIHHHB")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
 _CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
+_SOCKET_TAIL = struct.Struct("<HHHBBiiII")
 _T0 = _HEADER.size
 _T1 = _T0 + _TASK.size
 _NAME = _T1 + _EXEC_TAIL.size - FILENAME_LEN  # offset of exec_event.filename
@@ -300,6 +365,7 @@ for _what, _got, _want in (
     ("fork_event", _T1 + _FORK_TAIL.size, ctypes.sizeof(ForkEvent)),
     ("exit_event", _T1, ctypes.sizeof(ExitEvent)),
     ("connect_event", _T1 + _CONNECT_TAIL.size, ctypes.sizeof(ConnectEvent)),
+    ("socket_event", _T1 + _SOCKET_TAIL.size, ctypes.sizeof(SocketEvent)),
 ):
     if _got != _want:  # pragma: no cover - a broken build, not bad input
         raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
@@ -313,7 +379,9 @@ IDENTITY_POLICY = struct.Struct("<II")  # flags, pad
 EGRESS_KEY = struct.Struct("<III16s")  # prefixlen, gen, identity, addr
 PORT_RULE = struct.Struct("<HHBBH")  # port_lo, port_hi, protocols, pad, rule
 EGRESS_RULES_HEAD = struct.Struct("<I")  # count, then MAX_PORT_RULES port rules
-EXEC_KEY = struct.Struct(f"<II{FILENAME_LEN}s")  # gen, identity, path
+EXEC_KEY = struct.Struct("<IIIIQ")  # gen, identity, dev (kernel dev_t), pad, ino
+EXEC_FILE = struct.Struct("<QII")  # ctime_sec, ctime_nsec, pad
+SOCKET_KEY = struct.Struct("<IIHHHH")  # gen, identity, family, type, protocol, pad
 
 for _what, _got, _want in (
     ("policy_key", POLICY_KEY.size, ctypes.sizeof(PolicyKey)),
@@ -326,6 +394,8 @@ for _what, _got, _want in (
         ctypes.sizeof(EgressRules),
     ),
     ("exec_key", EXEC_KEY.size, ctypes.sizeof(ExecKey)),
+    ("exec_file", EXEC_FILE.size, ctypes.sizeof(ExecFile)),
+    ("socket_key", SOCKET_KEY.size, ctypes.sizeof(SocketKey)),
 ):
     if _got != _want:  # pragma: no cover - a broken build, not bad input
         raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
@@ -337,6 +407,13 @@ def pack_egress_rules(rules: list[tuple[int, int, int, int]]) -> bytes:
         raise ValueError(f"more than {MAX_PORT_RULES} port rules under one prefix")
     body = b"".join(PORT_RULE.pack(lo, hi, proto, 0, rule) for lo, hi, proto, rule in rules)
     return EGRESS_RULES_HEAD.pack(len(rules)) + body.ljust(MAX_PORT_RULES * PORT_RULE.size, b"\0")
+
+
+def kernel_dev(st_dev: int) -> int:
+    """A stat() device number in the kernel's internal form (MAJOR << 20 | MINOR)."""
+    import os
+
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
 
 
 def _address(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -411,6 +488,23 @@ def decode(data: bytes) -> KernelEvent:
             bool(flags & EXEC_ARGS_TRUNCATED),
             bool(flags & EXEC_NO_ARGS),
             _enum(_VERDICTS, verdict, "verdict"),
+            flags,
+        )
+    if kind == EventType.SOCKET:
+        family, stype, protocol, hook, verdict, level, optname, gen, _pad = (
+            _SOCKET_TAIL.unpack_from(data, _T1)
+        )
+        return Socket(
+            ts_ns,
+            task,
+            family,
+            stype,
+            protocol,
+            _enum(_HOOKS, hook, "hook"),
+            _enum(_VERDICTS, verdict, "verdict"),
+            level,
+            optname,
+            gen,
         )
     family, protocol, hook, verdict, dport, _pad, daddr, rule, gen = _CONNECT_TAIL.unpack_from(
         data, _T1

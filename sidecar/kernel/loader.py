@@ -25,6 +25,7 @@ from typing import Any
 
 from sidecar.errors import KernelError
 from sidecar.kernel import abi, libbpf
+from sidecar.kernel.btf import kernel_offset_cflags
 
 _logger = logging.getLogger(__name__)
 
@@ -36,17 +37,59 @@ _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 TRACEPOINTS = (
     ("sched_process_exec", "tracepoint__sched__sched_process_exec", "sched", "sched_process_exec"),
     ("task_newtask", "tracepoint__task__task_newtask", "task", "task_newtask"),
-    ("sched_process_fork", "tracepoint__sched__sched_process_fork", "sched", "sched_process_fork"),
     ("sched_process_exit", "tracepoint__sched__sched_process_exit", "sched", "sched_process_exit"),
 )
-# (pin name, BCC function, attach type)
+# (pin name, BCC function, program type, attach type).  Attached at the
+# cgroup2 root: a socket's hooks run for the cgroup it was made in, and a
+# process with an identity is judged wherever it moves (bpf/connect.bpf.c).
 CGROUP_HOOKS = (
-    ("connect4", "sidecar_connect4", libbpf.ATTACH_CGROUP_INET4_CONNECT),
-    ("connect6", "sidecar_connect6", libbpf.ATTACH_CGROUP_INET6_CONNECT),
-    ("sendmsg4", "sidecar_sendmsg4", libbpf.ATTACH_CGROUP_UDP4_SENDMSG),
-    ("sendmsg6", "sidecar_sendmsg6", libbpf.ATTACH_CGROUP_UDP6_SENDMSG),
+    (
+        "connect4",
+        "sidecar_connect4",
+        libbpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+        libbpf.ATTACH_CGROUP_INET4_CONNECT,
+    ),
+    (
+        "connect6",
+        "sidecar_connect6",
+        libbpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+        libbpf.ATTACH_CGROUP_INET6_CONNECT,
+    ),
+    (
+        "sendmsg4",
+        "sidecar_sendmsg4",
+        libbpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+        libbpf.ATTACH_CGROUP_UDP4_SENDMSG,
+    ),
+    (
+        "sendmsg6",
+        "sidecar_sendmsg6",
+        libbpf.PROG_TYPE_CGROUP_SOCK_ADDR,
+        libbpf.ATTACH_CGROUP_UDP6_SENDMSG,
+    ),
+    (
+        "sock_create",
+        "sidecar_sock_create",
+        libbpf.PROG_TYPE_CGROUP_SOCK,
+        libbpf.ATTACH_CGROUP_INET_SOCK_CREATE,
+    ),
+    (
+        "setsockopt",
+        "sidecar_setsockopt",
+        libbpf.PROG_TYPE_CGROUP_SOCKOPT,
+        libbpf.ATTACH_CGROUP_SETSOCKOPT,
+    ),
 )
 BATCH = 8192  # map entries per batched update
+
+
+def has_group_dead(tracefs: Path) -> bool:
+    """Does sched_process_exit say when the last thread of a process ends (6.16+)?"""
+    fmt = tracefs / "events" / "sched" / "sched_process_exit" / "format"
+    try:
+        return "group_dead" in fmt.read_text()
+    except OSError:
+        return False
 
 
 def bpf_source_dir() -> Path:
@@ -73,9 +116,27 @@ class LoadOptions:
     procs_max: int = 65536
     ringbuf_pages: int = 256
     attest: bool = False
+    # Where the cgroup hooks attach: the cgroup2 root (found when None), so
+    # that enforcement follows an identity out of the scope.
+    hook_root: Path | None = None
+    # The directory under pin_dir for this build's pins (tests name another
+    # to stand in for an older build).
+    abi_dir: str = f"v{abi.ABI_VERSION}"
+
+    @property
+    def root(self) -> Path:
+        if self.hook_root is not None:
+            return self.hook_root
+        from sidecar.kernel.checks import cgroup2_root
+
+        return cgroup2_root()
 
     def validate(self) -> None:
-        for name, p in (("pin directory", self.pin_dir), ("scope cgroup", self.scope)):
+        for name, p in (
+            ("pin directory", self.pin_dir),
+            ("scope cgroup", self.scope),
+            ("cgroup2 root", self.root),
+        ):
             if not _SAFE_PATH.match(str(p)):
                 raise KernelError(
                     f"{name} '{p}' must be an absolute path of letters, digits, '.', '_', '-', '/'"
@@ -119,10 +180,15 @@ class KernelPrograms:
     def __init__(self, options: LoadOptions) -> None:
         options.validate()
         self.options = options
-        self.links_dir = options.pin_dir / "links"
+        # Pins live in a directory per ABI version: a build with another map
+        # layout never opens this one's maps (retire_other_versions).
+        self.pin_dir = options.pin_dir / options.abi_dir
+        self.links_dir = self.pin_dir / "links"
         self._bpf: Any = None
         self._link_fds: dict[str, int] = {}
         self._ring: libbpf.RingBuffer | None = None
+        self._scope_id = 0
+        self._scope_level = 0
         self.report = AttachReport()
 
     # -- loading -----------------------------------------------------------
@@ -138,16 +204,21 @@ class KernelPrograms:
     def load(self) -> None:
         """Compile and load the programs; create or re-open the pinned maps."""
         src = bpf_source_dir()
-        self.options.pin_dir.mkdir(parents=True, exist_ok=True)
-        self.links_dir.mkdir(exist_ok=True)
+        # Root only: whoever can open a pinned map can rewrite identities.
+        for d in (self.options.pin_dir, self.pin_dir, self.links_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
         cflags = [
             f"-I{src / 'include'}",
             f"-I{src}",
-            f'-DPIN_DIR="{self.options.pin_dir}"',
+            f'-DPIN_DIR="{self.pin_dir}"',
             f"-DPROCS_MAX={self.options.procs_max}",
             f"-DRINGBUF_PAGES={self.options.ringbuf_pages}",
+            *kernel_offset_cflags(),
             "-Wno-macro-redefined",
         ]
+        if has_group_dead(self.options.tracefs):
+            cflags.append("-DSIDECAR_HAVE_GROUP_DEAD=1")
         module = _make_module_class()
         started = time.monotonic()
         try:
@@ -163,8 +234,11 @@ class KernelPrograms:
         try:
             table = self._table("scope")
             table[table.Key(0)] = fd
+            self._scope_id = os.fstat(fd).st_ino
         finally:
             os.close(fd)
+        rel = self.options.scope.resolve().relative_to(self.options.root.resolve())
+        self._scope_level = len(rel.parts)
 
     def settings(self) -> tuple[int, int]:
         """(flags, policy generation) the kernel judges with now."""
@@ -177,14 +251,19 @@ class KernelPrograms:
 
         One map write, so the kernel never sees half of a change.
         """
-        table = self._table("settings")
         flags, gen = self.settings()
         if attest is not None:
             flags = flags | abi.SETTING_ATTEST if attest else flags & ~abi.SETTING_ATTEST
         if policy_gen is not None:
             flags |= abi.SETTING_POLICY
             gen = policy_gen
-        table[table.Key(0)] = table.Leaf(flags, gen, time.monotonic_ns())
+        self._write_settings(flags, gen)
+
+    def _write_settings(self, flags: int, gen: int) -> None:
+        table = self._table("settings")
+        table[table.Key(0)] = table.Leaf(
+            flags, gen, time.monotonic_ns(), self._scope_id, self._scope_level, 0
+        )
 
     def heartbeat(self) -> None:
         """Tell the kernel a daemon is alive to attest new images."""
@@ -221,6 +300,7 @@ class KernelPrograms:
             ("policies", abi.PolicyKey),
             ("egress", abi.EgressKey),
             ("exec_allow", abi.ExecKey),
+            ("socket_allow", abi.SocketKey),
         ):
             table = self._table(name)
             doomed = [k for k in table if key_t.from_buffer_copy(k).gen == gen]
@@ -232,9 +312,8 @@ class KernelPrograms:
 
     def clear_policy(self) -> None:
         """Stop judging: no policy loaded (programs observe only)."""
-        table = self._table("settings")
         flags, gen = self.settings()
-        table[table.Key(0)] = table.Leaf(flags & ~abi.SETTING_POLICY, gen, time.monotonic_ns())
+        self._write_settings(flags & ~abi.SETTING_POLICY, gen)
 
     def _table(self, name: str) -> Any:
         return self._bpf[name.encode()]
@@ -256,13 +335,13 @@ class KernelPrograms:
                 os.close(perf_fd)  # the link holds the perf event
             self._replace_pin(pin, link)
 
-        cg_fd = self._open_scope()
+        cg_fd = self._open_cgroup(self.options.root, "cgroup2 root")
         try:
-            scope_id = os.fstat(cg_fd).st_ino
-            for pin, fn_name, attach_type in CGROUP_HOOKS:
-                fn = self._load_func(fn_name, BPF.CGROUP_SOCK_ADDR, attach_type)
+            root_id = os.fstat(cg_fd).st_ino
+            for pin, fn_name, prog_type, attach_type in CGROUP_HOOKS:
+                fn = self._load_func(fn_name, prog_type, attach_type)
                 old = libbpf.obj_get(self.links_dir / pin)
-                if old is not None and libbpf.link_cgroup_id(old) == scope_id:
+                if old is not None and libbpf.link_cgroup_id(old) == root_id:
                     # Same cgroup: swap the program atomically, no gap.
                     libbpf.link_update(old, fn.fd)
                     self._link_fds[pin] = old
@@ -290,13 +369,48 @@ class KernelPrograms:
                 path.unlink()  # the link's last reference: its program detaches
                 self.report.retired.append(path.name)
 
+    def retire_other_versions(self) -> list[str]:
+        """Detach and remove what builds of another ABI version left pinned.
+
+        Called once this build's programs are attached, its policy is loaded
+        and running processes are attested again: until then the old programs
+        keep judging from their own maps, so an upgrade has no moment with
+        nothing in force (for a while both judge, each from its own maps).
+        """
+        retired: list[str] = []
+        root = self.options.pin_dir
+        legacy = root / "links"  # ABI 1 pinned straight under the root
+        others = [legacy.parent] if legacy.is_dir() else []
+        others += [
+            d
+            for d in sorted(root.iterdir())
+            if d.is_dir() and d.name != self.options.abi_dir and re.fullmatch(r"v\d+", d.name)
+        ]
+        for old in others:
+            links = old / "links"
+            for link in sorted(links.iterdir()) if links.is_dir() else []:
+                link.unlink()  # its program detaches
+                retired.append(str(link))
+            for entry in sorted(old.iterdir()):
+                if entry.is_file():
+                    entry.unlink()
+            if links.is_dir():
+                links.rmdir()
+            if old != root:
+                shutil.rmtree(old, ignore_errors=True)
+        if retired:
+            _logger.info("retired %d links of another build: %s", len(retired), ", ".join(retired))
+        return retired
+
     def _open_scope(self) -> int:
+        return self._open_cgroup(self.options.scope, "scope cgroup")
+
+    @staticmethod
+    def _open_cgroup(path: Path, what: str) -> int:
         try:
-            return os.open(self.options.scope, os.O_RDONLY | os.O_DIRECTORY)
+            return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
-            raise KernelError(
-                f"scope cgroup {self.options.scope} cannot be opened: {exc.strerror}"
-            ) from exc
+            raise KernelError(f"{what} {path} cannot be opened: {exc.strerror}") from exc
 
     def _load_func(self, name: str, prog_type: int, attach_type: int = -1) -> Any:
         try:

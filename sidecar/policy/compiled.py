@@ -64,6 +64,8 @@ class CompiledIdentity:
     prefixes: tuple[PrefixEntry, ...]  # sorted by (address, prefix_len)
     rule_names: tuple[str, ...]  # sorted, so rule indexes do not depend on YAML order
     exec_paths: frozenset[str] | None  # None = unrestricted
+    # (family, type, protocol) of each socket kind other than TCP/UDP it may create
+    sockets: frozenset[tuple[int, int, int]] = frozenset()
 
     @cached_property
     def _lpm_index(self) -> tuple[tuple[int, int, dict[int, PrefixEntry]], ...]:
@@ -146,7 +148,12 @@ def _compile_identity(spec: PolicySpec, ident: IdentitySpec) -> CompiledIdentity
             )
         entries.append(PrefixEntry(cidr.packed(), cidr.length, flat))
     return CompiledIdentity(
-        ident.spiffe_id, ident.mode, tuple(entries), rule_names, ident.exec_paths
+        ident.spiffe_id,
+        ident.mode,
+        tuple(entries),
+        rule_names,
+        ident.exec_paths,
+        ident.sockets,
     )
 
 
@@ -160,11 +167,10 @@ def policy_version(
         ci = identities[spiffe_id]
         exec_part = None if ci.exec_paths is None else sorted(ci.exec_paths)
         h.update(b"\n")
-        h.update(
-            json.dumps(
-                [spiffe_id, ci.mode, list(ci.rule_names), exec_part, len(ci.prefixes)]
-            ).encode()
-        )
+        head: list[object] = [spiffe_id, ci.mode, list(ci.rule_names), exec_part, len(ci.prefixes)]
+        if ci.sockets:  # only when listed: versions of policies without it stay as they were
+            head.append(sorted(ci.sockets))
+        h.update(json.dumps(head).encode())
         for e in ci.prefixes:
             h.update(e.address)
             h.update(bytes((e.prefix_len, len(e.rules))))

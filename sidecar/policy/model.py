@@ -42,6 +42,23 @@ MAX_RULES_PER_IDENTITY = 65_535  # rule indexes are 16-bit in the kernel maps
 MAX_EXEC_PER_IDENTITY = 10_000
 MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
+# Socket kinds an identity may create besides TCP and UDP over IPv4/IPv6
+# (which its egress rules judge at connect): "family/type/protocol".
+SOCKET_FAMILIES = {"inet": 2, "inet6": 10}
+SOCKET_TYPES = {"stream": 1, "dgram": 2, "raw": 3, "seqpacket": 5}
+SOCKET_PROTOCOLS = {
+    "icmp": 1,
+    "tcp": 6,
+    "udp": 17,
+    "icmpv6": 58,
+    "sctp": 132,
+    "udplite": 136,
+    "raw": 255,
+    "mptcp": 262,
+}
+MAX_SOCKETS_PER_IDENTITY = 64
+SocketKind = tuple[int, int, int]  # family, type, protocol
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]-]{0,63}$")
 
 PortRange = tuple[int, int]
@@ -71,6 +88,7 @@ class IdentitySpec:
     exec_paths: frozenset[str] | None  # None: unrestricted
     line: int
     path: Path_
+    sockets: frozenset[SocketKind] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -184,9 +202,61 @@ def _parse_identity(doc: Document, path: Path_, raw: Any, budget: _CidrBudget) -
         names[rule.name] = j
         egress.append(rule)
     exec_paths = _parse_exec(doc, f.at("exec"), f.optional("exec", list, None))
+    sockets = _parse_sockets(doc, f.at("sockets"), f.optional("sockets", list, []))
     f.done()
     _check_overlaps(doc, egress)
-    return IdentitySpec(str(sid), mode, tuple(egress), exec_paths, doc.line(path), path)
+    return IdentitySpec(str(sid), mode, tuple(egress), exec_paths, doc.line(path), path, sockets)
+
+
+def parse_socket_kind(text: str) -> SocketKind:
+    """'inet/raw/icmp' -> (AF_INET, SOCK_RAW, IPPROTO_ICMP); numbers are taken too."""
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"'{text}' must be family/type/protocol, for example inet/raw/icmp")
+    family, stype, proto = (p.strip().lower() for p in parts)
+    if family not in SOCKET_FAMILIES:
+        raise ValueError(f"family '{family}' must be one of {', '.join(SOCKET_FAMILIES)}")
+    if stype not in SOCKET_TYPES:
+        raise ValueError(f"type '{stype}' must be one of {', '.join(SOCKET_TYPES)}")
+    if proto.isdigit() and int(proto) <= 65535:
+        number = int(proto)
+    elif proto in SOCKET_PROTOCOLS:
+        number = SOCKET_PROTOCOLS[proto]
+    else:
+        raise ValueError(
+            f"protocol '{proto}' must be a number 0-65535 or one of {', '.join(SOCKET_PROTOCOLS)}"
+        )
+    kind = (SOCKET_FAMILIES[family], SOCKET_TYPES[stype], number)
+    if kind[1:] in ((1, 6), (2, 17)):
+        raise ValueError(
+            f"'{text}' is TCP or UDP, which every identity may create: its egress rules judge it"
+        )
+    return kind
+
+
+def format_socket_kind(kind: SocketKind) -> str:
+    family, stype, proto = kind
+    names = {v: k for k, v in SOCKET_PROTOCOLS.items()}
+    f = next((k for k, v in SOCKET_FAMILIES.items() if v == family), str(family))
+    t = next((k for k, v in SOCKET_TYPES.items() if v == stype), str(stype))
+    return f"{f}/{t}/{names.get(proto, str(proto))}"
+
+
+def _parse_sockets(doc: Document, path: Path_, raw: list[Any]) -> frozenset[SocketKind]:
+    if len(raw) > MAX_SOCKETS_PER_IDENTITY:
+        raise doc.error(path, f"{len(raw)} socket kinds, more than {MAX_SOCKETS_PER_IDENTITY}")
+    out: set[SocketKind] = set()
+    for k, item in enumerate(raw):
+        item_path = (*path, k)
+        check_type(doc, item_path, item, str)
+        try:
+            kind = parse_socket_kind(item)
+        except ValueError as exc:
+            raise doc.error(item_path, str(exc)) from exc
+        if kind in out:
+            raise doc.error(item_path, f"'{item}' is listed twice")
+        out.add(kind)
+    return frozenset(out)
 
 
 def _parse_rule(

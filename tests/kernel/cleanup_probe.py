@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import InProcessDaemon, spawn
+from conftest import InProcessDaemon, attached_program_ids, hook_program_ids, spawn
+
+from sidecar.kernel.checks import cgroup2_root
 
 
 def test_fails_with_a_daemon_attached_and_a_process_left_running(
@@ -13,5 +15,9 @@ def test_fails_with_a_daemon_attached_and_a_process_left_running(
 ) -> None:
     spawn(scratch_cgroup, ["/bin/sleep", "60"])
     (scratch_cgroup / "nested").mkdir()
-    Path(os.environ["SIDECAR_PROBE_RECORD"]).write_text(f"{scratch_cgroup}\n{pin_dir}\n")
+    ids = hook_program_ids(pin_dir)
+    assert ids <= set(attached_program_ids(cgroup2_root()))
+    Path(os.environ["SIDECAR_PROBE_RECORD"]).write_text(
+        f"{scratch_cgroup}\n{pin_dir}\n" + "\n".join(map(str, sorted(ids))) + "\n"
+    )
     raise AssertionError("failing on purpose")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,31 @@ def spawn(
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` inside ``cgroup`` (optionally as ``uid``), from its first instruction."""
     return start_in(cgroup, argv, uid=uid, **kw)
+
+
+def bpftool_json(*args: str) -> Any:
+    """bpftool's JSON answer; bpftool is installed by ``make setup``, so its absence fails."""
+    if shutil.which("bpftool") is None:
+        pytest.fail("bpftool is missing: make setup installs it")
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def hook_program_ids(pin_dir: Path) -> set[int]:
+    """Ids of the programs behind the cgroup links pinned under ``pin_dir``."""
+    from sidecar.kernel import abi
+
+    ids: set[int] = set()
+    for link in sorted((pin_dir / f"v{abi.ABI_VERSION}" / "links").iterdir()):
+        info = bpftool_json("link", "show", "pinned", str(link))
+        if info and info.get("type") == "cgroup":
+            ids.add(int(info["prog_id"]))
+    return ids
+
+
+def attached_program_ids(cgroup: Path) -> list[int]:
+    """Ids of every program attached directly at ``cgroup`` (one per attachment)."""
+    return [int(a["id"]) for a in bpftool_json("cgroup", "show", str(cgroup)) or []]
 
 
 def write_entries_file(tmp: Path, entries: str) -> Path:

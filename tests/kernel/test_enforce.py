@@ -343,9 +343,10 @@ def test_a_restart_unpins_links_of_hooks_this_build_no_longer_has(
     programs: object, scratch_cgroup: Path, pin_dir: Path
 ) -> None:
     from sidecar.kernel import libbpf
-    from sidecar.kernel.loader import KernelPrograms, LoadOptions
+    from sidecar.kernel.loader import CGROUP_HOOKS, TRACEPOINTS, KernelPrograms, LoadOptions
 
-    links = pin_dir / "links"
+    links = programs.links_dir  # type: ignore[attr-defined]
+    assert links == pin_dir / f"v{abi.ABI_VERSION}" / "links"
     # What an older build would leave: a pinned link under a name this build
     # does not use (here a second pin of a live link, so it is a real link).
     fd = libbpf.obj_get(links / "connect4")
@@ -362,10 +363,56 @@ def test_a_restart_unpins_links_of_hooks_this_build_no_longer_has(
         report = again.attach()
         assert report.retired == ["retired_hook"]
         assert not (links / "retired_hook").exists()
-        current = {
-            *("connect4", "connect6", "sendmsg4", "sendmsg6"),
-            *("sched_process_exec", "task_newtask", "sched_process_fork", "sched_process_exit"),
-        }
+        current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
+        assert len(current) == 9
         assert {p.name for p in links.iterdir()} == current
     finally:
         again.close(detach=False)
+
+
+def test_an_upgrade_across_abi_versions_never_reads_old_maps_and_leaves_no_gap(
+    scratch_cgroup: Path, pin_dir: Path
+) -> None:
+    """A build of another map layout pins elsewhere; the new one retires it once in force."""
+    from sidecar.kernel.loader import KernelPrograms, LoadOptions
+
+    tracefs = find_mount("tracefs")
+    assert tracefs is not None
+    text = policy(
+        f"""identities:
+  - id: {AGENT}
+    egress: []
+"""
+    )
+    # The "old" build: pinned under v1, holding the agent's identity in its maps.
+    old = KernelPrograms(
+        LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs, abi_dir="v1")
+    )
+    old.load()
+    old.attach()
+    new = None
+    p = Probe(scratch_cgroup)
+    try:
+        load(old, text)
+        old.set_identity(p.pid, identity_number(AGENT))
+        port = free_port_pair()
+        assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM
+        old.close(detach=False)  # the old daemon is gone; its programs judge on
+        new = KernelPrograms(LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs))
+        new.load()
+        new.attach()
+        assert new.proc_state(p.pid) is None  # fresh maps: nothing read from the old layout
+        assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM  # the old still holds it
+        load(new, text)
+        new.set_identity(p.pid, identity_number(AGENT))  # attested again (rebuild_from_proc)
+        retired = new.retire_other_versions()
+        assert len(retired) == 9 and not (pin_dir / "v1").exists()
+        assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM  # now held by the new build
+        new.set_identity(p.pid, 0)
+        assert p.ask(f"udp 4 127.0.0.1 {port}") == 0  # control: nothing old is left judging
+    finally:
+        p.close()
+        if new is not None:
+            new.close(detach=True)
+        else:
+            old.close(detach=True)

@@ -37,15 +37,13 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_SETTING_ATTEST",
         "SIDECAR_EXEC_ARGS_TRUNCATED",
         "SIDECAR_EXEC_NO_ARGS",
-        "SIDECAR_EVENT_EXEC",
-        "SIDECAR_EVENT_FORK",
-        "SIDECAR_EVENT_EXIT",
-        "SIDECAR_EVENT_CONNECT",
+        "SIDECAR_EXEC_FILE_CHANGED",
+        "SIDECAR_EXEC_FILE_UNKNOWN",
+        *(f"SIDECAR_EVENT_{t.name}" for t in abi.EventType),
+        *(f"SIDECAR_HOOK_{h.name}" for h in abi.Hook),
         "SIDECAR_VERDICT_ALLOW",
         "SIDECAR_VERDICT_DENY",
         "SIDECAR_VERDICT_WOULD_DENY",
-        "SIDECAR_HOOK_CONNECT4",
-        "SIDECAR_HOOK_SENDMSG6",
         "SIDECAR_SETTING_POLICY",
         "SIDECAR_POLICY_ENFORCE",
         "SIDECAR_POLICY_EGRESS_ANY",
@@ -98,8 +96,10 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
         assert c_layout[f"SIDECAR_EVENT_{t.name}"] == t.value
     for v in abi.Verdict:
         assert c_layout[f"SIDECAR_VERDICT_{v.name}"] == v.value
-    assert c_layout["SIDECAR_HOOK_CONNECT4"] == abi.Hook.CONNECT4
-    assert c_layout["SIDECAR_HOOK_SENDMSG6"] == abi.Hook.SENDMSG6
+    for h in abi.Hook:
+        assert c_layout[f"SIDECAR_HOOK_{h.name}"] == h.value
+    assert c_layout["SIDECAR_EXEC_FILE_CHANGED"] == abi.EXEC_FILE_CHANGED
+    assert c_layout["SIDECAR_EXEC_FILE_UNKNOWN"] == abi.EXEC_FILE_UNKNOWN
     assert c_layout["SIDECAR_SETTING_POLICY"] == abi.SETTING_POLICY
     assert c_layout["SIDECAR_POLICY_ENFORCE"] == abi.POLICY_ENFORCE
     assert c_layout["SIDECAR_POLICY_EGRESS_ANY"] == abi.POLICY_EGRESS_ANY

@@ -65,10 +65,51 @@ def test_a_pending_child_of_a_parent_never_attested_has_no_identity() -> None:
     kernel.procs[201] = (abi.IDENTITY_PENDING, 200)  # parent 200 gone, never settled
     d._attest_into_kernel(201, 200, None, abi.IDENTITY_PENDING)
     assert kernel.procs[201][0] == abi.IDENTITY_NONE
+
+
+def test_a_pending_child_of_a_pending_parent_waits_for_the_parent_answer() -> None:
+    d, kernel = make_daemon({300: AGENT})
     kernel.procs[300] = (abi.IDENTITY_PENDING, 1)  # parent still pending
     kernel.procs[301] = (abi.IDENTITY_PENDING, 300)
+    kernel.procs[302] = (abi.IDENTITY_PENDING, 301)  # and a grandchild
     d._attest_into_kernel(301, 300, None, abi.IDENTITY_PENDING)
-    assert kernel.procs[301][0] == abi.IDENTITY_NONE
+    d._attest_into_kernel(302, 301, None, abi.IDENTITY_PENDING)
+    assert kernel.procs[301][0] == abi.IDENTITY_PENDING  # not unidentified meanwhile
+    d._attest_into_kernel(300, 1, None, abi.IDENTITY_PENDING)
+    agent = d.numbers.number(AGENT)
+    assert [kernel.procs[p][0] for p in (300, 301, 302)] == [agent, agent, agent]
+
+
+def test_a_fork_settle_never_overwrites_a_child_attested_since() -> None:
+    """The launcher race: the child is attested as itself before the fork record is settled."""
+    d, kernel = make_daemon({400: AGENT, 401: "spiffe://example.org/tool/other"})
+    kernel.procs[400] = (abi.IDENTITY_PENDING, 1)
+    kernel.procs[401] = (abi.IDENTITY_PENDING, 400)
+    d._attest_into_kernel(401, 400, None, abi.IDENTITY_PENDING)  # child matched first
+    child = kernel.procs[401][0]
+    d._settle_forked(401, 400)  # parent still pending: the child would wait
+    d._attest_into_kernel(400, 1, None, abi.IDENTITY_PENDING)  # now the parent settles
+    assert kernel.procs[401][0] == child  # its own answer stays
+    assert kernel.procs[400][0] == d.numbers.number(AGENT)
+
+
+def test_records_settle_in_kernel_order_within_a_batch() -> None:
+    d, kernel = make_daemon({500: AGENT})
+    kernel.procs[500] = (abi.IDENTITY_PENDING, 1)
+    kernel.procs[501] = (abi.IDENTITY_PENDING, 500)
+
+    def task(pid: int, identity: int, ppid: int = 0) -> abi.Task:
+        return abi.Task(pid, pid, ppid, 0, 0, identity, 0, "x")
+
+    exec_ = abi.Exec(
+        1, task(500, abi.IDENTITY_PENDING, 1), 0, "/a", (), False, False, abi.Verdict.ALLOW
+    )
+    fork = abi.Fork(2, task(500, abi.IDENTITY_PENDING, 1), 501)
+    d.attestor.entries = SimpleNamespace(needs_parent=False)
+    out = d._attest_batch([exec_, fork])
+    agent = d.numbers.number(AGENT)
+    assert out[0] is not None and out[0].number == agent and out[1] is None
+    assert kernel.procs[501][0] == agent
 
 
 def test_the_kernel_map_wins_over_a_remembered_answer_for_a_reused_pid() -> None:

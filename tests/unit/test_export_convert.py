@@ -115,6 +115,40 @@ def test_fork_exit_and_connect() -> None:
     assert (c.address, c.port, c.verdict, c.rule) == ("2001:db8::1", 53, pb.VERDICT_DENY, "default")
 
 
+def test_socket_events_of_both_operations() -> None:
+    made = to_proto(
+        base(
+            "socket",
+            family="inet",
+            operation="create",
+            socket="inet/raw/icmp",
+            verdict="deny",
+            rule="default",
+        )
+    )
+    assert made is not None and made.WhichOneof("body") == "socket"
+    k = made.socket
+    assert (k.pid, k.operation, k.kind, k.verdict, k.rule) == (
+        4242,
+        "create",
+        "inet/raw/icmp",
+        pb.VERDICT_DENY,
+        "default",
+    )
+    opt = to_proto(
+        base(
+            "socket",
+            family="inet",
+            operation="setsockopt",
+            option="IP_OPTIONS",
+            verdict="would_deny",
+            rule="source-route",
+        )
+    )
+    assert opt is not None
+    assert (opt.socket.kind, opt.socket.verdict) == ("IP_OPTIONS", pb.VERDICT_WOULD_DENY)
+
+
 def test_credential_policy_and_loss_events() -> None:
     issued = to_proto(
         {

@@ -235,6 +235,46 @@ class Connect(_message.Message):
 Global___Connect: _TypeAlias = Connect  # noqa: Y015
 
 @_typing.final
+class Socket(_message.Message):
+    """A socket judged when it was made (any kind other than TCP or UDP over
+    IPv4/IPv6, which Connect reports), or a socket option refused.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PID_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    pid: _builtins.int
+    operation: _builtins.str
+    """"create" (socket()) or "setsockopt"."""
+    kind: _builtins.str
+    """For create: family/type/protocol, as a policy's `sockets` list spells it
+    (inet/raw/icmp).  For setsockopt: the option (IP_OPTIONS, IPV6_RTHDR).
+    """
+    verdict: Global___Verdict.ValueType
+    rule: _builtins.str
+    """"default" (not listed), "sockets" (listed) or "source-route"."""
+    def __init__(
+        self,
+        *,
+        pid: _builtins.int = ...,
+        operation: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        verdict: Global___Verdict.ValueType = ...,
+        rule: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "operation", b"operation", "pid", b"pid", "rule", b"rule", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Socket: _TypeAlias = Socket  # noqa: Y015
+
+@_typing.final
 class CredentialIssued(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -465,6 +505,7 @@ class Event(_message.Message):
     LOST_FIELD_NUMBER: _builtins.int
     INTEGRITY_FIELD_NUMBER: _builtins.int
     POLICY_REJECTED_FIELD_NUMBER: _builtins.int
+    SOCKET_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     """Host name as in its host SVID (spiffe://<td>/host/<name>)."""
     boot_id: _builtins.str
@@ -503,6 +544,8 @@ class Event(_message.Message):
     def integrity(self) -> Global___IntegrityAlert: ...
     @_builtins.property
     def policy_rejected(self) -> Global___PolicyRejected: ...
+    @_builtins.property
+    def socket(self) -> Global___Socket: ...
     def __init__(
         self,
         *,
@@ -524,12 +567,13 @@ class Event(_message.Message):
         lost: Global___LostEvents | None = ...,
         integrity: Global___IntegrityAlert | None = ...,
         policy_rejected: Global___PolicyRejected | None = ...,
+        socket: Global___Socket | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "process", b"process"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "process", b"process", "socket", b"socket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "socket", b"socket", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity", "policy_rejected"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity", "policy_rejected", "socket"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

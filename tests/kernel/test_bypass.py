@@ -1,0 +1,787 @@
+"""Attacks on enforcement, each with a positive control (docs/threat-model.md).
+
+Every attempt here runs against the kernel programs alone, with no daemon
+process at all, so each refusal also holds while the daemon is down.  The
+agent is a process in the scratch cgroup whose pid the test writes into the
+kernel's identity map; what it does after that (threads, forks, new
+namespaces, a move to another cgroup, sockets handed in from outside) must
+not shed the identity, and what it runs is judged by the file that runs.
+
+Controls: for each refusal, the same step done the allowed way succeeds, so
+no test passes because something unrelated failed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port_pair, spawn
+
+from sidecar.cgroups import remove_tree
+from sidecar.enforce import Enforcer, IdentityNumbers, identity_number
+from sidecar.kernel.checks import cgroup2_root, find_mount
+from sidecar.policy import load_policy_text
+
+AGENT = "spiffe://example.org/agent/attacker"
+RAW_OK = "spiffe://example.org/agent/pinger"  # the same agent, with other socket kinds listed
+AUDITED = "spiffe://example.org/agent/audited"
+NOBODY = 65534
+PYTHON = os.path.realpath(sys.executable)
+KILLED = -signal.SIGKILL
+
+# The agent: runs the Python it is sent (one JSON string a line) and answers
+# with the JSON of `result`, or {"oserror": errno}.
+AGENT_PY = r"""
+import ctypes, errno, json, os, socket, subprocess, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x10000000, 0x40000000
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+
+def check(rc):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+def in_child(fn):
+    # Run fn in a forked child; its return value is the exit code, a signal is -N.
+    pid = os.fork()
+    if pid == 0:
+        try:
+            code = fn()
+        except OSError as e:
+            code = 100 + (e.errno or 0)
+        except BaseException:
+            code = 99
+        os._exit(code or 0)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+def make(fam, typ, proto=0):
+    try:
+        socket.socket(fam, typ, proto).close()
+        return 0
+    except OSError as e:
+        return e.errno
+
+def send(host, port, fam=socket.AF_INET, sock=None):
+    s = sock or socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"x", (host, port))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        if sock is None:
+            s.close()
+
+def tcp(host, port, fam=socket.AF_INET):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+
+def run(argv):
+    return subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+
+ns = dict(globals())
+for line in sys.stdin:
+    ns["result"] = None
+    try:
+        exec(json.loads(line), ns)
+        out = ns["result"]
+    except OSError as e:
+        out = {"oserror": e.errno}
+    print(json.dumps(out), flush=True)
+"""
+
+HELPERS_C = {
+    # The leader thread leaves with pthread_exit; another thread lives on and connects.
+    "leaderexit": r"""
+#include <arpa/inet.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+static int port_ok, port_bad;
+static int send_to(int port) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    int r = sendto(s, "x", 1, 0, (struct sockaddr *)&a, sizeof(a)) < 0 ? errno : 0;
+    close(s);
+    return r;
+}
+static void *worker(void *arg) {
+    (void)arg;
+    usleep(300000); /* the leader is a zombie by now */
+    printf("%d %d\n", send_to(port_ok), send_to(port_bad));
+    fflush(stdout);
+    usleep(atoi(getenv("HOLD_MS") ? getenv("HOLD_MS") : "0") * 1000);
+    exit(0);
+}
+int main(int argc, char **argv) {
+    pthread_t t;
+    port_ok = atoi(argv[1]);
+    port_bad = atoi(argv[2]);
+    pthread_create(&t, NULL, worker, NULL);
+    pthread_exit(NULL);
+}
+""",
+    # A thread other than the leader calls execv.
+    "threadexec": r"""
+#include <pthread.h>
+#include <unistd.h>
+static char **args;
+static void *worker(void *arg) { (void)arg; execv(args[0], args); return NULL; }
+int main(int argc, char **argv) {
+    pthread_t t;
+    (void)argc;
+    args = argv + 1;
+    pthread_create(&t, NULL, worker, NULL);
+    pthread_join(t, NULL);
+    return 3;
+}
+""",
+}
+STATIC_C = {"static-ok": "int main(void){return 0;}", "static-bad": "int main(void){return 42;}"}
+
+
+def open_dir(prefix: str) -> Path:
+    """A directory every user can reach (pytest's own sit under a root-only one)."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    d.chmod(0o777)
+    return d
+
+
+@pytest.fixture(scope="module")
+def bins() -> Iterator[dict[str, Path]]:
+    d = open_dir("sidecar-bins-")
+    try:
+        yield _build(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _build(d: Path) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for name, src in HELPERS_C.items():
+        (d / f"{name}.c").write_text(src)
+        subprocess.run(
+            ["cc", "-O2", "-pthread", "-o", str(d / name), str(d / f"{name}.c")], check=True
+        )
+        out[name] = d / name
+    for name, src in STATIC_C.items():
+        (d / f"{name}.c").write_text(src)
+        subprocess.run(["cc", "-static", "-o", str(d / name), str(d / f"{name}.c")], check=True)
+        out[name] = d / name
+    return out
+
+
+class Agent:
+    """A process that holds an identity and attacks on request."""
+
+    def __init__(self, cgroup: Path, uid: int | None = None) -> None:
+        self.proc = spawn(
+            cgroup,
+            [sys.executable, "-c", AGENT_PY],
+            uid=uid,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+
+    def do(self, code: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the agent died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class Rig:
+    """Kernel programs, a loaded policy, and a way to make agents."""
+
+    def __init__(self, programs: Any, cgroup: Path, work: Path, bins: dict[str, Path]) -> None:
+        self.programs = programs
+        self.cgroup = cgroup
+        self.work = work
+        self.bins = bins
+        self.ok = free_port_pair()
+        self.bad = self.ok + 1
+        self.tool = work / "tool"  # an allowed executable the tests tamper with
+        shutil.copy2("/usr/bin/true", self.tool)
+        self.forbidden = work / "forbidden"
+        shutil.copy2("/usr/bin/id", self.forbidden)
+        self.agents: list[Agent] = []
+        self.enforcer = Enforcer(programs, IdentityNumbers())
+
+    def load(self, extra_exec: tuple[str, ...] = ()) -> None:
+        allowed = [
+            PYTHON,
+            "/usr/bin/true",
+            str(self.tool),
+            *(str(p) for p in self.bins.values() if p.name != "static-bad"),
+            *extra_exec,
+        ]
+        egress = f"""    egress:
+      - name: ok
+        cidrs: [127.0.0.1/32, "::1/128"]
+        ports: [{self.ok}]
+        protocols: [tcp, udp]
+"""
+        text = f"""apiVersion: sidecar/v1
+kind: Policy
+identities:
+  - id: {AGENT}
+    mode: enforce
+{egress}    exec: [{", ".join(allowed)}]
+  - id: {RAW_OK}
+    mode: enforce
+{egress}    sockets: [inet/raw/icmp, inet/raw/raw, inet6/raw/icmpv6, inet/dgram/udplite,
+              inet/dgram/icmp]
+  - id: {AUDITED}
+    mode: audit
+{egress}    exec: [{PYTHON}]
+"""
+        self.enforcer.load(load_policy_text(text, "bypass-policy.yaml"))
+
+    def agent(self, identity: str = AGENT, uid: int | None = None) -> Agent:
+        a = Agent(self.cgroup, uid)
+        self.programs.set_identity(a.pid, identity_number(identity))
+        self.agents.append(a)
+        return a
+
+    def close(self) -> None:
+        for a in self.agents:
+            a.close()
+
+
+@pytest.fixture
+def rig(scratch_cgroup: Path, pin_dir: Path, bins: dict[str, Path]) -> Iterator[Rig]:
+    from sidecar.kernel.loader import KernelPrograms, LoadOptions
+
+    tracefs = find_mount("tracefs")
+    assert tracefs is not None
+    work = open_dir("sidecar-bypass-")  # the unprivileged agent writes here too
+    k = KernelPrograms(LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs))
+    try:
+        k.load()
+        k.attach()
+        r = Rig(k, scratch_cgroup, work, bins)
+        try:
+            r.load()
+            yield r
+        finally:
+            r.close()
+    finally:
+        k.close(detach=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture
+def outside() -> Iterator[Path]:
+    """A cgroup outside the scope, that the test made (root-owned, removed after)."""
+    cg = cgroup2_root() / f"sidecar-test-out-{uuid.uuid4().hex[:8]}"
+    cg.mkdir()
+    try:
+        yield cg
+    finally:
+        remove_tree(cg)
+
+
+# -- identity lifetime ------------------------------------------------------------------
+
+
+def test_the_identity_outlives_a_leader_thread_that_exits_first(rig: Rig) -> None:
+    a = rig.agent()
+    # The leader calls pthread_exit; the surviving thread is judged as the agent.
+    out = a.do(
+        f"""
+        p = subprocess.run([{str(rig.bins["leaderexit"])!r}, "{rig.ok}", "{rig.bad}"],
+                           capture_output=True, text=True)
+        result = p.stdout.split()
+        """
+    )
+    assert out == ["0", str(errno.EPERM)]
+
+
+def test_the_identity_ends_when_the_last_thread_does(rig: Rig) -> None:
+    proc = spawn(
+        rig.cgroup,
+        [str(rig.bins["leaderexit"]), str(rig.ok), str(rig.bad)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOLD_MS": "1500"},
+    )
+    rig.programs.set_identity(proc.pid, identity_number(AGENT))
+    assert proc.stdout is not None
+    assert proc.stdout.readline().split() == ["0", str(errno.EPERM)]
+    # The leader is gone, the process is not: the kernel still holds its identity.
+    assert rig.programs.proc_state(proc.pid) is not None
+    assert rig.programs.proc_state(proc.pid)[0] == identity_number(AGENT)
+    assert proc.wait(10) == 0
+    assert rig.programs.proc_state(proc.pid) is None  # removed with the last thread
+
+
+def test_exec_from_a_thread_other_than_the_leader_is_judged(rig: Rig) -> None:
+    a = rig.agent()
+    te = str(rig.bins["threadexec"])
+    assert a.do(f"result = run([{te!r}, '/usr/bin/true'])") == 0  # control
+    assert a.do(f"result = run([{te!r}, {str(rig.forbidden)!r}])") == KILLED
+
+
+def test_a_thread_of_the_agent_is_judged_as_the_agent(rig: Rig) -> None:
+    a = rig.agent()
+    out = a.do(
+        f"""
+        box = []
+        t = threading.Thread(target=lambda: box.extend([send("127.0.0.1", {rig.ok}),
+                                                         send("127.0.0.1", {rig.bad})]))
+        t.start(); t.join()
+        result = box
+        """
+    )
+    assert out == [0, errno.EPERM]
+
+
+def test_children_and_grandchildren_carry_the_identity(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do(f"result = in_child(lambda: send('127.0.0.1', {rig.ok}))") == 0
+    assert a.do(f"result = in_child(lambda: send('127.0.0.1', {rig.bad}))") == errno.EPERM
+    assert (
+        a.do(f"result = in_child(lambda: in_child(lambda: send('127.0.0.1', {rig.bad})))")
+        == errno.EPERM
+    )
+    # vfork-style spawning (posix_spawn, subprocess) too
+    code = f"import socket; socket.socket(2, 2).sendto(b'x', ('127.0.0.1', {rig.bad}))"
+    assert a.do(f"result = run([{PYTHON!r}, '-c', {code!r}])") == 1
+
+
+def test_a_new_session_and_process_group_keep_the_identity(rig: Rig) -> None:
+    a = rig.agent()
+    assert (
+        a.do(f"result = in_child(lambda: (os.setsid(), send('127.0.0.1', {rig.bad}))[1])")
+        == errno.EPERM
+    )
+
+
+# -- exec judged by the file ------------------------------------------------------------
+
+
+def test_a_forbidden_file_is_killed_before_it_runs_and_an_allowed_one_runs(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+    assert a.do("result = run(['/usr/bin/true'])") == 0
+    assert a.do(f"result = run([{str(rig.forbidden)!r}])") == KILLED
+    assert a.do("result = run(['/usr/bin/id'])") == KILLED
+
+
+def test_a_symlink_to_a_forbidden_file_is_killed_and_one_to_an_allowed_file_runs(
+    rig: Rig,
+) -> None:
+    good, bad = rig.work / "link-good", rig.work / "link-bad"
+    good.symlink_to(rig.tool)
+    bad.symlink_to(rig.forbidden)
+    a = rig.agent()
+    assert a.do(f"result = run([{str(good)!r}])") == 0
+    assert a.do(f"result = run([{str(bad)!r}])") == KILLED
+
+
+def test_a_file_renamed_over_an_allowed_path_is_killed(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0  # control: the allowed file
+    swap = rig.work / "swap"
+    shutil.copy2(rig.forbidden, swap)
+    os.replace(swap, rig.tool)
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == KILLED
+
+
+def test_an_allowed_file_overwritten_in_place_is_killed_until_reload(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+    ino = rig.tool.stat().st_ino
+    # The agent itself rewrites the file it may run, keeping the inode.
+    a.do(
+        f"""
+        with open({str(rig.tool)!r}, 'r+b') as f:
+            f.write(open({str(rig.forbidden)!r}, 'rb').read())
+        result = 0
+        """
+    )
+    assert rig.tool.stat().st_ino == ino
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == KILLED
+    rig.load()  # the operator reloads: the file as it is now is trusted again
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+
+
+def test_an_allowed_path_rewritten_as_a_script_for_a_forbidden_interpreter_is_killed(
+    rig: Rig,
+) -> None:
+    a = rig.agent()
+    script = rig.work / "script"
+    script.write_text("#!/usr/bin/true\n")
+    script.chmod(0o755)
+    assert a.do(f"result = run([{str(script)!r}])") == 0  # interpreter allowed: runs
+    script.write_text(f"#!{rig.forbidden}\n")
+    assert a.do(f"result = run([{str(script)!r}])") == KILLED
+    rig.tool.write_text(f"#!{rig.forbidden}\n")  # the allowed path itself
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == KILLED
+
+
+def test_a_bind_mount_over_an_allowed_path_in_a_private_mount_namespace_is_killed(
+    rig: Rig,
+) -> None:
+    a = rig.agent()
+    tool, bad = str(rig.tool), str(rig.forbidden)
+    attempt = f"""
+        def attack(over):
+            check(libc.unshare(CLONE_NEWNS))
+            check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None))
+            if over:
+                check(libc.mount({bad!r}.encode(), {tool!r}.encode(), None, MS_BIND, None))
+            os.execv({tool!r}, [{tool!r}])
+        """
+    a.do(attempt)
+    assert a.do("result = in_child(lambda: attack(False))") == 0  # control: same steps
+    assert a.do("result = in_child(lambda: attack(True))") == KILLED
+
+
+def test_a_bind_mount_made_in_an_unprivileged_user_namespace_is_killed(rig: Rig) -> None:
+    a = rig.agent(uid=NOBODY)
+    tool, bad = str(rig.tool), str(rig.forbidden)
+    a.do(
+        f"""
+        def attack(over):
+            check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS))
+            check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None))
+            if over:
+                check(libc.mount({bad!r}.encode(), {tool!r}.encode(), None, MS_BIND, None))
+            os.execv({tool!r}, [{tool!r}])
+        """
+    )
+    control = a.do("result = in_child(lambda: attack(False))")
+    if control == 100 + errno.EPERM:
+        pytest.fail("unprivileged user namespaces are off here: the attack cannot be tried")
+    assert control == 0
+    assert a.do("result = in_child(lambda: attack(True))") == KILLED
+
+
+def test_a_chroot_holding_another_file_at_the_allowed_path_is_killed(rig: Rig) -> None:
+    root = rig.work / "jail"
+    (root / "bin").mkdir(parents=True)
+    os.link(rig.bins["static-ok"], root / "bin" / "ok")  # the same file: allowed
+    shutil.copy2(rig.bins["static-bad"], root / "bin" / "bad")
+    # A copy of an allowed file is another file; spelled like the allowed one inside the jail.
+    inside = root / str(rig.bins["static-ok"]).lstrip("/")
+    inside.parent.mkdir(parents=True)
+    shutil.copy2(rig.bins["static-bad"], inside)
+    rig.load()  # after the hard link: a new link changes the file's ctime
+    a = rig.agent()
+    a.do(
+        f"""
+        def jailed(path):
+            os.chroot({str(root)!r}); os.chdir("/")
+            os.execv(path, [path])
+        """
+    )
+    assert a.do("result = in_child(lambda: jailed('/bin/ok'))") == 0
+    assert a.do(f"result = in_child(lambda: jailed({str(rig.bins['static-ok'])!r}))") == KILLED
+    assert a.do("result = in_child(lambda: jailed('/bin/bad'))") == KILLED
+
+
+def test_exec_through_a_descriptor_is_judged_by_the_file(rig: Rig) -> None:
+    a = rig.agent()
+    a.do(
+        """
+        def fexec(path):
+            fd = os.open(path, os.O_RDONLY)
+            os.execve(fd, [path], {})
+        """
+    )
+    assert a.do(f"result = in_child(lambda: fexec({str(rig.tool)!r}))") == 0
+    assert a.do(f"result = in_child(lambda: fexec({str(rig.forbidden)!r}))") == KILLED
+
+
+def test_a_hard_link_to_an_allowed_file_made_after_the_policy_is_killed(rig: Rig) -> None:
+    a = rig.agent()
+    link = rig.work / "hard"
+    os.link(rig.tool, link)  # same inode, but its ctime moved: no longer trusted
+    assert a.do(f"result = run([{str(link)!r}])") == KILLED
+    rig.load()
+    assert a.do(f"result = run([{str(link)!r}])") == 0
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+
+
+def test_audit_mode_reports_but_does_not_kill(rig: Rig) -> None:
+    a = rig.agent(AUDITED)
+    assert a.do(f"result = run([{str(rig.forbidden)!r}])") == 0
+
+
+# -- every socket judged ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, kind, proto",
+    [
+        (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW),
+        (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+        (socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6),
+        (socket.AF_INET, socket.SOCK_DGRAM, 136),  # UDP-Lite
+    ],
+    ids=["raw", "icmp-raw", "icmpv6-raw", "udplite"],
+)
+def test_socket_kinds_not_listed_are_refused_at_creation(
+    rig: Rig, family: int, kind: int, proto: int
+) -> None:
+    attacker, listed = rig.agent(), rig.agent(RAW_OK)
+    code = f"result = make({family}, {kind}, {proto})"
+    assert listed.do(code) == 0  # control: listed, it is made
+    assert attacker.do(code) == errno.EPERM
+    assert attacker.do(f"result = make({family}, socket.SOCK_DGRAM, 0)") == 0  # plain UDP
+
+
+def test_mptcp_is_not_tcp(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do("result = make(socket.AF_INET, socket.SOCK_STREAM, 262)") == errno.EPERM
+    assert a.do("result = make(socket.AF_INET, socket.SOCK_STREAM, 0)") == 0
+
+
+def test_icmp_ping_sockets_are_refused_in_a_namespace_that_allows_them(rig: Rig) -> None:
+    code = """
+        def ping():
+            check(libc.unshare(CLONE_NEWNET))
+            open("/proc/sys/net/ipv4/ping_group_range", "w").write("0 2147483647")
+            return make(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        result = in_child(ping)
+        """
+    assert rig.agent(RAW_OK).do(code) == 0
+    assert rig.agent().do(code) == errno.EPERM
+
+
+def test_udp_lite_does_not_pass_as_udp_at_send(rig: Rig) -> None:
+    a = rig.agent(RAW_OK)  # may make the socket; its egress names udp, not udplite
+    out = a.do(
+        f"""
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)
+        result = [send("127.0.0.1", {rig.ok}, sock=s)]
+        s.close()
+        result.append(send("127.0.0.1", {rig.ok}))
+        """
+    )
+    assert out == [errno.EPERM, 0]
+
+
+def test_a_tcp_only_port_is_not_reachable_over_udp_and_back(rig: Rig) -> None:
+    a = rig.agent()
+    assert a.do(f"result = send('127.0.0.1', {rig.ok})") == 0
+    assert a.do(f"result = send('127.0.0.1', {rig.bad})") == errno.EPERM
+    assert a.do(f"result = tcp('127.0.0.1', {rig.bad})") == errno.EPERM
+    assert a.do(f"result = tcp('::ffff:127.0.0.1', {rig.bad}, socket.AF_INET6)") == errno.EPERM
+
+
+def test_ipv4_source_routing_options_are_refused(rig: Rig) -> None:
+    a = rig.agent()
+    # LSRR through 127.0.0.2, then 127.0.0.1: the first hop is not the judged address.
+    out = a.do(
+        """
+        lsrr = bytes([1, 0x83, 7, 4, 127, 0, 0, 2])
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        r = []
+        try:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x10); r.append(0)
+        except OSError as e:
+            r.append(e.errno)
+        for opt in (lsrr, b""):
+            try:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, opt); r.append(0)
+            except OSError as e:
+                r.append(e.errno)
+        s.close()
+        result = r
+        """
+    )
+    assert out == [0, errno.EPERM, 0]  # IP_TOS and clearing the options are fine
+
+
+def test_ipv6_routing_headers_are_refused(rig: Rig) -> None:
+    a = rig.agent()
+    out = a.do(
+        """
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        rthdr = bytes([0, 2, 0, 1, 0, 0, 0, 0]) + socket.inet_pton(socket.AF_INET6, "::2")
+        r = []
+        for name, val in ((socket.IPV6_UNICAST_HOPS, (5).to_bytes(4, "little")),
+                          (socket.IPV6_RTHDR, rthdr)):
+            try:
+                s.setsockopt(socket.IPPROTO_IPV6, name, val); r.append(0)
+            except OSError as e:
+                r.append(e.errno)
+        s.close()
+        result = r
+        """
+    )
+    assert out == [0, errno.EPERM]
+
+
+def test_a_new_network_namespace_does_not_shed_the_judgement(rig: Rig) -> None:
+    a = rig.agent()
+    out = a.do(
+        f"""
+        def fresh():
+            check(libc.unshare(CLONE_NEWNET))
+            return send("127.0.0.1", {rig.bad})
+        def control():
+            check(libc.unshare(CLONE_NEWNET))
+            return send("127.0.0.1", {rig.ok})
+        result = [in_child(control), in_child(fresh)]
+        """
+    )
+    # loopback is down in a new namespace: the allowed send passes the hook and fails there
+    assert out == [errno.ENETUNREACH, errno.EPERM]
+
+
+# -- enforcement follows the identity, not the cgroup ----------------------------------
+
+
+def test_an_agent_that_moves_itself_out_of_the_scope_is_still_judged(
+    rig: Rig, outside: Path
+) -> None:
+    a = rig.agent()
+    a.do(f"open({str(outside / 'cgroup.procs')!r}, 'w').write('0'); result = 0")
+    assert str(a.pid) in (outside / "cgroup.procs").read_text().split()
+    assert a.do(f"result = send('127.0.0.1', {rig.ok})") == 0
+    assert a.do(f"result = send('127.0.0.1', {rig.bad})") == errno.EPERM
+    assert a.do("result = make(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)") == errno.EPERM
+    assert a.do(f"result = run([{str(rig.forbidden)!r}])") == KILLED
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+
+
+def test_a_socket_made_outside_the_scope_and_handed_in_is_judged_at_use(
+    rig: Rig, outside: Path
+) -> None:
+    a = rig.agent()
+    path = rig.work / "handoff.sock"
+    a.do(
+        f"""
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind({str(path)!r}); srv.listen(1)
+        def receive():
+            c, _ = srv.accept()
+            msg, fds, _, _ = socket.recv_fds(c, 16, 2)
+            c.close()
+            return [socket.socket(fileno=fd) for fd in fds]
+        result = 0
+        """
+    )
+    # A process outside the scope, with no identity: it makes the sockets and passes them in.
+    giver = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import socket, sys
+                open({str(outside / "cgroup.procs")!r}, "w").write("0")
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                u.sendto(b"x", ("127.0.0.1", {rig.bad}))  # itself unjudged: no identity
+                c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                c.connect({str(path)!r})
+                socket.send_fds(c, [b"x"], [u.fileno(), t.fileno()])
+                """
+            ),
+        ]
+    )
+    out = a.do(
+        f"""
+        u, t = receive()
+        t.settimeout(2)
+        r = [send("127.0.0.1", {rig.bad}, sock=u), send("127.0.0.1", {rig.ok}, sock=u)]
+        try:
+            t.connect(("127.0.0.1", {rig.bad})); r.append(0)
+        except OSError as e:
+            r.append(e.errno)
+        result = r
+        """
+    )
+    assert giver.wait(10) == 0  # the control: unjudged outside the scope
+    assert out == [errno.EPERM, 0, errno.EPERM]
+
+
+def test_a_process_outside_the_scope_without_an_identity_is_never_judged(
+    rig: Rig, outside: Path
+) -> None:
+    """The hooks are attached at the cgroup2 root: everything else on the host passes."""
+    rig.agent()  # an agent is under policy meanwhile
+    code = textwrap.dedent(
+        f"""
+        import socket, subprocess
+        open({str(outside / "cgroup.procs")!r}, "w").write("0")
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"x", ("127.0.0.1", {rig.bad}))
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW).close()
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1, 0x83, 7, 4, 127, 0, 0, 2]))
+        assert subprocess.run([{str(rig.forbidden)!r}], stdout=subprocess.DEVNULL).returncode == 0
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- the pinned state -------------------------------------------------------------------
+
+
+def test_the_pin_directory_is_root_only(rig: Rig, pin_dir: Path) -> None:
+    assert pin_dir.stat().st_mode & 0o777 == 0o700
+    a = rig.agent(uid=NOBODY)
+    out = a.do(
+        f"""
+        try:
+            os.listdir({str(pin_dir)!r}); result = 0
+        except OSError as e:
+            result = e.errno
+        """
+    )
+    assert out == errno.EACCES
+
+
+def test_an_unprivileged_agent_is_held_like_a_root_one(rig: Rig) -> None:
+    rig.tool.chmod(0o777)  # a file the agent may write (policy validate warns of it)
+    rig.load()
+    a = rig.agent(uid=NOBODY)
+    assert a.do(f"result = send('127.0.0.1', {rig.ok})") == 0
+    assert a.do(f"result = send('127.0.0.1', {rig.bad})") == errno.EPERM
+    assert a.do(f"result = run([{str(rig.forbidden)!r}])") == KILLED
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
+    assert a.do(f"result = open({str(rig.tool)!r}, 'ab').write(b'\\0')") == 1  # its own write
+    assert a.do(f"result = run([{str(rig.tool)!r}])") == KILLED
