@@ -5,9 +5,13 @@ identity whose allowlist has 10, 10,000 and 100,000 entries:
   (a) 1,000,000 UDP connect() calls on one socket (the sensitive case);
   (b) TCP connect + accept + close on loopback (the realistic case);
 and the connect4 program's own run time per invocation comes from the
-kernel's BPF statistics (kernel.bpf_stats_enabled).  The baseline is the
-same loop in the same cgroup with no program attached.  Also measured: the
-time to parse + compile a 100,000-entry policy and to load it into the maps.
+kernel's BPF statistics (kernel.bpf_stats_enabled).  The hooks are attached
+at the cgroup2 root, so every process on the host runs them: the same UDP
+loop also runs as a process with no identity outside the scope (the fast
+path every other process takes).  The baseline is the same loop with the
+hooks detached, measured in the same rounds (detach, run, attach, run).
+Also measured: the time to parse + compile a 100,000-entry policy and to
+load it into the maps.
 
 Usage: benchmarks/bench_connect.py [--udp 1000000] [--tcp 20000] [--reps 3]
 Needs root.
@@ -123,16 +127,32 @@ def main() -> int:
                 check=True,
             )
             port = 40000 + os.getpid() % 20000
+            from bcc import BPF
 
-            def measure(progs: object) -> tuple[dict[str, float], dict[str, float]]:
-                """Alternate off and on runs; medians of each side."""
-                runs: dict[str, list[float]] = {k: [] for k in ("uo", "un", "to", "tn")}
+            empty = BPF(text="int empty(struct bpf_sock_addr *ctx) { return 1; }")
+            empty_fd = empty.load_func(
+                b"empty", BPF.CGROUP_SOCK_ADDR, attach_type=libbpf.ATTACH_CGROUP_INET4_CONNECT
+            ).fd
+            root_fd = os.open(cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+
+            def measure(progs: KernelPrograms) -> tuple[dict[str, float], dict[str, float]]:
+                """Rounds of: hooks detached (off), then attached: no identity, identity."""
+                runs: dict[str, list[float]] = {k: [] for k in ("uo", "ue", "uf", "un", "to", "tn")}
                 for _ in range(args.reps):
+                    progs.detach_cgroup_hooks()
                     runs["uo"].append(run_loop(exe, off_cgroup, "udp", args.udp, port, None))
+                    # What the kernel charges for running any program there: an empty one.
+                    link = libbpf.link_create(empty_fd, root_fd, libbpf.ATTACH_CGROUP_INET4_CONNECT)
+                    runs["ue"].append(run_loop(exe, off_cgroup, "udp", args.udp, port, None))
+                    os.close(link)
+                    progs.attach_cgroup_hooks()
+                    runs["uf"].append(run_loop(exe, off_cgroup, "udp", args.udp, port, None))
                     runs["un"].append(run_loop(exe, cgroup, "udp", args.udp, port, progs))
                 # TCP loops vary by +-15% from run to run on a VM: many short pairs.
                 for _ in range(args.tcp_pairs):
+                    progs.detach_cgroup_hooks()
                     runs["to"].append(run_loop(exe, off_cgroup, "tcp", args.tcp, port, None))
+                    progs.attach_cgroup_hooks()
                     runs["tn"].append(run_loop(exe, cgroup, "tcp", args.tcp, port, progs))
                 off = {
                     "udp_connect_ns": median(runs["uo"]),
@@ -141,6 +161,13 @@ def main() -> int:
                 on = {
                     "udp_connect_ns": median(runs["un"]),
                     "tcp_connect_accept_close_ns": median(runs["tn"]),
+                    "udp_added_ns_empty_program_paired_median": median(
+                        [e - o for e, o in zip(runs["ue"], runs["uo"], strict=True)]
+                    ),
+                    # A process with no identity outside the scope: the host's cost.
+                    "udp_added_ns_no_identity_paired_median": median(
+                        [f - o for f, o in zip(runs["uf"], runs["uo"], strict=True)]
+                    ),
                     # Paired: each on run against the off run just before it, which
                     # cancels most of the machine's drift between runs.
                     "udp_added_ns_paired_median": median(
@@ -162,7 +189,6 @@ def main() -> int:
             )
             programs.load()
             programs.attach()
-            _, prog_id = libbpf.link_info(programs._link_fds["connect4"])
             enforcer = Enforcer(programs, IdentityNumbers())
             for entries in (10, 10_000, 100_000):
                 text = policy_text(entries, port)
@@ -174,6 +200,7 @@ def main() -> int:
                 off, on = measure(programs)
                 # The program's own time, from the kernel's statistics (switched on only
                 # for this run: the accounting itself costs a little).
+                _, prog_id = libbpf.link_info(programs._link_fds["connect4"])
                 stats_fd = libbpf.enable_run_time_stats()
                 rt0, rc0 = prog_stats(prog_id)
                 run_loop(exe, cgroup, "udp", args.udp, port, programs)

@@ -335,6 +335,25 @@ class KernelPrograms:
                 os.close(perf_fd)  # the link holds the perf event
             self._replace_pin(pin, link)
 
+        self.attach_cgroup_hooks()
+        self._retire_stale_links()
+        return self.report
+
+    def _retire_stale_links(self) -> None:
+        """Unpin links an earlier build made for hooks this one does not have.
+
+        Without this, a program dropped or renamed in an upgrade would stay
+        attached (a pinned link outlives every daemon) next to the new ones.
+        The new programs are attached before anything is removed.
+        """
+        current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
+        for path in sorted(self.links_dir.iterdir()):
+            if path.name not in current:
+                path.unlink()  # the link's last reference: its program detaches
+                self.report.retired.append(path.name)
+
+    def attach_cgroup_hooks(self) -> None:
+        """Attach the socket hooks at the cgroup2 root, taking over links a previous run left."""
         cg_fd = self._open_cgroup(self.options.root, "cgroup2 root")
         try:
             root_id = os.fstat(cg_fd).st_ino
@@ -353,21 +372,15 @@ class KernelPrograms:
                 self._replace_pin(pin, link)
         finally:
             os.close(cg_fd)
-        self._retire_stale_links()
-        return self.report
 
-    def _retire_stale_links(self) -> None:
-        """Unpin links an earlier build made for hooks this one does not have.
-
-        Without this, a program dropped or renamed in an upgrade would stay
-        attached (a pinned link outlives every daemon) next to the new ones.
-        The new programs are attached before anything is removed.
-        """
-        current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
-        for path in sorted(self.links_dir.iterdir()):
-            if path.name not in current:
-                path.unlink()  # the link's last reference: its program detaches
-                self.report.retired.append(path.name)
+    def detach_cgroup_hooks(self) -> None:
+        """Detach the cgroup hooks (benchmarks measure the host without them); attach() again."""
+        for pin, *_ in CGROUP_HOOKS:
+            fd = self._link_fds.pop(pin, None)
+            if fd is not None:
+                os.close(fd)
+            with suppress(FileNotFoundError):
+                (self.links_dir / pin).unlink()  # the last reference: it detaches
 
     def retire_other_versions(self) -> list[str]:
         """Detach and remove what builds of another ABI version left pinned.

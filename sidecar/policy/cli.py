@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,10 +50,40 @@ def _print_json(value: Any) -> None:
 
 @_guarded
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate and compile a policy; print its version."""
+    """Validate and compile a policy; print its version, and warn of weak executables."""
     policy = load_policy(args.file)
+    for warning in exec_warnings(policy):
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
     print(policy.version)
     return EXIT_OK
+
+
+def exec_warnings(policy: Any) -> list[str]:
+    """Allowed executables that someone other than root could change or replace.
+
+    The kernel stops trusting an allowed file the moment it changes (its
+    change time moves), so such a file is no way around the policy: it is
+    a way to stop the agent's own tools from running.  Either way the
+    operator should know.
+    """
+    out: list[str] = []
+    for sid, ident in sorted(policy.identities.items()):
+        for path in sorted(ident.exec_paths or ()):
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                out.append(f"{sid}: {path} cannot be read ({exc.strerror}): it will not run")
+                continue
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                owner = f"owned by uid {st.st_uid}" if st.st_uid != 0 else "writable by others"
+                out.append(f"{sid}: {path} is {owner}: only root should be able to change it")
+            parent = os.stat(os.path.dirname(path) or "/")
+            if parent.st_uid != 0 or (parent.st_mode & 0o022 and not parent.st_mode & 0o1000):
+                out.append(
+                    f"{sid}: {path} is in a directory others can write: a file renamed over it "
+                    "is refused, and stops the allowed one from running"
+                )
+    return out
 
 
 @_guarded

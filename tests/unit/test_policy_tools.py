@@ -480,3 +480,22 @@ def test_cli_blast_radius_json_with_observed_history_and_spawn_graph(
     graph.write_text(json.dumps({A: "not a list"}))
     assert run_cli(*argv, "--spawn-graph", str(graph)) == 2
     assert "must map each parent SPIFFE ID" in capsys.readouterr().err
+
+
+def test_cli_validate_warns_of_allowed_executables_others_could_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "writable-tool"
+    mine.write_text("#!/bin/sh\n")
+    mine.chmod(0o777)
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        HEADER
+        + "identities:\n  - id: spiffe://example.org/a\n"
+        + f"    exec: [/usr/bin/true, {mine}, {tmp_path}/missing]\n"
+    )
+    assert run_cli("policy", "validate", str(policy)) == 0
+    err = capsys.readouterr().err
+    assert f"{mine} is writable by others" in err or f"{mine} is owned by uid" in err
+    assert f"{tmp_path}/missing cannot be read" in err
+    assert "/usr/bin/true " not in err  # root's, in a root-owned directory: no warning

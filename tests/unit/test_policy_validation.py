@@ -429,3 +429,58 @@ def test_arbitrary_bytes_either_load_or_raise_policy_error(data: bytes | str) ->
         assert str(exc).startswith("fuzz.yaml")
     else:
         assert len(policy.version) == 16
+
+
+def test_socket_kinds_are_read_by_name_or_number_and_change_the_version() -> None:
+    base = policy_text(
+        """
+        identities:
+          - id: spiffe://example.org/a
+        """
+    )
+    listed = policy_text(
+        """
+        identities:
+          - id: spiffe://example.org/a
+            sockets: [inet/raw/icmp, inet6/raw/58, INET/dgram/udplite]
+        """
+    )
+    p = load_policy_text(listed, "p.yaml")
+    assert p.identities["spiffe://example.org/a"].sockets == frozenset(
+        {(2, 3, 1), (10, 3, 58), (2, 2, 136)}
+    )
+    assert p.version != load_policy_text(base, "p.yaml").version
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("inet/stream/tcp", "which every identity may create"),
+        ("unix/stream/0", "family 'unix'"),
+        ("inet/raw", "family/type/protocol"),
+        ("inet/raw/bogus", "protocol 'bogus'"),
+        ("inet/packet/1", "type 'packet'"),
+    ],
+)
+def test_bad_socket_kinds_name_the_line_and_field(item: str, words: str) -> None:
+    text = policy_text(
+        f"""
+        identities:
+          - id: spiffe://example.org/a
+            sockets: [inet/raw/icmp, "{item}"]
+        """
+    )
+    msg = error_of(text)
+    assert "identities[0].sockets[1]" in msg and words in msg
+    assert msg.startswith("p.yaml:")
+
+
+def test_a_socket_kind_listed_twice_is_an_error() -> None:
+    text = policy_text(
+        """
+        identities:
+          - id: spiffe://example.org/a
+            sockets: [inet/raw/icmp, inet/raw/1]
+        """
+    )
+    assert "listed twice" in error_of(text)
