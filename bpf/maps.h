@@ -11,7 +11,8 @@
  *   PIN_DIR        "/sys/fs/bpf/sidecar/v2" (a string literal)
  *   PROCS_MAX      entries of the process map
  *   RINGBUF_PAGES  ring buffer size in pages (a power of two)
- *   EGRESS_MAX, EXEC_ALLOW_MAX, POLICIES_MAX  policy map sizes (both generations)
+ *   EGRESS_MAX, EXEC_ALLOW_MAX, POLICIES_MAX, SOCKET_ALLOW_MAX  policy map sizes
+ *                  (two generations of the largest valid policy; abi.py)
  *   SIDECAR_OFF_*  offsets of the few kernel-internal fields read (the file
  *                  an exec runs), from the running kernel's BTF
  *   SIDECAR_HAVE_GROUP_DEAD  sched_process_exit says when a whole process ends
@@ -32,17 +33,10 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
-#ifndef EGRESS_MAX
-#define EGRESS_MAX 262144
-#endif
-#ifndef EXEC_ALLOW_MAX
-#define EXEC_ALLOW_MAX 16384
-#endif
-#ifndef POLICIES_MAX
-#define POLICIES_MAX 4096
-#endif
-#ifndef SOCKET_ALLOW_MAX
-#define SOCKET_ALLOW_MAX 4096
+/* Sized by the loader from sidecar/kernel/abi.py, the one home of map sizes. */
+#if !defined(EGRESS_MAX) || !defined(EXEC_ALLOW_MAX) || !defined(POLICIES_MAX) ||              \
+	!defined(SOCKET_ALLOW_MAX)
+#error "the loader passes the policy map sizes (EGRESS_MAX, EXEC_ALLOW_MAX, ...)"
 #endif
 #if !defined(SIDECAR_OFF_TASK_MM) || !defined(SIDECAR_OFF_MM_EXE_FILE) ||                   \
 	!defined(SIDECAR_OFF_FILE_INODE) || !defined(SIDECAR_OFF_INODE_INO) ||              \
@@ -98,7 +92,7 @@ BPF_TABLE_PINNED("lpm_trie", struct egress_key, struct egress_rules, egress, EGR
 		 PIN_DIR "/egress", BPF_F_NO_PREALLOC);
 /* (generation, identity, device, inode) -> the file's change time when allowed */
 BPF_TABLE_PINNED("hash", struct exec_key, struct exec_file, exec_allow, EXEC_ALLOW_MAX,
-		 PIN_DIR "/exec_allow");
+		 PIN_DIR "/exec_allow", BPF_F_NO_PREALLOC);
 /* (generation, identity, family, type, protocol) -> 1 for each other socket kind allowed */
 BPF_TABLE_PINNED("hash", struct socket_key, u8, socket_allow, SOCKET_ALLOW_MAX,
 		 PIN_DIR "/socket_allow");

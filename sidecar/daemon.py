@@ -543,7 +543,11 @@ class Daemon:
                 self._stamps["policy"] = _file_stamp(self.config.policy)
                 self._rejected("policy", str(exc))
             else:
-                self._apply_policy(policy)
+                try:
+                    self._apply_policy(policy)
+                except (KernelError, PolicyError) as exc:
+                    # Nothing flipped: the generation in force keeps judging.
+                    self._rejected("policy", f"{self.config.policy}: {exc}")
         if force:
             _notify(sdnotify.ready)
 

@@ -22,6 +22,15 @@ ARG_MAX = 256
 MAX_ARGS = 32
 MAX_PORT_RULES = 8
 
+# Map sizes, passed to the programs as -D flags (bpf/maps.h has no defaults).
+# Each policy map holds two generations of the largest policy that
+# `policy validate` accepts (sidecar/policy/model.py limits, checked by
+# tests/unit/test_abi_layout.py): a reload writes one while the other judges.
+POLICIES_MAX = 20_480  # 2 x (10,000 identities + the default and pending entries)
+EGRESS_MAX = 409_600  # 2 x 200,000 CIDRs (one compiled prefix per CIDR at most)
+EXEC_ALLOW_MAX = 102_400  # 2 x 50,000 executables
+SOCKET_ALLOW_MAX = 8_192  # 2 x 4,096 socket kinds
+
 IDENTITY_NONE = 0
 IDENTITY_PENDING = 0xFFFFFFFF
 

@@ -214,6 +214,10 @@ class KernelPrograms:
             f'-DPIN_DIR="{self.pin_dir}"',
             f"-DPROCS_MAX={self.options.procs_max}",
             f"-DRINGBUF_PAGES={self.options.ringbuf_pages}",
+            f"-DPOLICIES_MAX={abi.POLICIES_MAX}",
+            f"-DEGRESS_MAX={abi.EGRESS_MAX}",
+            f"-DEXEC_ALLOW_MAX={abi.EXEC_ALLOW_MAX}",
+            f"-DSOCKET_ALLOW_MAX={abi.SOCKET_ALLOW_MAX}",
             *kernel_offset_cflags(),
             "-Wno-macro-redefined",
         ]

@@ -40,6 +40,7 @@ MAX_CIDRS_TOTAL = 200_000
 MAX_IDENTITIES = 10_000
 MAX_RULES_PER_IDENTITY = 65_535  # rule indexes are 16-bit in the kernel maps
 MAX_EXEC_PER_IDENTITY = 10_000
+MAX_EXEC_TOTAL = 50_000  # executables over the whole policy
 MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
 # Socket kinds an identity may create besides TCP and UDP over IPv4/IPv6
@@ -57,6 +58,7 @@ SOCKET_PROTOCOLS = {
     "mptcp": 262,
 }
 MAX_SOCKETS_PER_IDENTITY = 64
+MAX_SOCKETS_TOTAL = 4_096  # socket kinds over the whole policy
 SocketKind = tuple[int, int, int]  # family, type, protocol
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]-]{0,63}$")
@@ -128,8 +130,21 @@ def parse_policy(doc: Document) -> PolicySpec:
     identities: list[IdentitySpec] = []
     first_seen: dict[str, int] = {}
     budget = _CidrBudget()
+    execs = sockets = 0
     for i, raw in enumerate(raw_identities):
         ident = _parse_identity(doc, ("identities", i), raw, budget)
+        execs += len(ident.exec_paths or ())
+        sockets += len(ident.sockets)
+        if execs > MAX_EXEC_TOTAL:
+            raise doc.error(
+                ("identities", i, "exec"),
+                f"the policy lists more than {MAX_EXEC_TOTAL} executables in total",
+            )
+        if sockets > MAX_SOCKETS_TOTAL:
+            raise doc.error(
+                ("identities", i, "sockets"),
+                f"the policy lists more than {MAX_SOCKETS_TOTAL} socket kinds in total",
+            )
         if ident.spiffe_id in first_seen:
             raise doc.error(
                 ("identities", i, "id"),

@@ -171,3 +171,20 @@ def test_decode_rejects_malformed_records(mutate, message) -> None:  # type: ign
 def test_decode_rejects_an_unknown_verdict() -> None:
     with pytest.raises(abi.DecodeError, match="unknown verdict 9"):
         abi.decode(_connect_record(verdict=9))
+
+
+def test_policy_maps_hold_two_generations_of_the_largest_valid_policy() -> None:
+    from sidecar.policy import model
+
+    assert abi.POLICIES_MAX >= 2 * (model.MAX_IDENTITIES + 2)
+    assert abi.EGRESS_MAX >= 2 * model.MAX_CIDRS_TOTAL
+    assert abi.EXEC_ALLOW_MAX >= 2 * model.MAX_EXEC_TOTAL
+    assert abi.SOCKET_ALLOW_MAX >= 2 * model.MAX_SOCKETS_TOTAL
+
+
+def test_the_loader_passes_every_map_size_the_programs_need() -> None:
+    maps_h = (HEADER.parents[1] / "maps.h").read_text()
+    loader = (HEADER.parents[2] / "sidecar" / "kernel" / "loader.py").read_text()
+    for name in ("POLICIES_MAX", "EGRESS_MAX", "EXEC_ALLOW_MAX", "SOCKET_ALLOW_MAX"):
+        assert f"#define {name}" not in maps_h  # no second, silent default
+        assert f'f"-D{name}={{abi.{name}}}"' in loader

@@ -1,0 +1,60 @@
+"""A reload that the kernel maps refuse leaves the daemon running and the old policy in force."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sidecar import config
+from sidecar.daemon import Daemon
+from sidecar.errors import KernelError
+
+POLICY = """apiVersion: sidecar/v1
+kind: Policy
+identities:
+  - id: spiffe://example.org/agent/a
+"""
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def write(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RefusingEnforcer:
+    """Stands in for the kernel maps failing mid-write (full, or refused)."""
+
+    active = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def load(self, policy: Any) -> Any:
+        self.calls += 1
+        raise KernelError("cannot write the egress map: No space left on device")
+
+
+def test_a_reload_the_maps_refuse_is_reported_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    sink = ListSink()
+    d = Daemon(replace(config.load(None), policy=policy), sink)
+    enforcer = RefusingEnforcer()
+    d.enforcer = enforcer  # type: ignore[assignment]
+    d.reload(force=True)  # must not raise: the daemon keeps running
+    assert enforcer.calls == 1
+    rejected = [e for e in sink.events if e["type"] == "policy_rejected"]
+    assert len(rejected) == 1
+    assert "No space left on device" in rejected[0]["error"]
+    assert str(policy) in rejected[0]["error"]
+    assert not [e for e in sink.events if e["type"] == "policy_loaded"]
