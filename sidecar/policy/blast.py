@@ -31,6 +31,7 @@ from sidecar.policy.allowset import AllowSet, Box, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
 from sidecar.policy.evaluate import decide_value
 from sidecar.policy.history import ConnectEvent, Event, ExecEvent, HistoryEvent, parse_events
+from sidecar.policy.model import format_socket_kind
 from sidecar.policy.space import format_address
 
 _logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class IdentityReach:
     executables: tuple[str, ...] | None  # likewise; None: any executable
     credentials: tuple[Credential, ...]
     tightening: Tightening | None
+    # socket kinds besides TCP/UDP it and its spawn closure may make; None: any
+    # (an identity not in the policy under unidentified: allow)
+    sockets: tuple[str, ...] | None = ()
 
     def rank_key(self) -> tuple[int, int, int, int, int]:
         exec_any = self.executables is None
@@ -126,6 +130,7 @@ class IdentityReach:
             "executables_unrestricted": self.executables is None,
             "credentials": [c.to_json() for c in self.credentials],
             "tightening": None if self.tightening is None else self.tightening.to_json(),
+            "sockets": None if self.sockets is None else list(self.sockets),
         }
 
 
@@ -169,6 +174,10 @@ def _render_identity(rank: int, r: IdentityReach) -> list[str]:
         lines.append("  executables: any (unrestricted)")
     else:
         lines.append(f"  executables: {', '.join(r.executables) or 'none'}")
+    if r.sockets is None:
+        lines.append("  other sockets: any (raw, ICMP, ...)")
+    elif r.sockets:
+        lines.append(f"  other sockets: {', '.join(r.sockets)}")
     lines.append(f"  can spawn into: {', '.join(r.spawns_into) or 'nothing'}")
     lines.append("  credentials: " + "; ".join(c.describe() for c in r.credentials))
     t = r.tightening
@@ -210,6 +219,12 @@ def _exec_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
     if ci is None:
         return None  # unlisted: execs are not restricted
     return ci.exec_paths
+
+
+def _sockets_of(policy: CompiledPolicy, ci: CompiledIdentity | None) -> frozenset[str] | None:
+    if ci is None:  # governed by the unidentified default
+        return None if policy.unidentified == "allow" else frozenset()
+    return frozenset(format_socket_kind(k) for k in ci.sockets)
 
 
 def _rule_sets(ci: CompiledIdentity) -> list[AllowSet]:
@@ -281,7 +296,10 @@ def blast_radius(
         spawns = _closure(name, graph)
         reach = own_sets[name]
         executables = _exec_of(ci)
+        sockets = _sockets_of(policy, ci)
         for child in spawns:
+            theirs = _sockets_of(policy, policy.identities.get(child))
+            sockets = None if sockets is None or theirs is None else sockets | theirs
             reach = reach.union(own_sets[child])
             child_exec = _exec_of(policy.identities.get(child))
             if executables is None or child_exec is None:
@@ -308,6 +326,7 @@ def blast_radius(
                 executables=None if executables is None else tuple(sorted(executables)),
                 credentials=credentials,
                 tightening=tightening,
+                sockets=None if sockets is None else tuple(sorted(sockets)),
             )
         )
     rows.sort(key=lambda r: r.spiffe_id)

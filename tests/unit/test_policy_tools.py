@@ -499,3 +499,27 @@ def test_cli_validate_warns_of_allowed_executables_others_could_change(
     assert f"{mine} is writable by others" in err or f"{mine} is owned by uid" in err
     assert f"{tmp_path}/missing cannot be read" in err
     assert "/usr/bin/true " not in err  # root's, in a root-owned directory: no warning
+
+
+def test_blast_radius_lists_socket_kinds_of_the_identity_and_what_it_spawns_into() -> None:
+    text = """defaults:
+  unidentified: deny
+identities:
+  - id: spiffe://example.org/parent
+    sockets: [inet/raw/icmp]
+  - id: spiffe://example.org/child
+    sockets: [inet6/raw/icmpv6]
+  - id: spiffe://example.org/plain
+"""
+    graph = {"spiffe://example.org/parent": {"spiffe://example.org/child"}}
+    rows = {r.spiffe_id: r for r in blast_radius(load(text), graph).identities}
+    parent = rows["spiffe://example.org/parent"]
+    assert parent.sockets == ("inet/raw/icmp", "inet6/raw/icmpv6")
+    assert rows["spiffe://example.org/plain"].sockets == ()
+    rendered = blast_radius(load(text), graph).render_text()
+    assert "other sockets: inet/raw/icmp, inet6/raw/icmpv6" in rendered
+    # Spawning into an unlisted identity under unidentified: allow makes any socket.
+    allow = text.replace("unidentified: deny", "unidentified: allow")
+    graph2 = {"spiffe://example.org/plain": {"spiffe://example.org/unlisted"}}
+    rows2 = {r.spiffe_id: r for r in blast_radius(load(allow), graph2).identities}
+    assert rows2["spiffe://example.org/plain"].sockets is None
