@@ -112,13 +112,36 @@ static __always_inline int read_exe_file(struct exe_file_id *x)
 }
 
 /*
+ * The effective capabilities of the calling task, as they count on the
+ * host: capabilities held inside a user namespace of its own (level > 0)
+ * reach nothing outside it, and count as none.
+ */
+static __always_inline u64 host_caps(void)
+{
+	u64 task = bpf_get_current_task();
+	u64 cred = 0, ns = 0, caps = 0;
+	u32 level = 1;
+
+	if (bpf_probe_read_kernel(&cred, sizeof(cred), (void *)(task + SIDECAR_OFF_TASK_CRED)) ||
+	    !cred)
+		return 0;
+	if (bpf_probe_read_kernel(&ns, sizeof(ns), (void *)(cred + SIDECAR_OFF_CRED_USER_NS)) ||
+	    !ns || bpf_probe_read_kernel(&level, sizeof(level), (void *)(ns + SIDECAR_OFF_USER_NS_LEVEL)))
+		return 0;
+	if (level != 0)
+		return 0;
+	bpf_probe_read_kernel(&caps, sizeof(caps), (void *)(cred + SIDECAR_OFF_CRED_CAP_EFFECTIVE));
+	return caps;
+}
+
+/*
  * May this identity run the file its new image runs?  Judged by the file
  * (device and inode), not the path: a bind mount, a chroot, a rename or a
  * link cannot put another file behind an allowed name.  An allowed file
  * whose change time moved since the policy was loaded (written in place,
  * chmod'ed, linked) is refused until a reload trusts it again.
  */
-static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags)
+static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags, u64 *refused)
 {
 	u32 zero = 0, ruled, gen;
 	struct settings *s = settings.lookup(&zero);
@@ -136,10 +159,21 @@ static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags)
 	gen = READ_ONCE(s->policy_gen); /* once: the daemon flips it in place */
 	*gen_out = gen;
 	p = policy_for(gen, identity, &ruled);
-	if (!p || !(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
+	if (!p)
 		return SIDECAR_VERDICT_ALLOW;
 	deny = (p->flags & SIDECAR_POLICY_ENFORCE) ? SIDECAR_VERDICT_DENY
 						   : SIDECAR_VERDICT_WOULD_DENY;
+	/* A capability that could switch enforcement off or reach around it
+	 * (CAP_SYS_ADMIN, CAP_BPF, ...) is refused unless the policy accepts it. */
+	if (p->caps_refused) {
+		*refused = host_caps() & p->caps_refused;
+		if (*refused) {
+			*flags |= SIDECAR_EXEC_PRIVILEGED;
+			return deny;
+		}
+	}
+	if (!(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
+		return SIDECAR_VERDICT_ALLOW;
 	if (read_exe_file(&x) < 0) {
 		*flags |= SIDECAR_EXEC_FILE_UNKNOWN;
 		return deny; /* fail closed: a restricted identity runs only what is known */
@@ -167,6 +201,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct exec_event *e;
 	unsigned short loc = args->data_loc_filename & 0xffff;
 	u32 gen, len, size, zero = 0, flags = 0;
+	u64 refused = 0;
 	u8 verdict;
 
 	/* A process that holds an identity is judged wherever it runs; the
@@ -188,7 +223,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (st->identity == SIDECAR_IDENTITY_NONE && attesting() && in_scope())
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
-	verdict = judge_exec(st->identity, &gen, &flags);
+	verdict = judge_exec(st->identity, &gen, &flags, &refused);
 	if (verdict == SIDECAR_VERDICT_DENY)
 		/* Delivered before the new image runs its first instruction. */
 		bpf_send_signal(SIDECAR_SIGKILL);
@@ -201,6 +236,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->policy_gen = gen;
 	e->verdict = verdict;
 	e->pad = 0;
+	e->pad2 = 0;
+	e->caps_refused = refused;
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
 	read_argv(e);

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sidecar.policy import caps
+
 
 def kill_all(cg: Path, timeout: float = 5.0) -> None:
     """SIGKILL every process in ``cg`` (not its children cgroups) and wait until it is empty."""
@@ -61,7 +63,16 @@ def remove_tree(cg: Path) -> None:
 # uid, and execs the tool: the tool's exec is the first one the cgroup sees.
 _LAUNCH = """\
 import os, sys
-cg, uid, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+cg, uid, drop, done = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+argv = sys.argv[5:]
+if done >= 0:
+    os.set_inheritable(done, False)  # closed by the exec: the caller's sign that it happened
+if drop:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in map(int, drop.split(",")):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after the exec
+            sys.exit(f"cannot drop capability {cap}: errno {ctypes.get_errno()}")
 if cg:
     fd = os.open(os.path.join(cg, "cgroup.procs"), os.O_WRONLY)
     os.write(fd, b"0")
@@ -78,10 +89,24 @@ except OSError as exc:
 """
 
 
+# The capabilities a policy refuses by default (CAP_SYS_ADMIN, CAP_BPF, ...).
+DANGEROUS_CAPS = tuple(sorted(caps.NUMBERS[n] for n in caps.DANGEROUS))
+
+
 def launch_argv(
-    argv: Sequence[str], *, cgroup: Path | None = None, uid: int | None = None
+    argv: Sequence[str],
+    *,
+    cgroup: Path | None = None,
+    uid: int | None = None,
+    drop_caps: Sequence[int] = (),
+    exec_fd: int = -1,
 ) -> list[str]:
     """An argv that runs ``argv`` inside ``cgroup`` and as ``uid`` (group ``uid``), from its exec.
+
+    ``drop_caps``: capabilities removed from the bounding set first, so that
+    a tool started as root does not hold them (agents should not).
+    ``exec_fd``: a descriptor passed to the child that the exec of ``argv``
+    closes (see ``start_in``).
 
     Use it instead of a ``preexec_fn``: ``subprocess`` then starts the child
     with vfork, and a process that runs gRPC (a daemon, a collector, a test
@@ -97,6 +122,8 @@ def launch_argv(
         _LAUNCH,
         str(cgroup) if cgroup is not None else "",
         str(-1 if uid is None else uid),
+        ",".join(map(str, drop_caps)),
+        str(exec_fd),
         *argv,
     ]
 
@@ -106,24 +133,39 @@ def start_in(
     argv: Sequence[str],
     *,
     uid: int | None = None,
+    drop_caps: Sequence[int] = (),
     timeout: float = 10.0,
     **popen: Any,
 ) -> subprocess.Popen[Any]:
-    """Start ``argv`` in ``cgroup`` (as ``uid``) and return once it is in the cgroup.
+    """Start ``argv`` in ``cgroup`` (as ``uid``) and return once the tool runs there.
 
-    The tool's own exec, and everything after it, happens inside the cgroup.
+    The tool's own exec, and everything after it, happens inside the cgroup;
+    when this returns, that exec has happened (or the launch failed), as with
+    a ``preexec_fn``: a caller may write the new process's identity at once.
     """
-    proc: subprocess.Popen[Any] = subprocess.Popen(
-        launch_argv(argv, cgroup=cgroup, uid=uid), **popen
-    )
-    procs = cgroup / "cgroup.procs"
-    deadline = time.monotonic() + timeout
-    while str(proc.pid) not in procs.read_text().split():
-        if proc.poll() is not None:
-            break  # it ran and ended already: the caller reads its status
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            raise TimeoutError(f"pid {proc.pid} did not reach {cgroup} in {timeout} s")
-        time.sleep(0.001)
+    r, w = os.pipe()
+    try:
+        popen["pass_fds"] = (*popen.get("pass_fds", ()), w)
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            launch_argv(argv, cgroup=cgroup, uid=uid, drop_caps=drop_caps, exec_fd=w), **popen
+        )
+        os.close(w)
+        w = -1
+        os.set_blocking(r, False)
+        deadline = time.monotonic() + timeout
+        while True:  # EOF once the exec closed the child's copy (or the child is gone)
+            try:
+                if os.read(r, 1) == b"":
+                    break
+            except BlockingIOError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"pid {proc.pid} did not start in {cgroup} in {timeout} s")
+            time.sleep(0.001)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
     return proc

@@ -35,6 +35,7 @@ from sidecar.enforce import Enforcer, ExecFile, IdentityNumbers
 from sidecar.errors import AttestationError, ConfigError, KernelError, PolicyError, SidecarError
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
+from sidecar.policy import caps
 from sidecar.policy.model import format_socket_kind
 from sidecar.proctable import (
     Process,
@@ -42,6 +43,7 @@ from sidecar.proctable import (
     read_argv,
     read_cgroup,
     read_exe,
+    read_host_caps,
     read_status_ids,
 )
 
@@ -173,6 +175,8 @@ class Settled:
 
     result: Any  # the attestor's answer
     number: int  # the identity number the process holds after it
+    # capabilities it held that its policy refuses (it was killed in enforce mode)
+    caps_refused: int = 0
 
 
 class Daemon:
@@ -642,13 +646,45 @@ class Daemon:
             if result is None:
                 continue
             settled = result[1]
+            refused = 0
             if result[0].match is not None:
                 now = time.monotonic_ns()
                 self.attest_latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-            out[i] = Settled(result[0], settled)
+                refused = self._refuse_privileged(pid, result[0].match.spiffe_id)
+            out[i] = Settled(result[0], settled, refused)
         return out
+
+    def _refuse_privileged(self, pid: int, spiffe_id: str) -> int:
+        """An agent attested while it holds capabilities its policy refuses: kill it (enforce).
+
+        The kernel refuses such a process at each later exec; this covers the
+        exec that made it the agent, which the kernel saw while it was still
+        pending (and so could not connect anywhere).  Returns the refused
+        capabilities it held.
+        """
+        active = self.enforcer.active if self.enforcer is not None else None  # read once
+        ci = active.policy.identities.get(spiffe_id) if active and active.policy else None
+        if ci is None:
+            return 0
+        refused = caps.refused_mask(ci.capabilities) & (read_host_caps(pid) or 0)
+        if refused and ci.mode == "enforce":
+            try:
+                fd = os.pidfd_open(pid)
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass  # already gone
+            _logger.warning(
+                "pid %d attested as %s holds %s: killed",
+                pid,
+                spiffe_id,
+                ", ".join(caps.labels(refused)),
+            )
+        return refused
 
     def _attest_into_kernel(
         self, pid: int, ppid: int, parent_identity: str | None, kernel_identity: int
@@ -898,12 +934,19 @@ class Daemon:
         # The identity this exec left the process with: the one the reader
         # wrote when it attested this very record, else the kernel's.
         number = ev.task.identity
+        refused = ev.caps_refused if ev.flags & abi.EXEC_PRIVILEGED else 0
         if settled is not None:
             number = settled.number
             self._finish_attestation(proc, settled.result, number)
+            if settled.caps_refused:
+                refused = settled.caps_refused
+                mode = self._mode_of(proc.identity)
+                verdict = abi.Verdict.DENY if mode == "enforce" else abi.Verdict.WOULD_DENY
         elif number not in (abi.IDENTITY_NONE, abi.IDENTITY_PENDING):
             proc.identity = self._identity_name(number)
         rule = "file-changed" if ev.flags & abi.EXEC_FILE_CHANGED else None
+        if refused:
+            rule = "capabilities"
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
         out = self._base("exec", ev, proc, ev.policy_gen)
@@ -913,10 +956,19 @@ class Daemon:
         out["filename"] = ev.filename
         out["args_truncated"] = ev.args_truncated
         out["verdict"] = _VERDICT[verdict]
+        if refused:
+            out["capabilities"] = caps.labels(refused)
         if verdict != abi.Verdict.ALLOW:
             out["rule"] = rule or "default"
             self._record_verdict(proc.identity, out["rule"], out["verdict"])
         return out
+
+    def _mode_of(self, spiffe_id: str | None) -> str | None:
+        active = self.enforcer.active if self.enforcer is not None else None
+        if spiffe_id is None or active is None or active.policy is None:
+            return None
+        ci = active.policy.identities.get(spiffe_id)
+        return ci.mode if ci is not None else None
 
     def _double_check_exec(
         self, pid: int, number: int, verdict: abi.Verdict

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.cgroups import launch_argv, remove_tree
+from sidecar.cgroups import DANGEROUS_CAPS, launch_argv, remove_tree
 from sidecar.errors import SidecarError
 from sidecar.kernel.checks import cgroup2_root
 
@@ -273,6 +273,9 @@ metrics: ""
                         str(bad_port),
                     ],
                     cgroup=self.cgroup,
+                    # As an agent should run: without the capabilities that could
+                    # switch enforcement off (its policy would refuse them).
+                    drop_caps=DANGEROUS_CAPS,
                 ),
                 env=self.repo_env,
                 timeout=60,

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from sidecar.errors import PolicyError
 from sidecar.kernel import abi
-from sidecar.policy import CompiledIdentity, CompiledPolicy
+from sidecar.policy import CompiledIdentity, CompiledPolicy, caps
 
 _logger = logging.getLogger(__name__)
 
@@ -149,7 +149,10 @@ def _identity_entries(
         out.exec_files[number] = files
     for family, stype, proto in sorted(ident.sockets):
         out.socket_allow.append((abi.SOCKET_KEY.pack(gen, number, family, stype, proto, 0), b"\1"))
-    out.policies.append((abi.POLICY_KEY.pack(gen, number), abi.IDENTITY_POLICY.pack(flags, 0)))
+    refused = caps.refused_mask(ident.capabilities)
+    out.policies.append(
+        (abi.POLICY_KEY.pack(gen, number), abi.IDENTITY_POLICY.pack(flags, 0, refused))
+    )
     egress_key = abi.EGRESS_KEY.pack
     rules_cache: dict[object, bytes] = {}  # prefixes share few distinct rule sets
     for prefix in ident.prefixes:
@@ -176,7 +179,7 @@ def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) ->
     if policy.log_allowed:
         default_flags |= abi.POLICY_LOG_ALLOWED
     out.policies.append(
-        (abi.POLICY_KEY.pack(gen, abi.IDENTITY_NONE), abi.IDENTITY_POLICY.pack(default_flags, 0))
+        (abi.POLICY_KEY.pack(gen, abi.IDENTITY_NONE), abi.IDENTITY_POLICY.pack(default_flags, 0, 0))
     )
     enforcing = any(i.mode == "enforce" for i in policy.identities.values())
     # Pending (exec'd, not yet attested) may do nothing its identity could not: nothing at all.
@@ -185,7 +188,10 @@ def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) ->
     )
     if policy.identities:
         out.policies.append(
-            (abi.POLICY_KEY.pack(gen, abi.IDENTITY_PENDING), abi.IDENTITY_POLICY.pack(pending, 0))
+            (
+                abi.POLICY_KEY.pack(gen, abi.IDENTITY_PENDING),
+                abi.IDENTITY_POLICY.pack(pending, 0, 0),
+            )
         )
     for spiffe_id, ident in sorted(policy.identities.items()):
         _identity_entries(out, gen, numbers.number(spiffe_id), ident, policy.log_allowed)

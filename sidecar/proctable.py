@@ -86,6 +86,24 @@ def read_status_ids(pid: int, proc: Path = Path("/proc")) -> tuple[int, int, int
     return ppid, uid, gid
 
 
+def read_host_caps(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """Effective capabilities as they count on the host, None if gone.
+
+    A process in a user namespace other than ours holds its capabilities
+    there only: they reach nothing of the host's, and count as none.
+    """
+    try:
+        if os.stat(proc / str(pid) / "ns" / "user").st_ino != os.stat("/proc/self/ns/user").st_ino:
+            return 0
+        text = (proc / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return None
+
+
 def read_argv(pid: int, proc: Path = Path("/proc")) -> tuple[str, ...] | None:
     try:
         raw = (proc / str(pid) / "cmdline").read_bytes()

@@ -74,6 +74,7 @@ enum sidecar_hook {
 #define SIDECAR_EXEC_NO_ARGS 0x2 /* argv could not be read */
 #define SIDECAR_EXEC_FILE_CHANGED 0x4 /* an allowed file, changed since the policy allowed it */
 #define SIDECAR_EXEC_FILE_UNKNOWN 0x8 /* the running file could not be read */
+#define SIDECAR_EXEC_PRIVILEGED 0x10  /* holds capabilities its policy does not accept */
 
 struct event_header {
 	__u16 type;    /* enum sidecar_event_type */
@@ -109,6 +110,8 @@ struct exec_event {
 	__u16 args_count;   /* arguments read */
 	__u8 verdict;       /* enum sidecar_verdict */
 	__u8 pad;
+	__u32 pad2;
+	__u64 caps_refused; /* SIDECAR_EXEC_PRIVILEGED: the capabilities held and refused */
 	char filename[SIDECAR_FILENAME_LEN];
 	char args[SIDECAR_ARGS_LEN];
 };
@@ -190,6 +193,10 @@ struct policy_key {
 struct identity_policy {
 	__u32 flags; /* SIDECAR_POLICY_* */
 	__u32 pad;
+	/* Capabilities (bit n = capability n) this identity may not hold: an
+	 * exec by a process holding any of them, in the host's user namespace,
+	 * is refused. */
+	__u64 caps_refused;
 };
 
 /* LPM trie key: prefixlen counts bits from gen on (64 + address prefix). */

@@ -50,6 +50,7 @@ EXEC_ARGS_TRUNCATED = 0x1
 EXEC_NO_ARGS = 0x2
 EXEC_FILE_CHANGED = 0x4
 EXEC_FILE_UNKNOWN = 0x8
+EXEC_PRIVILEGED = 0x10
 
 AF_INET = 2
 AF_INET6 = 10
@@ -114,6 +115,8 @@ class ExecEvent(ctypes.Structure):
         ("args_count", ctypes.c_uint16),
         ("verdict", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("pad2", ctypes.c_uint32),
+        ("caps_refused", ctypes.c_uint64),
         ("filename", ctypes.c_char * FILENAME_LEN),
         ("args", ctypes.c_uint8 * ARGS_LEN),  # NUL-separated: not c_char, which stops at NUL
     )
@@ -184,7 +187,11 @@ class PolicyKey(ctypes.Structure):
 
 
 class IdentityPolicy(ctypes.Structure):
-    _fields_ = (("flags", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("caps_refused", ctypes.c_uint64),
+    )
 
 
 class EgressKey(ctypes.Structure):
@@ -290,6 +297,7 @@ class Exec:
     args_missing: bool
     verdict: Verdict
     flags: int = 0  # EXEC_* as the kernel set them
+    caps_refused: int = 0  # EXEC_PRIVILEGED: the capabilities held and refused
 
 
 @dataclass(slots=True)
@@ -354,8 +362,8 @@ def _text(raw: bytes) -> str:
 _HEADER = struct.Struct("<HHIQ")
 _TASK = struct.Struct("<IIIIIIQ16s")
 _HEADER_TASK = struct.Struct("<HHIQIIIIIIQ16s")  # both in one call, on the hot path
-_EXEC_TAIL = struct.Struct(f"<IIIHHHBB{FILENAME_LEN}s")
-_EXEC_FIXED = struct.Struct("<IIIHHHB")  # the exec tail up to the file name
+_EXEC_TAIL = struct.Struct(f"<IIIHHHBBIQ{FILENAME_LEN}s")
+_EXEC_FIXED = struct.Struct("<IIIHHHBBIQ")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
 _CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
 _SOCKET_TAIL = struct.Struct("<HHHBBiiII")
@@ -370,7 +378,7 @@ for _what, _got, _want in (
     ("event_header + task_ctx", _HEADER_TASK.size, _T1),
     ("exec_event.args", _ARGS, ExecEvent.args.offset),
     ("exec_event.filename", _NAME, ExecEvent.filename.offset),
-    ("exec_event.verdict", _T1 + _EXEC_FIXED.size, ExecEvent.pad.offset),
+    ("exec_event.filename (fixed part)", _T1 + _EXEC_FIXED.size, ExecEvent.filename.offset),
     ("fork_event", _T1 + _FORK_TAIL.size, ctypes.sizeof(ForkEvent)),
     ("exit_event", _T1, ctypes.sizeof(ExitEvent)),
     ("connect_event", _T1 + _CONNECT_TAIL.size, ctypes.sizeof(ConnectEvent)),
@@ -384,7 +392,7 @@ _SIZES = {t: ctypes.sizeof(m) for t, m in _BY_TYPE.items()}
 # Policy map entries, packed straight to bytes: a 100,000-rule policy is
 # built and written without a Python object per entry.
 POLICY_KEY = struct.Struct("<II")  # gen, identity
-IDENTITY_POLICY = struct.Struct("<II")  # flags, pad
+IDENTITY_POLICY = struct.Struct("<IIQ")  # flags, pad, caps_refused
 EGRESS_KEY = struct.Struct("<III16s")  # prefixlen, gen, identity, addr
 PORT_RULE = struct.Struct("<HHBBH")  # port_lo, port_hi, protocols, pad, rule
 EGRESS_RULES_HEAD = struct.Struct("<I")  # count, then MAX_PORT_RULES port rules
@@ -478,8 +486,8 @@ def decode(data: bytes) -> KernelEvent:
     if kind == EventType.EXIT:
         return Exit(ts_ns, task)
     if kind == EventType.EXEC:
-        _old, flags, gen, name_len, args_len, args_count, verdict = _EXEC_FIXED.unpack_from(
-            data, _T1
+        _old, flags, gen, name_len, args_len, args_count, verdict, _p, _p2, caps = (
+            _EXEC_FIXED.unpack_from(data, _T1)
         )
         # name_len counts the NUL; past the field's end the name was not read whole.
         name_end = _NAME + (name_len - 1 if 0 < name_len <= FILENAME_LEN else 0)
@@ -498,6 +506,7 @@ def decode(data: bytes) -> KernelEvent:
             bool(flags & EXEC_NO_ARGS),
             _enum(_VERDICTS, verdict, "verdict"),
             flags,
+            caps,
         )
     if kind == EventType.SOCKET:
         family, stype, protocol, hook, verdict, level, optname, gen, _pad = (

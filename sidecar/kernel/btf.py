@@ -420,6 +420,7 @@ POINTER_MEMBERS = {
     "SIDECAR_OFF_MM_EXE_FILE": ("mm_struct", "exe_file"),
     "SIDECAR_OFF_FILE_INODE": ("file", "f_inode"),
     "SIDECAR_OFF_INODE_SB": ("inode", "i_sb"),
+    "SIDECAR_OFF_CRED_USER_NS": ("cred", "user_ns"),
 }
 
 
@@ -464,6 +465,8 @@ def kernel_offsets(btf: Btf) -> dict[str, int]:
     out["SIDECAR_OFF_TASK_TGID"] = _sized(btf, "task_struct", "tgid", (4,))
     # kernel_cap_t: struct { u64 val; } on 6.3+, struct { u32 cap[2]; } before; 8 bytes both.
     out["SIDECAR_OFF_CRED_CAP_EFFECTIVE"] = _sized(btf, "cred", "cap_effective", (8,))
+    # Capabilities count only in the host's user namespace (level 0).
+    out["SIDECAR_OFF_USER_NS_LEVEL"] = _sized(btf, "user_namespace", "level", (4,))
     sec, nsec = _ctime(btf)
     out["SIDECAR_OFF_INODE_CTIME_SEC"] = sec
     out["SIDECAR_OFF_INODE_CTIME_NSEC"] = nsec

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.policy import caps
 from sidecar.policy.allowset import AllowSet, Box, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
 from sidecar.policy.evaluate import decide_value
@@ -105,6 +106,14 @@ class IdentityReach:
     # socket kinds besides TCP/UDP it and its spawn closure may make; None: any
     # (an identity not in the policy under unidentified: allow)
     sockets: tuple[str, ...] | None = ()
+    # dangerous capabilities (CAP_SYS_ADMIN, CAP_BPF, ...) it or its spawn
+    # closure may hold: with any, it can switch enforcement off. None: any
+    # (an identity the policy does not list is not refused them)
+    capabilities: tuple[str, ...] | None = ()
+
+    @property
+    def can_disable_enforcement(self) -> bool:
+        return self.capabilities is None or bool(self.capabilities)
 
     def rank_key(self) -> tuple[int, int, int, int, int]:
         exec_any = self.executables is None
@@ -131,6 +140,8 @@ class IdentityReach:
             "credentials": [c.to_json() for c in self.credentials],
             "tightening": None if self.tightening is None else self.tightening.to_json(),
             "sockets": None if self.sockets is None else list(self.sockets),
+            "capabilities": None if self.capabilities is None else list(self.capabilities),
+            "can_disable_enforcement": self.can_disable_enforcement,
         }
 
 
@@ -174,6 +185,12 @@ def _render_identity(rank: int, r: IdentityReach) -> list[str]:
         lines.append("  executables: any (unrestricted)")
     else:
         lines.append(f"  executables: {', '.join(r.executables) or 'none'}")
+    if r.capabilities is None:
+        lines.append(
+            "  CAN DISABLE ENFORCEMENT: not in the policy, its capabilities are not refused"
+        )
+    elif r.capabilities:
+        lines.append(f"  CAN DISABLE ENFORCEMENT: accepts {', '.join(r.capabilities)}")
     if r.sockets is None:
         lines.append("  other sockets: any (raw, ICMP, ...)")
     elif r.sockets:
@@ -225,6 +242,12 @@ def _sockets_of(policy: CompiledPolicy, ci: CompiledIdentity | None) -> frozense
     if ci is None:  # governed by the unidentified default
         return None if policy.unidentified == "allow" else frozenset()
     return frozenset(format_socket_kind(k) for k in ci.sockets)
+
+
+def _caps_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
+    if ci is None:
+        return None
+    return frozenset(caps.label(n) for n in ci.capabilities)
 
 
 def _rule_sets(ci: CompiledIdentity) -> list[AllowSet]:
@@ -297,7 +320,10 @@ def blast_radius(
         reach = own_sets[name]
         executables = _exec_of(ci)
         sockets = _sockets_of(policy, ci)
+        held = _caps_of(ci)
         for child in spawns:
+            theirs_caps = _caps_of(policy.identities.get(child))
+            held = None if held is None or theirs_caps is None else held | theirs_caps
             theirs = _sockets_of(policy, policy.identities.get(child))
             sockets = None if sockets is None or theirs is None else sockets | theirs
             reach = reach.union(own_sets[child])
@@ -327,6 +353,7 @@ def blast_radius(
                 credentials=credentials,
                 tightening=tightening,
                 sockets=None if sockets is None else tuple(sorted(sockets)),
+                capabilities=None if held is None else tuple(sorted(held)),
             )
         )
     rows.sort(key=lambda r: r.spiffe_id)

@@ -66,6 +66,8 @@ class CompiledIdentity:
     exec_paths: frozenset[str] | None  # None = unrestricted
     # (family, type, protocol) of each socket kind other than TCP/UDP it may create
     sockets: frozenset[tuple[int, int, int]] = frozenset()
+    # dangerous capabilities (sidecar.policy.caps) the identity may hold
+    capabilities: frozenset[int] = frozenset()
 
     @cached_property
     def _lpm_index(self) -> tuple[tuple[int, int, dict[int, PrefixEntry]], ...]:
@@ -154,6 +156,7 @@ def _compile_identity(spec: PolicySpec, ident: IdentitySpec) -> CompiledIdentity
         rule_names,
         ident.exec_paths,
         ident.sockets,
+        ident.capabilities,
     )
 
 
@@ -170,6 +173,8 @@ def policy_version(
         head: list[object] = [spiffe_id, ci.mode, list(ci.rule_names), exec_part, len(ci.prefixes)]
         if ci.sockets:  # only when listed: versions of policies without it stay as they were
             head.append(sorted(ci.sockets))
+        if ci.capabilities:
+            head.append(["capabilities", sorted(ci.capabilities)])
         h.update(json.dumps(head).encode())
         for e in ci.prefixes:
             h.update(e.address)

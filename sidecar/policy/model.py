@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.errors import PolicyError
+from sidecar.policy import caps
 from sidecar.policy.space import Cidr, parse_cidr
 from sidecar.spiffeid import parse_spiffe_id
 from sidecar.yamlsrc import Document, Fields, Path_, check_header, check_type, render_path
@@ -91,6 +92,7 @@ class IdentitySpec:
     line: int
     path: Path_
     sockets: frozenset[SocketKind] = frozenset()
+    capabilities: frozenset[int] = frozenset()  # accepted, of caps.DANGEROUS
 
 
 @dataclass(frozen=True)
@@ -218,9 +220,35 @@ def _parse_identity(doc: Document, path: Path_, raw: Any, budget: _CidrBudget) -
         egress.append(rule)
     exec_paths = _parse_exec(doc, f.at("exec"), f.optional("exec", list, None))
     sockets = _parse_sockets(doc, f.at("sockets"), f.optional("sockets", list, []))
+    capabilities = _parse_capabilities(
+        doc, f.at("capabilities"), f.optional("capabilities", list, [])
+    )
     f.done()
     _check_overlaps(doc, egress)
-    return IdentitySpec(str(sid), mode, tuple(egress), exec_paths, doc.line(path), path, sockets)
+    return IdentitySpec(
+        str(sid), mode, tuple(egress), exec_paths, doc.line(path), path, sockets, capabilities
+    )
+
+
+def _parse_capabilities(doc: Document, path: Path_, raw: list[Any]) -> frozenset[int]:
+    out: set[int] = set()
+    for k, item in enumerate(raw):
+        item_path = (*path, k)
+        check_type(doc, item_path, item, str)
+        try:
+            number = caps.parse(item)
+        except ValueError as exc:
+            raise doc.error(item_path, str(exc)) from exc
+        if caps.NAMES[number] not in caps.DANGEROUS:
+            raise doc.error(
+                item_path,
+                f"{caps.label(number)} is never refused: list only capabilities that are "
+                f"({', '.join(caps.label(caps.NUMBERS[n]) for n in caps.DANGEROUS)})",
+            )
+        if number in out:
+            raise doc.error(item_path, f"{caps.label(number)} is listed twice")
+        out.add(number)
+    return frozenset(out)
 
 
 def parse_socket_kind(text: str) -> SocketKind:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sidecar.cgroups import remove_tree, start_in
+from sidecar.cgroups import DANGEROUS_CAPS, remove_tree, start_in
 
 SCRATCH_PREFIX = "sidecar-test-"
 BPFFS = Path("/sys/fs/bpf")
@@ -63,10 +63,20 @@ def pin_dir() -> Iterator[Path]:
 
 
 def spawn(
-    cgroup: Path, argv: Sequence[str], *, uid: int | None = None, **kw: Any
+    cgroup: Path,
+    argv: Sequence[str],
+    *,
+    uid: int | None = None,
+    privileged: bool = False,
+    **kw: Any,
 ) -> subprocess.Popen[bytes]:
-    """Start ``argv`` inside ``cgroup`` (optionally as ``uid``), from its first instruction."""
-    return start_in(cgroup, argv, uid=uid, **kw)
+    """Start ``argv`` inside ``cgroup`` (optionally as ``uid``), from its first instruction.
+
+    As an agent should run: without the capabilities a policy refuses unless
+    it accepts them (CAP_SYS_ADMIN, CAP_BPF, ...), unless ``privileged``.
+    """
+    drop = () if privileged else DANGEROUS_CAPS
+    return start_in(cgroup, argv, uid=uid, drop_caps=drop, **kw)
 
 
 def bpftool_json(*args: str) -> Any:
@@ -379,10 +389,11 @@ for line in sys.stdin:
 class Probe:
     """A process in the scratch cgroup that makes attempts on request."""
 
-    def __init__(self, cgroup: Path) -> None:
+    def __init__(self, cgroup: Path, privileged: bool = False) -> None:
         self.proc = spawn(
             cgroup,
             [sys.executable, "-c", PROBE],
+            privileged=privileged,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,

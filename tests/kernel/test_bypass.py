@@ -39,6 +39,8 @@ from sidecar.policy import load_policy_text
 AGENT = "spiffe://example.org/agent/attacker"
 RAW_OK = "spiffe://example.org/agent/pinger"  # the same agent, with other socket kinds listed
 AUDITED = "spiffe://example.org/agent/audited"
+PLAIN = "spiffe://example.org/agent/plain"  # accepts no dangerous capability
+ACCEPT_ALL = "    capabilities: [CAP_SYS_ADMIN, CAP_BPF, CAP_SYS_PTRACE, CAP_SYS_MODULE]\n"
 NOBODY = 65534
 PYTHON = os.path.realpath(sys.executable)
 KILLED = -signal.SIGKILL
@@ -201,11 +203,12 @@ def _build(d: Path) -> dict[str, Path]:
 class Agent:
     """A process that holds an identity and attacks on request."""
 
-    def __init__(self, cgroup: Path, uid: int | None = None) -> None:
+    def __init__(self, cgroup: Path, uid: int | None = None, privileged: bool = True) -> None:
         self.proc = spawn(
             cgroup,
             [sys.executable, "-c", AGENT_PY],
             uid=uid,
+            privileged=privileged,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -256,24 +259,30 @@ class Rig:
         ports: [{self.ok}]
         protocols: [tcp, udp]
 """
+        # The attackers run as root and keep root's capabilities (the
+        # policy accepts them): what holds, holds against them too.
         text = f"""apiVersion: sidecar/v1
 kind: Policy
 identities:
   - id: {AGENT}
     mode: enforce
-{egress}    exec: [{", ".join(allowed)}]
+{egress}{ACCEPT_ALL}    exec: [{", ".join(allowed)}]
   - id: {RAW_OK}
     mode: enforce
-{egress}    sockets: [inet/raw/icmp, inet/raw/raw, inet6/raw/icmpv6, inet/dgram/udplite,
+{egress}{ACCEPT_ALL}    sockets: [inet/raw/icmp, inet/raw/raw, inet6/raw/icmpv6, inet/dgram/udplite,
               inet/dgram/icmp]
   - id: {AUDITED}
     mode: audit
-{egress}    exec: [{PYTHON}]
-"""
+{egress}{ACCEPT_ALL}    exec: [{PYTHON}]
+  - id: {PLAIN}
+    mode: enforce
+{egress}"""
         self.enforcer.load(load_policy_text(text, "bypass-policy.yaml"))
 
-    def agent(self, identity: str = AGENT, uid: int | None = None) -> Agent:
-        a = Agent(self.cgroup, uid)
+    def agent(
+        self, identity: str = AGENT, uid: int | None = None, privileged: bool = True
+    ) -> Agent:
+        a = Agent(self.cgroup, uid, privileged)
         self.programs.set_identity(a.pid, identity_number(identity))
         self.agents.append(a)
         return a
@@ -785,3 +794,39 @@ def test_an_unprivileged_agent_is_held_like_a_root_one(rig: Rig) -> None:
     assert a.do(f"result = run([{str(rig.tool)!r}])") == 0
     assert a.do(f"result = open({str(rig.tool)!r}, 'ab').write(b'\\0')") == 1  # its own write
     assert a.do(f"result = run([{str(rig.tool)!r}])") == KILLED
+
+
+# -- privilege ----------------------------------------------------------------------------
+
+
+def test_an_agent_holding_a_capability_its_policy_refuses_is_killed_at_exec(rig: Rig) -> None:
+    held = rig.agent(PLAIN, privileged=True)  # root, with CAP_SYS_ADMIN, CAP_BPF, ...
+    assert held.do("result = run(['/usr/bin/true'])") == KILLED
+    dropped = rig.agent(PLAIN, privileged=False)  # root without them: runs
+    assert dropped.do("result = run(['/usr/bin/true'])") == 0
+    accepted = rig.agent(AGENT, privileged=True)  # its policy accepts them
+    assert accepted.do("result = run(['/usr/bin/true'])") == 0
+
+
+def test_capabilities_regained_through_a_setuid_exec_are_refused(rig: Rig) -> None:
+    setuid = rig.work / "setuid-true"
+    shutil.copy2("/usr/bin/true", setuid)
+    os.chown(setuid, 0, 0)
+    setuid.chmod(0o4755)
+    a = rig.agent(PLAIN, uid=NOBODY)
+    assert a.do("result = run(['/usr/bin/true'])") == 0  # nobody holds no capability
+    # setuid root: the new image would hold root's capabilities on the host.
+    assert a.do(f"result = run([{str(setuid)!r}])") == KILLED
+
+
+def test_capabilities_inside_a_user_namespace_of_its_own_do_not_count(rig: Rig) -> None:
+    a = rig.agent(PLAIN, uid=NOBODY)
+    out = a.do(
+        """
+        def inside():
+            check(libc.unshare(CLONE_NEWUSER))  # full capabilities, in its own namespace only
+            os.execv("/usr/bin/true", ["/usr/bin/true"])
+        result = in_child(inside)
+        """
+    )
+    assert out == 0

@@ -398,3 +398,35 @@ def test_after_the_daemon_is_killed_an_agent_is_still_held_on_every_path(
         from sidecar.cgroups import remove_tree
 
         remove_tree(outside)
+
+
+def test_an_agent_attested_while_holding_refused_capabilities_is_killed_and_reported(
+    running: DaemonProcess, setup: dict[str, object]
+) -> None:
+    from conftest import spawn
+
+    # Root with CAP_SYS_ADMIN, CAP_BPF, ...: matched as the agent, whose policy refuses them.
+    held = spawn(
+        setup["cgroup"],  # type: ignore[arg-type]
+        [sys.executable, "-c", "import time; time.sleep(30)"],
+        privileged=True,
+    )
+    try:
+        assert held.wait(10) == -signal.SIGKILL
+        ev = running.wait_for(type="exec", pid=held.pid)
+        assert ev["identity"] == AGENT
+        assert (ev["verdict"], ev["rule"]) == ("deny", "capabilities")
+        assert set(ev["capabilities"]) == {
+            "CAP_SYS_MODULE",
+            "CAP_SYS_PTRACE",
+            "CAP_SYS_ADMIN",
+            "CAP_BPF",
+        }
+    finally:
+        held.kill()
+        held.wait(10)
+    control = attested_probe(running, setup["cgroup"])  # type: ignore[arg-type]
+    try:
+        assert control.ask(f"udp 4 127.0.0.1 {setup['a']}") == 0  # the same, without them
+    finally:
+        control.close()

@@ -34,10 +34,11 @@ def exec_record(
     name_len: int | None = None,
     flags: int = 0,
     verdict: int = abi.Verdict.ALLOW,
+    caps_refused: int = 0,
 ) -> bytes:
     packed = b"".join(a + b"\0" for a in args)
     tail = struct.pack(
-        f"<IIIHHHBB{abi.FILENAME_LEN}s",
+        f"<IIIHHHBBIQ{abi.FILENAME_LEN}s",
         42,
         flags,
         1,
@@ -46,6 +47,8 @@ def exec_record(
         len(args),
         verdict,
         0,
+        0,
+        caps_refused,
         filename,
     )
     return record(abi.EventType.EXEC, task(identity=5) + tail + packed)
@@ -160,3 +163,19 @@ def test_fork_exit_and_connect_records() -> None:
 def test_bad_records_raise_decode_error(data: bytes, message: str) -> None:
     with pytest.raises(abi.DecodeError, match=message):
         abi.decode(data)
+
+
+def test_a_privileged_exec_carries_the_refused_capabilities() -> None:
+    ev = abi.decode(
+        exec_record(
+            b"/usr/bin/id",
+            [b"id"],
+            flags=abi.EXEC_PRIVILEGED,
+            verdict=abi.Verdict.DENY,
+            caps_refused=1 << 21 | 1 << 39,
+        )
+    )
+    assert isinstance(ev, abi.Exec)
+    assert ev.flags & abi.EXEC_PRIVILEGED
+    assert ev.caps_refused == 1 << 21 | 1 << 39
+    assert ev.filename == "/usr/bin/id" and ev.argv == ("id",)

@@ -39,6 +39,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_EXEC_NO_ARGS",
         "SIDECAR_EXEC_FILE_CHANGED",
         "SIDECAR_EXEC_FILE_UNKNOWN",
+        "SIDECAR_EXEC_PRIVILEGED",
         *(f"SIDECAR_EVENT_{t.name}" for t in abi.EventType),
         *(f"SIDECAR_HOOK_{h.name}" for h in abi.Hook),
         "SIDECAR_VERDICT_ALLOW",
@@ -100,6 +101,7 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
         assert c_layout[f"SIDECAR_HOOK_{h.name}"] == h.value
     assert c_layout["SIDECAR_EXEC_FILE_CHANGED"] == abi.EXEC_FILE_CHANGED
     assert c_layout["SIDECAR_EXEC_FILE_UNKNOWN"] == abi.EXEC_FILE_UNKNOWN
+    assert c_layout["SIDECAR_EXEC_PRIVILEGED"] == abi.EXEC_PRIVILEGED
     assert c_layout["SIDECAR_SETTING_POLICY"] == abi.SETTING_POLICY
     assert c_layout["SIDECAR_POLICY_ENFORCE"] == abi.POLICY_ENFORCE
     assert c_layout["SIDECAR_POLICY_EGRESS_ANY"] == abi.POLICY_EGRESS_ANY

@@ -40,6 +40,8 @@ OFFSET_NAMES = {
     "SIDECAR_OFF_CRED_CAP_EFFECTIVE",
     "SIDECAR_OFF_TASK_REAL_PARENT",
     "SIDECAR_OFF_TASK_TGID",
+    "SIDECAR_OFF_CRED_USER_NS",
+    "SIDECAR_OFF_USER_NS_LEVEL",
 }
 
 
@@ -366,7 +368,12 @@ def fake_kernel(ctime: str, cap_as_array: bool = False, tgid_size: int = 4) -> b
     b.composite("mm_struct", 1472, [("", anon, 8 * 64), ("cpu_bitmap", ulong, 8 * 1464)])
     b.composite("file", 200, [("f_mode", u32, 0), ("f_inode", vp, 8 * 32)])
     b.composite("super_block", 1000, [("s_list", u64, 0), ("s_dev", dev_t, 8 * 16)])
-    b.composite("cred", 200, [("usage", u32, 0), ("cap_effective", cap_t, 8 * 64)])
+    b.composite(
+        "cred",
+        200,
+        [("usage", u32, 0), ("cap_effective", cap_t, 8 * 64), ("user_ns", vp, 8 * 144)],
+    )
+    b.composite("user_namespace", 300, [("ns", u64, 0), ("level", u32, 8 * 200)])
     inode = [("i_sb", vp, 8 * 40), ("i_ino", ulong, 8 * 64)]
     if ctime == "split":
         inode += [("i_ctime_sec", time64, 8 * 104), ("i_ctime_nsec", u32, 8 * 120)]
@@ -396,6 +403,8 @@ def test_kernel_offsets_on_each_ctime_layout(ctime: str, sec: int, nsec: int) ->
         "SIDECAR_OFF_INODE_INO": 64,
         "SIDECAR_OFF_SB_DEV": 16,
         "SIDECAR_OFF_CRED_CAP_EFFECTIVE": 64,
+        "SIDECAR_OFF_CRED_USER_NS": 144,
+        "SIDECAR_OFF_USER_NS_LEVEL": 200,
         "SIDECAR_OFF_INODE_CTIME_SEC": sec,
         "SIDECAR_OFF_INODE_CTIME_NSEC": nsec,
     }
@@ -566,6 +575,8 @@ CROSS_CHECKED = {
     "SIDECAR_OFF_INODE_SB": ("inode", "i_sb"),
     "SIDECAR_OFF_SB_DEV": ("super_block", "s_dev"),
     "SIDECAR_OFF_CRED_CAP_EFFECTIVE": ("cred", "cap_effective"),
+    "SIDECAR_OFF_CRED_USER_NS": ("cred", "user_ns"),
+    "SIDECAR_OFF_USER_NS_LEVEL": ("user_namespace", "level"),
 }
 
 

@@ -523,3 +523,26 @@ identities:
     graph2 = {"spiffe://example.org/plain": {"spiffe://example.org/unlisted"}}
     rows2 = {r.spiffe_id: r for r in blast_radius(load(allow), graph2).identities}
     assert rows2["spiffe://example.org/plain"].sockets is None
+
+
+def test_blast_radius_flags_identities_that_can_disable_enforcement() -> None:
+    text = """defaults:
+  unidentified: deny
+identities:
+  - id: spiffe://example.org/root-agent
+    capabilities: [CAP_SYS_ADMIN, bpf]
+  - id: spiffe://example.org/plain
+"""
+    rows = {r.spiffe_id: r for r in blast_radius(load(text)).identities}
+    root = rows["spiffe://example.org/root-agent"]
+    assert root.capabilities == ("CAP_BPF", "CAP_SYS_ADMIN")
+    assert root.can_disable_enforcement
+    assert not rows["spiffe://example.org/plain"].can_disable_enforcement
+    rendered = blast_radius(load(text)).render_text()
+    assert "CAN DISABLE ENFORCEMENT: accepts CAP_BPF, CAP_SYS_ADMIN" in rendered
+    # Spawning into an identity the policy does not list: its capabilities are not refused.
+    spawned = blast_radius(
+        load(text), {"spiffe://example.org/plain": {"spiffe://example.org/unlisted"}}
+    )
+    plain = {r.spiffe_id: r for r in spawned.identities}["spiffe://example.org/plain"]
+    assert plain.capabilities is None and plain.can_disable_enforcement

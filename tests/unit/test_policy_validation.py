@@ -484,3 +484,29 @@ def test_a_socket_kind_listed_twice_is_an_error() -> None:
         """
     )
     assert "listed twice" in error_of(text)
+
+
+def test_accepted_capabilities_are_read_by_any_spelling_and_change_the_version() -> None:
+    base = policy_text("identities:\n  - id: spiffe://example.org/a\n")
+    text = policy_text(
+        "identities:\n  - id: spiffe://example.org/a\n"
+        "    capabilities: [CAP_SYS_ADMIN, cap_bpf, sys_ptrace]\n"
+    )
+    p = load_policy_text(text, "p.yaml")
+    assert p.identities["spiffe://example.org/a"].capabilities == frozenset({21, 39, 19})
+    assert p.version != load_policy_text(base, "p.yaml").version
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("CAP_NET_RAW", "is never refused"),
+        ("CAP_FLY", "is not a Linux capability"),
+    ],
+)
+def test_bad_capabilities_name_the_line_and_field(item: str, words: str) -> None:
+    text = policy_text(
+        f"identities:\n  - id: spiffe://example.org/a\n    capabilities: [CAP_BPF, {item}]\n"
+    )
+    msg = error_of(text)
+    assert "p.yaml:5: identities[0].capabilities[1]" in msg and words in msg
