@@ -53,7 +53,10 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     pin_dir = args.pin_dir or cfg.pin_dir
     removed = uninstall(pin_dir)
-    print(f"removed {len(removed)} pinned objects under {pin_dir}; programs detached")
+    if removed:
+        print(f"removed {len(removed)} pinned objects under {pin_dir}; programs detached")
+    else:
+        print(f"nothing was pinned under {pin_dir}: no program of ours is attached there")
     return 0
 
 

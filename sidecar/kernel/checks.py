@@ -41,6 +41,18 @@ def find_mount(fstype: str, proc_mounts: Path = Path("/proc/mounts")) -> Path | 
     return None
 
 
+def fs_type_of(path: Path, proc_mounts: Path = Path("/proc/mounts")) -> str | None:
+    """The file system type of the mount that holds ``path`` (the longest mount point)."""
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for fstype, where in _mounts(proc_mounts):
+        if (target == where or target.startswith(where.rstrip("/") + "/")) and len(where) >= len(
+            best
+        ):
+            best, kind = where, fstype
+    return kind
+
+
 def cgroup2_root() -> Path:
     root = find_mount("cgroup2")
     if root is None:

@@ -502,14 +502,49 @@ class KernelPrograms:
             uninstall(self.options.pin_dir)
 
 
+# What a pin directory of ours holds: links/, pinned maps, and v<N>/ per ABI version.
+_PINNED_NAMES = frozenset(
+    {"links", "procs", "scope", "settings", "policies", "egress", "exec_allow", "socket_allow"}
+)
+_VERSION_DIR = re.compile(r"^v\d+$")
+
+
+def _check_ours(pin_dir: Path) -> None:
+    """Refuse to remove anything that is not a sidecar pin directory on bpffs."""
+    from sidecar.kernel.checks import fs_type_of
+
+    kind = fs_type_of(pin_dir)
+    if kind != "bpf":
+        raise KernelError(
+            f"{pin_dir} is not on a BPF file system (it is on {kind or 'no known mount'}): "
+            "refusing to remove it; pass the pin directory (default /sys/fs/bpf/sidecar)"
+        )
+    for group in [pin_dir, *(d for d in pin_dir.iterdir() if _VERSION_DIR.match(d.name))]:
+        strangers = sorted(
+            e.name
+            for e in group.iterdir()
+            if e.name not in _PINNED_NAMES and not (group == pin_dir and _VERSION_DIR.match(e.name))
+        )
+        if strangers:
+            raise KernelError(
+                f"{pin_dir} does not look like a sidecar pin directory ({group} holds "
+                f"{', '.join(strangers[:5])}): refusing to remove it"
+            )
+
+
 def uninstall(pin_dir: Path) -> list[str]:
-    """Remove every link and map pinned under ``pin_dir``: programs detach, state goes."""
+    """Remove every link and map pinned under ``pin_dir``: programs detach, state goes.
+
+    Returns what was removed (empty when nothing was there).  Refuses a
+    directory that is not on bpffs or holds anything a sidecar does not pin.
+    """
     removed: list[str] = []
     if not pin_dir.exists():
         return removed
-    links = pin_dir / "links"
-    # Links first, so no program runs on half-removed state.
-    for group in (links, pin_dir):
+    _check_ours(pin_dir)
+    groups = [pin_dir, *sorted(d for d in pin_dir.iterdir() if _VERSION_DIR.match(d.name))]
+    # Links first, everywhere, so no program runs on half-removed state.
+    for group in [g / "links" for g in groups] + groups:
         if not group.is_dir():
             continue
         for entry in sorted(group.iterdir()):
@@ -521,5 +556,9 @@ def uninstall(pin_dir: Path) -> list[str]:
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise KernelError(f"cannot remove {entry}: {exc.strerror}") from exc
-    shutil.rmtree(pin_dir, ignore_errors=True)
+    for group in reversed(groups):
+        with suppress(OSError):
+            (group / "links").rmdir()
+        with suppress(OSError):
+            group.rmdir()
     return removed

@@ -68,3 +68,21 @@ def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
             p.wait()
         if top.exists():
             remove_tree(top)
+
+
+def test_uninstall_refuses_a_bpffs_directory_that_holds_what_we_never_pin(pin_dir: Path) -> None:
+    from sidecar.errors import KernelError
+    from sidecar.kernel.loader import uninstall
+
+    (pin_dir / "v2").mkdir(parents=True)
+    (pin_dir / "someone-elses").mkdir()
+    try:
+        uninstall(pin_dir)
+    except KernelError as exc:
+        assert "does not look like a sidecar pin directory" in str(exc)
+        assert "someone-elses" in str(exc)
+    else:
+        raise AssertionError("uninstall removed a directory that is not ours")
+    assert (pin_dir / "someone-elses").is_dir()
+    (pin_dir / "someone-elses").rmdir()
+    assert uninstall(pin_dir) == [] and not pin_dir.exists()  # only empty dirs of ours: gone

@@ -110,3 +110,25 @@ def test_missing_kernel_headers_name_the_package_and_the_fallback(
     rc = cli.main(["run", "--cgroup", str(tmp_path)])
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("sidecar:")]
     _assert_one_clear_line(rc, lines, "kernel headers", "linux-headers-", "make setup")
+
+
+def test_uninstall_refuses_a_directory_that_is_not_on_bpffs(tmp_path: Path) -> None:
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "data.txt").write_text("keep me")
+    rc, lines = _run(["uninstall", "--pin-dir", str(victim)])
+    _assert_one_clear_line(rc, lines, str(victim), "not on a BPF file system", "refusing")
+    assert (victim / "data.txt").read_text() == "keep me"
+
+
+def test_uninstall_of_nothing_says_so(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar.cli", "uninstall", "--pin-dir", str(tmp_path / "none")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    assert "nothing was pinned under" in proc.stdout
+    assert "detached" not in proc.stdout
