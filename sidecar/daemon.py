@@ -169,6 +169,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+class _StillChanging(Exception):
+    """The policy file changed while it was read: try again once it is quiet."""
+
+
 @dataclass(frozen=True, slots=True)
 class Settled:
     """What the reader thread's attestation of one exec record found and wrote."""
@@ -209,6 +213,8 @@ class Daemon:
         self._waiting: dict[int, list[int]] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        # file -> stamp seen changed at the last check, not yet loaded (reload)
+        self._unsettled: dict[str, tuple[int, int, int] | None] = {}
         self._reader_stop = threading.Event()
         self._clock_offset = time.time_ns() - time.monotonic_ns()
         self._programs: Any = None
@@ -244,10 +250,23 @@ class Daemon:
 
         stamp = _file_stamp(self.config.policy)
         policy = load_policy(self.config.policy)
+        if _file_stamp(self.config.policy) != stamp:
+            raise PolicyError(
+                f"{self.config.policy}: changed while it was read; write it atomically"
+            )
         for sid in policy.identities:
             self.numbers.number(sid)
         self._stamps["policy"] = stamp
         return policy
+
+    def _read_policy_when_quiet(self) -> Any:
+        """At start-up: the policy file, once a read sees it unchanged from start to end."""
+        for _ in range(50):
+            try:
+                return self._read_policy()
+            except _StillChanging:
+                time.sleep(0.1)
+        raise ConfigError(f"{self.config.policy} kept changing for 5 s: write it atomically")
 
     def _resolve_scope(self, mounts: Mounts) -> None:
         scope = (self.config.scope_cgroup or mounts.cgroup2).resolve()
@@ -371,7 +390,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.started_ns = time.monotonic_ns()
         self._load_entries()
-        policy = self._read_policy()
+        policy = self._read_policy_when_quiet()
         self.attach_seconds = self.start_kernel()
         servers: list[Any] = []
         reader: threading.Thread | None = None
@@ -527,9 +546,7 @@ class Daemon:
         """
         if force:
             _notify(sdnotify.reloading)
-        if self.config.entries is not None and (
-            force or _file_stamp(self.config.entries) != self._stamps.get("entries")
-        ):
+        if self._changed_and_settled("entries", self.config.entries, force):
             self._stamps["entries"] = _file_stamp(self.config.entries)
             try:
                 entries = self.attestor.reload(self.config.entries)
@@ -538,11 +555,12 @@ class Daemon:
                 self._emit({"type": "entries_loaded", "time": _now(), "digest": entries.digest})
             except (AttestationError, PolicyError) as exc:
                 self._rejected("entries", str(exc))
-        if self.config.policy is not None and (
-            force or _file_stamp(self.config.policy) != self._stamps.get("policy")
-        ):
+        if self._changed_and_settled("policy", self.config.policy, force):
             try:
                 policy = self._read_policy()
+            except _StillChanging as exc:
+                _logger.info("%s: taken once it stops changing", exc)
+                self._unsettled.pop("policy", None)  # wait for a quiet interval again
             except (PolicyError, ConfigError) as exc:
                 self._stamps["policy"] = _file_stamp(self.config.policy)
                 self._rejected("policy", str(exc))
@@ -554,6 +572,28 @@ class Daemon:
                     self._rejected("policy", f"{self.config.policy}: {exc}")
         if force:
             _notify(sdnotify.ready)
+
+    def _changed_and_settled(self, what: str, path: Path | None, force: bool) -> bool:
+        """Has the file changed since it was loaded, and stayed unchanged for a whole check?
+
+        A file written in place is taken only once the writer is done: the
+        same stamp (inode, mtime, size) at two checks a reload interval apart.
+        A half-written policy can be valid YAML that allows nothing (or more).
+        SIGHUP (``force``) takes it at once: the operator says it is ready.
+        """
+        if path is None:
+            return False
+        stamp = _file_stamp(path)
+        if force:
+            return True
+        if stamp == self._stamps.get(what):
+            self._unsettled.pop(what, None)
+            return False
+        if self._unsettled.get(what) != stamp:
+            self._unsettled[what] = stamp  # seen changing: look again next check
+            return False
+        del self._unsettled[what]
+        return True
 
     def _apply_policy(self, policy: Any) -> None:
         assert self.enforcer is not None

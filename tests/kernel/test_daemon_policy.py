@@ -430,3 +430,37 @@ def test_an_agent_attested_while_holding_refused_capabilities_is_killed_and_repo
         assert control.ask(f"udp 4 127.0.0.1 {setup['a']}") == 0  # the same, without them
     finally:
         control.close()
+
+
+def test_a_policy_file_written_in_place_is_not_taken_half_written(
+    running: DaemonProcess, setup: dict[str, object]
+) -> None:
+    """Half of the file is valid YAML that allows nothing: it must never be enforced."""
+    import time
+
+    probe = attested_probe(running, setup["cgroup"])  # type: ignore[arg-type]
+    policy: Path = setup["policy"]  # type: ignore[assignment]
+    a = setup["a"]
+    full = policy_text(a).replace("protocols: [udp]", "protocols: [udp, tcp]")
+    half = full[: full.index("    egress:")]  # the agent listed, with no egress rule yet
+    assert "egress" not in half and AGENT in half
+    try:
+        assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
+        refused = 0
+        with policy.open("r+") as fh:  # in place: truncate, write half, pause, write the rest
+            fh.truncate(0)
+            fh.write(half)
+            fh.flush()
+            deadline = time.monotonic() + 0.9  # most of a reload interval (1 s)
+            while time.monotonic() < deadline:
+                refused += probe.ask(f"udp 4 127.0.0.1 {a}") == errno.EPERM
+            fh.write(full[len(half) :])
+        deadline = time.monotonic() + 3.0  # the daemon takes the finished file
+        while time.monotonic() < deadline:
+            refused += probe.ask(f"udp 4 127.0.0.1 {a}") == errno.EPERM
+        assert refused == 0
+        loaded = running.wait_for(type="policy_loaded", source=str(policy))
+        assert loaded["policy_version"]
+        assert not [e for e in running.events() if e["type"] == "policy_rejected"]
+    finally:
+        probe.close()

@@ -58,3 +58,27 @@ def test_a_reload_the_maps_refuse_is_reported_and_the_daemon_goes_on(tmp_path: P
     assert "No space left on device" in rejected[0]["error"]
     assert str(policy) in rejected[0]["error"]
     assert not [e for e in sink.events if e["type"] == "policy_loaded"]
+
+
+def test_a_policy_file_is_taken_only_once_it_stops_changing(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    sink = ListSink()
+    d = Daemon(replace(config.load(None), policy=policy), sink)
+    d._stamps["policy"] = (0, 0, 0)  # as if an older file had been loaded
+    assert not d._changed_and_settled("policy", policy, force=False)  # seen changed: wait
+    assert d._changed_and_settled("policy", policy, force=False)  # quiet for a check: take it
+    # A writer still at work: every check sees another stamp, so it is never taken.
+    d._stamps["policy"] = (0, 0, 0)
+    for n in range(3):
+        with policy.open("a") as fh:
+            fh.write(f"# {n}\n")
+        assert not d._changed_and_settled("policy", policy, force=False)
+    assert d._changed_and_settled("policy", policy, force=False)
+    # SIGHUP: the operator says it is ready.
+    d._stamps["policy"] = (0, 0, 0)
+    assert d._changed_and_settled("policy", policy, force=True)
+    # Unchanged since it was loaded: nothing to do.
+    st = policy.stat()
+    d._stamps["policy"] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    assert not d._changed_and_settled("policy", policy, force=False)
