@@ -60,6 +60,8 @@ _logger = logging.getLogger(__name__)
 POLL_MS = 50
 # Identities written by the reader that stay known after their process exits.
 SETTLED_REMEMBERED = 4096
+# Events kept for the exporter until it starts (start-up takes about a second).
+BEFORE_EXPORT_MAX = 100_000
 
 _FAMILY = {abi.AF_INET: "inet", abi.AF_INET6: "inet6"}
 _PROTOCOL = {abi.IPPROTO_TCP: "tcp", abi.IPPROTO_UDP: "udp"}
@@ -213,6 +215,10 @@ class Daemon:
         self._waiting: dict[int, list[int]] = {}
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        # Events made before the exporter starts (the first policy_loaded among
+        # them), handed to it when it does; None once it has, or with no collector.
+        self._before_export: list[Any] | None = [] if config.collector else None
+        self.before_export_dropped = 0
         # file -> stamp seen changed at the last check, not yet loaded (reload)
         self._unsettled: dict[str, tuple[int, int, int] | None] = {}
         self._reader_stop = threading.Event()
@@ -470,6 +476,9 @@ class Daemon:
             boot_id(),
         )
         self.exporter = exporter
+        early, self._before_export = self._before_export or [], None
+        for wire in early:  # policy_loaded and all else from start-up, in order
+            exporter.submit(wire)
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
         _logger.info("streaming events to the collector at %s", self.config.collector)
         return _ExporterStopper(self)
@@ -816,12 +825,20 @@ class Daemon:
         kind = event["type"]
         self.counts[kind] = self.counts.get(kind, 0) + 1
         self.sink.write(event)
-        if self.exporter is not None:
+        if self.exporter is not None or self._before_export is not None:
             from sidecar.export.convert import to_proto
 
             wire = to_proto(event)
-            if wire is not None:
+            if wire is None:
+                return
+            if self.exporter is not None:
                 self.exporter.submit(wire)
+            elif len(self._before_export) < BEFORE_EXPORT_MAX:  # type: ignore[arg-type]
+                self._before_export.append(wire)  # type: ignore[union-attr]
+            else:
+                self.before_export_dropped += 1
+                if self.metrics is not None:
+                    self.metrics.record_loss("before_export", 1)
 
     def _time(self, ts_ns: int) -> str:
         """RFC 3339 UTC time of a kernel timestamp (the second's text is cached)."""
