@@ -8,6 +8,7 @@ field.  Everything is validated once, here, into a frozen dataclass.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,6 +53,9 @@ class DaemonConfig:
     collector_server_name: str | None = None
     spool_dir: Path = Path("/var/lib/sidecar/spool")
     spool_max_bytes: int = 256 * 1024 * 1024
+    # Secrets in argv are masked before events leave the daemon (sidecar.redact):
+    # None uses the built-in rules; an empty tuple turns redaction off.
+    redact_patterns: tuple[str, ...] | None = None
     source: str = "<defaults>"
 
 
@@ -180,6 +184,24 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
             col.parse("spoolMaxBytes", _bounded(1 << 20, 1 << 40), collector[4]) or collector[4],
         )
         col.done()
+    redact = cfg.redact_patterns
+    if "redaction" in doc.data:
+        red = Fields(doc, ("redaction",), top.optional("redaction", dict, {}))
+        enabled = red.optional("enabled", bool, True)
+        raw = red.optional("patterns", list, None)
+        red.done()
+        if raw is not None:
+            for k, item in enumerate(raw):
+                where = ("redaction", "patterns", k)
+                if not isinstance(item, str):
+                    raise doc.error(where, "must be a regular expression (a string)")
+                try:
+                    re.compile(item)
+                except re.error as exc:
+                    raise doc.error(where, f"not a valid regular expression: {exc}") from exc
+            redact = tuple(raw)
+        if not enabled:
+            redact = ()
     admin = top.parse("adminSocket", _abs_path, cfg.admin_socket)
     metrics = top.parse("metrics", _address, cfg.metrics)
     top.done()
@@ -201,6 +223,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         collector_server_name=collector[2],
         spool_dir=collector[3],
         spool_max_bytes=collector[4],
+        redact_patterns=redact,
         host=host,
         output=output,
         scope_cgroup=scope_cgroup,

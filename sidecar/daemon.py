@@ -46,6 +46,7 @@ from sidecar.proctable import (
     read_host_caps,
     read_status_ids,
 )
+from sidecar.redact import Redactor
 
 _logger = logging.getLogger(__name__)
 
@@ -219,6 +220,13 @@ class Daemon:
         # them), handed to it when it does; None once it has, or with no collector.
         self._before_export: list[Any] | None = [] if config.collector else None
         self.before_export_dropped = 0
+        self._redactor: Redactor | None = (
+            Redactor.build()
+            if config.redact_patterns is None
+            else Redactor.build(config.redact_patterns, flag=None)
+            if config.redact_patterns
+            else None
+        )
         # file -> stamp seen changed at the last check, not yet loaded (reload)
         self._unsettled: dict[str, tuple[int, int, int] | None] = {}
         self._reader_stop = threading.Event()
@@ -376,7 +384,7 @@ class Daemon:
                     uid=ids[1],
                     gid=ids[2],
                     exe=read_exe(pid) or "",
-                    argv=read_argv(pid) or (),
+                    argv=self._masked(read_argv(pid) or ()),
                     cgroup=cg,
                     identity=self.numbers.name(number),
                 )
@@ -960,6 +968,9 @@ class Daemon:
         proc = self.table.get(pid)
         exe = self._exe(pid, ev.filename)
         argv = ev.argv if not ev.args_missing else (read_argv(pid) or ())
+        redacted = False
+        if self._redactor is not None:
+            argv, redacted = self._redactor.argv(argv)
         if proc is not None:
             # The same process (no exit seen since its fork), with a new image.
             proc.exe, proc.argv, proc.exec_count = exe, argv, proc.exec_count + 1
@@ -1012,6 +1023,8 @@ class Daemon:
             out.pop("attestation", None)  # settled while handling this record
         out["filename"] = ev.filename
         out["args_truncated"] = ev.args_truncated
+        if redacted:
+            out["args_redacted"] = True
         out["verdict"] = _VERDICT[verdict]
         if refused:
             out["capabilities"] = caps.labels(refused)
@@ -1019,6 +1032,9 @@ class Daemon:
             out["rule"] = rule or "default"
             self._record_verdict(proc.identity, out["rule"], out["verdict"])
         return out
+
+    def _masked(self, argv: tuple[str, ...]) -> tuple[str, ...]:
+        return self._redactor.argv(argv)[0] if self._redactor is not None else argv
 
     def _mode_of(self, spiffe_id: str | None) -> str | None:
         active = self.enforcer.active if self.enforcer is not None else None
@@ -1092,7 +1108,7 @@ class Daemon:
                 uid=ev.task.uid,
                 gid=ev.task.gid,
                 exe=parent.exe if parent else (read_exe(child) or ""),
-                argv=parent.argv if parent else (read_argv(child) or ()),
+                argv=parent.argv if parent else self._masked(read_argv(child) or ()),
                 cgroup=parent.cgroup if parent else self._cgroup(child, ev.task.cgroup_id),
                 identity=parent.identity if parent else None,
                 instance_id=parent.instance_id if parent else None,

@@ -232,3 +232,25 @@ def test_a_script_reports_the_argv_its_interpreter_runs_with(
     finally:
         child.kill()
         child.wait(10)
+
+
+def test_secrets_on_the_command_line_never_leave_the_daemon(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    argv = ["/bin/echo", "--token=tok-SECRET-1", "--password", "SECRET-2", "https://u:SECRET-3@h/x"]
+    child = spawn(scratch_cgroup, argv, stdout=subprocess.DEVNULL)
+    child.wait(10)
+    ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+    assert ev["argv"] == [
+        "/bin/echo",
+        "--token=[REDACTED]",
+        "--password",
+        "[REDACTED]",
+        "https://u:[REDACTED]@h/x",
+    ]
+    assert ev["args_redacted"] is True
+    assert "SECRET" not in repr(daemon.sink.events)  # nowhere in any event
+    plain = spawn(scratch_cgroup, ["/bin/echo", "hello"], stdout=subprocess.DEVNULL)
+    plain.wait(10)
+    ev = daemon.sink.wait_for(type="exec", pid=plain.pid)
+    assert ev["argv"] == ["/bin/echo", "hello"] and "args_redacted" not in ev

@@ -74,6 +74,10 @@ def test_a_config_naming_a_missing_cgroup_says_to_create_it(tmp_path: Path) -> N
             "apiVersion: sidecar/v1\nkind: DaemonConfig\nbpf:\n  ringbufPages: 3\n",
             ["ringbufPages", "power of two"],
         ),
+        (
+            "apiVersion: sidecar/v1\nkind: DaemonConfig\nredaction:\n  patterns: ['(x']\n",
+            ["c.yaml:4", "redaction.patterns[0]", "not a valid regular expression"],
+        ),
     ],
 )
 def test_a_malformed_config_names_file_line_and_field(
@@ -132,3 +136,17 @@ def test_uninstall_of_nothing_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert "nothing was pinned under" in proc.stdout
     assert "detached" not in proc.stdout
+
+
+def test_redaction_rules_come_from_the_config_or_are_turned_off(tmp_path: Path) -> None:
+    from sidecar import config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "apiVersion: sidecar/v1\nkind: DaemonConfig\n"
+        "redaction:\n  patterns: ['(?P<secret>customer-[0-9]+)']\n"
+    )
+    assert config.load(cfg).redact_patterns == ("(?P<secret>customer-[0-9]+)",)
+    cfg.write_text("apiVersion: sidecar/v1\nkind: DaemonConfig\nredaction:\n  enabled: false\n")
+    assert config.load(cfg).redact_patterns == ()
+    assert config.load(None).redact_patterns is None  # the built-in rules
