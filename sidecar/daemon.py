@@ -1285,6 +1285,7 @@ class Daemon:
             "spool_depth": spool.pending(),
             "acked_sequence": spool.acked,
             "dropped": sum(self.exporter.dropped.values()),
+            "last_error": self.exporter.last_error,
         }
 
     def identities(self) -> dict[str, Any]:

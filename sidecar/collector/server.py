@@ -24,6 +24,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
 from sidecar.collector.broker import Broker
@@ -187,7 +188,18 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
         core = self.core
         host, key = await _host_peer(context, core)  # type: ignore[arg-type]
         yield collector_pb2.Ack(acked_sequence=(await core.host_state(host)).last_sequence)
-        async for batch in request_iterator:
+        batches = request_iterator.__aiter__()
+        while True:
+            try:
+                batch = await batches.__anext__()
+            except StopAsyncIteration:
+                return
+            except DecodeError as exc:  # bytes that are no Batch: the client's error
+                _logger.warning("host %s sent bytes that are not a batch: %s", host, exc)
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"the message is not a Batch: {exc}"
+                )
+                return
             async with core.host_lock(host):
                 state = await core.host_state(host)
                 try:
@@ -208,6 +220,8 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                         .removeprefix("KIND_")
                         .lower()
                     )
+                if checked.quarantine:
+                    await core.db(core.store.quarantine, host, batch, checked.quarantine)
                 await core.ingest(host, rows, checked.state)
                 core._states[host] = checked.state
             yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,15 @@ CREATE TABLE IF NOT EXISTS hosts (
     host TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL,
     last_chain BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    batch BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS join_tokens (
     token_hash TEXT PRIMARY KEY,
@@ -124,6 +134,42 @@ class Store:
         with self._lock:
             row = self._q("SELECT last_seq, last_chain FROM hosts WHERE host = ?", (host,))
         return HostState(_int(row[0][0]), _bytes(row[0][1])) if row else HostState()
+
+    def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
+        """Keep a batch that failed verification aside, whole, as evidence.
+
+        It never enters the event table nor moves the host's chain: the
+        genuine batch of the same sequences is still stored when it comes.
+        """
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO quarantine (host, first_seq, last_seq, received_ns, reason, batch)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        host,
+                        batch.first_sequence,
+                        batch.last_sequence,
+                        time.time_ns(),
+                        reason,
+                        batch.SerializeToString(),
+                    ),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot quarantine a batch of {host}: {exc}") from exc
+
+    def quarantined(self, host: str) -> list[tuple[int, int, str, collector_pb2.Batch]]:
+        """(first, last, reason, batch) of each batch of ``host`` kept aside, oldest first."""
+        with self._lock:
+            rows = self._q(
+                "SELECT first_seq, last_seq, reason, batch FROM quarantine WHERE host = ?"
+                " ORDER BY id",
+                (host,),
+            )
+        return [
+            (_int(a), _int(b), str(r), collector_pb2.Batch.FromString(_bytes(raw)))
+            for a, b, r, raw in rows
+        ]
 
     def ingest(
         self, host: str, events: Sequence[NewEvent], state: HostState | None

@@ -1,9 +1,13 @@
 """Check a host's batch: well-formed, signed by the host key, continuing its hash chain.
 
-Why verify and still store: the collector is the evidence locker.  A batch that fails
-the signature or the chain is stored with that verdict next to every event, and an
-integrity alert is stored and streamed, so an operator sees both what arrived and that
-it cannot be trusted.  Nothing the host sent is silently discarded.
+The collector is the evidence locker, and nothing that arrives is silently
+discarded.  A batch whose signature fails was not made by the host's key: it
+is quarantined whole (its own table) with an integrity alert, and never enters
+the event table nor moves the host's chain, so it cannot take the place of the
+genuine batch of the same sequences, which is stored when it comes.  A batch
+the host signed that does not continue its chain (or follows a gap) is stored
+with that verdict next to every event, with an alert: it is the host's word,
+and an operator sees both what arrived and that the record has a break.
 
 A malformed batch (wrong counts, undecodable events, events of another host) is not
 evidence of anything; it is refused as a protocol error.
@@ -40,6 +44,8 @@ class Checked:
     events: list[NewEvent] = field(default_factory=list)
     alerts: list[event_pb2.Event] = field(default_factory=list)
     state: HostState = field(default_factory=HostState)
+    # Why the whole batch is kept aside instead of stored (bad signature), or "".
+    quarantine: str = ""
 
 
 def check_batch(
@@ -71,11 +77,21 @@ def check_batch(
     first, last = batch.first_sequence, batch.last_sequence
     new_from = max(first, state.last_sequence + 1)
     if not verify(key, payload, batch.signature):
-        verdict = V.VERIFICATION_BAD_SIGNATURE
+        # Not the host's: it must not take the place of the genuine batch, so
+        # it is kept aside whole, with the alert, and the chain stays put.
         out.alerts.append(
-            _alert(host, Alert.KIND_BAD_SIGNATURE, first, last, "batch signature does not match")
+            _alert(
+                host,
+                Alert.KIND_BAD_SIGNATURE,
+                first,
+                last,
+                "batch signature does not match: quarantined, not stored",
+            )
         )
-    elif new_from > last:
+        out.state = state
+        out.quarantine = "bad_signature"
+        return out
+    if new_from > last:
         verdict = V.VERIFICATION_VERIFIED  # a resend of stored events: nothing new
     elif first > state.last_sequence + 1:
         verdict = V.VERIFICATION_AFTER_GAP

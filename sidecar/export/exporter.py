@@ -22,9 +22,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -61,6 +63,41 @@ class HostIdentity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+    def problem(self, now: datetime | None = None) -> str | None:
+        """Why a collector would refuse this host's certificate, if it can be told here.
+
+        A TLS handshake the server refuses reaches the client as a closed
+        socket; the common causes are visible on this side.
+        """
+        now = now or datetime.now(timezone.utc)
+        try:
+            leaf = x509.load_pem_x509_certificates(self.cert_chain_pem)[0]
+        except (ValueError, IndexError) as exc:
+            return f"the host certificate cannot be read: {exc}"
+        if leaf.not_valid_after_utc <= now:
+            return (
+                f"the host certificate expired at {leaf.not_valid_after_utc.isoformat()}: "
+                "enroll the host again (sidecar enroll) or let it renew"
+            )
+        if leaf.not_valid_before_utc > now:
+            return (
+                f"the host certificate is valid only from "
+                f"{leaf.not_valid_before_utc.isoformat()}: check this host's clock"
+            )
+        try:
+            roots = x509.load_pem_x509_certificates(self.roots_pem)
+        except ValueError:
+            roots = []
+        issuers = {r.subject for r in roots} | {
+            c.subject for c in x509.load_pem_x509_certificates(self.cert_chain_pem)[1:]
+        }
+        if leaf.issuer not in issuers:
+            return (
+                "the host certificate was not issued under the trust bundle this host holds: "
+                "the collector's CA may have changed; enroll the host again"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -112,6 +149,8 @@ class Exporter:
         self._stopping = False
         self._stream_acked = False
         self.connected = False
+        # Why the collector last refused this host, when it can be told here (status)
+        self.last_error: str | None = None
 
     # ---- producers ----------------------------------------------------------------------
 
@@ -246,6 +285,14 @@ class Exporter:
                 await self._stream_once()
             except grpc.aio.AioRpcError as exc:
                 self.connected = False
+                if not self._stream_acked and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # A refused handshake looks like a closed socket: say why, if we can.
+                    problem = self._identity().problem()
+                    if problem is not None:
+                        self.last_error = problem
+                        _logger.error(
+                            "collector %s refuses this host: %s", self.config.target, problem
+                        )
                 if exc.code() in self.config.non_retryable:
                     raise TransportError(
                         f"collector {self.config.target} refused the stream: "
@@ -296,6 +343,7 @@ class Exporter:
             if not isinstance(first, collector_pb2.Ack):
                 raise _StreamEnded("collector closed the stream before its first ack")
             self.connected = self._stream_acked = True
+            self.last_error = None
             await self._on_ack(first.acked_sequence)
             _logger.info(
                 "streaming to %s from sequence %d", self.config.target, self.spool.acked + 1

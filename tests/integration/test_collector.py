@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -369,28 +370,36 @@ def _alerts(server: CollectorServer) -> list[ev.IntegrityAlert]:
     return [r.event.integrity for r in rows]
 
 
-def test_altered_event_in_a_signed_batch_is_stored_flagged_and_alerted(tmp_path: Path) -> None:
+def test_a_batch_failing_its_signature_is_quarantined_and_the_genuine_one_stored(
+    tmp_path: Path,
+) -> None:
     from sidecar.export.chain import CHAIN_SEED
 
     async def body() -> None:
         async with running(make_config(tmp_path)) as server:
             ident = host_identity(server.ca, "h3")
             good, head = _batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(3)])
-            bad, _ = _batch(ident, 4, head, [connect_event(i) for i in range(3, 6)])
+            genuine, head2 = _batch(ident, 4, head, [connect_event(i) for i in range(3, 6)])
+            after, _ = _batch(ident, 7, head2, [connect_event(i) for i in range(6, 9)])
+            bad = pb.Batch.FromString(genuine.SerializeToString())
             altered = ev.Event.FromString(bad.events[1])
             altered.connect.verdict = ev.VERDICT_ALLOW if altered.connect.verdict else 2  # type: ignore[assignment]
             altered.connect.address = "203.0.113.9"
             bad.events[1] = altered.SerializeToString()
-            acks = await _publish(server.port, server.ca, ident, [good, bad])
-            assert acks == [0, 3, 6]
+            # The forged batch is not acknowledged: the chain stays at 3.
+            assert await _publish(server.port, server.ca, ident, [good, bad]) == [0, 3, 3]
             alerts = _alerts(server)
             assert [(a.kind, a.first_sequence, a.last_sequence) for a in alerts] == [
                 (ev.IntegrityAlert.KIND_BAD_SIGNATURE, 4, 6)
             ]
+            (q,) = server.store.quarantined("h3")
+            assert q[:3] == (4, 6, "bad_signature") and q[3] == bad
+            # The genuine resend takes its place, and the next batch continues the chain.
+            assert await _publish(server.port, server.ca, ident, [genuine, after]) == [3, 6, 9]
             rows = server.store.query(pb.EventFilter(hosts=["h3"], kinds=["connect"]), 0, 100)
-            assert [r.verification for r in rows] == [pb.VERIFICATION_VERIFIED] * 3 + [
-                pb.VERIFICATION_BAD_SIGNATURE
-            ] * 3
+            assert [r.verification for r in rows] == [pb.VERIFICATION_VERIFIED] * 9
+            assert [r.event.connect.address for r in rows].count("203.0.113.9") == 0
+            assert len(_alerts(server)) == 1  # no chain break after the forged batch
 
     asyncio.run(body())
 
@@ -584,6 +593,19 @@ def test_malformed_and_oversized_batches_are_refused_and_nothing_acked_is_lost(
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _publish(server.port, server.ca, h, [other])
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # Bytes that are no Batch at all.
+            async with channel(server.port, server.ca, (h.key_pem(), h.cert_chain_pem)) as ch:
+                raw = ch.stream_stream(
+                    "/sidecar.api.v1.Collector/Publish",
+                    request_serializer=lambda b: b,
+                    response_deserializer=pb.Ack.FromString,
+                )
+                call = raw()
+                assert _ack(await call.read()) == 5
+                await call.write(b"\xff\xff\xff\xff not a protobuf")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call.read()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             huge = [ev.Event(time_ns=1, exec=ev.Exec(exe="y" * 100_000))]
             big, _ = _batch(h, 6, CHAIN_SEED, huge)
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -625,5 +647,36 @@ def test_exporter_stops_on_a_non_retryable_refusal(tmp_path: Path) -> None:
             with pytest.raises(TransportError, match="PERMISSION_DENIED"):
                 await asyncio.wait_for(exp.run(), 10)
             assert server.store.count() == 0
+
+    asyncio.run(body())
+
+
+def test_a_host_whose_certificate_the_collector_refuses_says_why(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with running(make_config(tmp_path)) as server:
+            # Expired a second after it was issued: the handshake is refused, which the
+            # client only sees as a closed socket.
+            svid = server.ca.issue_x509_svid(f"spiffe://{TD}/host/late", timedelta(seconds=1))
+            ident = HostIdentity(
+                "late", svid.cert_chain_pem(), svid.private_key, roots_pem(server.ca)
+            )
+            await asyncio.sleep(1.5)
+            assert ident.problem() is not None and "expired" in ident.problem()  # type: ignore[operator]
+            exp = exporter_for(tmp_path, server.port, ident)
+            exp.submit(connect_event(1))
+            task = asyncio.create_task(exp.run())
+            for _ in range(100):
+                if exp.last_error is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert exp.last_error is not None and "expired" in exp.last_error
+            assert not exp.connected
+            await exp.close(timeout=0.5)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            assert server.store.count() == 0
+            # A host whose certificate is fine has nothing to report.
+            assert host_identity(server.ca, "fine").problem() is None
 
     asyncio.run(body())
