@@ -220,6 +220,7 @@ class Daemon:
         # them), handed to it when it does; None once it has, or with no collector.
         self._before_export: list[Any] | None = [] if config.collector else None
         self.before_export_dropped = 0
+        self._export_drops_seen: dict[tuple[str, str], int] = {}
         self._redactor: Redactor | None = (
             Redactor.build()
             if config.redact_patterns is None
@@ -358,6 +359,7 @@ class Daemon:
             JwtAuthority(td),
             ttl=timedelta(seconds=self.config.svid_ttl),
             on_event=self._on_credential,
+            on_jwt=self._on_jwt,
         )
         self.instances = InstanceRegistry(self.manager)
 
@@ -1171,6 +1173,10 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.record_verdict(identity or "none", rule, verdict)
 
+    def _on_jwt(self, instance_id: str, spiffe_id: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.record_credential_issued(str(spiffe_id), "jwt")
+
     def _on_credential(
         self, kind: str, instance_id: str, spiffe_id: Any, serial: int, not_after: datetime
     ) -> None:
@@ -1264,6 +1270,12 @@ class Daemon:
     def _export_metrics(self) -> None:
         if self.metrics is None or self.exporter is None:
             return
+        # What the exporter dropped (queue full, spool full) since the last look.
+        for (kind, reason), n in list(self.exporter.dropped.items()):
+            seen = self._export_drops_seen.get((kind, reason), 0)
+            if n > seen:
+                self.metrics.record_loss(reason, n - seen)
+                self._export_drops_seen[(kind, reason)] = n
         spool = self.exporter.spool
         self.metrics.set_spool_depth(spool.pending(), spool.size_bytes())
         running = self._export_task is not None and not self._export_task.done()

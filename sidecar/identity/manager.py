@@ -74,6 +74,7 @@ class CredentialManager:
         jwt_authority: JwtAuthority,
         ttl: timedelta = timedelta(minutes=10),
         on_event: EventCallback | None = None,
+        on_jwt: Callable[[str, SpiffeId], None] | None = None,
     ) -> None:
         if ttl <= timedelta(0):
             raise CredentialError("credential ttl must be positive")
@@ -85,6 +86,7 @@ class CredentialManager:
         self.jwt_authority = jwt_authority
         self.ttl = ttl
         self._on_event = on_event
+        self._on_jwt = on_jwt  # (instance_id, spiffe_id) of each JWT-SVID issued
         self._instances: dict[str, _Instance] = {}
         self._revoked_instances: set[str] = set()
         self._revoked_serials: dict[int, datetime] = {}
@@ -150,8 +152,12 @@ class CredentialManager:
         if state is None:
             raise CredentialError(f"instance {instance_id} holds no credentials")
         if ttl is None:
-            return self.jwt_authority.issue(state.spiffe_id, audience)
-        return self.jwt_authority.issue(state.spiffe_id, audience, ttl)
+            token = self.jwt_authority.issue(state.spiffe_id, audience)
+        else:
+            token = self.jwt_authority.issue(state.spiffe_id, audience, ttl)
+        if self._on_jwt is not None:
+            self._on_jwt(instance_id, state.spiffe_id)
+        return token
 
     async def watch(self, instance_id: str) -> AsyncGenerator[X509Svid | None, None]:
         """The current SVID, then each renewal; ``None`` (and the end) once revoked."""

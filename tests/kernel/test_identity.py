@@ -359,3 +359,25 @@ def test_a_tool_spawned_while_its_agent_is_pending_takes_the_agent_identity(
     assert tool["svid_serial"] == attested["svid_serial"]
     assert number is not None and number[0] == identity_number(attested["identity"])
     assert d.sink.find(type="fork", pid=tool_pid) == []
+
+
+def test_credential_metrics_count_what_the_daemon_issued(
+    scratch_cgroup: Path, pin_dir: Path, short_tmp: Path, binaries: dict[str, Path]
+) -> None:
+    """Through the product: an agent fetches an X.509-SVID and a JWT-SVID; the counters say so."""
+    from sidecar.metrics import DaemonMetrics
+
+    metrics = DaemonMetrics()
+    entries = write_entries(short_tmp, scratch_cgroup, binaries["sleeper"])
+    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=60)
+    with run_daemon(cfg, metrics) as d:
+        [r] = run_client(scratch_cgroup, short_tmp / "workload.sock", "jwt", "payments-api")
+        assert r["kind"] == "jwt"
+        sid = "spiffe://example.org/agent/research-bot"
+        sample = metrics.registry.get_sample_value
+        wait_until(
+            lambda: sample("sidecar_credentials_issued_total", {"identity": sid, "kind": "x509"}),
+            what="the x509 issuance counted",
+        )
+        assert sample("sidecar_credentials_issued_total", {"identity": sid, "kind": "jwt"}) == 1
+        assert d.sink.find(type="credential_issued", identity=sid)

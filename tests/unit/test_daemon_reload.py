@@ -82,3 +82,24 @@ def test_a_policy_file_is_taken_only_once_it_stops_changing(tmp_path: Path) -> N
     st = policy.stat()
     d._stamps["policy"] = (st.st_ino, st.st_mtime_ns, st.st_size)
     assert not d._changed_and_settled("policy", policy, force=False)
+
+
+def test_what_the_exporter_drops_reaches_the_loss_metric_once(tmp_path: Path) -> None:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from sidecar.metrics import DaemonMetrics
+
+    metrics = DaemonMetrics()
+    d = Daemon(config.load(None), ListSink(), metrics)
+    spool = SimpleNamespace(pending=lambda: 0, size_bytes=lambda: 0)
+    d.exporter = SimpleNamespace(dropped=Counter(), spool=spool, connected=True)
+    d.exporter.dropped[("exec", "queue_full")] += 3
+    d._export_metrics()
+    d.exporter.dropped[("exec", "queue_full")] += 2
+    d.exporter.dropped[("connect", "spool_full")] += 4
+    d._export_metrics()
+    d._export_metrics()  # nothing new: nothing counted twice
+    sample = metrics.registry.get_sample_value
+    assert sample("sidecar_events_lost_total", {"reason": "queue_full"}) == 5
+    assert sample("sidecar_events_lost_total", {"reason": "spool_full"}) == 4
