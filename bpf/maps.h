@@ -35,7 +35,7 @@
 #endif
 /* Sized by the loader from sidecar/kernel/abi.py, the one home of map sizes. */
 #if !defined(EGRESS_MAX) || !defined(EXEC_ALLOW_MAX) || !defined(POLICIES_MAX) ||              \
-	!defined(SOCKET_ALLOW_MAX)
+	!defined(SOCKET_ALLOW_MAX) || !defined(UNIX_ALLOW_MAX)
 #error "the loader passes the policy map sizes (EGRESS_MAX, EXEC_ALLOW_MAX, ...)"
 #endif
 #if !defined(SIDECAR_OFF_TASK_MM) || !defined(SIDECAR_OFF_MM_EXE_FILE) ||                   \
@@ -98,6 +98,9 @@ BPF_TABLE_PINNED("hash", struct exec_key, struct exec_file, exec_allow, EXEC_ALL
 /* (generation, identity, family, type, protocol) -> 1 for each other socket kind allowed */
 BPF_TABLE_PINNED("hash", struct socket_key, u8, socket_allow, SOCKET_ALLOW_MAX,
 		 PIN_DIR "/socket_allow");
+/* (generation, identity, unix socket path or prefix) -> 1; judged by bpf/unix.bpf.c */
+BPF_TABLE_PINNED("lpm_trie", struct unix_key, u8, unix_allow, UNIX_ALLOW_MAX, PIN_DIR "/unix_allow",
+		 BPF_F_NO_PREALLOC);
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* per-CPU scratch to build an exec record, sent without its unused argv tail */

@@ -31,6 +31,8 @@ apt_install() {
 }
 
 apt_install python3-bpfcc libbpf1 bpftool python3-venv python3-dev gcc make systemd
+# clang and libbpf-dev build the unix-socket hooks (bpf/unix.bpf.c), which BCC cannot.
+apt_install clang libbpf-dev linux-libc-dev
 
 # Kernel headers for BCC.
 build=/lib/modules/$release/build

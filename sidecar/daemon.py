@@ -36,7 +36,7 @@ from sidecar.errors import AttestationError, ConfigError, KernelError, PolicyErr
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
 from sidecar.policy import caps
-from sidecar.policy.model import format_socket_kind
+from sidecar.policy.model import format_socket_kind, format_unix_address
 from sidecar.proctable import (
     Process,
     ProcessTable,
@@ -938,6 +938,8 @@ class Daemon:
             out = self._on_exit(ev)
         elif isinstance(ev, abi.Socket):
             out = self._on_socket(ev)
+        elif isinstance(ev, abi.Unix):
+            out = self._on_unix(ev)
         else:
             out = self._on_connect(ev)
         if out is not None:
@@ -1159,6 +1161,17 @@ class Daemon:
         self._record_verdict(out["identity"], out["rule"], out["verdict"])
         return out
 
+    def _on_unix(self, ev: abi.Unix) -> dict[str, Any]:
+        proc = self.table.get(ev.task.pid)
+        out = self._base("socket", ev, proc, ev.policy_gen)
+        out["family"] = "unix"
+        out["operation"] = "connect" if ev.hook == abi.Hook.CONNECT_UNIX else "sendmsg"
+        out["address"] = format_unix_address((ev.path, False))
+        out["verdict"] = _VERDICT[ev.verdict]
+        out["rule"] = "unix" if ev.verdict == abi.Verdict.ALLOW else "default"
+        self._record_verdict(out["identity"], out["rule"], out["verdict"])
+        return out
+
     def _rule_name(self, gen: int, number: int, rule: int) -> str:
         if rule == 0 or self.enforcer is None:
             return "default"
@@ -1250,6 +1263,11 @@ class Daemon:
             "programs": {
                 "tracepoints": [f"{c}:{e}" for _p, _f, c, e in TRACEPOINTS],
                 "cgroup_hooks": [p for p, *_ in CGROUP_HOOKS],
+                "unix_sockets": (
+                    "judged"
+                    if self._programs is not None and self._programs.unix is not None
+                    else f"not judged: {getattr(self._programs, 'unix_problem', 'not loaded')}"
+                ),
                 "attach_seconds": round(self.attach_seconds, 2),
             },
             "processes_in_scope": len(self.table),

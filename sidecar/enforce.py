@@ -108,6 +108,7 @@ class MapEntries:
     egress: list[tuple[bytes, bytes]] = field(default_factory=list)
     exec_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
     socket_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
+    unix_allow: list[tuple[bytes, bytes]] = field(default_factory=list)
     # identity number -> each allowed executable, for the userspace check
     exec_files: dict[int, set[ExecFile]] = field(default_factory=dict)
 
@@ -147,6 +148,17 @@ def _identity_entries(
                 (abi.EXEC_KEY.pack(gen, number, f.dev, 0, f.ino), abi.EXEC_FILE.pack(sec, nsec, 0))
             )
         out.exec_files[number] = files
+    if ident.unix is not None:
+        flags |= abi.POLICY_UNIX_RESTRICTED
+        for raw, is_prefix in sorted(ident.unix):
+            # An exact address matches its bytes and the NUL after them, nothing longer.
+            bits = 8 * (len(raw) if is_prefix else len(raw) + 1)
+            out.unix_allow.append(
+                (
+                    abi.UNIX_KEY.pack(64 + bits, gen, number, raw.ljust(abi.UNIX_PATH_LEN, b"\0")),
+                    b"\1",
+                )
+            )
     for family, stype, proto in sorted(ident.sockets):
         out.socket_allow.append((abi.SOCKET_KEY.pack(gen, number, family, stype, proto, 0), b"\1"))
     refused = caps.refused_mask(ident.capabilities)
@@ -218,6 +230,13 @@ class Enforcer:
 
     def load(self, policy: CompiledPolicy) -> Generation:
         """Write ``policy`` into the idle generation and put it in force."""
+        problem = getattr(self.maps, "unix_problem", None)
+        uses_unix = sorted(s for s, i in policy.identities.items() if i.unix is not None)
+        if uses_unix and problem is not None:
+            raise PolicyError(
+                f"{policy.source}: {uses_unix[0]} lists unix socket addresses, which this host "
+                f"cannot judge ({problem}); the policy is refused rather than left unenforced"
+            )
         flags, current = self.maps.settings()
         in_force = bool(flags & abi.SETTING_POLICY)
         gen = 1 - current if in_force else current
@@ -227,6 +246,7 @@ class Enforcer:
         self.maps.write_entries("egress", entries.egress)
         self.maps.write_entries("exec_allow", entries.exec_allow)
         self.maps.write_entries("socket_allow", entries.socket_allow)
+        self.maps.write_entries("unix_allow", entries.unix_allow)
         self.maps.set_settings(policy_gen=gen)  # the flip: one map write
         self._written[gen] = entries
         if in_force:
@@ -246,6 +266,7 @@ class Enforcer:
         self.maps.delete_entries("egress", [k for k, _ in written.egress])
         self.maps.delete_entries("exec_allow", [k for k, _ in written.exec_allow])
         self.maps.delete_entries("socket_allow", [k for k, _ in written.socket_allow])
+        self.maps.delete_entries("unix_allow", [k for k, _ in written.unix_allow])
 
     def unload(self) -> None:
         flags, gen = self.maps.settings()

@@ -24,6 +24,7 @@
 #define SIDECAR_ARG_MAX 256   /* one argument, truncated */
 #define SIDECAR_MAX_ARGS 32
 #define SIDECAR_MAX_PORT_RULES 8
+#define SIDECAR_UNIX_PATH_LEN 108 /* sizeof(sockaddr_un.sun_path) */
 
 /* Record types. */
 enum sidecar_event_type {
@@ -32,6 +33,7 @@ enum sidecar_event_type {
 	SIDECAR_EVENT_EXIT = 3,
 	SIDECAR_EVENT_CONNECT = 4,
 	SIDECAR_EVENT_SOCKET = 5,
+	SIDECAR_EVENT_UNIX = 6,
 };
 
 /* Identity numbers in the procs map. 0 and the top values are reserved. */
@@ -53,6 +55,8 @@ enum sidecar_hook {
 	SIDECAR_HOOK_SENDMSG6 = 4,
 	SIDECAR_HOOK_SOCKET_CREATE = 5, /* socket(): family, type, protocol */
 	SIDECAR_HOOK_SETSOCKOPT = 6,    /* setsockopt(): a source-routing option */
+	SIDECAR_HOOK_CONNECT_UNIX = 7,  /* connect() on a unix socket */
+	SIDECAR_HOOK_SENDMSG_UNIX = 8,  /* sendmsg() to a unix socket address */
 };
 
 /* Flags of struct settings. */
@@ -64,6 +68,7 @@ enum sidecar_hook {
 #define SIDECAR_POLICY_EGRESS_ANY 0x2      /* no egress allowlist: every destination */
 #define SIDECAR_POLICY_EXEC_RESTRICTED 0x4 /* only executables in exec_allow */
 #define SIDECAR_POLICY_LOG_ALLOWED 0x8     /* report allowed decisions too */
+#define SIDECAR_POLICY_UNIX_RESTRICTED 0x10 /* only unix socket addresses in unix_allow */
 
 /* Protocol bits of struct port_rule. */
 #define SIDECAR_PROTO_TCP 0x1
@@ -157,6 +162,22 @@ struct socket_event {
 	__u32 pad;
 };
 
+/*
+ * A unix socket address an identity connected or sent to (or would have).
+ * path is sun_path as the caller passed it: for an abstract name, a NUL
+ * byte and the name; path_len counts the bytes given.
+ */
+struct unix_event {
+	struct event_header hdr;
+	struct task_ctx task;
+	__u8 hook;    /* SIDECAR_HOOK_CONNECT_UNIX or SIDECAR_HOOK_SENDMSG_UNIX */
+	__u8 verdict; /* enum sidecar_verdict */
+	__u16 path_len;
+	__u32 policy_gen;
+	char path[SIDECAR_UNIX_PATH_LEN];
+	__u32 pad;
+};
+
 /* Kernel-side state of one process (key: thread group id). */
 struct proc_state {
 	__u32 identity;
@@ -241,6 +262,19 @@ struct exec_file {
 	__u64 ctime_sec;
 	__u32 ctime_nsec;
 	__u32 pad;
+};
+
+/*
+ * LPM trie key of the unix socket addresses an identity may use.  prefixlen
+ * counts bits from gen on: 64 + the path bits that must match.  An exact
+ * entry includes one NUL after the path (it matches nothing longer); a
+ * prefix entry does not.
+ */
+struct unix_key {
+	__u32 prefixlen;
+	__u32 gen;
+	__u32 identity;
+	char path[SIDECAR_UNIX_PATH_LEN];
 };
 
 /* A socket kind (other than TCP and UDP over IPv4/IPv6) an identity may create. */

@@ -113,7 +113,7 @@ def to_proto(ev: dict[str, Any]) -> pb.Event | None:
         k = out.socket
         k.pid = ev["pid"]
         k.operation = ev["operation"]
-        k.kind = ev.get("socket") or ev.get("option") or ""
+        k.kind = ev.get("socket") or ev.get("option") or ev.get("address") or ""
         k.verdict = _VERDICT.get(ev["verdict"], pb.VERDICT_UNSPECIFIED)
         k.rule = ev.get("rule") or ""
     elif kind in ("credential_issued", "credential_revoked"):

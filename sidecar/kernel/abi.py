@@ -30,6 +30,8 @@ POLICIES_MAX = 20_480  # 2 x (10,000 identities + the default and pending entrie
 EGRESS_MAX = 409_600  # 2 x 200,000 CIDRs (one compiled prefix per CIDR at most)
 EXEC_ALLOW_MAX = 102_400  # 2 x 50,000 executables
 SOCKET_ALLOW_MAX = 8_192  # 2 x 4,096 socket kinds
+UNIX_ALLOW_MAX = 8_192  # 2 x 4,096 unix socket addresses
+UNIX_PATH_LEN = 108
 
 IDENTITY_NONE = 0
 IDENTITY_PENDING = 0xFFFFFFFF
@@ -42,6 +44,7 @@ POLICY_ENFORCE = 0x1
 POLICY_EGRESS_ANY = 0x2
 POLICY_EXEC_RESTRICTED = 0x4
 POLICY_LOG_ALLOWED = 0x8
+POLICY_UNIX_RESTRICTED = 0x10
 
 PROTO_TCP = 0x1
 PROTO_UDP = 0x2
@@ -64,6 +67,7 @@ class EventType(enum.IntEnum):
     EXIT = 3
     CONNECT = 4
     SOCKET = 5
+    UNIX = 6
 
 
 class Verdict(enum.IntEnum):
@@ -79,6 +83,8 @@ class Hook(enum.IntEnum):
     SENDMSG6 = 4
     SOCKET_CREATE = 5
     SETSOCKOPT = 6
+    CONNECT_UNIX = 7
+    SENDMSG_UNIX = 8
 
 
 class EventHeader(ctypes.Structure):
@@ -164,6 +170,28 @@ class SocketEvent(ctypes.Structure):
         ("optname", ctypes.c_int32),
         ("policy_gen", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+    )
+
+
+class UnixEvent(ctypes.Structure):
+    _fields_ = (
+        ("hdr", EventHeader),
+        ("task", TaskCtx),
+        ("hook", ctypes.c_uint8),
+        ("verdict", ctypes.c_uint8),
+        ("path_len", ctypes.c_uint16),
+        ("policy_gen", ctypes.c_uint32),
+        ("path", ctypes.c_uint8 * UNIX_PATH_LEN),
+        ("pad", ctypes.c_uint32),
+    )
+
+
+class UnixKey(ctypes.Structure):
+    _fields_ = (
+        ("prefixlen", ctypes.c_uint32),
+        ("gen", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("path", ctypes.c_uint8 * UNIX_PATH_LEN),
     )
 
 
@@ -255,6 +283,8 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "exit_event": ExitEvent,
     "connect_event": ConnectEvent,
     "socket_event": SocketEvent,
+    "unix_event": UnixEvent,
+    "unix_key": UnixKey,
     "proc_state": ProcState,
     "settings": Settings,
     "policy_key": PolicyKey,
@@ -341,7 +371,17 @@ class Socket:
     policy_gen: int
 
 
-KernelEvent = Exec | Fork | Exit | Connect | Socket
+@dataclass(slots=True)
+class Unix:
+    ts_ns: int
+    task: Task
+    hook: Hook
+    verdict: Verdict
+    path: bytes  # sun_path as given: a leading NUL for an abstract name
+    policy_gen: int
+
+
+KernelEvent = Exec | Fork | Exit | Connect | Socket | Unix
 
 _BY_TYPE: dict[int, type[ctypes.Structure]] = {
     EventType.EXEC: ExecEvent,
@@ -349,6 +389,7 @@ _BY_TYPE: dict[int, type[ctypes.Structure]] = {
     EventType.EXIT: ExitEvent,
     EventType.CONNECT: ConnectEvent,
     EventType.SOCKET: SocketEvent,
+    EventType.UNIX: UnixEvent,
 }
 
 
@@ -367,6 +408,7 @@ _EXEC_FIXED = struct.Struct("<IIIHHHBBIQ")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
 _CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
 _SOCKET_TAIL = struct.Struct("<HHHBBiiII")
+_UNIX_TAIL = struct.Struct(f"<BBHI{UNIX_PATH_LEN}sI")
 _T0 = _HEADER.size
 _T1 = _T0 + _TASK.size
 _NAME = _T1 + _EXEC_TAIL.size - FILENAME_LEN  # offset of exec_event.filename
@@ -383,6 +425,7 @@ for _what, _got, _want in (
     ("exit_event", _T1, ctypes.sizeof(ExitEvent)),
     ("connect_event", _T1 + _CONNECT_TAIL.size, ctypes.sizeof(ConnectEvent)),
     ("socket_event", _T1 + _SOCKET_TAIL.size, ctypes.sizeof(SocketEvent)),
+    ("unix_event", _T1 + _UNIX_TAIL.size, ctypes.sizeof(UnixEvent)),
 ):
     if _got != _want:  # pragma: no cover - a broken build, not bad input
         raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
@@ -399,6 +442,7 @@ EGRESS_RULES_HEAD = struct.Struct("<I")  # count, then MAX_PORT_RULES port rules
 EXEC_KEY = struct.Struct("<IIIIQ")  # gen, identity, dev (kernel dev_t), pad, ino
 EXEC_FILE = struct.Struct("<QII")  # ctime_sec, ctime_nsec, pad
 SOCKET_KEY = struct.Struct("<IIHHHH")  # gen, identity, family, type, protocol, pad
+UNIX_KEY = struct.Struct(f"<III{UNIX_PATH_LEN}s")  # prefixlen, gen, identity, path
 
 for _what, _got, _want in (
     ("policy_key", POLICY_KEY.size, ctypes.sizeof(PolicyKey)),
@@ -413,6 +457,7 @@ for _what, _got, _want in (
     ("exec_key", EXEC_KEY.size, ctypes.sizeof(ExecKey)),
     ("exec_file", EXEC_FILE.size, ctypes.sizeof(ExecFile)),
     ("socket_key", SOCKET_KEY.size, ctypes.sizeof(SocketKey)),
+    ("unix_key", UNIX_KEY.size, ctypes.sizeof(UnixKey)),
 ):
     if _got != _want:  # pragma: no cover - a broken build, not bad input
         raise ImportError(f"struct format of {_what} disagrees with its ctypes mirror")
@@ -507,6 +552,16 @@ def decode(data: bytes) -> KernelEvent:
             _enum(_VERDICTS, verdict, "verdict"),
             flags,
             caps,
+        )
+    if kind == EventType.UNIX:
+        hook, verdict, path_len, gen, path, _pad = _UNIX_TAIL.unpack_from(data, _T1)
+        return Unix(
+            ts_ns,
+            task,
+            _enum(_HOOKS, hook, "hook"),
+            _enum(_VERDICTS, verdict, "verdict"),
+            path[: min(path_len, UNIX_PATH_LEN)],
+            gen,
         )
     if kind == EventType.SOCKET:
         family, stype, protocol, hook, verdict, level, optname, gen, _pad = (

@@ -189,6 +189,8 @@ class KernelPrograms:
         self._ring: libbpf.RingBuffer | None = None
         self._scope_id = 0
         self._scope_level = 0
+        self.unix: Any = None  # sidecar.kernel.unix.UnixHooks once loaded
+        self.unix_problem: str | None = "not loaded"
         self.report = AttachReport()
 
     # -- loading -----------------------------------------------------------
@@ -218,6 +220,7 @@ class KernelPrograms:
             f"-DEGRESS_MAX={abi.EGRESS_MAX}",
             f"-DEXEC_ALLOW_MAX={abi.EXEC_ALLOW_MAX}",
             f"-DSOCKET_ALLOW_MAX={abi.SOCKET_ALLOW_MAX}",
+            f"-DUNIX_ALLOW_MAX={abi.UNIX_ALLOW_MAX}",
             *kernel_offset_cflags(),
             "-Wno-macro-redefined",
         ]
@@ -229,9 +232,23 @@ class KernelPrograms:
             self._bpf = module(text=self._source_text(src).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for every failure
             raise KernelError(f"BPF programs failed to compile or load: {exc}") from exc
+        self._load_unix(src)
         self.report.compile_seconds = time.monotonic() - started
         self._set_scope()
         self.set_settings(attest=self.options.attest)
+
+    def _load_unix(self, src: Path) -> None:
+        """The unix-socket hooks, on the same maps; without them, say why (and go on)."""
+        from sidecar.kernel.unix import SHARED_MAPS, UnixHooks
+
+        try:
+            self.unix = UnixHooks.load(
+                src, {name: self._table(name).map_fd for name in SHARED_MAPS}
+            )
+            self.unix_problem = None
+        except KernelError as exc:
+            self.unix, self.unix_problem = None, str(exc)
+            _logger.warning("unix sockets will not be judged on this host: %s", exc)
 
     def _set_scope(self) -> None:
         fd = self._open_scope()
@@ -305,6 +322,7 @@ class KernelPrograms:
             ("egress", abi.EgressKey),
             ("exec_allow", abi.ExecKey),
             ("socket_allow", abi.SocketKey),
+            ("unix_allow", abi.UnixKey),
         ):
             table = self._table(name)
             doomed = [k for k in table if key_t.from_buffer_copy(k).gen == gen]
@@ -350,7 +368,11 @@ class KernelPrograms:
         attached (a pinned link outlives every daemon) next to the new ones.
         The new programs are attached before anything is removed.
         """
+        from sidecar.kernel.unix import UNIX_HOOKS
+
         current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
+        if self.unix is not None:
+            current |= {pin for pin, *_ in UNIX_HOOKS}
         for path in sorted(self.links_dir.iterdir()):
             if path.name not in current:
                 path.unlink()  # the link's last reference: its program detaches
@@ -374,12 +396,34 @@ class KernelPrograms:
                     os.close(old)
                 link = libbpf.link_create(fn.fd, cg_fd, attach_type)
                 self._replace_pin(pin, link)
+            if self.unix is not None:
+                from sidecar.kernel.unix import UNIX_HOOKS
+
+                for pin, prog_name, attach_type in UNIX_HOOKS:
+                    self._attach_cgroup_link(
+                        pin, self.unix.prog_fds[prog_name], cg_fd, root_id, attach_type
+                    )
         finally:
             os.close(cg_fd)
 
+    def _attach_cgroup_link(
+        self, pin: str, prog_fd: int, cg_fd: int, cg_id: int, attach_type: int
+    ) -> None:
+        old = libbpf.obj_get(self.links_dir / pin)
+        if old is not None and libbpf.link_cgroup_id(old) == cg_id:
+            libbpf.link_update(old, prog_fd)  # same cgroup: swap the program, no gap
+            self._link_fds[pin] = old
+            self.report.adopted.append(pin)
+            return
+        if old is not None:
+            os.close(old)
+        self._replace_pin(pin, libbpf.link_create(prog_fd, cg_fd, attach_type))
+
     def detach_cgroup_hooks(self) -> None:
         """Detach the cgroup hooks (benchmarks measure the host without them); attach() again."""
-        for pin, *_ in CGROUP_HOOKS:
+        from sidecar.kernel.unix import UNIX_HOOKS
+
+        for pin, *_ in (*CGROUP_HOOKS, *UNIX_HOOKS):
             fd = self._link_fds.pop(pin, None)
             if fd is not None:
                 os.close(fd)
@@ -495,6 +539,9 @@ class KernelPrograms:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
+        if self.unix is not None:
+            self.unix.close()
+            self.unix = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -504,7 +551,17 @@ class KernelPrograms:
 
 # What a pin directory of ours holds: links/, pinned maps, and v<N>/ per ABI version.
 _PINNED_NAMES = frozenset(
-    {"links", "procs", "scope", "settings", "policies", "egress", "exec_allow", "socket_allow"}
+    {
+        "links",
+        "procs",
+        "scope",
+        "settings",
+        "policies",
+        "egress",
+        "exec_allow",
+        "socket_allow",
+        "unix_allow",
+    }
 )
 _VERSION_DIR = re.compile(r"^v\d+$")
 

@@ -32,7 +32,7 @@ from sidecar.policy.allowset import AllowSet, Box, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
 from sidecar.policy.evaluate import decide_value
 from sidecar.policy.history import ConnectEvent, Event, ExecEvent, HistoryEvent, parse_events
-from sidecar.policy.model import format_socket_kind
+from sidecar.policy.model import format_socket_kind, format_unix_address
 from sidecar.policy.space import format_address
 
 _logger = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class IdentityReach:
     # closure may hold: with any, it can switch enforcement off. None: any
     # (an identity the policy does not list is not refused them)
     capabilities: tuple[str, ...] | None = ()
+    # unix socket addresses it and its spawn closure may use; None: any
+    unix: tuple[str, ...] | None = None
 
     @property
     def can_disable_enforcement(self) -> bool:
@@ -142,6 +144,7 @@ class IdentityReach:
             "sockets": None if self.sockets is None else list(self.sockets),
             "capabilities": None if self.capabilities is None else list(self.capabilities),
             "can_disable_enforcement": self.can_disable_enforcement,
+            "unix": None if self.unix is None else list(self.unix),
         }
 
 
@@ -191,6 +194,10 @@ def _render_identity(rank: int, r: IdentityReach) -> list[str]:
         )
     elif r.capabilities:
         lines.append(f"  CAN DISABLE ENFORCEMENT: accepts {', '.join(r.capabilities)}")
+    if r.unix is None:
+        lines.append("  unix sockets: any")
+    else:
+        lines.append(f"  unix sockets: {', '.join(r.unix) or 'none'}")
     if r.sockets is None:
         lines.append("  other sockets: any (raw, ICMP, ...)")
     elif r.sockets:
@@ -242,6 +249,12 @@ def _sockets_of(policy: CompiledPolicy, ci: CompiledIdentity | None) -> frozense
     if ci is None:  # governed by the unidentified default
         return None if policy.unidentified == "allow" else frozenset()
     return frozenset(format_socket_kind(k) for k in ci.sockets)
+
+
+def _unix_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
+    if ci is None or ci.unix is None:
+        return None
+    return frozenset(format_unix_address(a) for a in ci.unix)
 
 
 def _caps_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
@@ -321,7 +334,10 @@ def blast_radius(
         executables = _exec_of(ci)
         sockets = _sockets_of(policy, ci)
         held = _caps_of(ci)
+        unix = _unix_of(ci)
         for child in spawns:
+            theirs_unix = _unix_of(policy.identities.get(child))
+            unix = None if unix is None or theirs_unix is None else unix | theirs_unix
             theirs_caps = _caps_of(policy.identities.get(child))
             held = None if held is None or theirs_caps is None else held | theirs_caps
             theirs = _sockets_of(policy, policy.identities.get(child))
@@ -354,6 +370,7 @@ def blast_radius(
                 tightening=tightening,
                 sockets=None if sockets is None else tuple(sorted(sockets)),
                 capabilities=None if held is None else tuple(sorted(held)),
+                unix=None if unix is None else tuple(sorted(unix)),
             )
         )
     rows.sort(key=lambda r: r.spiffe_id)

@@ -68,6 +68,8 @@ class CompiledIdentity:
     sockets: frozenset[tuple[int, int, int]] = frozenset()
     # dangerous capabilities (sidecar.policy.caps) the identity may hold
     capabilities: frozenset[int] = frozenset()
+    # unix socket addresses (sun_path bytes, is a prefix) it may use; None: any
+    unix: frozenset[tuple[bytes, bool]] | None = None
 
     @cached_property
     def _lpm_index(self) -> tuple[tuple[int, int, dict[int, PrefixEntry]], ...]:
@@ -157,6 +159,7 @@ def _compile_identity(spec: PolicySpec, ident: IdentitySpec) -> CompiledIdentity
         ident.exec_paths,
         ident.sockets,
         ident.capabilities,
+        ident.unix,
     )
 
 
@@ -175,6 +178,8 @@ def policy_version(
             head.append(sorted(ci.sockets))
         if ci.capabilities:
             head.append(["capabilities", sorted(ci.capabilities)])
+        if ci.unix is not None:
+            head.append(["unix", sorted([raw.hex(), prefix] for raw, prefix in ci.unix)])
         h.update(json.dumps(head).encode())
         for e in ci.prefixes:
             h.update(e.address)

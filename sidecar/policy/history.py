@@ -43,7 +43,14 @@ class ExecEvent:
     verdict: str
 
 
-Event = ConnectEvent | ExecEvent
+@dataclass(frozen=True)
+class UnixEvent:
+    identity: str | None
+    address: str  # as a policy's unix list spells it: /run/x.sock or @name
+    verdict: str
+
+
+Event = ConnectEvent | ExecEvent | UnixEvent
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -82,7 +89,9 @@ def parse_events(events: Iterable[HistoryEvent], source: str = "<history>") -> l
     for index, raw in enumerate(events):
         where = f"{source}:{raw.get('_line', index + 1)}"
         kind = raw.get("type")
-        if kind not in ("connect", "exec"):
+        if kind == "socket" and raw.get("family") == "unix":
+            kind = "unix"
+        elif kind not in ("connect", "exec"):
             continue
         identity = raw.get("identity")
         if identity is not None and not isinstance(identity, str):
@@ -90,6 +99,12 @@ def parse_events(events: Iterable[HistoryEvent], source: str = "<history>") -> l
         verdict = raw.get("verdict")
         if verdict not in VERDICTS:
             raise PolicyError(f"{where}: verdict: must be one of {', '.join(VERDICTS)}")
+        if kind == "unix":
+            address = raw.get("address")
+            if not isinstance(address, str) or not address:
+                raise PolicyError(f"{where}: address: must be a non-empty string")
+            out.append(UnixEvent(identity, address, verdict))
+            continue
         if kind == "exec":
             exe = raw.get("exe")
             if not isinstance(exe, str) or not exe:

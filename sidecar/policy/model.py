@@ -60,6 +60,9 @@ SOCKET_PROTOCOLS = {
 }
 MAX_SOCKETS_PER_IDENTITY = 64
 MAX_SOCKETS_TOTAL = 4_096  # socket kinds over the whole policy
+MAX_UNIX_TOTAL = 4_096  # unix socket addresses over the whole policy
+UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path)
+UnixAddress = tuple[bytes, bool]  # sun_path bytes (abstract: a leading NUL), is a prefix
 SocketKind = tuple[int, int, int]  # family, type, protocol
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/\[\]-]{0,63}$")
@@ -93,6 +96,7 @@ class IdentitySpec:
     path: Path_
     sockets: frozenset[SocketKind] = frozenset()
     capabilities: frozenset[int] = frozenset()  # accepted, of caps.DANGEROUS
+    unix: frozenset[UnixAddress] | None = None  # None: unrestricted
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,17 @@ def parse_policy(doc: Document) -> PolicySpec:
     identities: list[IdentitySpec] = []
     first_seen: dict[str, int] = {}
     budget = _CidrBudget()
-    execs = sockets = 0
+    execs = sockets = unix = 0
     for i, raw in enumerate(raw_identities):
         ident = _parse_identity(doc, ("identities", i), raw, budget)
         execs += len(ident.exec_paths or ())
         sockets += len(ident.sockets)
+        unix += len(ident.unix or ())
+        if unix > MAX_UNIX_TOTAL:
+            raise doc.error(
+                ("identities", i, "unix"),
+                f"the policy lists more than {MAX_UNIX_TOTAL} unix socket addresses in total",
+            )
         if execs > MAX_EXEC_TOTAL:
             raise doc.error(
                 ("identities", i, "exec"),
@@ -223,11 +233,66 @@ def _parse_identity(doc: Document, path: Path_, raw: Any, budget: _CidrBudget) -
     capabilities = _parse_capabilities(
         doc, f.at("capabilities"), f.optional("capabilities", list, [])
     )
+    unix = _parse_unix(doc, f.at("unix"), f.optional("unix", list, None))
     f.done()
     _check_overlaps(doc, egress)
     return IdentitySpec(
-        str(sid), mode, tuple(egress), exec_paths, doc.line(path), path, sockets, capabilities
+        str(sid),
+        mode,
+        tuple(egress),
+        exec_paths,
+        doc.line(path),
+        path,
+        sockets,
+        capabilities,
+        unix,
     )
+
+
+def parse_unix_address(text: str) -> UnixAddress:
+    """'/run/x.sock' (exact), '/run/app/*' (prefix), '@name' (abstract), '@name*'."""
+    prefix = text.endswith("*")
+    body = text[:-1] if prefix else text
+    if body.startswith("@"):
+        raw = b"\0" + body[1:].encode()
+    elif body.startswith("/"):
+        if "\0" in body:
+            raise ValueError("a path must not contain a NUL byte")
+        raw = body.encode()
+    else:
+        raise ValueError(
+            f"'{text}' must be an absolute path (/run/x.sock), a prefix ending in * "
+            "(/run/app/*) or an abstract name (@name)"
+        )
+    limit = UNIX_PATH_BYTES if prefix else UNIX_PATH_BYTES - 1  # room for the NUL
+    if len(raw) > limit or (len(raw) < 2 and not prefix):
+        raise ValueError(f"'{text}' does not fit a unix socket address (at most {limit} bytes)")
+    return raw, prefix
+
+
+def format_unix_address(addr: UnixAddress) -> str:
+    raw, prefix = addr
+    text = (
+        "@" + raw[1:].decode(errors="replace") if raw[:1] == b"\0" else raw.decode(errors="replace")
+    )
+    return text + ("*" if prefix else "")
+
+
+def _parse_unix(doc: Document, path: Path_, raw: list[Any] | None) -> frozenset[UnixAddress] | None:
+    if raw is None:
+        return None
+    out: set[UnixAddress] = set()
+    for k, item in enumerate(raw):
+        item_path = (*path, k)
+        check_type(doc, item_path, item, str)
+        try:
+            addr = parse_unix_address(item)
+        except ValueError as exc:
+            raise doc.error(item_path, str(exc)) from exc
+        if addr in out:
+            raise doc.error(item_path, f"'{item}' is listed twice")
+        out.add(addr)
+    return frozenset(out)
 
 
 def _parse_capabilities(doc: Document, path: Path_, raw: list[Any]) -> frozenset[int]:

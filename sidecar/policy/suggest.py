@@ -33,8 +33,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.policy.compiled import MAX_RULES_PER_PREFIX
-from sidecar.policy.history import ConnectEvent, ExecEvent, HistoryEvent, parse_events
-from sidecar.policy.model import PROTOCOL_BITS, PortRange, exec_path_problem
+from sidecar.policy.history import ConnectEvent, ExecEvent, HistoryEvent, UnixEvent, parse_events
+from sidecar.policy.model import (
+    PROTOCOL_BITS,
+    PortRange,
+    exec_path_problem,
+    parse_unix_address,
+)
 from sidecar.policy.space import ADDRESS_BITS, Cidr, format_address
 from sidecar.spiffeid import parse_spiffe_id
 
@@ -50,6 +55,7 @@ Point = tuple[str, int, int]  # protocol, address, port
 class _Observed:
     points: Counter[Point] = field(default_factory=Counter)
     execs: Counter[str] = field(default_factory=Counter)
+    unix: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -218,6 +224,10 @@ def _render_identity(
         out.append("    exec:")
         for exe, count in sorted(obs.execs.items()):
             out.append(f"      - {_q(exe)}  # {count} exec(s) observed")
+    if obs.unix:
+        out.append("    unix:")
+        for addr, count in sorted(obs.unix.items()):
+            out.append(f"      - {_q(addr)}  # {count} use(s) observed")
     return out
 
 
@@ -249,6 +259,13 @@ def suggest(
             else:
                 obs = observed.setdefault(ev.identity, _Observed())
                 obs.points[(ev.protocol, ev.address, ev.port)] += 1
+        elif isinstance(ev, UnixEvent):
+            try:
+                parse_unix_address(ev.address)
+            except ValueError:
+                skipped["unix socket addresses a policy cannot name (relative paths)"] += 1
+                continue
+            observed.setdefault(ev.identity, _Observed()).unix[ev.address] += 1
         elif isinstance(ev, ExecEvent):
             if exec_path_problem(ev.exe) is not None:
                 skipped["execs of paths a policy cannot name (not absolute and normal)"] += 1

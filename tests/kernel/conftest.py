@@ -100,8 +100,42 @@ def hook_program_ids(pin_dir: Path) -> set[int]:
 
 
 def attached_program_ids(cgroup: Path) -> list[int]:
-    """Ids of every program attached directly at ``cgroup`` (one per attachment)."""
-    return [int(a["id"]) for a in bpftool_json("cgroup", "show", str(cgroup)) or []]
+    """Ids of the programs attached directly at ``cgroup`` on every hook we use.
+
+    Asked of the kernel (BPF_PROG_QUERY) rather than bpftool, which queries
+    only the attach types its libbpf knows: not the unix-socket ones (6.7+).
+    """
+    import ctypes
+
+    from sidecar.kernel import libbpf
+    from sidecar.kernel.loader import CGROUP_HOOKS
+    from sidecar.kernel.unix import UNIX_HOOKS
+
+    lib = libbpf.lib()
+    lib.bpf_prog_query.argtypes = [
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_uint32,
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+        ctypes.POINTER(ctypes.c_uint32),
+    ]
+    types = {t for *_, t in CGROUP_HOOKS} | {t for *_, t in UNIX_HOOKS}
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    ids: list[int] = []
+    try:
+        for attach_type in sorted(types):
+            buf = (ctypes.c_uint32 * 256)()
+            count = ctypes.c_uint32(256)
+            flags = ctypes.c_uint32(0)
+            rc = lib.bpf_prog_query(
+                fd, attach_type, 0, ctypes.byref(flags), buf, ctypes.byref(count)
+            )
+            assert rc == 0, f"BPF_PROG_QUERY on {cgroup} for attach type {attach_type}: {rc}"
+            ids.extend(int(buf[i]) for i in range(count.value))
+    finally:
+        os.close(fd)
+    return ids
 
 
 def write_entries_file(tmp: Path, entries: str) -> Path:

@@ -243,6 +243,7 @@ class Rig:
         self.forbidden = work / "forbidden"
         shutil.copy2("/usr/bin/id", self.forbidden)
         self.agents: list[Agent] = []
+        self.abstract = f"sidecar-test-{uuid.uuid4().hex[:8]}"
         self.enforcer = Enforcer(programs, IdentityNumbers())
 
     def load(self, extra_exec: tuple[str, ...] = ()) -> None:
@@ -261,19 +262,21 @@ class Rig:
 """
         # The attackers run as root and keep root's capabilities (the
         # policy accepts them): what holds, holds against them too.
+        w = self.work
+        unix = f'    unix: ["{w}/ok.sock", "{w}/dir/*", "@{self.abstract}-ok"]\n'
         text = f"""apiVersion: sidecar/v1
 kind: Policy
 identities:
   - id: {AGENT}
     mode: enforce
-{egress}{ACCEPT_ALL}    exec: [{", ".join(allowed)}]
+{egress}{ACCEPT_ALL}{unix}    exec: [{", ".join(allowed)}]
   - id: {RAW_OK}
     mode: enforce
 {egress}{ACCEPT_ALL}    sockets: [inet/raw/icmp, inet/raw/raw, inet6/raw/icmpv6, inet/dgram/udplite,
               inet/dgram/icmp]
   - id: {AUDITED}
     mode: audit
-{egress}{ACCEPT_ALL}    exec: [{PYTHON}]
+{egress}{ACCEPT_ALL}{unix}    exec: [{PYTHON}]
   - id: {PLAIN}
     mode: enforce
 {egress}"""
@@ -830,3 +833,134 @@ def test_capabilities_inside_a_user_namespace_of_its_own_do_not_count(rig: Rig) 
         """
     )
     assert out == 0
+
+
+# -- unix sockets ----------------------------------------------------------------------------
+
+UNIX_HELPERS = """
+def unix_try(addr, kind=socket.SOCK_STREAM):
+    s = socket.socket(socket.AF_UNIX, kind)
+    try:
+        if kind == socket.SOCK_STREAM:
+            s.connect(addr)
+        else:
+            s.sendto(b"x", addr)
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+result = 0
+"""
+
+
+@pytest.fixture
+def listeners(rig: Rig) -> Iterator[dict[str, str]]:
+    """Unix sockets listening at allowed and refused addresses (stream and datagram)."""
+    w = rig.work
+    (w / "dir").mkdir()
+    paths = {
+        "ok": f"{w}/ok.sock",
+        "bad": f"{w}/bad.sock",
+        "longer": f"{w}/ok.sock2",  # the allowed exact path with more after it
+        "in_dir": f"{w}/dir/a.sock",
+        "beside_dir": f"{w}/dirx.sock",  # shares the prefix's letters, not its slash
+        "dgram_ok": f"{w}/dir/d.sock",
+        "dgram_bad": f"{w}/d.sock",
+        "abs_ok": "\0" + rig.abstract + "-ok",
+        "abs_bad": "\0" + rig.abstract + "-bad",
+    }
+    socks = []
+    for name, addr in paths.items():
+        kind = socket.SOCK_DGRAM if name.startswith("dgram") else socket.SOCK_STREAM
+        s = socket.socket(socket.AF_UNIX, kind)
+        s.bind(addr)
+        if kind == socket.SOCK_STREAM:
+            s.listen(8)
+        if not addr.startswith("\0"):
+            os.chmod(addr, 0o777)
+        socks.append(s)
+    try:
+        yield paths
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_unix_socket_addresses_not_listed_are_refused(rig: Rig, listeners: dict[str, str]) -> None:
+    if rig.programs.unix is None:
+        pytest.fail(f"unix-socket hooks did not load: {rig.programs.unix_problem}")
+    a = rig.agent()
+    a.do(UNIX_HELPERS)
+    p = listeners
+    refused = {
+        name: a.do(f"result = unix_try({p[name]!r})")
+        for name in ("ok", "bad", "longer", "in_dir", "beside_dir", "abs_ok", "abs_bad")
+    }
+    assert refused == {
+        "ok": 0,
+        "bad": errno.EPERM,
+        "longer": errno.EPERM,
+        "in_dir": 0,
+        "beside_dir": errno.EPERM,
+        "abs_ok": 0,
+        "abs_bad": errno.EPERM,
+    }
+    dgram = "socket.SOCK_DGRAM"
+    assert a.do(f"result = unix_try({p['dgram_ok']!r}, {dgram})") == 0
+    assert a.do(f"result = unix_try({p['dgram_bad']!r}, {dgram})") == errno.EPERM
+    # The same address spelled another way is judged as spelled: refused, not let through.
+    rel = os.path.relpath(p["ok"], "/")
+    assert a.do(f"os.chdir('/'); result = unix_try({rel!r})") == errno.EPERM
+
+
+def test_unix_sockets_are_judged_in_threads_children_and_unprivileged(
+    rig: Rig, listeners: dict[str, str]
+) -> None:
+    bad, ok = listeners["bad"], listeners["ok"]
+    a = rig.agent(uid=NOBODY)
+    a.do(UNIX_HELPERS)
+    assert a.do(f"result = unix_try({ok!r})") == 0
+    assert a.do(f"result = in_child(lambda: unix_try({bad!r}))") == errno.EPERM
+    out = a.do(
+        f"""
+        box = []
+        t = threading.Thread(target=lambda: box.append(unix_try({bad!r})))
+        t.start(); t.join()
+        result = box
+        """
+    )
+    assert out == [errno.EPERM]
+
+
+def test_unix_sockets_of_identities_without_a_list_and_of_everyone_else_pass(
+    rig: Rig, listeners: dict[str, str], outside: Path
+) -> None:
+    bad = listeners["bad"]
+    unlisted = rig.agent(RAW_OK)  # its policy names no unix list: unrestricted
+    unlisted.do(UNIX_HELPERS)
+    assert unlisted.do(f"result = unix_try({bad!r})") == 0
+    audited = rig.agent(AUDITED)  # audit mode: reported, not refused
+    audited.do(UNIX_HELPERS)
+    assert audited.do(f"result = unix_try({bad!r})") == 0
+    code = textwrap.dedent(
+        f"""
+        import socket
+        open({str(outside / "cgroup.procs")!r}, "w").write("0")
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({bad!r})
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_an_agent_that_leaves_the_scope_is_still_held_to_its_unix_list(
+    rig: Rig, listeners: dict[str, str], outside: Path
+) -> None:
+    a = rig.agent()
+    a.do(UNIX_HELPERS)
+    a.do(f"open({str(outside / 'cgroup.procs')!r}, 'w').write('0'); result = 0")
+    assert a.do(f"result = unix_try({listeners['ok']!r})") == 0
+    assert a.do(f"result = unix_try({listeners['bad']!r})") == errno.EPERM

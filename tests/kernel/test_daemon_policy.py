@@ -223,8 +223,9 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
         assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM
         pin_dir: Path = setup["pin_dir"]  # type: ignore[assignment]
         ours, attached = _ours_at_root(pin_dir)
-        # connect4/6, sendmsg4/6, sock_create, setsockopt: each attached once, at the root
-        assert len(ours) == 6 and sorted(attached) == sorted(ours)
+        # connect4/6, sendmsg4/6, sock_create, setsockopt, connect_unix, sendmsg_unix:
+        # each attached once, at the root
+        assert len(ours) == 8 and sorted(attached) == sorted(ours)
 
         stop_daemon_process(d, signal.SIGKILL)
         assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM  # fail-static
@@ -236,7 +237,7 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
         # Taken over: the new programs swapped in behind the same links, the
         # old ones gone, nothing attached twice.
         new, attached = _ours_at_root(pin_dir)
-        assert len(new) == 6 and sorted(attached) == sorted(new)
+        assert len(new) == 8 and sorted(attached) == sorted(new)
         assert not ours & set(attached_program_ids(cgroup2_root()))
         assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM
         assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
@@ -273,7 +274,7 @@ def test_uninstall_removes_every_program_and_pin(setup: dict[str, object]) -> No
     stop_daemon_process(d)
     assert pin_dir.exists()  # fail-static: still attached after a clean stop
     ours = hook_program_ids(pin_dir)
-    assert len(ours) == 6 and ours <= set(attached_program_ids(cgroup2_root()))
+    assert len(ours) == 8 and ours <= set(attached_program_ids(cgroup2_root()))
     out = subprocess.run(
         [sys.executable, "-m", "sidecar.cli", "uninstall", "--pin-dir", str(pin_dir)],
         capture_output=True,

@@ -344,6 +344,7 @@ def test_a_restart_unpins_links_of_hooks_this_build_no_longer_has(
 ) -> None:
     from sidecar.kernel import libbpf
     from sidecar.kernel.loader import CGROUP_HOOKS, TRACEPOINTS, KernelPrograms, LoadOptions
+    from sidecar.kernel.unix import UNIX_HOOKS
 
     links = programs.links_dir  # type: ignore[attr-defined]
     assert links == pin_dir / f"v{abi.ABI_VERSION}" / "links"
@@ -363,8 +364,8 @@ def test_a_restart_unpins_links_of_hooks_this_build_no_longer_has(
         report = again.attach()
         assert report.retired == ["retired_hook"]
         assert not (links / "retired_hook").exists()
-        current = {pin for pin, *_ in TRACEPOINTS} | {pin for pin, *_ in CGROUP_HOOKS}
-        assert len(current) == 9
+        current = {pin for pin, *_ in (*TRACEPOINTS, *CGROUP_HOOKS, *UNIX_HOOKS)}
+        assert len(current) == 11
         assert {p.name for p in links.iterdir()} == current
     finally:
         again.close(detach=False)
@@ -406,7 +407,7 @@ def test_an_upgrade_across_abi_versions_never_reads_old_maps_and_leaves_no_gap(
         load(new, text)
         new.set_identity(p.pid, identity_number(AGENT))  # attested again (rebuild_from_proc)
         retired = new.retire_other_versions()
-        assert len(retired) == 9 and not (pin_dir / "v1").exists()
+        assert len(retired) == 11 and not (pin_dir / "v1").exists()
         assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM  # now held by the new build
         new.set_identity(p.pid, 0)
         assert p.ask(f"udp 4 127.0.0.1 {port}") == 0  # control: nothing old is left judging

@@ -179,3 +179,24 @@ def test_a_privileged_exec_carries_the_refused_capabilities() -> None:
     assert ev.flags & abi.EXEC_PRIVILEGED
     assert ev.caps_refused == 1 << 21 | 1 << 39
     assert ev.filename == "/usr/bin/id" and ev.argv == ("id",)
+
+
+def test_a_unix_record_keeps_the_address_bytes_it_was_given() -> None:
+    path = b"\0agent-bus"
+    body = struct.pack(
+        f"<BBHI{abi.UNIX_PATH_LEN}sI",
+        abi.Hook.SENDMSG_UNIX,
+        abi.Verdict.WOULD_DENY,
+        len(path),
+        1,
+        path,
+        0,
+    )
+    ev = abi.decode(record(abi.EventType.UNIX, task() + body))
+    assert isinstance(ev, abi.Unix)
+    assert (ev.hook, ev.verdict, ev.path, ev.policy_gen) == (
+        abi.Hook.SENDMSG_UNIX,
+        abi.Verdict.WOULD_DENY,
+        path,
+        1,
+    )

@@ -40,6 +40,8 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_EXEC_FILE_CHANGED",
         "SIDECAR_EXEC_FILE_UNKNOWN",
         "SIDECAR_EXEC_PRIVILEGED",
+        "SIDECAR_POLICY_UNIX_RESTRICTED",
+        "SIDECAR_UNIX_PATH_LEN",
         *(f"SIDECAR_EVENT_{t.name}" for t in abi.EventType),
         *(f"SIDECAR_HOOK_{h.name}" for h in abi.Hook),
         "SIDECAR_VERDICT_ALLOW",
@@ -102,6 +104,8 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
     assert c_layout["SIDECAR_EXEC_FILE_CHANGED"] == abi.EXEC_FILE_CHANGED
     assert c_layout["SIDECAR_EXEC_FILE_UNKNOWN"] == abi.EXEC_FILE_UNKNOWN
     assert c_layout["SIDECAR_EXEC_PRIVILEGED"] == abi.EXEC_PRIVILEGED
+    assert c_layout["SIDECAR_POLICY_UNIX_RESTRICTED"] == abi.POLICY_UNIX_RESTRICTED
+    assert c_layout["SIDECAR_UNIX_PATH_LEN"] == abi.UNIX_PATH_LEN
     assert c_layout["SIDECAR_SETTING_POLICY"] == abi.SETTING_POLICY
     assert c_layout["SIDECAR_POLICY_ENFORCE"] == abi.POLICY_ENFORCE
     assert c_layout["SIDECAR_POLICY_EGRESS_ANY"] == abi.POLICY_EGRESS_ANY
@@ -182,11 +186,19 @@ def test_policy_maps_hold_two_generations_of_the_largest_valid_policy() -> None:
     assert abi.EGRESS_MAX >= 2 * model.MAX_CIDRS_TOTAL
     assert abi.EXEC_ALLOW_MAX >= 2 * model.MAX_EXEC_TOTAL
     assert abi.SOCKET_ALLOW_MAX >= 2 * model.MAX_SOCKETS_TOTAL
+    assert abi.UNIX_ALLOW_MAX >= 2 * model.MAX_UNIX_TOTAL
+    assert model.UNIX_PATH_BYTES == abi.UNIX_PATH_LEN
 
 
 def test_the_loader_passes_every_map_size_the_programs_need() -> None:
     maps_h = (HEADER.parents[1] / "maps.h").read_text()
     loader = (HEADER.parents[2] / "sidecar" / "kernel" / "loader.py").read_text()
-    for name in ("POLICIES_MAX", "EGRESS_MAX", "EXEC_ALLOW_MAX", "SOCKET_ALLOW_MAX"):
+    for name in (
+        "POLICIES_MAX",
+        "EGRESS_MAX",
+        "EXEC_ALLOW_MAX",
+        "SOCKET_ALLOW_MAX",
+        "UNIX_ALLOW_MAX",
+    ):
         assert f"#define {name}" not in maps_h  # no second, silent default
         assert f'f"-D{name}={{abi.{name}}}"' in loader

@@ -546,3 +546,42 @@ identities:
     )
     plain = {r.spiffe_id: r for r in spawned.identities}["spiffe://example.org/plain"]
     assert plain.capabilities is None and plain.can_disable_enforcement
+
+
+def test_suggest_learns_unix_addresses_and_blast_radius_lists_them() -> None:
+    sid = "spiffe://example.org/agent/a"
+    history = [
+        {
+            "type": "socket",
+            "family": "unix",
+            "operation": "connect",
+            "identity": sid,
+            "address": "/run/docker.sock",
+            "verdict": "would_deny",
+        },
+        {
+            "type": "socket",
+            "family": "unix",
+            "operation": "sendmsg",
+            "identity": sid,
+            "address": "@bus",
+            "verdict": "would_deny",
+        },
+        {
+            "type": "socket",
+            "family": "unix",
+            "operation": "connect",
+            "identity": sid,
+            "address": "relative.sock",
+            "verdict": "would_deny",
+        },
+    ]
+    text = suggest(history)
+    learnt = load_policy_text(text, "s.yaml")
+    assert learnt.identities[sid].unix == frozenset(
+        {(b"/run/docker.sock", False), (b"\0bus", False)}
+    )
+    assert "relative paths" in text  # what could not be learnt is said
+    rows = {r.spiffe_id: r for r in blast_radius(learnt).identities}
+    assert rows[sid].unix == ("/run/docker.sock", "@bus")
+    assert "unix sockets: /run/docker.sock, @bus" in blast_radius(learnt).render_text()

@@ -510,3 +510,48 @@ def test_bad_capabilities_name_the_line_and_field(item: str, words: str) -> None
     )
     msg = error_of(text)
     assert "p.yaml:5: identities[0].capabilities[1]" in msg and words in msg
+
+
+def test_unix_addresses_exact_prefix_and_abstract() -> None:
+    from sidecar.policy.model import format_unix_address
+
+    text = policy_text(
+        "identities:\n  - id: spiffe://example.org/a\n"
+        '    unix: [/run/docker.sock, "/run/agent/*", "@bus", "@tmp-*"]\n'
+    )
+    ci = load_policy_text(text, "p.yaml").identities["spiffe://example.org/a"]
+    assert ci.unix == frozenset(
+        {
+            (b"/run/docker.sock", False),
+            (b"/run/agent/", True),
+            (b"\0bus", False),
+            (b"\0tmp-", True),
+        }
+    )
+    assert sorted(format_unix_address(a) for a in ci.unix) == [
+        "/run/agent/*",
+        "/run/docker.sock",
+        "@bus",
+        "@tmp-*",
+    ]
+    omitted = policy_text("identities:\n  - id: spiffe://example.org/a\n")
+    assert load_policy_text(omitted, "p.yaml").identities["spiffe://example.org/a"].unix is None
+    empty = policy_text("identities:\n  - id: spiffe://example.org/a\n    unix: []\n")
+    ci_empty = load_policy_text(empty, "p.yaml").identities["spiffe://example.org/a"]
+    assert ci_empty.unix == frozenset()  # may use none
+    assert load_policy_text(empty, "p.yaml").version != load_policy_text(omitted, "p.yaml").version
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("run/x.sock", "must be an absolute path"),
+        ("/" + "x" * 107, "does not fit a unix socket address"),
+    ],
+)
+def test_bad_unix_addresses_name_the_line_and_field(item: str, words: str) -> None:
+    text = policy_text(
+        f"identities:\n  - id: spiffe://example.org/a\n    unix: [/ok.sock, {item}]\n"
+    )
+    msg = error_of(text)
+    assert "p.yaml:5: identities[0].unix[1]" in msg and words in msg

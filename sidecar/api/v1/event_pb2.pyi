@@ -237,7 +237,8 @@ Global___Connect: _TypeAlias = Connect  # noqa: Y015
 @_typing.final
 class Socket(_message.Message):
     """A socket judged when it was made (any kind other than TCP or UDP over
-    IPv4/IPv6, which Connect reports), or a socket option refused.
+    IPv4/IPv6, which Connect reports), a socket option refused, or a unix
+    socket address connected or sent to.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -249,14 +250,15 @@ class Socket(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     operation: _builtins.str
-    """"create" (socket()) or "setsockopt"."""
+    """"create" (socket()), "setsockopt", or for unix sockets "connect" and "sendmsg"."""
     kind: _builtins.str
     """For create: family/type/protocol, as a policy's `sockets` list spells it
     (inet/raw/icmp).  For setsockopt: the option (IP_OPTIONS, IPV6_RTHDR).
+    For unix sockets: the address (/run/x.sock, or @name for an abstract one).
     """
     verdict: Global___Verdict.ValueType
     rule: _builtins.str
-    """"default" (not listed), "sockets" (listed) or "source-route"."""
+    """"default" (not listed), "sockets" or "unix" (listed) or "source-route"."""
     def __init__(
         self,
         *,
