@@ -1321,7 +1321,27 @@ class Daemon:
     def identities(self) -> dict[str, Any]:
         if self.instances is None:
             return {"instances": []}
-        return {"instances": [i.describe(self.manager) for i in self.instances.all()]}
+        out = []
+        for inst in self.instances.all():
+            row = inst.describe(self.manager)
+            row.update(self._privilege_of(inst.pid, str(inst.spiffe_id)))
+            out.append(row)
+        return {"instances": out}
+
+    def _privilege_of(self, pid: int, spiffe_id: str) -> dict[str, Any]:
+        """Capabilities that matter, held now, and whether they could switch enforcement off."""
+        held = read_host_caps(pid) or 0
+        active = self.enforcer.active if self.enforcer is not None else None
+        ci = active.policy.identities.get(spiffe_id) if active and active.policy else None
+        dangerous = caps.mask({caps.NUMBERS[n] for n in caps.DANGEROUS})
+        notable = caps.mask({caps.NUMBERS[n] for n in caps.NOTABLE})
+        return {
+            "capabilities": caps.labels(held & (dangerous | notable)),
+            # Held, and not refused: its policy accepts them, or no policy lists it.
+            "can_disable_enforcement": bool(
+                held & dangerous & ~(caps.refused_mask(ci.capabilities) if ci else 0)
+            ),
+        }
 
 
 class _ExporterStopper:

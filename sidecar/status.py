@@ -45,5 +45,15 @@ def render_identities(answer: dict[str, Any]) -> str:
             f"    exe {r['exe']}  entry {r['entry']}\n"
             f"    selectors {', '.join(r['selectors'])}\n"
             f"    svid {r['svid_serial']}  expires {r['svid_expires']}"
+            + (
+                f"\n    capabilities {', '.join(r['capabilities'])}"
+                if r.get("capabilities")
+                else ""
+            )
+            + (
+                "\n    CAN DISABLE ENFORCEMENT: holds capabilities its policy does not refuse"
+                if r.get("can_disable_enforcement")
+                else ""
+            )
         )
     return "\n".join(out)

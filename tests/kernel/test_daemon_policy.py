@@ -262,6 +262,10 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
         assert out.returncode == 0, out.stderr
         pids = {r["pid"]: r for r in json.loads(out.stdout)["instances"]}
         assert pids[probe.pid]["spiffe_id"] == AGENT
+        # Root without the dangerous capabilities: CAP_NET_RAW shown, nothing to disable.
+        assert "CAP_NET_RAW" in pids[probe.pid]["capabilities"]
+        assert "CAP_SYS_ADMIN" not in pids[probe.pid]["capabilities"]
+        assert pids[probe.pid]["can_disable_enforcement"] is False
     finally:
         if probe is not None:
             probe.close()

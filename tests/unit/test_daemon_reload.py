@@ -103,3 +103,30 @@ def test_what_the_exporter_drops_reaches_the_loss_metric_once(tmp_path: Path) ->
     sample = metrics.registry.get_sample_value
     assert sample("sidecar_events_lost_total", {"reason": "queue_full"}) == 5
     assert sample("sidecar_events_lost_total", {"reason": "spool_full"}) == 4
+
+
+def test_an_identity_holding_accepted_dangerous_capabilities_is_shown_able_to_disable(
+    tmp_path: Path,
+) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import pytest
+
+    from sidecar.policy import load_policy_text
+
+    if os.geteuid() != 0:
+        pytest.skip("the test process must hold the capabilities itself (as root)")
+    sid = "spiffe://example.org/agent/a"
+    d = Daemon(config.load(None), ListSink())
+    accepting = load_policy_text(
+        POLICY + "    capabilities: [CAP_SYS_ADMIN, CAP_BPF, CAP_SYS_PTRACE, CAP_SYS_MODULE]\n",
+        "p.yaml",
+    )
+    d.enforcer = SimpleNamespace(active=SimpleNamespace(policy=accepting))  # type: ignore[assignment]
+    shown = d._privilege_of(os.getpid(), sid)
+    assert shown["can_disable_enforcement"] is True
+    assert "CAP_SYS_ADMIN" in shown["capabilities"] and "CAP_NET_RAW" in shown["capabilities"]
+    refusing = load_policy_text(POLICY, "p.yaml")
+    d.enforcer = SimpleNamespace(active=SimpleNamespace(policy=refusing))  # type: ignore[assignment]
+    assert d._privilege_of(os.getpid(), sid)["can_disable_enforcement"] is False
