@@ -43,7 +43,8 @@
 	!defined(SIDECAR_OFF_INODE_SB) || !defined(SIDECAR_OFF_SB_DEV) ||                   \
 	!defined(SIDECAR_OFF_INODE_CTIME_SEC) || !defined(SIDECAR_OFF_INODE_CTIME_NSEC) ||    \
 	!defined(SIDECAR_OFF_TASK_CRED) || !defined(SIDECAR_OFF_CRED_USER_NS) ||              \
-	!defined(SIDECAR_OFF_USER_NS_LEVEL) || !defined(SIDECAR_OFF_CRED_CAP_EFFECTIVE)
+	!defined(SIDECAR_OFF_USER_NS_LEVEL) || !defined(SIDECAR_OFF_CRED_CAP_EFFECTIVE) ||     \
+	!defined(SIDECAR_OFF_TASK_REAL_PARENT) || !defined(SIDECAR_OFF_TASK_TGID)
 #error "the loader passes the kernel's field offsets (SIDECAR_OFF_*) from its BTF"
 #endif
 

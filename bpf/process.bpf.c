@@ -68,6 +68,20 @@ static __always_inline void read_argv(struct exec_event *e)
 	e->args_len = off;
 }
 
+/* The thread group id of the caller's parent (real_parent), 0 if unreadable. */
+static __always_inline u32 parent_tgid(void)
+{
+	u64 task = bpf_get_current_task(), parent = 0;
+	u32 tgid = 0;
+
+	if (bpf_probe_read_kernel(&parent, sizeof(parent),
+				  (void *)(task + SIDECAR_OFF_TASK_REAL_PARENT)) ||
+	    !parent)
+		return 0;
+	bpf_probe_read_kernel(&tgid, sizeof(tgid), (void *)(parent + SIDECAR_OFF_TASK_TGID));
+	return tgid;
+}
+
 /* Nanoseconds are below 2^30; the bits above may be flags of the kernel's. */
 #define SIDECAR_NSEC_MASK 0x3fffffffU
 
@@ -202,19 +216,35 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	unsigned short loc = args->data_loc_filename & 0xffff;
 	u32 gen, len, size, zero = 0, flags = 0;
 	u64 refused = 0;
+	int untracked = 0;
 	u8 verdict;
 
 	/* A process that holds an identity is judged wherever it runs; the
 	 * scope only decides which new processes are attested. */
 	st = procs.lookup(&pid);
 	if (!st) {
-		if (!in_scope())
+		/* Not recorded when it was made: it was out of scope then, or the
+		 * map was full.  A child of a process with an identity carries it. */
+		struct proc_state *pst;
+
+		fresh.ppid = parent_tgid();
+		pst = fresh.ppid ? procs.lookup(&fresh.ppid) : NULL;
+		if (pst && pst->identity != SIDECAR_IDENTITY_NONE)
+			fresh.identity = pst->identity;
+		else if (!in_scope())
 			return 0;
 		procs.update(&pid, &fresh);
 		st = procs.lookup(&pid);
 		if (!st) {
+			/* The map is full.  Counted; an unidentified process runs on
+			 * untracked, but one that holds an identity may not run where
+			 * nothing could judge it: killed before its first instruction. */
 			count_lost(SIDECAR_EVENT_EXEC);
-			return 0;
+			if (fresh.identity == SIDECAR_IDENTITY_NONE)
+				return 0;
+			bpf_send_signal(SIDECAR_SIGKILL);
+			untracked = 1;
+			st = &fresh;
 		}
 	}
 	/* A new image must be attested unless it carries an identity inherited
@@ -224,9 +254,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
 	verdict = judge_exec(st->identity, &gen, &flags, &refused);
-	if (verdict == SIDECAR_VERDICT_DENY)
+	if (untracked) {
+		verdict = SIDECAR_VERDICT_DENY; /* killed above */
+		flags |= SIDECAR_EXEC_UNTRACKED;
+	} else if (verdict == SIDECAR_VERDICT_DENY) {
 		/* Delivered before the new image runs its first instruction. */
 		bpf_send_signal(SIDECAR_SIGKILL);
+	}
 
 	e = exec_scratch.lookup(&zero);
 	if (!e)

@@ -1017,6 +1017,8 @@ class Daemon:
         elif number not in (abi.IDENTITY_NONE, abi.IDENTITY_PENDING):
             proc.identity = self._identity_name(number)
         rule = "file-changed" if ev.flags & abi.EXEC_FILE_CHANGED else None
+        if ev.flags & abi.EXEC_UNTRACKED:
+            rule = "untracked"  # the process map was full: it could not be judged
         if refused:
             rule = "capabilities"
         if verdict == abi.Verdict.ALLOW:

@@ -80,6 +80,7 @@ enum sidecar_hook {
 #define SIDECAR_EXEC_FILE_CHANGED 0x4 /* an allowed file, changed since the policy allowed it */
 #define SIDECAR_EXEC_FILE_UNKNOWN 0x8 /* the running file could not be read */
 #define SIDECAR_EXEC_PRIVILEGED 0x10  /* holds capabilities its policy does not accept */
+#define SIDECAR_EXEC_UNTRACKED 0x20   /* holds an identity, the process map is full: killed */
 
 struct event_header {
 	__u16 type;    /* enum sidecar_event_type */

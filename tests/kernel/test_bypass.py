@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -964,3 +965,79 @@ def test_an_agent_that_leaves_the_scope_is_still_held_to_its_unix_list(
     a.do(f"open({str(outside / 'cgroup.procs')!r}, 'w').write('0'); result = 0")
     assert a.do(f"result = unix_try({listeners['ok']!r})") == 0
     assert a.do(f"result = unix_try({listeners['bad']!r})") == errno.EPERM
+
+
+# -- a full process map ----------------------------------------------------------------------
+
+FILLER_C = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    for (int i = 0; i < n; i++) {
+        pid_t p = fork();
+        if (p == 0) { pause(); _exit(0); }
+        if (p < 0) { perror("fork"); return 1; }
+    }
+    printf("ready\n");
+    fflush(stdout);
+    pause();
+    return 0;
+}
+"""
+
+
+def test_a_child_of_an_identified_process_never_runs_untracked_when_the_map_is_full(
+    scratch_cgroup: Path, pin_dir: Path, bins: dict[str, Path]
+) -> None:
+    """procsMax 1024, filled by unidentified processes: the agent's new tool is killed, counted."""
+    from sidecar.kernel import abi
+    from sidecar.kernel.loader import KernelPrograms, LoadOptions
+
+    tracefs = find_mount("tracefs")
+    assert tracefs is not None
+    work = open_dir("sidecar-full-")
+    src = work / "filler.c"
+    src.write_text(FILLER_C)
+    subprocess.run(["cc", "-O2", "-o", str(work / "filler"), str(src)], check=True)
+    k = KernelPrograms(
+        LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs, procs_max=1024)
+    )
+    filler = None
+    try:
+        k.load()
+        k.attach()
+        rig = Rig(k, scratch_cgroup, work, bins)
+        rig.load()
+        a = rig.agent()
+        assert a.do("result = run(['/usr/bin/true'])") == 0  # control: room in the map
+        lost_before = k.lost_counts()
+        filler = spawn(
+            scratch_cgroup,
+            [str(work / "filler"), "1100"],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert filler.stdout is not None and filler.stdout.readline().strip() == "ready"
+        # The agent's child could not be recorded: it may not run where nothing judges it.
+        assert a.do("result = run(['/usr/bin/true'])") == KILLED
+        lost = k.lost_counts()
+        assert lost[abi.EventType.FORK] > lost_before[abi.EventType.FORK]  # counted, reported
+        assert lost[abi.EventType.EXEC] > lost_before[abi.EventType.EXEC]
+        os.killpg(filler.pid, signal.SIGKILL)
+        filler.wait(10)
+        filler = None
+        deadline = time.monotonic() + 10  # the fillers' entries go as they are reaped
+        while a.do("result = run(['/usr/bin/true'])") != 0:
+            assert time.monotonic() < deadline, "the map never had room again"
+            time.sleep(0.2)
+        rig.close()
+    finally:
+        if filler is not None:
+            os.killpg(filler.pid, signal.SIGKILL)
+            filler.wait(10)
+        k.close(detach=True)
+        shutil.rmtree(work, ignore_errors=True)

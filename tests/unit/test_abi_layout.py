@@ -40,6 +40,7 @@ def _c_layout(tmp_path: Path) -> dict[str, int]:
         "SIDECAR_EXEC_FILE_CHANGED",
         "SIDECAR_EXEC_FILE_UNKNOWN",
         "SIDECAR_EXEC_PRIVILEGED",
+        "SIDECAR_EXEC_UNTRACKED",
         "SIDECAR_POLICY_UNIX_RESTRICTED",
         "SIDECAR_UNIX_PATH_LEN",
         *(f"SIDECAR_EVENT_{t.name}" for t in abi.EventType),
@@ -104,6 +105,7 @@ def test_python_constants_match_the_header(c_layout: dict[str, int]) -> None:
     assert c_layout["SIDECAR_EXEC_FILE_CHANGED"] == abi.EXEC_FILE_CHANGED
     assert c_layout["SIDECAR_EXEC_FILE_UNKNOWN"] == abi.EXEC_FILE_UNKNOWN
     assert c_layout["SIDECAR_EXEC_PRIVILEGED"] == abi.EXEC_PRIVILEGED
+    assert c_layout["SIDECAR_EXEC_UNTRACKED"] == abi.EXEC_UNTRACKED
     assert c_layout["SIDECAR_POLICY_UNIX_RESTRICTED"] == abi.POLICY_UNIX_RESTRICTED
     assert c_layout["SIDECAR_UNIX_PATH_LEN"] == abi.UNIX_PATH_LEN
     assert c_layout["SIDECAR_SETTING_POLICY"] == abi.SETTING_POLICY
