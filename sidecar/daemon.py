@@ -205,6 +205,8 @@ class Daemon:
         self.enforcer: Enforcer | None = None
         self.exporter: Any = None
         self._export_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self.renewer: Any = None
         self.attest_latency_ns: deque[int] = deque(maxlen=100_000)
         # Owned by the reader thread (after start-up): it alone writes
         # identities into the kernel map.
@@ -486,12 +488,29 @@ class Daemon:
             boot_id(),
         )
         self.exporter = exporter
+        from sidecar.collector.enroll import Renewer
+
+        self.renewer = Renewer(
+            self.config.collector,
+            cred_dir,
+            self.config.collector_server_name,
+            self._host_renewed,
+        )
+        self._renew_task = asyncio.create_task(self.renewer.run(), name="host-renewal")
         early, self._before_export = self._before_export or [], None
         for wire in early:  # policy_loaded and all else from start-up, in order
             exporter.submit(wire)
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
         _logger.info("streaming events to the collector at %s", self.config.collector)
         return _ExporterStopper(self)
+
+    def _host_renewed(self, ident: Any) -> None:
+        """New host credentials: sign workload SVIDs with the new intermediate from now on."""
+        _logger.info("host credentials renewed: %s", ident.host)
+        if self.manager is not None:
+            from sidecar.collector.enroll import load_intermediate
+
+            self.manager.ca = load_intermediate(self.config.collector_credentials)
 
     async def _export(self, exporter: Any) -> None:
         try:
@@ -1318,6 +1337,18 @@ class Daemon:
             "acked_sequence": spool.acked,
             "dropped": sum(self.exporter.dropped.values()),
             "last_error": self.exporter.last_error,
+            **self._credential_status(),
+        }
+
+    def _credential_status(self) -> dict[str, Any]:
+        from sidecar.collector.enroll import credential_expiry
+
+        expiry = credential_expiry(self.config.collector_credentials)
+        return {
+            "host_svid_expires": (e.isoformat() if (e := expiry["host_svid"]) else None),
+            "intermediate_expires": (e.isoformat() if (e := expiry["intermediate"]) else None),
+            "renewals": self.renewer.renewals if self.renewer is not None else 0,
+            "renewal_error": self.renewer.last_error if self.renewer is not None else None,
         }
 
     def identities(self) -> dict[str, Any]:
@@ -1356,6 +1387,10 @@ class _ExporterStopper:
         d = self._daemon
         if d.exporter is None:
             return
+        if d._renew_task is not None:
+            d._renew_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await d._renew_task
         if not await d.exporter.close(timeout=5.0):
             _logger.info("unacknowledged events stay in the spool for the next run")
         if d._export_task is not None:

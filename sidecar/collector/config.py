@@ -42,6 +42,8 @@ class CollectorConfig:
     query_page_size: int = 1_000
     host_svid_ttl_s: int = 7 * 24 * 3600
     intermediate_ttl_s: int = 7 * 24 * 3600
+    # The collector's own TLS certificate: re-made at half-life, without a restart.
+    server_cert_ttl_s: int = 30 * 24 * 3600
     join_token_ttl_s: int = 3600
     grace_s: float = 5.0
 
@@ -114,6 +116,7 @@ def load_config(path: str | Path) -> CollectorConfig:
         query_page_size=_positive(top, "queryPageSize", 1_000),
         host_svid_ttl_s=_positive(top, "hostSvidTtlSeconds", 7 * 24 * 3600),
         intermediate_ttl_s=_positive(top, "intermediateTtlSeconds", 7 * 24 * 3600),
+        server_cert_ttl_s=_positive(top, "serverCertTtlSeconds", 30 * 24 * 3600),
         join_token_ttl_s=_positive(top, "joinTokenTtlSeconds", 3600),
         grace_s=float(top.optional("shutdownGraceSeconds", (int, float), 5.0)),
     )

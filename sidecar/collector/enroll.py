@@ -13,7 +13,9 @@ its CSR.  Renewal is done over mTLS with the current host SVID, before it expire
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -164,3 +166,67 @@ async def renew(target: str, cred_dir: Path, server_name: str | None = None) -> 
     save_credentials(cred_dir, reply, inter_key, host_key)
     _logger.info("renewed %s", reply.spiffe_id)
     return load_host_identity(cred_dir)
+
+
+def credential_expiry(cred_dir: Path) -> dict[str, datetime | None]:
+    """When the host SVID and the intermediate CA expire (None when unreadable)."""
+    out: dict[str, datetime | None] = {}
+    for name, file in (("host_svid", HOST_CERT), ("intermediate", INTER_CERT)):
+        try:
+            cert = x509.load_pem_x509_certificate((cred_dir / file).read_bytes())
+            out[name] = cert.not_valid_after_utc
+        except (OSError, ValueError):
+            out[name] = None
+    return out
+
+
+class Renewer:
+    """Keeps a host's credentials renewed at half-life, with capped backoff on failure.
+
+    ``on_renewed`` is told of each renewal (the daemon then signs workload
+    SVIDs with the new intermediate); ``last_error`` says why the last try
+    failed, for ``sidecar status``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        cred_dir: Path,
+        server_name: str | None,
+        on_renewed: Callable[[HostIdentity], None],
+        backoff_max: float = 60.0,
+    ) -> None:
+        self.target, self.cred_dir, self.server_name = target, cred_dir, server_name
+        self.on_renewed = on_renewed
+        self.backoff_max = backoff_max
+        self.renewals = 0
+        self.last_error: str | None = None
+
+    def _seconds_until_due(self) -> float:
+        try:
+            cert = x509.load_pem_x509_certificate((self.cred_dir / HOST_CERT).read_bytes())
+        except (OSError, ValueError):
+            return 0.0
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        due = start + (end - start) / 2
+        return max(0.0, (due - datetime.now(timezone.utc)).total_seconds())
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            wait = self._seconds_until_due()
+            if wait > 0:
+                await asyncio.sleep(min(wait, 60.0))
+                continue
+            try:
+                ident = await renew(self.target, self.cred_dir, self.server_name)
+            except (TransportError, CredentialError, OSError, ValueError) as exc:
+                self.last_error = str(exc)
+                _logger.warning("host credentials not renewed (retry in %.1fs): %s", backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max)
+                continue
+            self.renewals += 1
+            self.last_error = None
+            backoff = 0.5
+            self.on_renewed(ident)

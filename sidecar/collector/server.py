@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -40,7 +40,6 @@ _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext
 HOST_PREFIX = "/host/"
-SERVER_CERT_TTL = timedelta(days=30)
 
 
 def token_hash(token: str) -> str:
@@ -351,6 +350,9 @@ class CollectorServer:
         self.port = 0
         self.enrollment_port = 0
         self._servers: list[grpc.aio.Server] = []
+        self._cert: tuple[bytes, bytes] | None = None
+        self._cert_renew_at = 0.0
+        self.cert_rotations = 0  # certificates made so far (the first one included)
 
     @property
     def store(self) -> Store:
@@ -364,21 +366,51 @@ class CollectorServer:
         n = self.config.max_message_bytes
         return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
 
+    def _current_cert(self) -> tuple[bytes, bytes]:
+        """The TLS key and chain to present now: a fresh pair past half of the last one's life.
+
+        gRPC asks before each handshake (dynamic credentials), so a collector that
+        runs for months keeps presenting a valid certificate without a restart.
+        """
+        now = time.monotonic()
+        if self._cert is None or now >= self._cert_renew_at:
+            ttl = timedelta(seconds=self.config.server_cert_ttl_s)
+            self._cert = server_credentials(self.core.ca, self.config.server_names, ttl)
+            self._cert_renew_at = now + ttl.total_seconds() / 2
+            self.cert_rotations += 1
+            if self.cert_rotations > 1:
+                _logger.info("collector TLS certificate renewed (valid %s)", ttl)
+        return self._cert
+
+    def _dynamic_credentials(self, client_auth: bool) -> grpc.ServerCredentials:
+        roots = roots_pem(self.core.ca) if client_auth else None
+
+        def config(cert: tuple[bytes, bytes]) -> Any:
+            return grpc.ssl_server_certificate_configuration([cert], root_certificates=roots)
+
+        served = [self._current_cert()]
+
+        def fetch() -> Any:
+            cert = self._current_cert()
+            if cert is served[0]:
+                return None  # keep presenting the one in use
+            served[0] = cert
+            return config(cert)
+
+        return grpc.dynamic_ssl_server_credentials(
+            config(served[0]), fetch, require_client_authentication=client_auth
+        )
+
     async def start(self) -> None:
         core = self.core
-        key_pem, chain_pem = server_credentials(core.ca, self.config.server_names, SERVER_CERT_TTL)
-        roots = roots_pem(core.ca)
         main = grpc.aio.server(options=self._options())
         collector_pb2_grpc.add_CollectorServicer_to_server(CollectorService(core), main)
-        creds = grpc.ssl_server_credentials(
-            [(key_pem, chain_pem)], root_certificates=roots, require_client_auth=True
-        )
-        self.port = _bind(main, self.config.listen, creds)
+        self.port = _bind(main, self.config.listen, self._dynamic_credentials(True))
         self._servers.append(main)
         if self.config.enrollment_listen:
             enroll = grpc.aio.server(options=self._options())
             collector_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentService(core), enroll)
-            tls = grpc.ssl_server_credentials([(key_pem, chain_pem)])
+            tls = self._dynamic_credentials(False)
             self.enrollment_port = _bind(enroll, self.config.enrollment_listen, tls)
             self._servers.append(enroll)
         for server in self._servers:

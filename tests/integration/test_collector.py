@@ -680,3 +680,54 @@ def test_a_host_whose_certificate_the_collector_refuses_says_why(tmp_path: Path)
             assert host_identity(server.ca, "fine").problem() is None
 
     asyncio.run(body())
+
+
+def test_credentials_with_a_cliff_are_renewed_and_rotated_with_no_gap_in_streaming(
+    tmp_path: Path,
+) -> None:
+    """Host SVID, intermediate and the collector's own certificate live 4 s; stream for 13 s."""
+    from sidecar.collector.enroll import Renewer, credential_expiry, enroll, load_host_identity
+    from sidecar.collector.server import create_join_token
+
+    async def body() -> None:
+        cfg = make_config(tmp_path, host_svid_ttl_s=4, intermediate_ttl_s=4, server_cert_ttl_s=4)
+        async with running(cfg) as server:
+            creds = tmp_path / "creds"
+            token = create_join_token(server.store, TD, "web-1", 60)
+            await enroll(f"127.0.0.1:{server.enrollment_port}", token, roots_pem(server.ca), creds)
+            first_expiry = credential_expiry(creds)["host_svid"]
+            renewed: list[str] = []
+            renewer = Renewer(
+                f"127.0.0.1:{server.port}", creds, None, lambda ident: renewed.append(ident.host)
+            )
+            cfg_exp = ExporterConfig(
+                target=f"127.0.0.1:{server.port}",
+                spool_dir=tmp_path / "spool",
+                backoff_initial=0.05,
+                backoff_max=0.2,
+            )
+            # The exporter loads the credentials from disk for each stream, as the daemon's does.
+            exp = Exporter(cfg_exp, lambda: load_host_identity(creds), boot_id="boot-1")
+            tasks = [asyncio.create_task(exp.run()), asyncio.create_task(renewer.run())]
+            sent = 0
+            try:
+                deadline = time.monotonic() + 13
+                while time.monotonic() < deadline:
+                    exp.submit(connect_event(sent))
+                    sent += 1
+                    await asyncio.sleep(0.05)
+                assert await exp.close(timeout=10), "events left unacknowledged"
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+            assert len(renewed) >= 3, renewed  # renewed at half-life, again and again
+            assert renewer.last_error is None
+            assert credential_expiry(creds)["host_svid"] > first_expiry  # type: ignore[operator]
+            assert server.cert_rotations >= 4  # the collector's certificate too
+            # Every event stored once, in order, across every renewal and rotation.
+            assert stored_sequences(cfg.db_path, "web-1") == list(range(1, sent + 1))
+
+    asyncio.run(body())
