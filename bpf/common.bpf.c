@@ -114,6 +114,34 @@ static __always_inline struct identity_policy *policy_for(u32 gen, u32 identity,
 }
 
 /*
+ * The policy in force for an identity, or NULL when nothing restricts it (no
+ * policy loaded, the identity unlisted under an "allow" default, or egress
+ * unrestricted).  Reads the generation once, so a whole decision uses one.
+ */
+static __always_inline struct identity_policy *restricting_policy(u32 identity, u32 *gen_out,
+								  u32 *ruled, u32 *policy_flags)
+{
+	u32 zero = 0, gen;
+	struct settings *s = settings.lookup(&zero);
+	struct identity_policy *p;
+
+	*gen_out = 0;
+	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
+	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
+		return NULL;
+	/* Read the generation exactly once: the daemon flips it in place. */
+	gen = READ_ONCE(s->policy_gen);
+	*gen_out = gen;
+	p = policy_for(gen, identity, ruled);
+	if (!p)
+		return NULL;
+	*policy_flags = p->flags;
+	if (p->flags & SIDECAR_POLICY_EGRESS_ANY)
+		return NULL;
+	return p;
+}
+
+/*
  * Judge a connection attempt: one LPM lookup by (gen, identity, address),
  * then a scan of the few port rules stored under the longest prefix.
  * Reads the generation once, so the whole decision uses one policy.
@@ -121,30 +149,19 @@ static __always_inline struct identity_policy *policy_for(u32 gen, u32 identity,
 static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, const u8 *addr,
 					u32 *rule, u32 *gen_out, u32 *policy_flags)
 {
-	u32 zero = 0, ruled, i, gen;
-	struct settings *s = settings.lookup(&zero);
+	u32 ruled, i;
 	struct identity_policy *p;
 	struct egress_key k = {};
 	struct egress_rules *r;
 	u8 bit;
 
 	*rule = 0;
-	*gen_out = 0;
-	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
-	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
-		return SIDECAR_VERDICT_ALLOW;
-	/* Read the generation exactly once: the daemon flips it in place. */
-	gen = READ_ONCE(s->policy_gen);
-	*gen_out = gen;
-	p = policy_for(gen, identity, &ruled);
+	p = restricting_policy(identity, gen_out, &ruled, policy_flags);
 	if (!p)
-		return SIDECAR_VERDICT_ALLOW;
-	*policy_flags = p->flags;
-	if (p->flags & SIDECAR_POLICY_EGRESS_ANY)
 		return SIDECAR_VERDICT_ALLOW;
 
 	k.prefixlen = 64 + 128;
-	k.gen = gen;
+	k.gen = *gen_out;
 	k.identity = ruled;
 	__builtin_memcpy(k.addr, addr, 16);
 	r = egress.lookup(&k);
@@ -179,24 +196,14 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 static __always_inline u8 judge_socket(u32 identity, u16 family, u16 type, u16 protocol,
 				       u32 *gen_out, u32 *policy_flags)
 {
-	u32 zero = 0, ruled, gen;
-	struct settings *s = settings.lookup(&zero);
+	u32 ruled;
 	struct identity_policy *p;
 	struct socket_key k = {};
 
-	*gen_out = 0;
-	*policy_flags = SIDECAR_POLICY_LOG_ALLOWED;
-	if (!s || !(READ_ONCE(s->flags) & SIDECAR_SETTING_POLICY))
-		return SIDECAR_VERDICT_ALLOW;
-	gen = READ_ONCE(s->policy_gen);
-	*gen_out = gen;
-	p = policy_for(gen, identity, &ruled);
+	p = restricting_policy(identity, gen_out, &ruled, policy_flags);
 	if (!p)
 		return SIDECAR_VERDICT_ALLOW;
-	*policy_flags = p->flags;
-	if (p->flags & SIDECAR_POLICY_EGRESS_ANY)
-		return SIDECAR_VERDICT_ALLOW;
-	k.gen = gen;
+	k.gen = *gen_out;
 	k.identity = ruled;
 	k.family = family;
 	k.type = type;

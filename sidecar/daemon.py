@@ -172,6 +172,19 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
+def _kill(pid: int) -> bool:
+    """SIGKILL a process through a pidfd (never a reused pid); False if it is gone."""
+    try:
+        fd = os.pidfd_open(pid)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
 class _StillChanging(Exception):
     """The policy file changed while it was read: try again once it is quiet."""
 
@@ -748,14 +761,7 @@ class Daemon:
             return 0
         refused = caps.refused_mask(ci.capabilities) & (read_host_caps(pid) or 0)
         if refused and ci.mode == "enforce":
-            try:
-                fd = os.pidfd_open(pid)
-                try:
-                    signal.pidfd_send_signal(fd, signal.SIGKILL)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass  # already gone
+            _kill(pid)
             _logger.warning(
                 "pid %d attested as %s holds %s: killed",
                 pid,
@@ -1085,13 +1091,7 @@ class Daemon:
         mode = active.policy.identities[name].mode if active.policy and name else "enforce"
         if mode != "enforce":
             return abi.Verdict.WOULD_DENY, "exec-file-check"
-        try:
-            fd = os.pidfd_open(pid)
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            finally:
-                os.close(fd)
-        except OSError:
+        if not _kill(pid):
             return verdict, None
         _logger.warning("pid %d runs a file its identity may not run: killed", pid)
         return abi.Verdict.DENY, "exec-file-check"

@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.errors import PolicyError
 from sidecar.policy import caps
@@ -25,6 +26,7 @@ from sidecar.spiffeid import parse_spiffe_id
 from sidecar.yamlsrc import Document, Fields, Path_, check_header, check_type, render_path
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 API_VERSION = "sidecar/v1"
 KIND = "Policy"
@@ -279,40 +281,46 @@ def format_unix_address(addr: UnixAddress) -> str:
 
 
 def _parse_unix(doc: Document, path: Path_, raw: list[Any] | None) -> frozenset[UnixAddress] | None:
-    if raw is None:
-        return None
-    out: set[UnixAddress] = set()
-    for k, item in enumerate(raw):
-        item_path = (*path, k)
-        check_type(doc, item_path, item, str)
-        try:
-            addr = parse_unix_address(item)
-        except ValueError as exc:
-            raise doc.error(item_path, str(exc)) from exc
-        if addr in out:
-            raise doc.error(item_path, f"'{item}' is listed twice")
-        out.add(addr)
-    return frozenset(out)
+    return None if raw is None else _parse_items(doc, path, raw, parse_unix_address)
+
+
+def _capability(text: str) -> int:
+    number = caps.parse(text)
+    if caps.NAMES[number] not in caps.DANGEROUS:
+        refused = ", ".join(caps.label(caps.NUMBERS[n]) for n in caps.DANGEROUS)
+        raise ValueError(
+            f"{caps.label(number)} is never refused: list only capabilities that are ({refused})"
+        )
+    return number
 
 
 def _parse_capabilities(doc: Document, path: Path_, raw: list[Any]) -> frozenset[int]:
-    out: set[int] = set()
+    return _parse_items(doc, path, raw, _capability, label=caps.label)
+
+
+def _parse_items(
+    doc: Document,
+    path: Path_,
+    raw: list[Any],
+    parse: Callable[[str], T],
+    limit: tuple[int, str] | None = None,
+    label: Callable[[T], str] | None = None,
+) -> frozenset[T]:
+    """A list of strings, each parsed; errors name the item's line and index."""
+    if limit is not None and len(raw) > limit[0]:
+        raise doc.error(path, f"{len(raw)} {limit[1]}, more than {limit[0]}")
+    out: set[T] = set()
     for k, item in enumerate(raw):
         item_path = (*path, k)
         check_type(doc, item_path, item, str)
         try:
-            number = caps.parse(item)
+            value = parse(item)
         except ValueError as exc:
             raise doc.error(item_path, str(exc)) from exc
-        if caps.NAMES[number] not in caps.DANGEROUS:
-            raise doc.error(
-                item_path,
-                f"{caps.label(number)} is never refused: list only capabilities that are "
-                f"({', '.join(caps.label(caps.NUMBERS[n]) for n in caps.DANGEROUS)})",
-            )
-        if number in out:
-            raise doc.error(item_path, f"{caps.label(number)} is listed twice")
-        out.add(number)
+        if value in out:
+            shown = label(value) if label is not None else f"'{item}'"
+            raise doc.error(item_path, f"{shown} is listed twice")
+        out.add(value)
     return frozenset(out)
 
 
@@ -351,20 +359,8 @@ def format_socket_kind(kind: SocketKind) -> str:
 
 
 def _parse_sockets(doc: Document, path: Path_, raw: list[Any]) -> frozenset[SocketKind]:
-    if len(raw) > MAX_SOCKETS_PER_IDENTITY:
-        raise doc.error(path, f"{len(raw)} socket kinds, more than {MAX_SOCKETS_PER_IDENTITY}")
-    out: set[SocketKind] = set()
-    for k, item in enumerate(raw):
-        item_path = (*path, k)
-        check_type(doc, item_path, item, str)
-        try:
-            kind = parse_socket_kind(item)
-        except ValueError as exc:
-            raise doc.error(item_path, str(exc)) from exc
-        if kind in out:
-            raise doc.error(item_path, f"'{item}' is listed twice")
-        out.add(kind)
-    return frozenset(out)
+    limit = (MAX_SOCKETS_PER_IDENTITY, "socket kinds")
+    return _parse_items(doc, path, raw, parse_socket_kind, limit)
 
 
 def _parse_rule(
