@@ -4,8 +4,10 @@
  *
  * State that enforcement needs (process identities, settings, the scope)
  * is pinned under PIN_DIR, so programs that stay attached after the daemon
- * dies keep judging from it, and a restarted daemon re-adopts it.  The ring
- * buffer and scratch space belong to one daemon run and are not pinned.
+ * dies keep judging from it, and a restarted daemon re-adopts it.  So are
+ * the ring buffer and its loss counters: what the programs record while no
+ * daemon runs is read, or counted as lost, by the next one.  Scratch space
+ * is not pinned.
  *
  * Build settings come in as -D flags, validated by the loader:
  *   PIN_DIR        "/sys/fs/bpf/sidecar/v2" (a string literal)
@@ -103,10 +105,26 @@ BPF_TABLE_PINNED("hash", struct socket_key, u8, socket_allow, SOCKET_ALLOW_MAX,
 BPF_TABLE_PINNED("lpm_trie", struct unix_key, u8, unix_allow, UNIX_ALLOW_MAX, PIN_DIR "/unix_allow",
 		 BPF_F_NO_PREALLOC);
 
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* The ring buffer is pinned too: what the programs record while no daemon
+ * runs waits there for the next one (spelled out: BCC's BPF_RINGBUF_OUTPUT
+ * cannot be pinned). */
+struct events_table_t {
+	int key;
+	u32 leaf;
+	int (*ringbuf_output)(void *, u64, u64);
+	void *(*ringbuf_reserve)(u64);
+	void (*ringbuf_discard)(void *, u64);
+	void (*ringbuf_submit)(void *, u64);
+	u64 (*ringbuf_query)(u64);
+	u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/events")))
+struct events_table_t events = {.max_entries = RINGBUF_PAGES * 4096};
 /* per-CPU scratch to build an exec record, sent without its unused argv tail */
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 /* records that could not be reserved, per CPU, by event type */
-BPF_PERCPU_ARRAY(lost, u64, 8);
+BPF_TABLE_PINNED("percpu_array", u32, u64, lost, 8, PIN_DIR "/lost");
+/* index: event type; what a daemon has reported lost so far (written by it) */
+BPF_TABLE_PINNED("array", u32, u64, lost_reported, 8, PIN_DIR "/lost_reported");
 
 #endif /* SIDECAR_MAPS_H */

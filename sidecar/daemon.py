@@ -423,6 +423,8 @@ class Daemon:
         self._load_entries()
         policy = self._read_policy_when_quiet()
         self.attach_seconds = self.start_kernel()
+        # Losses that a previous daemon already reported (the counters are pinned).
+        self.lost_reported = self._programs.lost_reported_counts()
         servers: list[Any] = []
         reader: threading.Thread | None = None
         signals = threading.current_thread() is threading.main_thread()
@@ -1259,6 +1261,9 @@ class Daemon:
                     "counts": lost,
                 }
             )
+            # Kept pinned, after the report: a restarted daemon reports only what
+            # no daemon has (a crash between the two reports a loss twice, never none).
+            self._programs.set_lost_reported(counts)
 
     # -- admin -----------------------------------------------------------------------
 

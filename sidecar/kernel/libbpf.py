@@ -192,6 +192,28 @@ def _link_info(link_fd: int) -> _LinkInfo:
     return info
 
 
+class _MapInfo(ctypes.Structure):
+    # struct bpf_map_info, up to the fields we read.
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    )
+
+
+def map_max_entries(map_fd: int) -> int:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(
+        lib().bpf_obj_get_info_by_fd(map_fd, ctypes.byref(info), ctypes.byref(size)),
+        "bpf_obj_get_info_by_fd",
+    )
+    return int(info.max_entries)
+
+
 def link_info(link_fd: int) -> tuple[int, int]:
     """(link type, program id) of a link."""
     info = _link_info(link_fd)

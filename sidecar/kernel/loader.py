@@ -226,6 +226,7 @@ class KernelPrograms:
         ]
         if has_group_dead(self.options.tracefs):
             cflags.append("-DSIDECAR_HAVE_GROUP_DEAD=1")
+        self._resize_ring()
         module = _make_module_class()
         started = time.monotonic()
         try:
@@ -236,6 +237,36 @@ class KernelPrograms:
         self.report.compile_seconds = time.monotonic() - started
         self._set_scope()
         self.set_settings(attest=self.options.attest)
+
+    def _resize_ring(self) -> None:
+        """A pinned ring buffer of another size than configured is replaced (and said so)."""
+        path = self.pin_dir / "events"
+        fd = libbpf.obj_get(path)
+        if fd is None:
+            return
+        try:
+            size = libbpf.map_max_entries(fd)
+        finally:
+            os.close(fd)
+        wanted = self.options.ringbuf_pages * 4096
+        if size != wanted:
+            _logger.warning(
+                "ring buffer resized from %d to %d bytes: records left unread in the old one "
+                "are dropped",
+                size,
+                wanted,
+            )
+            path.unlink()
+
+    def lost_reported_counts(self) -> dict[abi.EventType, int]:
+        """What daemons have reported lost so far, by type (kept pinned across restarts)."""
+        table = self._table("lost_reported")
+        return {t: int(table[table.Key(int(t))].value) for t in abi.EventType}
+
+    def set_lost_reported(self, counts: dict[abi.EventType, int]) -> None:
+        table = self._table("lost_reported")
+        for t, n in counts.items():
+            table[table.Key(int(t))] = table.Leaf(n)
 
     def _load_unix(self, src: Path) -> None:
         """The unix-socket hooks, on the same maps; without them, say why (and go on)."""
@@ -561,6 +592,9 @@ _PINNED_NAMES = frozenset(
         "exec_allow",
         "socket_allow",
         "unix_allow",
+        "events",
+        "lost",
+        "lost_reported",
     }
 )
 _VERSION_DIR = re.compile(r"^v\d+$")

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,7 +87,9 @@ def setup(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> dict[str, obj
     }
 
 
-def config_text(setup: dict[str, object], *, interval: int = 1, detach: bool = True) -> str:
+def config_text(
+    setup: dict[str, object], *, interval: int = 1, detach: bool = True, pages: int = 256
+) -> str:
     tmp = setup["tmp"]
     return f"""apiVersion: sidecar/v1
 kind: DaemonConfig
@@ -96,6 +99,7 @@ scope:
 bpf:
   pinDir: {setup["pin_dir"]}
   detachOnExit: {"true" if detach else "false"}
+  ringbufPages: {pages}
 identity:
   entries: {setup["entries"]}
   stateDir: {tmp}/state
@@ -469,3 +473,88 @@ def test_a_policy_file_written_in_place_is_not_taken_half_written(
         assert not [e for e in running.events() if e["type"] == "policy_rejected"]
     finally:
         probe.close()
+
+
+def test_what_the_kernel_records_while_the_daemon_is_down_reaches_the_next_daemon(
+    setup: dict[str, object],
+) -> None:
+    """The ring buffer is pinned: execs seen while no daemon runs are reported after restart."""
+    from conftest import spawn
+
+    text = config_text(setup, detach=False)
+    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    try:
+        d.wait_for(type="policy_loaded")
+        stop_daemon_process(d, signal.SIGKILL)
+        n = 200
+        loop = spawn(
+            setup["cgroup"],  # type: ignore[arg-type]
+            ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true down-marker-$i; done"],
+        )
+        assert loop.wait(60) == 0
+        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+
+        def markers() -> set[str]:
+            return {
+                a
+                for e in d.events()
+                if e["type"] == "exec"
+                for a in e.get("argv", [])
+                if a.startswith("down-marker-")
+            }
+
+        got = wait_until(lambda: len(markers()) == n and markers(), what="every marker exec")
+        assert got == {f"down-marker-{i}" for i in range(1, n + 1)}
+        # Nothing was lost meanwhile, so no loss is reported, by either daemon.
+        assert not [e for e in d.events() if e["type"] == "lost"]
+    finally:
+        stop_daemon_process(d)
+
+
+def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_exactly(
+    setup: dict[str, object],
+) -> None:
+    """A one-page ring overflows while no daemon reads it: received + reported lost = made."""
+    from conftest import spawn
+
+    text = config_text(setup, detach=False, pages=1)
+    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    try:
+        d.wait_for(type="policy_loaded")
+        stop_daemon_process(d, signal.SIGKILL)
+        n = 200
+        loop = spawn(
+            setup["cgroup"],  # type: ignore[arg-type]
+            ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true full-marker-$i; done"],
+        )
+        assert loop.wait(60) == 0
+        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+
+        def lost_execs() -> int:
+            return sum(e["counts"].get("exec", 0) for e in d.events() if e["type"] == "lost")
+
+        wait_until(lambda: lost_execs() > 0, what="the loss reported")
+        time.sleep(1.5)  # any later loss report, and the last records read
+        received = [
+            e
+            for e in d.events()
+            if e["type"] == "exec" and any(a.startswith("full-marker-") for a in e["argv"])
+        ]
+        shell = [
+            e
+            for e in d.events()
+            if e["type"] == "exec"
+            and e.get("pid") == loop.pid
+            and not any(a.startswith("full-marker-") for a in e["argv"])
+        ]
+        assert 0 < len(received) < n
+        # Every exec the kernel saw while the ring was full is counted: the loop's own
+        # (the shell) and its 200 tools, either received or reported lost, once.
+        assert len(received) + len(shell) + lost_execs() == n + 1
+        stop_daemon_process(d, signal.SIGKILL)  # a third daemon reports nothing again
+        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+        d.wait_for(type="policy_loaded", timeout=20)
+        time.sleep(1.5)
+        assert lost_execs() == n + 1 - len(received) - len(shell)
+    finally:
+        stop_daemon_process(d)
