@@ -13,8 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.policy import caps
 from sidecar.policy.allowset import AllowSet, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
+from sidecar.policy.model import format_socket_kind, format_unix_address
 
 ExecList = tuple[str, ...] | None  # None: any executable
 MAX_TEXT_DESTINATIONS = 40
@@ -30,6 +32,20 @@ class IdentityDiff:
     lost: tuple[Destination, ...]
     exec_before: ExecList
     exec_after: ExecList
+    # Other grants, by name (sockets, unix, capabilities): (before, after); None: any.
+    grants: tuple[tuple[str, ExecList, ExecList], ...] = ()
+
+    def grant_lines(self) -> list[str]:
+        lines: list[str] = []
+        for name, before, after in self.grants:
+            if after is None:
+                lines.append(f"+ {name}: any (unrestricted)")
+            elif before is None:
+                lines.append(f"- {name}: any; now only: {', '.join(after) or 'nothing'}")
+            else:
+                lines += [f"+ {name} {x}" for x in sorted(set(after) - set(before))]
+                lines += [f"- {name} {x}" for x in sorted(set(before) - set(after))]
+        return lines
 
     @property
     def exec_gained(self) -> tuple[str, ...]:
@@ -61,6 +77,13 @@ class IdentityDiff:
             "mode": {"before": self.mode_before, "after": self.mode_after},
             "gained": [d.to_json() for d in self.gained],
             "lost": [d.to_json() for d in self.lost],
+            "grants": {
+                name: {
+                    "before": None if before is None else list(before),
+                    "after": None if after is None else list(after),
+                }
+                for name, before, after in self.grants
+            },
             "exec": {
                 "before": None if self.exec_before is None else list(self.exec_before),
                 "after": None if self.exec_after is None else list(self.exec_after),
@@ -98,6 +121,7 @@ class PolicyDiff:
             lines.extend(_limited("+", d.gained))
             lines.extend(_limited("-", d.lost))
             lines.extend(f"  {line}" for line in d.exec_lines())
+            lines.extend(f"  {line}" for line in d.grant_lines())
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -122,6 +146,19 @@ def _exec(ci: CompiledIdentity | None) -> ExecList:
     return tuple(sorted(ci.exec_paths))
 
 
+def _grants(policy: CompiledPolicy, ci: CompiledIdentity | None) -> dict[str, ExecList]:
+    """What an identity may use besides destinations and executables; None: any."""
+    unlisted_any = policy.unidentified == "allow"
+    if ci is None:
+        anything: ExecList = None if unlisted_any else ()
+        return {"sockets": anything, "unix": None, "capabilities": None}
+    return {
+        "sockets": tuple(sorted(format_socket_kind(k) for k in ci.sockets)),
+        "unix": None if ci.unix is None else tuple(sorted(format_unix_address(a) for a in ci.unix)),
+        "capabilities": tuple(sorted(caps.label(n) for n in ci.capabilities)),
+    }
+
+
 def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
     """Per identity: destinations and executables gained and lost, and mode changes."""
     defaults: list[tuple[str, str, str]] = []
@@ -137,7 +174,19 @@ def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
         mode_before = before.mode if before else None
         mode_after = after.mode if after else None
         exec_before, exec_after = _exec(before), _exec(after)
-        if not gained and not lost and mode_before == mode_after and exec_before == exec_after:
+        g_before, g_after = _grants(old, before), _grants(new, after)
+        grants = tuple(
+            (name, g_before[name], g_after[name])
+            for name in g_before
+            if g_before[name] != g_after[name]
+        )
+        if (
+            not gained
+            and not lost
+            and mode_before == mode_after
+            and exec_before == exec_after
+            and not grants
+        ):
             continue
         change = "added" if before is None else "removed" if after is None else "changed"
         out.append(
@@ -150,6 +199,7 @@ def diff(old: CompiledPolicy, new: CompiledPolicy) -> PolicyDiff:
                 lost.destinations(),
                 exec_before,
                 exec_after,
+                grants,
             )
         )
     return PolicyDiff(old.version, new.version, tuple(defaults), tuple(out))

@@ -585,3 +585,27 @@ def test_suggest_learns_unix_addresses_and_blast_radius_lists_them() -> None:
     rows = {r.spiffe_id: r for r in blast_radius(learnt).identities}
     assert rows[sid].unix == ("/run/docker.sock", "@bus")
     assert "unix sockets: /run/docker.sock, @bus" in blast_radius(learnt).render_text()
+
+
+def test_diff_shows_socket_unix_and_capability_grants() -> None:
+    base = """identities:
+  - id: spiffe://example.org/a
+    unix: [/run/a.sock]
+"""
+    wider = """identities:
+  - id: spiffe://example.org/a
+    unix: [/run/a.sock, /run/docker.sock]
+    sockets: [inet/raw/icmp]
+    capabilities: [CAP_BPF]
+"""
+    d = diff(load(base), load(wider))
+    assert not d.empty
+    text = d.render_text()
+    assert "+ unix /run/docker.sock" in text
+    assert "+ sockets inet/raw/icmp" in text
+    assert "+ capabilities CAP_BPF" in text
+    back = diff(load(wider), load(base)).render_text()
+    assert "- unix /run/docker.sock" in back and "- capabilities CAP_BPF" in back
+    unrestricted = diff(load(base), load("identities:\n  - id: spiffe://example.org/a\n"))
+    assert "+ unix: any (unrestricted)" in unrestricted.render_text()
+    assert diff(load(base), load(base)).empty
