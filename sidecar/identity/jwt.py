@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -77,7 +77,9 @@ class JwtAuthority:
         trust_domain: str,
         private_key: ec.EllipticCurvePrivateKey | None = None,
         key_id: str | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock  # seconds since the epoch; tests pass their own
         try:
             self.trust_domain = parse_trust_domain(trust_domain)
         except ValueError as exc:
@@ -116,7 +118,7 @@ class JwtAuthority:
         if ttl > MAX_TTL:
             _logger.debug("JWT-SVID ttl %s capped at %s", ttl, MAX_TTL)
             ttl = MAX_TTL
-        now = int(time.time())
+        now = int(self._clock())
         header = {"alg": ALGORITHM, "kid": self.key_id, "typ": "JWT"}
         claims = {"sub": sid.uri, "aud": auds, "iat": now, "exp": now + int(ttl.total_seconds())}
         signing_input = ".".join(
@@ -203,7 +205,7 @@ class JwtAuthority:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise CredentialError("JWT-SVID has no numeric 'exp' claim")
-        if time.time() > exp + leeway:
+        if self._clock() > exp + leeway:
             raise CredentialError("JWT-SVID has expired")
 
 

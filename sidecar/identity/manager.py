@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -75,6 +75,7 @@ class CredentialManager:
         ttl: timedelta = timedelta(minutes=10),
         on_event: EventCallback | None = None,
         on_jwt: Callable[[str, SpiffeId], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if ttl <= timedelta(0):
             raise CredentialError("credential ttl must be positive")
@@ -87,6 +88,7 @@ class CredentialManager:
         self.ttl = ttl
         self._on_event = on_event
         self._on_jwt = on_jwt  # (instance_id, spiffe_id) of each JWT-SVID issued
+        self._sleep = sleep  # until a renewal is due; tests pass their own
         self._instances: dict[str, _Instance] = {}
         self._revoked_instances: set[str] = set()
         self._revoked_serials: dict[int, datetime] = {}
@@ -211,7 +213,7 @@ class CredentialManager:
     async def _rotate_forever(self, instance_id: str, state: _Instance) -> None:
         delay = _half_life(state.svid)
         while True:
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
             if self._instances.get(instance_id) is not state:
                 return
             try:

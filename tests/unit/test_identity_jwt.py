@@ -75,11 +75,14 @@ def test_validate_rejects_another_audience() -> None:
 
 
 def test_validate_rejects_an_expired_token() -> None:
-    authority = JwtAuthority(TD)
+    now = [1_800_000_000.0]
+    authority = JwtAuthority(TD, clock=lambda: now[0])
     token = authority.issue(AGENT, ["reports"], ttl=timedelta(seconds=1))
     exp = _decode(token.split(".")[1])["exp"]
-    while time.time() <= exp:
-        time.sleep(0.1)
+    assert exp == 1_800_000_001
+    now[0] = exp  # the last valid second
+    assert authority.validate(token, "reports")["sub"] == AGENT
+    now[0] = exp + 0.5
     with pytest.raises(CredentialError, match="expired"):
         authority.validate(token, "reports")
 

@@ -130,10 +130,26 @@ def test_revoked_instance_is_never_renewed_nor_reissued(ca: CertificateAuthority
     events: list[Event] = []
 
     async def scenario() -> CredentialManager:
-        manager = _manager(ca, 1, events)
+        waited: list[float] = []
+        due = asyncio.Event()
+
+        async def until_due(seconds: float) -> None:  # the test says when renewal is due
+            waited.append(seconds)
+            await due.wait()
+
+        def record(kind: str, iid: str, sid: SpiffeId, serial: int, not_after: datetime) -> None:
+            events.append((kind, iid, sid, serial, not_after))
+
+        manager = CredentialManager(
+            ca, JwtAuthority(TD), ttl=timedelta(seconds=1), on_event=record, sleep=until_due
+        )
         manager.issue("i-1", AGENT)
+        await asyncio.sleep(0)  # the renewal task waits for half-life
+        assert waited and 0 < waited[0] <= 0.5
         manager.revoke("i-1")
-        await asyncio.sleep(1.2)  # past the half-life at which a renewal would have come
+        due.set()  # the renewal falls due after the revocation
+        for _ in range(5):
+            await asyncio.sleep(0)
         with pytest.raises(CredentialError, match="never reissued"):
             manager.issue("i-1", AGENT)
         await manager.close()
