@@ -267,10 +267,11 @@ class Exporter:
         for kind, n in sorted(queue_drops.items()):
             lost.counts.add(kind=kind, reason="queue_full", count=n)
         if spooled is not None:
-            for kind, n in sorted(spooled.kinds.items()):
-                lost.counts.add(kind=kind, reason="spool_full", count=n)
-                with self._drop_lock:
-                    self.dropped[(kind, "spool_full")] += n
+            for (kind, reason), n in sorted(spooled.kinds.items()):
+                lost.counts.add(kind=kind, reason=reason, count=n)
+                if reason == "spool_full":  # carried-over reports were counted when made
+                    with self._drop_lock:
+                        self.dropped[(kind, reason)] += n
             lost.first_sequence = spooled.first_sequence
             lost.last_sequence = spooled.last_sequence
         self._append(event_pb2.Event(time_ns=time.time_ns(), lost=lost))
@@ -345,6 +346,8 @@ class Exporter:
             self.connected = self._stream_acked = True
             self.last_error = None
             await self._on_ack(first.acked_sequence)
+            # What the cap removed after an earlier stream sent it is now known.
+            await asyncio.to_thread(self.spool.settle, first.acked_sequence)
             _logger.info(
                 "streaming to %s from sequence %d", self.config.target, self.spool.acked + 1
             )
@@ -391,6 +394,7 @@ class Exporter:
                     batch.signature = sign(ident.private_key, payload)
                     await call.write(batch)
                     sent = recs[-1].sequence
+                    self.spool.mark_sent(sent)
                     records = list(recs)
             if not records:
                 self._wake.clear()

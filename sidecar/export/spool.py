@@ -63,15 +63,27 @@ class Record:
 
 @dataclass
 class Dropped:
-    """Unacknowledged events removed to keep the spool under its size cap."""
+    """Events lost to the spool's size cap, by (kind, reason).
+
+    Mostly ("exec", "spool_full"); a lost-events report that the cap removed
+    is not counted as one event of kind "lost": its own counts (with their
+    reasons, "queue_full" say) are carried into this one, so no loss report
+    is lost with it.
+    """
 
     first_sequence: int = 0
     last_sequence: int = 0
-    kinds: Counter[str] = field(default_factory=Counter)
+    kinds: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     @property
     def count(self) -> int:
         return sum(self.kinds.values())
+
+    def add(self, sequence: int, counts: Counter[tuple[str, str]]) -> None:
+        if not self.first_sequence or sequence < self.first_sequence:
+            self.first_sequence = sequence
+        self.last_sequence = max(self.last_sequence, sequence)
+        self.kinds.update(counts)
 
 
 @dataclass
@@ -96,6 +108,9 @@ class Spool:
         self._segments: list[_Segment] = []
         self._fh: BinaryIO | None = None
         self._dropped = Dropped()
+        # Sent to the collector (this stream), and removed by the cap before its ack.
+        self.sent_through = 0
+        self._in_doubt: list[tuple[int, Counter[tuple[str, str]]]] = []
         self._read_pos: tuple[int, int, int, bytes] | None = (
             None  # seg first, offset, next seq, prev
         )
@@ -268,10 +283,13 @@ class Spool:
                 while (rec := _read_record(fh)) is not None:
                     if rec.sequence <= self.acked:
                         continue
-                    if not self._dropped.first_sequence:
-                        self._dropped.first_sequence = rec.sequence
-                    self._dropped.last_sequence = rec.sequence
-                    self._dropped.kinds[_kind_of(rec.payload)] += 1
+                    counts = _loss_counts(rec.payload)
+                    if rec.sequence <= self.sent_through:
+                        # Sent, not yet acknowledged: the collector may hold it.
+                        # Which it does is known at the next ack (resolve).
+                        self._in_doubt.append((rec.sequence, counts))
+                    else:
+                        self._dropped.add(rec.sequence, counts)
             seg.path.unlink()
             _logger.warning(
                 "spool over its cap of %d bytes: dropped sequences %d..%d",
@@ -282,6 +300,39 @@ class Spool:
 
     def _total(self) -> int:
         return sum(s.size for s in self._segments)
+
+    def mark_sent(self, sequence: int) -> None:
+        """The sender wrote records up to ``sequence`` to the collector."""
+        with self._lock:
+            self.sent_through = max(self.sent_through, sequence)
+
+    def resolve(self, stored_through: int) -> None:
+        """The collector holds every sequence up to ``stored_through`` (its ack).
+
+        Records the cap removed after they were sent are lost only if the
+        collector never stored them; an ack at the start of a stream says which.
+        """
+        with self._lock:
+            keep: list[tuple[int, Counter[tuple[str, str]]]] = []
+            for sequence, counts in self._in_doubt:
+                if sequence <= stored_through:
+                    continue  # the collector has it
+                keep.append((sequence, counts))
+            self._in_doubt = keep
+
+    def settle(self, stored_through: int) -> None:
+        """A new stream opened with the collector holding up to ``stored_through``.
+
+        Records the cap removed after an earlier stream sent them are now known:
+        stored if at or below it, lost if above (they are no longer here to be
+        sent again).  Sending starts over from there.
+        """
+        self.resolve(stored_through)
+        with self._lock:
+            for sequence, counts in self._in_doubt:
+                self._dropped.add(sequence, counts)
+            self._in_doubt = []
+            self.sent_through = stored_through
 
     def take_dropped(self) -> Dropped | None:
         """What the size cap removed since the last call (for a lost-events report)."""
@@ -353,6 +404,8 @@ class Spool:
     def ack(self, sequence: int, chain: bytes | None = None) -> None:
         """Record that the collector stored everything up to ``sequence``; free space."""
         with self._lock:
+            # Removed by the cap after they were sent: the collector has these.
+            self._in_doubt = [(q, c) for q, c in self._in_doubt if q > sequence]
             if sequence <= self.acked:
                 return
             sequence = min(sequence, self.durable_sequence)
@@ -444,3 +497,19 @@ def _kind_of(payload: bytes) -> str:
         return event_pb2.Event.FromString(payload).WhichOneof("body") or "unknown"
     except DecodeError:
         return "unknown"
+
+
+def _loss_counts(payload: bytes) -> Counter[tuple[str, str]]:
+    """What removing this record loses: one event of its kind, or a loss report's counts."""
+    try:
+        event = event_pb2.Event.FromString(payload)
+    except DecodeError:
+        return Counter({("unknown", "spool_full"): 1})
+    kind = event.WhichOneof("body") or "unknown"
+    out: Counter[tuple[str, str]] = Counter()
+    if kind == "lost" and event.lost.counts:
+        for c in event.lost.counts:
+            out[(c.kind, c.reason)] += c.count
+    else:
+        out[(kind, "spool_full")] += 1
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,8 +90,9 @@ def test_full_spool_drops_oldest_and_counts_them_by_kind(tmp_path: Path) -> None
     first_kept = recs[0].sequence
     assert dropped.first_sequence == 1 and dropped.last_sequence == first_kept - 1
     assert dropped.count == first_kept - 1
-    assert dropped.kinds["exec"] == len(range(0, first_kept - 1, 2))
-    assert dropped.kinds["exec"] + dropped.kinds["exit"] == first_kept - 1
+    execs = dropped.kinds[("exec", "spool_full")]
+    assert execs == len(range(0, first_kept - 1, 2))
+    assert execs + dropped.kinds[("exit", "spool_full")] == first_kept - 1
     assert [r.sequence for r in recs] == list(range(first_kept, 401))
     assert chain_over(prev, first_kept, [r.payload for r in recs]) == [r.chain for r in recs]
     assert sp.take_dropped() is None
@@ -148,3 +150,63 @@ def test_queue_and_spool_losses_become_one_in_band_report(tmp_path: Path) -> Non
     assert recs[0].sequence == report.last_sequence + 1
     assert lost[0].host == "h" and lost[0].boot_id == "b"
     exp.spool.close()
+
+
+def _fill(sp: Spool, n: int) -> None:
+    for i in range(n):
+        sp.append(ev.Event(host="h", exec=ev.Exec(pid=i, exe="/bin/true")))
+    sp.sync()
+
+
+def test_records_sent_and_then_removed_are_not_lost_if_the_collector_stored_them(
+    tmp_path: Path,
+) -> None:
+    """A frozen collector: sent, unacknowledged, removed by the cap, yet stored in the end."""
+    sp = Spool(tmp_path, 8192, segment_bytes=1024)
+    _fill(sp, 100)
+    sp.mark_sent(100)  # all on the wire, the collector frozen before acking
+    _fill(sp, 300)  # the cap removes the oldest, sent ones among them
+    _, recs = sp.read(0, 1000, 1 << 20)
+    first_kept = recs[0].sequence
+    assert first_kept > 100  # every sent record was removed
+    dropped = sp.take_dropped()
+    # Only never-sent records are lost now; the sent ones wait for the collector's word.
+    assert dropped is not None and dropped.first_sequence == 101
+    assert dropped.count == first_kept - 101
+    sp.settle(100)  # the collector thaws: it had stored 1..100
+    assert sp.take_dropped() is None  # nothing more lost
+
+
+def test_records_sent_and_removed_and_never_stored_are_counted_lost_exactly(
+    tmp_path: Path,
+) -> None:
+    """A killed collector: of 100 sent records it stored 40; the other 60 were removed."""
+    sp = Spool(tmp_path, 8192, segment_bytes=1024)
+    _fill(sp, 100)
+    sp.mark_sent(100)
+    _fill(sp, 300)
+    _, recs = sp.read(0, 1000, 1 << 20)
+    first_kept = recs[0].sequence
+    never_sent = sp.take_dropped()
+    assert never_sent is not None
+    sp.settle(40)  # the restarted collector says it holds 1..40
+    lost_after_send = sp.take_dropped()
+    assert lost_after_send is not None
+    assert lost_after_send.kinds == Counter({("exec", "spool_full"): 60})
+    assert (lost_after_send.first_sequence, lost_after_send.last_sequence) == (41, 100)
+    # Everything missing is reported once: removed = lost before send + lost after it.
+    assert never_sent.count + lost_after_send.count == (first_kept - 1) - 40
+
+
+def test_a_loss_report_removed_by_the_cap_passes_its_counts_on(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, 8192, segment_bytes=1024)
+    report = ev.LostEvents()
+    report.counts.add(kind="exec", reason="queue_full", count=500)
+    report.counts.add(kind="connect", reason="queue_full", count=7)
+    sp.append(ev.Event(host="h", lost=report))
+    _fill(sp, 400)
+    dropped = sp.take_dropped()
+    assert dropped is not None
+    assert dropped.kinds[("exec", "queue_full")] == 500
+    assert dropped.kinds[("connect", "queue_full")] == 7
+    assert ("lost", "spool_full") not in dropped.kinds  # not one event of kind "lost"
