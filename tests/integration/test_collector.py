@@ -731,3 +731,53 @@ def test_credentials_with_a_cliff_are_renewed_and_rotated_with_no_gap_in_streami
             assert stored_sequences(cfg.db_path, "web-1") == list(range(1, sent + 1))
 
     asyncio.run(body())
+
+
+def test_with_a_small_spool_and_the_collector_down_stored_plus_reported_lost_is_everything(
+    tmp_path: Path,
+) -> None:
+    """The collector goes away mid-stream; the spool's cap removes what does not fit."""
+
+    async def body() -> None:
+        cfg = make_config(tmp_path)
+        total = 0
+        server = CollectorServer(cfg)
+        await server.start()
+        port, ca = server.port, server.ca
+        ident = host_identity(ca, "h-cap")
+        exp = exporter_for(tmp_path, port, ident, spool_max_bytes=256 * 1024)
+        task = asyncio.create_task(exp.run())
+        try:
+            for _ in range(3000):
+                assert exp.submit(connect_event(total))
+                total += 1
+                if total % 100 == 0:
+                    await asyncio.sleep(0.01)
+            await until(lambda: server.store.count("h-cap") >= 500)
+            await server.stop(0.2)
+            for _ in range(6000):  # collector gone: the spool overflows its cap
+                assert exp.submit(connect_event(total))
+                total += 1
+                if total % 200 == 0:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)
+            server = CollectorServer(replace(cfg, listen=f"127.0.0.1:{port}"))
+            await server.start()
+            for _ in range(1000):
+                assert exp.submit(connect_event(total))
+                total += 1
+            await until(lambda: exp.spool.pending() == 0 and exp.spool.acked > 0, timeout=60)
+            assert await exp.close(5)
+            flt = pb.EventFilter(hosts=["h-cap"], kinds=["connect"])
+            stored = server.store.query(flt, 0, 100_000)
+            reports = server.store.query(pb.EventFilter(hosts=["h-cap"], kinds=["lost"]), 0, 1000)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+            await server.stop(0.2)
+        lost = sum(c.count for r in reports for c in r.event.lost.counts if c.kind == "connect")
+        assert lost > 0  # the cap did remove events
+        assert len(stored) + lost == total
+
+    asyncio.run(body())
