@@ -251,6 +251,16 @@ def _sockets_of(policy: CompiledPolicy, ci: CompiledIdentity | None) -> frozense
     return frozenset(format_socket_kind(k) for k in ci.sockets)
 
 
+def _union(grants: Iterable[frozenset[str] | None]) -> tuple[str, ...] | None:
+    """What an identity and its spawn closure may use together; None (any) wins."""
+    out: set[str] = set()
+    for g in grants:
+        if g is None:
+            return None
+        out |= g
+    return tuple(sorted(out))
+
+
 def _unix_of(ci: CompiledIdentity | None) -> frozenset[str] | None:
     if ci is None or ci.unix is None:
         return None
@@ -331,23 +341,13 @@ def blast_radius(
         ci = policy.identities.get(name)
         spawns = _closure(name, graph)
         reach = own_sets[name]
-        executables = _exec_of(ci)
-        sockets = _sockets_of(policy, ci)
-        held = _caps_of(ci)
-        unix = _unix_of(ci)
+        members = [ci, *(policy.identities.get(child) for child in spawns)]
         for child in spawns:
-            theirs_unix = _unix_of(policy.identities.get(child))
-            unix = None if unix is None or theirs_unix is None else unix | theirs_unix
-            theirs_caps = _caps_of(policy.identities.get(child))
-            held = None if held is None or theirs_caps is None else held | theirs_caps
-            theirs = _sockets_of(policy, policy.identities.get(child))
-            sockets = None if sockets is None or theirs is None else sockets | theirs
             reach = reach.union(own_sets[child])
-            child_exec = _exec_of(policy.identities.get(child))
-            if executables is None or child_exec is None:
-                executables = None
-            else:
-                executables = executables | child_exec
+        executables = _union(_exec_of(m) for m in members)
+        sockets = _union(_sockets_of(policy, m) for m in members)
+        held = _union(_caps_of(m) for m in members)
+        unix = _union(_unix_of(m) for m in members)
         credentials = tuple(
             Credential(kind, sid, "*" if kind == "jwt-svid" else None)
             for sid in (name, *spawns)
@@ -365,12 +365,12 @@ def blast_radius(
                 own_count=own_sets[name].count(),
                 spawns_into=spawns,
                 reach_count=reach.count(),
-                executables=None if executables is None else tuple(sorted(executables)),
+                executables=executables,
                 credentials=credentials,
                 tightening=tightening,
-                sockets=None if sockets is None else tuple(sorted(sockets)),
-                capabilities=None if held is None else tuple(sorted(held)),
-                unix=None if unix is None else tuple(sorted(unix)),
+                sockets=sockets,
+                capabilities=held,
+                unix=unix,
             )
         )
     rows.sort(key=lambda r: r.spiffe_id)

@@ -475,24 +475,33 @@ def test_a_policy_file_written_in_place_is_not_taken_half_written(
         probe.close()
 
 
+def _execs_while_down(
+    setup: dict[str, object], text: str, marker: str, n: int
+) -> tuple[DaemonProcess, subprocess.Popen[bytes]]:
+    """Start a daemon, SIGKILL it, run n execs (argv marker-1..n) in scope, start another."""
+    from conftest import spawn
+
+    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    try:
+        d.wait_for(type="policy_loaded")
+    finally:
+        stop_daemon_process(d, signal.SIGKILL)
+    loop = spawn(
+        setup["cgroup"],  # type: ignore[arg-type]
+        ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true {marker}-$i; done"],
+    )
+    assert loop.wait(60) == 0
+    return start_daemon_process(setup["tmp"], text), loop  # type: ignore[arg-type]
+
+
 def test_what_the_kernel_records_while_the_daemon_is_down_reaches_the_next_daemon(
     setup: dict[str, object],
 ) -> None:
     """The ring buffer is pinned: execs seen while no daemon runs are reported after restart."""
-    from conftest import spawn
-
     text = config_text(setup, detach=False)
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    n = 200
+    d, _ = _execs_while_down(setup, text, "down-marker", n)
     try:
-        d.wait_for(type="policy_loaded")
-        stop_daemon_process(d, signal.SIGKILL)
-        n = 200
-        loop = spawn(
-            setup["cgroup"],  # type: ignore[arg-type]
-            ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true down-marker-$i; done"],
-        )
-        assert loop.wait(60) == 0
-        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
 
         def markers() -> set[str]:
             return {
@@ -515,20 +524,10 @@ def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_ex
     setup: dict[str, object],
 ) -> None:
     """A one-page ring overflows while no daemon reads it: received + reported lost = made."""
-    from conftest import spawn
-
     text = config_text(setup, detach=False, pages=1)
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    n = 200
+    d, loop = _execs_while_down(setup, text, "full-marker", n)
     try:
-        d.wait_for(type="policy_loaded")
-        stop_daemon_process(d, signal.SIGKILL)
-        n = 200
-        loop = spawn(
-            setup["cgroup"],  # type: ignore[arg-type]
-            ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true full-marker-$i; done"],
-        )
-        assert loop.wait(60) == 0
-        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
 
         def lost_execs() -> int:
             return sum(e["counts"].get("exec", 0) for e in d.events() if e["type"] == "lost")
