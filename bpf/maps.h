@@ -126,5 +126,9 @@ BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 BPF_TABLE_PINNED("percpu_array", u32, u64, lost, 8, PIN_DIR "/lost");
 /* index: event type; what a daemon has reported lost so far (written by it) */
 BPF_TABLE_PINNED("array", u32, u64, lost_reported, 8, PIN_DIR "/lost_reported");
+/* index: an output of the daemon (0 sink, 1 export); the ring position just past the
+ * last record whose events it has written.  Only the daemon reads and writes it: a
+ * restarted daemon re-reads what was not consumed and skips what each output holds. */
+BPF_TABLE_PINNED("array", u32, u64, delivered, 2, PIN_DIR "/delivered");
 
 #endif /* SIDECAR_MAPS_H */

@@ -190,6 +190,13 @@ class _StillChanging(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class _Mark:
+    """In the events held for the exporter: all before came from records before ``position``."""
+
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     """What the reader thread's attestation of one exec record found and wrote."""
 
@@ -259,6 +266,13 @@ class Daemon:
         self._policy_error: str | None = None
         self.started_ns = 0
         self.attach_seconds = 0.0
+        # Ring positions each output had written through when this daemon started:
+        # records before them, left unconsumed by a killed daemon, are re-read
+        # and go only to the outputs that lack them.
+        self._replay_sink = 0
+        self._replay_export = 0
+        self._replay_until = 0
+        self._sink_through = 0
 
     # -- start-up: what can fail before anything is attached ----------------------------
 
@@ -344,6 +358,26 @@ class Daemon:
         )
         return took
 
+    def _adopt_ring(self) -> None:
+        """Take over the pinned ring where the last daemon's outputs stopped."""
+        ring = self._programs.ring
+        done = self._programs.delivered()
+        producer, consumer = ring.producer, ring.consumer
+        if any(pos > producer for pos in done.values()):
+            done = dict.fromkeys(done, 0)  # positions of a ring since made anew
+        self._replay_sink = done["sink"]
+        self._replay_export = done["export"] if self.config.collector else 0
+        self._replay_until = max(self._replay_sink, self._replay_export)
+        self._sink_through = consumer
+        if producer > consumer:
+            _logger.info(
+                "ring buffer holds %d bytes of records a previous daemon left unconsumed: "
+                "reading them (%d bytes of them already in the local output, %d in the spool)",
+                producer - consumer,
+                max(0, self._replay_sink - consumer),
+                max(0, self._replay_export - consumer),
+            )
+
     def _start_credentials(self) -> None:
         if self.attestor is None:
             return
@@ -425,6 +459,7 @@ class Daemon:
         self.attach_seconds = self.start_kernel()
         # Losses that a previous daemon already reported (the counters are pinned).
         self.lost_reported = self._programs.lost_reported_counts()
+        self._adopt_ring()
         servers: list[Any] = []
         reader: threading.Thread | None = None
         signals = threading.current_thread() is threading.main_thread()
@@ -512,9 +547,13 @@ class Daemon:
             self._host_renewed,
         )
         self._renew_task = asyncio.create_task(self.renewer.run(), name="host-renewal")
+        exporter.on_written = self._export_written
         early, self._before_export = self._before_export or [], None
         for wire in early:  # policy_loaded and all else from start-up, in order
-            exporter.submit(wire)
+            if isinstance(wire, _Mark):
+                exporter.submit_mark(wire.position)
+            else:
+                exporter.submit(wire)
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
         _logger.info("streaming events to the collector at %s", self.config.collector)
         return _ExporterStopper(self)
@@ -574,6 +613,9 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
             self._programs.heartbeat()
+            if self.exporter is not None and self.exporter.failed:
+                # The spool takes nothing more: do not hold the ring for it.
+                self._programs.ring.commit(self._sink_through)
             self._check_lost()
             self._export_metrics()
             self.sink.flush()
@@ -687,29 +729,40 @@ class Daemon:
     # -- the ring buffer ---------------------------------------------------------------------
 
     def _read_ring(self, loop: asyncio.AbstractEventLoop) -> None:
-        programs = self._programs
+        ring = self._programs.ring
+        cursor = ring.consumer
         while not self._reader_stop.is_set():
             try:
-                records = programs.poll(POLL_MS)
+                got = ring.read(POLL_MS)
             except KernelError:
                 _logger.exception("ring buffer poll failed")
                 time.sleep(0.1)
                 continue
-            if not records:
+            if got.cursor == cursor:
                 continue
+            # Records a previous daemon wrote to some output: their positions
+            # decide which outputs get their events again (_handle_batch).
+            ends = got.ends_list() if cursor < self._replay_until else None
+            cursor = got.cursor
             events: list[abi.KernelEvent] = []
+            event_ends: list[int] | None = [] if ends is not None else None
             errors = 0
-            for raw in records:
+            for i, raw in enumerate(got.records):
                 try:
                     events.append(abi.decode(raw))
                 except abi.DecodeError as exc:
                     errors += 1
                     _logger.debug("undecodable record: %s", exc)
+                    continue
+                if event_ends is not None and ends is not None:
+                    event_ends.append(ends[i])
             attested: list[Settled | None] = (
                 self._attest_batch(events) if self.attestor is not None else [None] * len(events)
             )
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
-                loop.call_soon_threadsafe(self._handle_batch, events, errors, attested)
+                loop.call_soon_threadsafe(
+                    self._handle_batch, events, errors, attested, event_ends, cursor
+                )
 
     def _attest_batch(self, events: list[abi.KernelEvent]) -> list[Settled | None]:
         """Attest every new image of a batch and write identities into the kernel map.
@@ -844,25 +897,61 @@ class Daemon:
         return self._settled.get(ppid, abi.IDENTITY_NONE)
 
     def _handle_batch(
-        self, events: list[abi.KernelEvent], errors: int, attested: list[Settled | None]
+        self,
+        events: list[abi.KernelEvent],
+        errors: int,
+        attested: list[Settled | None],
+        ends: list[int] | None,
+        cursor: int,
     ) -> None:
         if errors:
             self.decode_errors += errors
             if self.metrics is not None:
                 self.metrics.record_loss("decode_error", errors)
-        for ev, settled in zip(events, attested, strict=True):
+        for i, (ev, settled) in enumerate(zip(events, attested, strict=True)):
+            # A record re-read after a restart goes only to the outputs that lack it.
+            to_sink = ends is None or ends[i] > self._replay_sink
+            to_export = ends is None or ends[i] > self._replay_export
             try:
-                self.handle(ev, settled)
+                self.handle(ev, settled, to_sink=to_sink, to_export=to_export)
             except SidecarError as exc:
                 _logger.warning("event of pid %d not handled: %s", ev.task.pid, exc)
+        self._delivered(cursor)
+
+    def _delivered(self, cursor: int) -> None:
+        """The events of every record before ``cursor`` are handed to the outputs.
+
+        The sink is flushed and its position pinned; the ring consumes the
+        records once the spool has them too (at once with no collector).  A
+        daemon killed before that leaves them in the ring for the next one.
+        """
+        self.sink.flush()
+        self._programs.set_delivered("sink", cursor)
+        self._sink_through = cursor
+        if self.exporter is not None:
+            self.exporter.submit_mark(cursor)
+        elif self._before_export is not None:
+            early = self._before_export
+            if early and isinstance(early[-1], _Mark):
+                early[-1] = _Mark(cursor)
+            else:
+                early.append(_Mark(cursor))
+        else:
+            self._programs.ring.commit(cursor)
+
+    def _export_written(self, cursor: int) -> None:
+        """Spool-writer thread: the spool holds the events of the records before ``cursor``."""
+        self._programs.set_delivered("export", cursor)
+        self._programs.ring.commit(cursor)
 
     # -- events --------------------------------------------------------------------
 
-    def _emit(self, event: dict[str, Any]) -> None:
+    def _emit(self, event: dict[str, Any], to_sink: bool = True, to_export: bool = True) -> None:
         kind = event["type"]
         self.counts[kind] = self.counts.get(kind, 0) + 1
-        self.sink.write(event)
-        if self.exporter is not None or self._before_export is not None:
+        if to_sink:
+            self.sink.write(event)
+        if to_export and (self.exporter is not None or self._before_export is not None):
             from sidecar.export.convert import to_proto
 
             wire = to_proto(event)
@@ -951,11 +1040,20 @@ class Daemon:
         svid = self.manager.current(proc.instance_id)
         return f"{svid.serial:x}" if svid else None
 
-    def handle(self, ev: abi.KernelEvent, settled: Settled | None = None) -> None:
+    def handle(
+        self,
+        ev: abi.KernelEvent,
+        settled: Settled | None = None,
+        *,
+        to_sink: bool = True,
+        to_export: bool = True,
+    ) -> None:
         """Update the table from one kernel record and emit its event.
 
         ``settled``: what the reader thread's attestation of this exec record
-        found and wrote into the kernel, if it attested it.
+        found and wrote into the kernel, if it attested it.  ``to_sink`` and
+        ``to_export``: whether the event goes to each output (False for one
+        that a previous daemon already wrote it to).
         """
         if isinstance(ev, abi.Exec):
             out = self._on_exec(ev, settled)
@@ -970,7 +1068,7 @@ class Daemon:
         else:
             out = self._on_connect(ev)
         if out is not None:
-            self._emit(out)
+            self._emit(out, to_sink, to_export)
 
     def _ppid(self, ev: abi.KernelEvent) -> int:
         if ev.task.ppid:

@@ -19,7 +19,7 @@ import queue
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -120,6 +120,13 @@ class ExporterConfig:
 _STOP = object()
 
 
+@dataclass(frozen=True, slots=True)
+class _Mark:
+    """Everything submitted before this came from ring records before ``position``."""
+
+    position: int
+
+
 class _StreamEnded(Exception):
     """The collector ended the Publish stream without an error status (retryable)."""
 
@@ -151,6 +158,10 @@ class Exporter:
         self.connected = False
         # Why the collector last refused this host, when it can be told here (status)
         self.last_error: str | None = None
+        #: Called on the writer thread with a mark's position once every event
+        #: submitted before the mark is written to the spool (see submit_mark).
+        self.on_written: Callable[[int], None] | None = None
+        self._late_marks: deque[_Mark] = deque()
 
     # ---- producers ----------------------------------------------------------------------
 
@@ -169,6 +180,23 @@ class Exporter:
                 self.dropped[(kind, "queue_full")] += 1
             return False
         return True
+
+    def submit_mark(self, position: int) -> None:
+        """After the events submitted so far reach the spool, call ``on_written(position)``.
+
+        Never dropped: when the queue is full the mark waits aside, and is
+        taken once the writer has emptied the queue (and so written all that
+        came before it).
+        """
+        try:
+            self._queue.put_nowait(_Mark(position))
+        except queue.Full:
+            self._late_marks.append(_Mark(position))
+
+    @property
+    def failed(self) -> bool:
+        """The spool writer has stopped on an error: nothing more reaches the spool."""
+        return self._writer_error is not None
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -232,14 +260,21 @@ class Exporter:
                     if item is _STOP:
                         stop = True
                         break
-                    assert isinstance(item, event_pb2.Event)
-                    self._append(item)
+                    if isinstance(item, _Mark):
+                        self._written(item)
+                    else:
+                        assert isinstance(item, event_pb2.Event)
+                        self._append(item)
                     if self.spool.unsynced_for() >= interval:
                         break
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         item = None
+                # Only this thread takes from the queue: empty now means every
+                # event submitted before a mark set aside is written.
+                while self._late_marks and self._queue.empty():
+                    self._written(self._late_marks.popleft())
                 self._report_losses()
                 if self.spool.unsynced_for() > 0:
                     self.spool.sync()
@@ -248,6 +283,11 @@ class Exporter:
             _logger.error("spool writer stopped: %s", exc)
             self._writer_error = exc
             self._poke()
+
+    def _written(self, mark: _Mark) -> None:
+        self.spool.flush()  # in the file (page cache): a killed daemon's writes stay
+        if self.on_written is not None:
+            self.on_written(mark.position)
 
     def _append(self, event: event_pb2.Event) -> None:
         if not event.host:

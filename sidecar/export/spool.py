@@ -261,6 +261,15 @@ class Spool:
         """Seconds since the oldest write that is not yet fsynced (0 when none)."""
         return time.monotonic() - self._first_unsynced if self._dirty else 0.0
 
+    def flush(self) -> None:
+        """Hand what was written to the kernel (not fsynced): it survives this process."""
+        with self._lock:
+            if self._fh is not None:
+                try:
+                    self._fh.flush()
+                except OSError as exc:
+                    raise TransportError(f"cannot write spool {self.directory}: {exc}") from exc
+
     def sync(self) -> int:
         """Fsync what was written; returns the highest durable sequence."""
         with self._lock:

@@ -1,9 +1,12 @@
 # Types of the C module built from _ringbatch.c.
 
-CALLBACK: int
 BATCH_MAX_BYTES: int
 
-class RecordBatch:
-    ctx: int
-    deferred: int
-    def take(self) -> list[bytes]: ...
+class Ring:
+    consumer: int
+    producer: int
+    cursor: int
+    def __init__(self, map_fd: int, size: int) -> None: ...
+    def read(self, timeout_ms: int) -> tuple[list[bytes], bytes, int]: ...
+    def commit(self, position: int) -> None: ...
+    def close(self) -> None: ...

@@ -15,7 +15,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import threading
 from pathlib import Path
 
 from sidecar.errors import KernelError
@@ -114,17 +113,6 @@ def lib() -> ctypes.CDLL:
             ctypes.c_uint64,
         ]
         _lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
-        _lib.ring_buffer__new.argtypes = [
-            ctypes.c_int,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-        ]
-        _lib.ring_buffer__new.restype = ctypes.c_void_p
-        _lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        _lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
-        _lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
-        _lib.ring_buffer__free.restype = None
         _lib.bpf_map_update_batch.argtypes = [
             ctypes.c_int,
             ctypes.c_void_p,
@@ -267,46 +255,3 @@ def perf_event_open_tracepoint(tp_id: int) -> int:
 def enable_run_time_stats() -> int:
     """Turn on per-program run time statistics while the returned fd is open."""
     return _check(lib().bpf_enable_stats(_BPF_STATS_RUN_TIME), "bpf_enable_stats")
-
-
-class RingBuffer:
-    """libbpf's consumer of a BPF ring buffer, with a C sample callback.
-
-    Records are copied by the callback of ``sidecar.kernel._ringbatch``
-    while libbpf polls with the GIL released, and come back as one list per
-    poll.  One thread polls; ``close`` may come from another and waits for a
-    poll under way to return.
-    """
-
-    def __init__(self, map_fd: int) -> None:
-        try:
-            from sidecar.kernel import _ringbatch
-        except ImportError as exc:
-            raise KernelError(
-                f"the ring buffer reader is not built ({exc}); reinstall the package "
-                "(make setup, or pip install .) on a host with gcc and the Python headers"
-            ) from exc
-        self._batch = _ringbatch.RecordBatch()
-        self._lock = threading.Lock()
-        rb = lib().ring_buffer__new(map_fd, _ringbatch.CALLBACK, self._batch.ctx, None)
-        if not rb:
-            raise KernelError(f"ring_buffer__new: {os.strerror(ctypes.get_errno())}")
-        self._rb: int | None = rb
-
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to ``timeout_ms`` for a wake-up, then take every record there."""
-        with self._lock:
-            if self._rb is None:
-                raise KernelError("ring buffer is closed")
-            lib().ring_buffer__poll(self._rb, timeout_ms)
-            # Records submitted without a wake-up are not signalled to epoll:
-            # take whatever is there once the wait is over.
-            lib().ring_buffer__consume(self._rb)
-            records: list[bytes] = self._batch.take()
-        return records
-
-    def close(self) -> None:
-        with self._lock:
-            if self._rb is not None:
-                lib().ring_buffer__free(self._rb)
-                self._rb = None

@@ -26,11 +26,14 @@ from typing import Any
 from sidecar.errors import KernelError
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.btf import kernel_offset_cflags
+from sidecar.kernel.ring import Ring
 
 _logger = logging.getLogger(__name__)
 
 BPF_DIR_ENV = "SIDECAR_BPF_DIR"
 SOURCES = ("common.bpf.c", "process.bpf.c", "connect.bpf.c")
+#: The daemon's outputs, in the order of the pinned ``delivered`` map.
+DELIVERED = ("sink", "export")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 # (pin name, BCC function, tracefs category, event)
@@ -186,7 +189,7 @@ class KernelPrograms:
         self.links_dir = self.pin_dir / "links"
         self._bpf: Any = None
         self._link_fds: dict[str, int] = {}
-        self._ring: libbpf.RingBuffer | None = None
+        self._ring: Ring | None = None
         self._scope_id = 0
         self._scope_level = 0
         self.unix: Any = None  # sidecar.kernel.unix.UnixHooks once loaded
@@ -257,6 +260,8 @@ class KernelPrograms:
                 wanted,
             )
             path.unlink()
+            with suppress(FileNotFoundError):  # positions in the old ring mean nothing now
+                (self.pin_dir / "delivered").unlink()
 
     def lost_reported_counts(self) -> dict[abi.EventType, int]:
         """What daemons have reported lost so far, by type (kept pinned across restarts)."""
@@ -523,11 +528,29 @@ class KernelPrograms:
 
     # -- ring buffer ---------------------------------------------------------
 
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to ``timeout_ms`` for records; returns those that arrived (maybe none)."""
+    @property
+    def ring(self) -> Ring:
+        """The pinned ring buffer, read with a cursor and consumed on commit."""
         if self._ring is None:
-            self._ring = libbpf.RingBuffer(self._table("events").map_fd)
-        return self._ring.poll(timeout_ms)
+            events = self._table("events")
+            self._ring = Ring(events.map_fd, libbpf.map_max_entries(events.map_fd))
+        return self._ring
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to ``timeout_ms`` for records; returns and consumes those that arrived."""
+        got = self.ring.read(timeout_ms)
+        self.ring.commit(got.cursor)
+        return got.records
+
+    def delivered(self) -> dict[str, int]:
+        """Ring position each output has written through (see :meth:`set_delivered`)."""
+        table = self._table("delivered")
+        return {name: int(table[table.Key(i)].value) for i, name in enumerate(DELIVERED)}
+
+    def set_delivered(self, output: str, position: int) -> None:
+        """``output`` wrote the events of every record before ``position`` (pinned)."""
+        table = self._table("delivered")
+        table[table.Key(DELIVERED.index(output))] = table.Leaf(position)
 
     def lost_counts(self) -> dict[abi.EventType, int]:
         """Records the kernel could not reserve, summed over CPUs, by type."""
@@ -595,6 +618,7 @@ _PINNED_NAMES = frozenset(
         "events",
         "lost",
         "lost_reported",
+        "delivered",
     }
 )
 _VERSION_DIR = re.compile(r"^v\d+$")

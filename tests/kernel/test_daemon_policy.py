@@ -557,3 +557,65 @@ def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_ex
         assert lost_execs() == n + 1 - len(received) - len(shell)
     finally:
         stop_daemon_process(d)
+
+
+def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_nothing(
+    setup: dict[str, object],
+) -> None:
+    """SIGKILL mid-storm: records read but not yet written stay in the ring for the next.
+
+    Each exec of the storm reaches the output exactly once, or is reported
+    lost by the kernel's count; none is written twice by the two daemons.
+    """
+    from conftest import spawn
+
+    text = config_text(setup, detach=False)
+    n = 3000
+    marker = "storm-marker-"
+
+    def marked(d: DaemonProcess) -> list[str]:
+        return [
+            a
+            for e in d.events()
+            if e["type"] == "exec"
+            for a in e.get("argv", [])
+            if a.startswith(marker)
+        ]
+
+    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    loop = None
+    try:
+        d.wait_for(type="policy_loaded")
+        loop = spawn(
+            setup["cgroup"],  # type: ignore[arg-type]
+            ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true {marker}$i; done"],
+        )
+        wait_until(lambda: len(marked(d)) >= 300, timeout=30, what="the storm under way")
+        stop_daemon_process(d, signal.SIGKILL)  # mid-storm
+        before = len(marked(d))
+        assert loop.wait(120) == 0
+        assert before < n  # the kill did land mid-storm
+        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+
+        def lost_execs() -> int:
+            return sum(e["counts"].get("exec", 0) for e in d.events() if e["type"] == "lost")
+
+        wait_until(lambda: len(set(marked(d))) + lost_execs() >= n, timeout=60, what="every exec")
+        time.sleep(1.0)  # anything written twice would show by now
+        got = marked(d)
+        shell = [
+            e
+            for e in d.events()
+            if e["type"] == "exec"
+            and e.get("pid") == loop.pid
+            and not any(a.startswith(marker) for a in e["argv"])
+        ]
+        assert len(got) == len(set(got)), "an exec was written twice"
+        assert set(got) <= {f"{marker}{i}" for i in range(1, n + 1)}
+        # The loop's own exec (the shell) and its n tools: each received or counted lost.
+        assert len(got) + len(shell) + lost_execs() == n + 1
+    finally:
+        if loop is not None and loop.poll() is None:
+            loop.kill()
+            loop.wait()
+        stop_daemon_process(d)

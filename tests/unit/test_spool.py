@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -210,3 +212,42 @@ def test_a_loss_report_removed_by_the_cap_passes_its_counts_on(tmp_path: Path) -
     assert dropped.kinds[("exec", "queue_full")] == 500
     assert dropped.kinds[("connect", "queue_full")] == 7
     assert ("lost", "spool_full") not in dropped.kinds  # not one event of kind "lost"
+
+
+def test_a_mark_is_reported_only_once_everything_before_it_is_in_the_spool_file(
+    tmp_path: Path,
+) -> None:
+    """Marks tell the daemon which ring records it may let the kernel reuse."""
+
+    cfg = ExporterConfig(target="127.0.0.1:1", spool_dir=tmp_path, queue_size=3)
+    exp = Exporter(cfg, _identity)
+    seen: list[tuple[int, int]] = []
+
+    def on_written(position: int) -> None:
+        # Every record written so far is in the file, not a buffer of this process.
+        on_disk = sum(p.stat().st_size for p in tmp_path.glob("seg-*.spool"))
+        assert on_disk == sum(seg.size for seg in exp.spool._segments)
+        seen.append((position, exp.spool.last_sequence))
+
+    exp.on_written = on_written
+    exp.submit(_exit(0))
+    exp.submit(_exit(1))
+    exp.submit_mark(10)
+    # The queue is full now: the next mark waits aside, and is never lost.
+    assert not exp.submit(_exit(2))
+    exp.submit_mark(20)
+    exp._writer = writer = threading.Thread(target=exp._write_loop)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [(10, 2), (20, 2)]
+        exp.submit(_exit(3))
+        exp.submit_mark(30)
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen[2] == (30, 4)  # the queue-full loss report, then exit 3
+    finally:
+        exp._stop_writer()
