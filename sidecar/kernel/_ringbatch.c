@@ -15,7 +15,10 @@
  * The kernel wakes a waiting reader only for a record written at the
  * consumer position (its adaptive wake-up).  While commits lag behind the
  * cursor that never happens, and epoll would report data at once: so the
- * reader then naps LAG_NAP_US between looks instead of waiting in epoll.
+ * reader then waits for the next commit (an eventfd that commit() signals),
+ * at most LAG_WAIT_MS, and looks again.  Under a storm this makes one batch
+ * in flight at a time: read, hand over, wait for its commit, read what came
+ * meanwhile.
  *
  * Records come back as a list of bytes, plus the ring position just past each
  * record (packed u64s), so that the caller can tell which records a previous
@@ -30,15 +33,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 /* Past this many bytes a read stops; the rest waits for the next read. */
 #define BATCH_MAX_BYTES (64u << 20)
 #define BATCH_FIRST_BYTES (256u << 10)
-#define LAG_NAP_US 1000
+/* Longest a reader whose commits lag waits before it looks at the ring again. */
+#define LAG_WAIT_MS 5
 
 /* The kernel's record header (include/uapi/linux/bpf.h, kernel/bpf/ringbuf.c). */
 #define RB_BUSY_BIT (1u << 31)
@@ -48,6 +53,7 @@
 typedef struct {
 	PyObject_HEAD
 	int epfd;
+	int commitfd; /* eventfd: commit() moved the consumer position */
 	size_t page;
 	size_t size; /* data area, a power of two */
 	unsigned long *consumer; /* read-write page shared with the kernel */
@@ -138,21 +144,23 @@ static int collect(Ring *r)
 static void wait_for_records(Ring *r, int timeout_ms)
 {
 	struct epoll_event ev;
+	struct pollfd commit = {.fd = r->commitfd, .events = POLLIN};
+	uint64_t n;
+	int left = timeout_ms;
 
-	if (producer_pos(r) != r->cursor)
-		return;
-	if (consumer_pos(r) == r->cursor) {
-		/* Caught up: the kernel wakes us for the next record. */
-		epoll_wait(r->epfd, &ev, 1, timeout_ms);
-		return;
-	}
-	/* Commits lag: no wake-up will come, look again shortly. */
-	for (long waited = 0; waited < (long)timeout_ms * 1000; waited += LAG_NAP_US) {
-		struct timespec nap = {0, LAG_NAP_US * 1000};
-
-		nanosleep(&nap, NULL);
-		if (producer_pos(r) != r->cursor || consumer_pos(r) == r->cursor)
+	while (producer_pos(r) == r->cursor) {
+		if (consumer_pos(r) == r->cursor) {
+			/* Caught up: the kernel wakes us for the next record. */
+			epoll_wait(r->epfd, &ev, 1, left);
 			return;
+		}
+		if (left <= 0)
+			return;
+		/* Commits lag: no wake-up will come from the kernel.  Wait for a
+		 * commit, or look again after LAG_WAIT_MS. */
+		if (poll(&commit, 1, left < LAG_WAIT_MS ? left : LAG_WAIT_MS) > 0)
+			(void)!read(r->commitfd, &n, sizeof(n));
+		left -= LAG_WAIT_MS; /* at most: a commit only shortens the wait */
 	}
 }
 
@@ -227,10 +235,15 @@ static PyObject *Ring_commit(Ring *r, PyObject *args)
 	}
 	cur = consumer_pos(r);
 	/* Only forward: two writers may commit in either order. */
-	while (pos > cur &&
-	       !__atomic_compare_exchange_n(r->consumer, &cur, pos, 0, __ATOMIC_RELEASE,
-					    __ATOMIC_ACQUIRE))
-		;
+	while (pos > cur) {
+		if (__atomic_compare_exchange_n(r->consumer, &cur, pos, 0, __ATOMIC_RELEASE,
+						__ATOMIC_ACQUIRE)) {
+			uint64_t one = 1;
+
+			(void)!write(r->commitfd, &one, sizeof(one)); /* wake a lagging reader */
+			break;
+		}
+	}
 	Py_RETURN_NONE;
 }
 
@@ -247,6 +260,10 @@ static void unmap(Ring *r)
 	if (r->epfd >= 0) {
 		close(r->epfd);
 		r->epfd = -1;
+	}
+	if (r->commitfd >= 0) {
+		close(r->commitfd);
+		r->commitfd = -1;
 	}
 }
 
@@ -285,6 +302,9 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
 	r->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (r->epfd < 0 || epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
 		goto fail;
+	r->commitfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (r->commitfd < 0)
+		goto fail;
 	r->cursor = consumer_pos(r);
 	return 0;
 fail:
@@ -297,8 +317,10 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObjec
 {
 	Ring *r = (Ring *)type->tp_alloc(type, 0);
 
-	if (r)
+	if (r) {
 		r->epfd = -1;
+		r->commitfd = -1;
+	}
 	return (PyObject *)r;
 }
 
