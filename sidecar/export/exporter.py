@@ -434,7 +434,7 @@ class Exporter:
                     batch.signature = sign(ident.private_key, payload)
                     await call.write(batch)
                     sent = recs[-1].sequence
-                    self.spool.mark_sent(sent)
+                    self.spool.mark_sent(sent, recs[-1].chain)
                     records = list(recs)
             if not records:
                 self._wake.clear()

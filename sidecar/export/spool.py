@@ -110,6 +110,7 @@ class Spool:
         self._dropped = Dropped()
         # Sent to the collector (this stream), and removed by the cap before its ack.
         self.sent_through = 0
+        self._sent_chains: dict[int, bytes] = {}  # sequence -> chain, at sent batch ends
         self._in_doubt: list[tuple[int, Counter[tuple[str, str]]]] = []
         self._read_pos: tuple[int, int, int, bytes] | None = (
             None  # seg first, offset, next seq, prev
@@ -310,10 +311,14 @@ class Spool:
     def _total(self) -> int:
         return sum(s.size for s in self._segments)
 
-    def mark_sent(self, sequence: int) -> None:
-        """The sender wrote records up to ``sequence`` to the collector."""
+    def mark_sent(self, sequence: int, chain: bytes | None = None) -> None:
+        """The sender wrote records up to ``sequence`` (whose chain hash is ``chain``)."""
         with self._lock:
             self.sent_through = max(self.sent_through, sequence)
+            if chain is not None:
+                # The collector acks at batch ends: knowing their hashes spares
+                # ack() a read of the segment.
+                self._sent_chains[sequence] = chain
 
     def resolve(self, stored_through: int) -> None:
         """The collector holds every sequence up to ``stored_through`` (its ack).
@@ -419,7 +424,9 @@ class Spool:
                 return
             sequence = min(sequence, self.durable_sequence)
             self.acked = sequence
-            self.acked_chain = chain if chain is not None else self._chain_at(sequence)
+            known = self._sent_chains.get(sequence)
+            self._sent_chains = {q: c for q, c in self._sent_chains.items() if q > sequence}
+            self.acked_chain = chain or known or self._chain_at(sequence)
             try:
                 self._save_state()
                 while len(self._segments) > 1 and self._segments[0].last <= sequence:

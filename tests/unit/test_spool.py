@@ -251,3 +251,24 @@ def test_a_mark_is_reported_only_once_everything_before_it_is_in_the_spool_file(
         assert seen[2] == (30, 4)  # the queue-full loss report, then exit 3
     finally:
         exp._stop_writer()
+
+
+def test_an_ack_at_a_sent_batch_end_takes_its_chain_without_reading_the_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sp = Spool(tmp_path, 1 << 20)
+    _fill(sp, 50)
+    _, recs = sp.read(0, 20, 1 << 20)
+    sp.mark_sent(recs[-1].sequence, recs[-1].chain)
+
+    def no_reads(sequence: int) -> bytes:
+        raise AssertionError(f"segment read for the chain at {sequence}")
+
+    monkeypatch.setattr(sp, "_chain_at", no_reads)
+    sp.ack(recs[-1].sequence)
+    assert sp.acked_chain == recs[-1].chain
+    monkeypatch.undo()
+    # An ack that is not a batch end this spool sent (an earlier run's) reads it.
+    sp.ack(30)
+    assert sp.acked_chain == sp.read(29, 1, 1 << 20)[1][0].chain
+    sp.close()
