@@ -310,8 +310,13 @@ TRACEPOINT_PROBE(task, task_newtask)
 		return 0;
 	pst = procs.lookup(&parent);
 	scoped = in_scope();
-	if (!pst && !scoped)
+	if (!pst && !scoped) {
+		/* No identity to carry.  An entry left under this pid (a daemon write
+		 * that landed after its process exited) must not become the
+		 * identity of whoever reuses the pid: remove it. */
+		procs.delete(&child);
 		return 0;
+	}
 	/* The child carries its parent's identity from its first instruction. */
 	cst.identity = pst ? pst->identity : SIDECAR_IDENTITY_NONE;
 	cst.ppid = parent;

@@ -826,7 +826,12 @@ class Daemon:
         return refused
 
     def _attest_into_kernel(
-        self, pid: int, ppid: int, parent_identity: str | None, kernel_identity: int
+        self,
+        pid: int,
+        ppid: int,
+        parent_identity: str | None,
+        kernel_identity: int,
+        create: bool = False,
     ) -> tuple[Any, int] | None:
         """Attest ``pid`` and write the answer into the kernel map.
 
@@ -845,7 +850,7 @@ class Daemon:
         number = kernel_identity
         if result.match is not None:
             number = self.numbers.number(result.match.spiffe_id)
-            self._settle(pid, number)
+            self._settle(pid, number, create)
         elif kernel_identity == abi.IDENTITY_PENDING:
             number = self._parent_answer(ppid)
             if number == abi.IDENTITY_PENDING:
@@ -855,9 +860,13 @@ class Daemon:
                 self._settle(pid, number)
         return result, number
 
-    def _settle(self, pid: int, number: int) -> None:
-        """Write ``pid``'s identity, then that of its children waiting on it (reader thread)."""
-        self._programs.set_identity(pid, number)
+    def _settle(self, pid: int, number: int, create: bool = False) -> None:
+        """Write ``pid``'s identity, then that of its children waiting on it (reader thread).
+
+        A process that has exited meanwhile has no entry, and gets none: the
+        kernel removed it at exit, and the pid may be reused.
+        """
+        self._programs.set_identity(pid, number, create=create)
         settled = self._settled
         settled.pop(pid, None)  # a reused pid moves to the newest end
         settled[pid] = number
@@ -1200,7 +1209,7 @@ class Daemon:
         """Attest a process found running (start-up): kernel write and instance at once."""
         parent = self.table.get(proc.ppid)
         result = self._attest_into_kernel(
-            proc.pid, proc.ppid, parent.identity if parent else None, kernel_identity
+            proc.pid, proc.ppid, parent.identity if parent else None, kernel_identity, create=True
         )
         if result is not None:
             self._finish_attestation(proc, result[0], result[1])

@@ -130,11 +130,22 @@ def _check(res: int, what: str) -> int:
     return res
 
 
-def map_update(map_fd: int, key: bytes, value: bytes) -> None:
-    """One map write of packed key and value, straight to the system call."""
-    res = lib().bpf_map_update_elem(map_fd, key, value, 0)
+BPF_ANY = 0
+BPF_EXIST = 2  # update an entry that is there; ENOENT otherwise
+
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> bool:
+    """One map write of packed key and value, straight to the system call.
+
+    With ``BPF_EXIST``, False when there was no entry to update.
+    """
+    res = lib().bpf_map_update_elem(map_fd, key, value, flags)
     if res < 0:
-        _check(res, "bpf_map_update_elem")
+        err = -res if res != -1 else ctypes.get_errno()
+        if err == errno.ENOENT and flags == BPF_EXIST:
+            return False
+        raise KernelError(f"bpf_map_update_elem: {os.strerror(err)}")
+    return True
 
 
 def map_update_batch(map_fd: int, keys: bytes, values: bytes, n: int) -> bool:

@@ -12,6 +12,7 @@ programs in behind the same links, with no gap and no second attachment.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -572,15 +573,27 @@ class KernelPrograms:
             return None
         return int(leaf.identity), int(leaf.ppid)
 
-    def set_identity(self, pid: int, identity: int, ppid: int = 0) -> None:
+    def set_identity(self, pid: int, identity: int, ppid: int = 0, *, create: bool = False) -> bool:
+        """Write ``pid``'s identity; False when it has no entry (it exited) and not ``create``.
+
+        Only an entry the kernel made is updated: a write that lands after
+        the process exited must not leave an identity behind for the next
+        process to get that pid.  ``create``: for processes that ran before
+        the programs were loaded (start-up).
+        """
         table = self._table("procs")
-        key = table.Key(pid)
-        try:
-            current = table[key]
-            ppid = ppid or int(current.ppid)
-        except KeyError:
-            pass
-        table[key] = table.Leaf(identity, ppid)
+        if not ppid:
+            current = self.proc_state(pid)
+            if current is None and not create:
+                return False
+            ppid = current[1] if current else 0
+        leaf = abi.ProcState(identity, ppid)
+        return libbpf.map_update(
+            table.map_fd,
+            bytes(ctypes.c_uint32(pid)),
+            bytes(leaf),
+            libbpf.BPF_ANY if create else libbpf.BPF_EXIST,
+        )
 
     # -- teardown --------------------------------------------------------------
 

@@ -1046,3 +1046,56 @@ def test_a_child_of_an_identified_process_never_runs_untracked_when_the_map_is_f
             filler.wait(10)
         k.close(detach=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+# -- pid reuse ---------------------------------------------------------------------
+
+
+def _unused_pid() -> int:
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    limit = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(last + 200, min(last + 5000, limit)):
+        if not Path(f"/proc/{pid}").exists():
+            return pid
+    pytest.fail("no free pid found above the last one handed out")
+
+
+def test_an_identity_written_after_its_process_exited_leaves_nothing_behind(rig: Rig) -> None:
+    """The daemon attests from records; by the time it writes, a short tool may be gone."""
+    p = spawn(rig.cgroup, ["/bin/true"])
+    assert p.wait(10) == 0
+    assert rig.programs.proc_state(p.pid) is None  # the kernel removed it at exit
+    assert rig.programs.set_identity(p.pid, identity_number(AGENT)) is False
+    assert rig.programs.proc_state(p.pid) is None
+    # Control: a live process in scope has an entry, and the write lands.
+    a = rig.agent()
+    state = rig.programs.proc_state(a.pid)
+    assert state is not None and state[0] == identity_number(AGENT)
+
+
+def test_a_reused_pid_never_carries_a_stale_identity(rig: Rig) -> None:
+    """An entry left under a pid (however it got there) dies when a new process takes the pid.
+
+    Steers the next pid with ns_last_pid, so a process started from outside
+    the scope, with no identity, gets the pid of a planted entry.
+    """
+    planted_for = identity_number(AGENT)
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    for _attempt in range(20):
+        pid = _unused_pid()
+        assert rig.programs.set_identity(pid, planted_for, create=True)
+        assert rig.programs.proc_state(pid) == (planted_for, 0)  # control: it is there
+        last_pid.write_text(str(pid - 1))
+        child = subprocess.Popen(["/usr/bin/sleep", "5"])
+        try:
+            if child.pid != pid:  # another process on the host took it first
+                continue
+            assert rig.programs.proc_state(pid) is None
+            # It runs (and execs) as what it is: a process with no identity.
+            assert child.poll() is None
+            return
+        finally:
+            child.kill()
+            child.wait()
+            rig.programs.delete_entries("procs", [pid.to_bytes(4, "little")])
+    pytest.fail("could not steer a new process onto the planted pid in 20 tries")

@@ -405,7 +405,8 @@ def test_an_upgrade_across_abi_versions_never_reads_old_maps_and_leaves_no_gap(
         assert new.proc_state(p.pid) is None  # fresh maps: nothing read from the old layout
         assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM  # the old still holds it
         load(new, text)
-        new.set_identity(p.pid, identity_number(AGENT))  # attested again (rebuild_from_proc)
+        # attested again (rebuild_from_proc): the new maps have no entry for it yet
+        assert new.set_identity(p.pid, identity_number(AGENT), create=True)
         retired = new.retire_other_versions()
         assert len(retired) == 11 and not (pin_dir / "v1").exists()
         assert p.ask(f"udp 4 127.0.0.1 {port}") == errno.EPERM  # now held by the new build
