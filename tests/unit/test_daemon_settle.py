@@ -27,8 +27,12 @@ class KernelMap:
     def proc_state(self, pid: int) -> tuple[int, int] | None:
         return self.procs.get(pid)
 
-    def set_identity(self, pid: int, identity: int) -> None:
+    def set_identity(self, pid: int, identity: int, *, create: bool = False) -> bool:
+        # As the kernel map: only an entry that is there is updated (BPF_EXIST).
+        if pid not in self.procs and not create:
+            return False
         self.procs[pid] = (identity, self.procs.get(pid, (0, 0))[1])
+        return True
 
 
 class Attestor:
