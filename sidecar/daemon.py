@@ -326,25 +326,32 @@ class Daemon:
         self._cgroups = CgroupNames(root, scope)
 
     def start_kernel(self) -> float:
-        """Check the host, load and attach the programs; returns seconds it took."""
-        from sidecar.kernel.loader import KernelPrograms, LoadOptions
+        """Check the host, load and attach the programs; returns seconds it took.
+
+        Compiling and loading happen in a child process (the prepare step),
+        so the compiler's memory leaves with it; this process opens the pins.
+        """
+        from sidecar.kernel.loader import LoadOptions
+        from sidecar.kernel.maps import KernelMaps
+        from sidecar.kernel.prepare import prepare
 
         began = time.monotonic()
         self._mounts = preflight()
         self._resolve_scope(self._mounts)
-        self._programs = KernelPrograms(
-            LoadOptions(
-                pin_dir=self.config.pin_dir,
-                scope=self.scope,
-                tracefs=self._mounts.tracefs,
-                procs_max=self.config.procs_max,
-                ringbuf_pages=self.config.ringbuf_pages,
-                attest=self.attestor is not None,
-                hook_root=self._mounts.cgroup2.resolve(),
-            )
+        options = LoadOptions(
+            pin_dir=self.config.pin_dir,
+            scope=self.scope,
+            tracefs=self._mounts.tracefs,
+            procs_max=self.config.procs_max,
+            ringbuf_pages=self.config.ringbuf_pages,
+            attest=self.attestor is not None,
+            hook_root=self._mounts.cgroup2.resolve(),
         )
-        self._programs.load()
-        report = self._programs.attach()
+        options.validate()
+        done = prepare(options)
+        report = done.report
+        self._programs = KernelMaps(options.pin_dir / options.abi_dir)
+        self._programs.unix_problem = done.unix_problem
         took = time.monotonic() - began
         _logger.info(
             "programs attached to %s in %.2f s (compile %.2f s); links created %s, taken over %s,"
@@ -1398,7 +1405,7 @@ class Daemon:
                 "cgroup_hooks": [p for p, *_ in CGROUP_HOOKS],
                 "unix_sockets": (
                     "judged"
-                    if self._programs is not None and self._programs.unix is not None
+                    if self._programs is not None and self._programs.unix_problem is None
                     else f"not judged: {getattr(self._programs, 'unix_problem', 'not loaded')}"
                 ),
                 "attach_seconds": round(self.attach_seconds, 2),

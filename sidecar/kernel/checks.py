@@ -6,6 +6,7 @@ first one as a single line and exits with code 2.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from dataclasses import dataclass
@@ -97,11 +98,10 @@ def preflight(need_root: bool = True) -> Mounts:
             f"no kernel headers at /lib/modules/{platform.release()}/build: install "
             f"linux-headers-{platform.release()}, or link a header tree there, or {SETUP_HINT}"
         )
-    try:
-        import bcc  # noqa: F401
-    except ImportError as exc:
+    # Found, not imported: the prepare step compiles with it, this process never loads it.
+    if importlib.util.find_spec("bcc") is None:
         raise KernelError(
-            f"the BCC Python module is missing ({exc}): apt-get install python3-bpfcc, "
+            "the BCC Python module is missing: apt-get install python3-bpfcc, "
             "and run from a venv created with --system-site-packages"
-        ) from exc
+        )
     return Mounts(cgroup2=cg, tracefs=tracefs, bpffs=bpffs)

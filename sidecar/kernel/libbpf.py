@@ -113,6 +113,9 @@ def lib() -> ctypes.CDLL:
             ctypes.c_uint64,
         ]
         _lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        _lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        _lib.libbpf_num_possible_cpus.argtypes = []
         _lib.bpf_map_update_batch.argtypes = [
             ctypes.c_int,
             ctypes.c_void_p,
@@ -160,6 +163,39 @@ def map_update_batch(map_fd: int, keys: bytes, values: bytes, n: int) -> bool:
     return True
 
 
+def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """The packed value under ``key``, or None when there is none."""
+    buf = ctypes.create_string_buffer(value_size)
+    res = lib().bpf_map_lookup_elem(map_fd, key, buf)
+    if res < 0:
+        err = -res if res != -1 else ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise KernelError(f"bpf_map_lookup_elem: {os.strerror(err)}")
+    return buf.raw
+
+
+def map_keys(map_fd: int, key_size: int) -> list[bytes]:
+    """Every key of a map, packed (a snapshot: entries may come and go meanwhile)."""
+    out: list[bytes] = []
+    key = ctypes.create_string_buffer(key_size)
+    prev: bytes | None = None
+    while True:
+        res = lib().bpf_map_get_next_key(map_fd, prev, key)
+        if res < 0:
+            err = -res if res != -1 else ctypes.get_errno()
+            if err == errno.ENOENT:
+                return out
+            raise KernelError(f"bpf_map_get_next_key: {os.strerror(err)}")
+        prev = key.raw
+        out.append(prev)
+
+
+def possible_cpus() -> int:
+    """How many CPUs a per-CPU map holds a value for."""
+    return _check(lib().libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
 def map_delete(map_fd: int, key: bytes) -> bool:
     """Delete one entry (packed key); False when it was not there."""
     res = lib().bpf_map_delete_elem(map_fd, key)
@@ -203,14 +239,19 @@ class _MapInfo(ctypes.Structure):
     )
 
 
-def map_max_entries(map_fd: int) -> int:
+def map_info(map_fd: int) -> _MapInfo:
+    """Type, key and value sizes and capacity of a map."""
     info = _MapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     _check(
         lib().bpf_obj_get_info_by_fd(map_fd, ctypes.byref(info), ctypes.byref(size)),
         "bpf_obj_get_info_by_fd",
     )
-    return int(info.max_entries)
+    return info
+
+
+def map_max_entries(map_fd: int) -> int:
+    return int(map_info(map_fd).max_entries)
 
 
 def link_info(link_fd: int) -> tuple[int, int]:

@@ -12,7 +12,6 @@ programs in behind the same links, with no gap and no second attachment.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -27,14 +26,12 @@ from typing import Any
 from sidecar.errors import KernelError
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.btf import kernel_offset_cflags
-from sidecar.kernel.ring import Ring
+from sidecar.kernel.maps import KernelMaps
 
 _logger = logging.getLogger(__name__)
 
 BPF_DIR_ENV = "SIDECAR_BPF_DIR"
 SOURCES = ("common.bpf.c", "process.bpf.c", "connect.bpf.c")
-#: The daemon's outputs, in the order of the pinned ``delivered`` map.
-DELIVERED = ("sink", "export")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
 
 # (pin name, BCC function, tracefs category, event)
@@ -84,7 +81,6 @@ CGROUP_HOOKS = (
         libbpf.ATTACH_CGROUP_SETSOCKOPT,
     ),
 )
-BATCH = 8192  # map entries per batched update
 
 
 def has_group_dead(tracefs: Path) -> bool:
@@ -178,21 +174,23 @@ def _make_module_class() -> Any:
     return _Module
 
 
-class KernelPrograms:
-    """The loaded programs of one daemon run, and the pinned state they share."""
+class KernelPrograms(KernelMaps):
+    """Compile, load, attach and pin the programs (the short-lived prepare step).
+
+    The map methods come from :class:`KernelMaps`, on the pins ``load``
+    creates: tests and the prepare step use both halves in one object, the
+    daemon only the maps.
+    """
 
     def __init__(self, options: LoadOptions) -> None:
         options.validate()
         self.options = options
         # Pins live in a directory per ABI version: a build with another map
         # layout never opens this one's maps (retire_other_versions).
-        self.pin_dir = options.pin_dir / options.abi_dir
+        super().__init__(options.pin_dir / options.abi_dir)
         self.links_dir = self.pin_dir / "links"
         self._bpf: Any = None
         self._link_fds: dict[str, int] = {}
-        self._ring: Ring | None = None
-        self._scope_id = 0
-        self._scope_level = 0
         self.unix: Any = None  # sidecar.kernel.unix.UnixHooks once loaded
         self.unix_problem: str | None = "not loaded"
         self.report = AttachReport()
@@ -264,24 +262,12 @@ class KernelPrograms:
             with suppress(FileNotFoundError):  # positions in the old ring mean nothing now
                 (self.pin_dir / "delivered").unlink()
 
-    def lost_reported_counts(self) -> dict[abi.EventType, int]:
-        """What daemons have reported lost so far, by type (kept pinned across restarts)."""
-        table = self._table("lost_reported")
-        return {t: int(table[table.Key(int(t))].value) for t in abi.EventType}
-
-    def set_lost_reported(self, counts: dict[abi.EventType, int]) -> None:
-        table = self._table("lost_reported")
-        for t, n in counts.items():
-            table[table.Key(int(t))] = table.Leaf(n)
-
     def _load_unix(self, src: Path) -> None:
         """The unix-socket hooks, on the same maps; without them, say why (and go on)."""
         from sidecar.kernel.unix import SHARED_MAPS, UnixHooks
 
         try:
-            self.unix = UnixHooks.load(
-                src, {name: self._table(name).map_fd for name in SHARED_MAPS}
-            )
+            self.unix = UnixHooks.load(src, {name: self.fd(name) for name in SHARED_MAPS})
             self.unix_problem = None
         except KernelError as exc:
             self.unix, self.unix_problem = None, str(exc)
@@ -290,92 +276,10 @@ class KernelPrograms:
     def _set_scope(self) -> None:
         fd = self._open_scope()
         try:
-            table = self._table("scope")
-            table[table.Key(0)] = fd
-            self._scope_id = os.fstat(fd).st_ino
+            rel = self.options.scope.resolve().relative_to(self.options.root.resolve())
+            self.set_scope(fd, os.fstat(fd).st_ino, len(rel.parts))
         finally:
             os.close(fd)
-        rel = self.options.scope.resolve().relative_to(self.options.root.resolve())
-        self._scope_level = len(rel.parts)
-
-    def settings(self) -> tuple[int, int]:
-        """(flags, policy generation) the kernel judges with now."""
-        table = self._table("settings")
-        leaf = table[table.Key(0)]
-        return int(leaf.flags), int(leaf.policy_gen)
-
-    def set_settings(self, *, attest: bool | None = None, policy_gen: int | None = None) -> None:
-        """Change settings (and beat the heart); ``policy_gen`` also marks a policy loaded.
-
-        One map write, so the kernel never sees half of a change.
-        """
-        flags, gen = self.settings()
-        if attest is not None:
-            flags = flags | abi.SETTING_ATTEST if attest else flags & ~abi.SETTING_ATTEST
-        if policy_gen is not None:
-            flags |= abi.SETTING_POLICY
-            gen = policy_gen
-        self._write_settings(flags, gen)
-
-    def _write_settings(self, flags: int, gen: int) -> None:
-        table = self._table("settings")
-        table[table.Key(0)] = table.Leaf(
-            flags, gen, time.monotonic_ns(), self._scope_id, self._scope_level, 0
-        )
-
-    def heartbeat(self) -> None:
-        """Tell the kernel a daemon is alive to attest new images."""
-        self.set_settings()
-
-    # -- policy maps ---------------------------------------------------------------
-
-    def write_entries(self, name: str, entries: list[tuple[bytes, bytes]]) -> None:
-        """Write packed (key, value) entries, in batches of one system call where possible."""
-        if not entries:
-            return
-        fd = self._table(name).map_fd
-        try:
-            for start in range(0, len(entries), BATCH):
-                chunk = entries[start : start + BATCH]
-                keys = b"".join(k for k, _ in chunk)
-                values = b"".join(v for _, v in chunk)
-                if not libbpf.map_update_batch(fd, keys, values, len(chunk)):
-                    for key, value in chunk:
-                        libbpf.map_update(fd, key, value)
-        except KernelError as exc:
-            raise KernelError(f"cannot write the {name} map: {exc}") from exc
-
-    def delete_entries(self, name: str, keys: list[bytes]) -> None:
-        """Delete known keys (what a previous load wrote), without scanning the map."""
-        fd = self._table(name).map_fd
-        for key in keys:
-            libbpf.map_delete(fd, key)
-
-    def delete_generation(self, gen: int) -> int:
-        """Remove every policy entry of one generation; returns how many."""
-        removed = 0
-        for name, key_t in (
-            ("policies", abi.PolicyKey),
-            ("egress", abi.EgressKey),
-            ("exec_allow", abi.ExecKey),
-            ("socket_allow", abi.SocketKey),
-            ("unix_allow", abi.UnixKey),
-        ):
-            table = self._table(name)
-            doomed = [k for k in table if key_t.from_buffer_copy(k).gen == gen]
-            for k in doomed:
-                with suppress(KeyError):
-                    del table[k]
-            removed += len(doomed)
-        return removed
-
-    def clear_policy(self) -> None:
-        """Stop judging: no policy loaded (programs observe only)."""
-        flags, gen = self.settings()
-        self._write_settings(flags & ~abi.SETTING_POLICY, gen)
-
-    def _table(self, name: str) -> Any:
-        return self._bpf[name.encode()]
 
     # -- attaching ---------------------------------------------------------
 
@@ -468,37 +372,7 @@ class KernelPrograms:
                 (self.links_dir / pin).unlink()  # the last reference: it detaches
 
     def retire_other_versions(self) -> list[str]:
-        """Detach and remove what builds of another ABI version left pinned.
-
-        Called once this build's programs are attached, its policy is loaded
-        and running processes are attested again: until then the old programs
-        keep judging from their own maps, so an upgrade has no moment with
-        nothing in force (for a while both judge, each from its own maps).
-        """
-        retired: list[str] = []
-        root = self.options.pin_dir
-        legacy = root / "links"  # ABI 1 pinned straight under the root
-        others = [legacy.parent] if legacy.is_dir() else []
-        others += [
-            d
-            for d in sorted(root.iterdir())
-            if d.is_dir() and d.name != self.options.abi_dir and re.fullmatch(r"v\d+", d.name)
-        ]
-        for old in others:
-            links = old / "links"
-            for link in sorted(links.iterdir()) if links.is_dir() else []:
-                link.unlink()  # its program detaches
-                retired.append(str(link))
-            for entry in sorted(old.iterdir()):
-                if entry.is_file():
-                    entry.unlink()
-            if links.is_dir():
-                links.rmdir()
-            if old != root:
-                shutil.rmtree(old, ignore_errors=True)
-        if retired:
-            _logger.info("retired %d links of another build: %s", len(retired), ", ".join(retired))
-        return retired
+        return retire_other_versions(self.options.pin_dir, self.options.abi_dir)
 
     def _open_scope(self) -> int:
         return self._open_cgroup(self.options.scope, "scope cgroup")
@@ -527,74 +401,6 @@ class KernelPrograms:
         libbpf.obj_pin(link_fd, path)
         self._link_fds[pin] = link_fd
 
-    # -- ring buffer ---------------------------------------------------------
-
-    @property
-    def ring(self) -> Ring:
-        """The pinned ring buffer, read with a cursor and consumed on commit."""
-        if self._ring is None:
-            events = self._table("events")
-            self._ring = Ring(events.map_fd, libbpf.map_max_entries(events.map_fd))
-        return self._ring
-
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to ``timeout_ms`` for records; returns and consumes those that arrived."""
-        got = self.ring.read(timeout_ms)
-        self.ring.commit(got.cursor)
-        return got.records
-
-    def delivered(self) -> dict[str, int]:
-        """Ring position each output has written through (see :meth:`set_delivered`)."""
-        table = self._table("delivered")
-        return {name: int(table[table.Key(i)].value) for i, name in enumerate(DELIVERED)}
-
-    def set_delivered(self, output: str, position: int) -> None:
-        """``output`` wrote the events of every record before ``position`` (pinned)."""
-        table = self._table("delivered")
-        table[table.Key(DELIVERED.index(output))] = table.Leaf(position)
-
-    def lost_counts(self) -> dict[abi.EventType, int]:
-        """Records the kernel could not reserve, summed over CPUs, by type."""
-        table = self._table("lost")
-        out: dict[abi.EventType, int] = {}
-        for t in abi.EventType:
-            values = table[table.Key(int(t))]
-            out[t] = int(sum(values))
-        return out
-
-    # -- process map ---------------------------------------------------------
-
-    def proc_state(self, pid: int) -> tuple[int, int] | None:
-        """(identity, ppid) the kernel holds for a process, or None."""
-        table = self._table("procs")
-        try:
-            leaf = table[table.Key(pid)]
-        except KeyError:
-            return None
-        return int(leaf.identity), int(leaf.ppid)
-
-    def set_identity(self, pid: int, identity: int, ppid: int = 0, *, create: bool = False) -> bool:
-        """Write ``pid``'s identity; False when it has no entry (it exited) and not ``create``.
-
-        Only an entry the kernel made is updated: a write that lands after
-        the process exited must not leave an identity behind for the next
-        process to get that pid.  ``create``: for processes that ran before
-        the programs were loaded (start-up).
-        """
-        table = self._table("procs")
-        if not ppid:
-            current = self.proc_state(pid)
-            if current is None and not create:
-                return False
-            ppid = current[1] if current else 0
-        leaf = abi.ProcState(identity, ppid)
-        return libbpf.map_update(
-            table.map_fd,
-            bytes(ctypes.c_uint32(pid)),
-            bytes(leaf),
-            libbpf.BPF_ANY if create else libbpf.BPF_EXIST,
-        )
-
     # -- teardown --------------------------------------------------------------
 
     def close(self, *, detach: bool) -> None:
@@ -603,9 +409,7 @@ class KernelPrograms:
             with suppress(OSError):
                 os.close(fd)
         self._link_fds.clear()
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        self.close_maps()
         if self.unix is not None:
             self.unix.close()
             self.unix = None
@@ -658,6 +462,39 @@ def _check_ours(pin_dir: Path) -> None:
                 f"{pin_dir} does not look like a sidecar pin directory ({group} holds "
                 f"{', '.join(strangers[:5])}): refusing to remove it"
             )
+
+
+def retire_other_versions(root: Path, abi_dir: str = f"v{abi.ABI_VERSION}") -> list[str]:
+    """Detach and remove what builds of another ABI version left pinned.
+
+    Called once this build's programs are attached, its policy is loaded
+    and running processes are attested again: until then the old programs
+    keep judging from their own maps, so an upgrade has no moment with
+    nothing in force (for a while both judge, each from its own maps).
+    """
+    retired: list[str] = []
+    legacy = root / "links"  # ABI 1 pinned straight under the root
+    others = [legacy.parent] if legacy.is_dir() else []
+    others += [
+        d
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name != abi_dir and re.fullmatch(r"v\d+", d.name)
+    ]
+    for old in others:
+        links = old / "links"
+        for link in sorted(links.iterdir()) if links.is_dir() else []:
+            link.unlink()  # its program detaches
+            retired.append(str(link))
+        for entry in sorted(old.iterdir()):
+            if entry.is_file():
+                entry.unlink()
+        if links.is_dir():
+            links.rmdir()
+        if old != root:
+            shutil.rmtree(old, ignore_errors=True)
+    if retired:
+        _logger.info("retired %d links of another build: %s", len(retired), ", ".join(retired))
+    return retired
 
 
 def uninstall(pin_dir: Path) -> list[str]:

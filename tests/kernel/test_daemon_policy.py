@@ -184,6 +184,17 @@ def test_policy_file_change_reloads_and_a_bad_one_keeps_the_old_enforcing(
         probe.close()
 
 
+def test_the_running_daemon_carries_no_compiler(running: DaemonProcess) -> None:
+    """Compiling happens in a child that exits: the daemon maps neither BCC nor LLVM."""
+    import bcc  # noqa: F401  (control: a process that loads BCC shows it in its maps)
+
+    assert "libbcc" in Path(f"/proc/{os.getpid()}/maps").read_text()
+    running.wait_for(type="policy_loaded")  # started, programs attached, policy in force
+    maps = Path(f"/proc/{running.proc.pid}/maps").read_text()
+    assert "libbcc" not in maps and "LLVM" not in maps
+    assert running.proc.poll() is None
+
+
 def test_sighup_reloads(setup: dict[str, object]) -> None:
     d = start_daemon_process(setup["tmp"], config_text(setup, interval=3600))  # type: ignore[arg-type]
     probe = None
