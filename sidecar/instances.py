@@ -2,8 +2,10 @@
 
 An instance is one process image that attestation matched to a registration
 entry: ``(boot id, pid, start time)`` plus the executable it was attested
-with.  It holds an X.509-SVID while it lives; the SVID is revoked when the
-process exits or execs another image.  The Workload API asks this registry
+with.  Its first X.509-SVID is issued when it first asks the Workload API
+(a short-lived tool that never asks costs no signature); from then on it is
+renewed while the process lives and revoked when the process exits or execs
+another image.  The Workload API asks this registry
 who a caller is, and the answer is re-checked against the live process
 (start time and executable through /proc), so a recycled pid or a new image
 under an attested pid never inherits credentials.
@@ -76,7 +78,7 @@ class InstanceRegistry:
         return self._by_pid.get(pid)
 
     def add(self, result: AttestationResult, now_ns: int) -> Instance:
-        """Record a matched attestation and issue the instance's first SVID."""
+        """Record a matched attestation (credentials come when it first asks)."""
         assert result.match is not None
         f = result.facts
         inst = Instance(
@@ -95,8 +97,6 @@ class InstanceRegistry:
         if old is not None and old.instance_id != inst.instance_id:
             self.end(f.pid)
         self._by_pid[f.pid] = inst
-        if self.manager is not None:
-            self.manager.issue(inst.instance_id, inst.spiffe_id)
         return inst
 
     def end(self, pid: int) -> Instance | None:

@@ -119,15 +119,30 @@ def test_a_process_matching_uid_and_sha256_is_attested_and_others_are_not(
     ev = agentd.sink.wait_for(type="exec", pid=good.pid)
     assert ev["identity"] == "spiffe://example.org/agent/sleeper"
     assert ev["instance_id"]
-    assert ev["svid_serial"]
     assert agentd.sink.wait_for(type="exec", pid=other.pid)["identity"] is None
     assert agentd.sink.wait_for(type="exec", pid=changed.pid)["identity"] is None
-    issued = agentd.sink.wait_for(type="credential_issued", instance_id=ev["instance_id"])
-    assert issued["svid_serial"] == ev["svid_serial"]
-    # At exit the instance's credential is revoked, and the event says so.
-    revoked = agentd.sink.wait_for(type="credential_revoked", instance_id=ev["instance_id"])
-    assert revoked["svid_serial"] == ev["svid_serial"]
+    agentd.sink.wait_for(type="exit", pid=good.pid)
     assert agentd.call(lambda: agentd.daemon.instances.get(good.pid)) is None
+    # It never asked for a credential, so none was signed for it: a short-lived
+    # tool costs no signature.
+    assert ev["svid_serial"] is None
+    assert not agentd.sink.find(type="credential_issued", instance_id=ev["instance_id"])
+
+
+def test_a_credential_is_issued_when_the_agent_first_asks_and_its_events_carry_the_serial(
+    agentd: InProcessDaemon, scratch_cgroup: Path, short_tmp: Path
+) -> None:
+    [r] = run_client(scratch_cgroup, short_tmp / "workload.sock", "x509", "1")
+    assert r["kind"] == "x509" and r["spiffe_id"] == "spiffe://example.org/agent/research-bot"
+    issued = agentd.sink.wait_for(type="credential_issued", svid_serial=r["serial"])
+    # The client's later events carry the serial; at exit the credential is revoked.
+    [exit_ev] = wait_until(
+        lambda: agentd.sink.find(type="exit", instance_id=issued["instance_id"]),
+        what="the client's exit",
+    )
+    assert exit_ev["svid_serial"] == r["serial"]
+    revoked = agentd.sink.wait_for(type="credential_revoked", instance_id=issued["instance_id"])
+    assert revoked["svid_serial"] == r["serial"]
 
 
 DOUBLE_FORK = r"""
@@ -238,7 +253,7 @@ def test_identities_are_listed_over_the_admin_socket(
     agent = spawn(scratch_cgroup, [str(binaries["sleeper"]), "30"], uid=NOBODY)
     try:
         agentd.sink.wait_for(
-            type="credential_issued", identity="spiffe://example.org/agent/sleeper"
+            type="exec", pid=agent.pid, identity="spiffe://example.org/agent/sleeper"
         )
         out = subprocess.run(
             [
@@ -259,7 +274,8 @@ def test_identities_are_listed_over_the_admin_socket(
         [row] = [r for r in json.loads(out.stdout)["instances"] if r["pid"] == agent.pid]
         assert row["spiffe_id"] == "spiffe://example.org/agent/sleeper"
         assert f"unix:uid:{NOBODY}" in row["selectors"]
-        assert row["svid_serial"] and row["svid_expires"]
+        # It never asked the Workload API: no credential was signed for it.
+        assert row["svid_serial"] is None and row["svid_expires"] is None
         assert identity_number(row["spiffe_id"]) == agentd.call(
             lambda: agentd.daemon._programs.proc_state(agent.pid)[0]
         )
