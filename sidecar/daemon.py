@@ -191,9 +191,13 @@ class _StillChanging(Exception):
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
-    """In the events held for the exporter: all before came from records before ``position``."""
+    """In the events held for the exporter: all before came from records before ``position``.
+
+    With ``then``: call it once the spool has all before (see Exporter.submit_mark).
+    """
 
     position: int
+    then: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,7 +562,7 @@ class Daemon:
         early, self._before_export = self._before_export or [], None
         for wire in early:  # policy_loaded and all else from start-up, in order
             if isinstance(wire, _Mark):
-                exporter.submit_mark(wire.position)
+                exporter.submit_mark(wire.position, wire.then)
             else:
                 exporter.submit(wire)
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
@@ -948,7 +952,7 @@ class Daemon:
             self.exporter.submit_mark(cursor)
         elif self._before_export is not None:
             early = self._before_export
-            if early and isinstance(early[-1], _Mark):
+            if early and isinstance(early[-1], _Mark) and early[-1].then is None:
                 early[-1] = _Mark(cursor)
             else:
                 early.append(_Mark(cursor))
@@ -1375,9 +1379,17 @@ class Daemon:
                     "counts": lost,
                 }
             )
-            # Kept pinned, after the report: a restarted daemon reports only what
-            # no daemon has (a crash between the two reports a loss twice, never none).
-            self._programs.set_lost_reported(counts)
+            # Kept pinned once the report is written out: a restarted daemon reports
+            # only what no daemon has (a crash between the two reports a loss
+            # twice, never none).  With a collector, that is once the spool has it.
+            self.sink.flush()
+            programs = self._programs
+            if self.exporter is not None:
+                self.exporter.submit_mark(0, lambda: programs.set_lost_reported(counts))
+            elif self._before_export is not None:
+                self._before_export.append(_Mark(0, lambda: programs.set_lost_reported(counts)))
+            else:
+                programs.set_lost_reported(counts)
 
     # -- admin -----------------------------------------------------------------------
 

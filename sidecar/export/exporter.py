@@ -122,9 +122,13 @@ _STOP = object()
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
-    """Everything submitted before this came from ring records before ``position``."""
+    """Everything submitted before this came from ring records before ``position``.
+
+    ``then``, when given, is called instead of ``on_written`` (see submit_mark).
+    """
 
     position: int
+    then: Callable[[], None] | None = None
 
 
 class _StreamEnded(Exception):
@@ -181,17 +185,19 @@ class Exporter:
             return False
         return True
 
-    def submit_mark(self, position: int) -> None:
-        """After the events submitted so far reach the spool, call ``on_written(position)``.
+    def submit_mark(self, position: int, then: Callable[[], None] | None = None) -> None:
+        """After the events submitted so far reach the spool, call ``on_written(position)``
+        (or ``then()`` when given).
 
         Never dropped: when the queue is full the mark waits aside, and is
         taken once the writer has emptied the queue (and so written all that
-        came before it).
+        came before it).  Called on the writer thread.
         """
+        mark = _Mark(position, then)
         try:
-            self._queue.put_nowait(_Mark(position))
+            self._queue.put_nowait(mark)
         except queue.Full:
-            self._late_marks.append(_Mark(position))
+            self._late_marks.append(mark)
 
     @property
     def failed(self) -> bool:
@@ -286,7 +292,9 @@ class Exporter:
 
     def _written(self, mark: _Mark) -> None:
         self.spool.flush()  # in the file (page cache): a killed daemon's writes stay
-        if self.on_written is not None:
+        if mark.then is not None:
+            mark.then()
+        elif self.on_written is not None:
             self.on_written(mark.position)
 
     def _append(self, event: event_pb2.Event) -> None:

@@ -272,3 +272,24 @@ def test_an_ack_at_a_sent_batch_end_takes_its_chain_without_reading_the_segment(
     sp.ack(30)
     assert sp.acked_chain == sp.read(29, 1, 1 << 20)[1][0].chain
     sp.close()
+
+
+def test_a_mark_with_a_callback_runs_it_once_the_events_before_it_are_in_the_spool(
+    tmp_path: Path,
+) -> None:
+    """How the daemon pins a loss report as reported: only once the spool holds it."""
+    cfg = ExporterConfig(target="127.0.0.1:1", spool_dir=tmp_path, queue_size=10)
+    exp = Exporter(cfg, _identity)
+    calls: list[int] = []
+    exp.on_written = lambda position: calls.append(-position)  # not used for this mark
+    exp.submit(ev.Event(lost=ev.LostEvents()))
+    exp.submit_mark(0, lambda: calls.append(exp.spool.last_sequence))
+    exp._writer = writer = threading.Thread(target=exp._write_loop)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == [1]  # after the report was written, and instead of on_written
+    finally:
+        exp._stop_writer()
