@@ -39,6 +39,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=1800.0)
     ap.add_argument("--rate", type=float, default=200.0, help="execs per second")
     ap.add_argument("--cycles", type=int, default=6, help="fault cycles over the run")
+    ap.add_argument(
+        "--ring-pages",
+        type=int,
+        default=256,
+        help="daemon ring buffer in pages; it must hold the load of a daemon outage",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -57,6 +63,7 @@ def main() -> int:
             rate=args.rate,
             cycles=args.cycles,
             settle_timeout=300,
+            ring_pages=args.ring_pages,
             log=lambda msg: print(msg, flush=True),
         )
     finally:
@@ -68,6 +75,7 @@ def main() -> int:
         "seconds": args.seconds,
         "rate_per_s": args.rate,
         "fault_cycles": args.cycles,
+        "ring_pages": args.ring_pages,
         "execs_made": result.started,
         "execs_stored": result.stored,
         "duplicates": result.duplicates,

@@ -122,14 +122,19 @@ def run(
     rate: float,
     cycles: int = 1,
     settle_timeout: float = 120.0,
+    ring_pages: int = 256,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> SoakResult:
-    """Run the load with ``cycles`` fault cycles spread over ``seconds``."""
+    """Run the load with ``cycles`` fault cycles spread over ``seconds``.
+
+    ``ring_pages``: the daemon's ring buffer, which holds what the kernel
+    records while the daemon is down (about 0.5 KiB per exec here).
+    """
     result = SoakResult()
     stack.start_collector()
     stack.enroll()
     entries, policy = config(stack)
-    stack.write_daemon_config(entries, policy)
+    stack.write_daemon_config(entries, policy, ring_pages=ring_pages)
     stack.start_daemon()
     count_file = stack.work / "driver.count"
     driver = subprocess.Popen(

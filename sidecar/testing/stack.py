@@ -200,7 +200,9 @@ metrics: ""
 
     # -- the daemon ----------------------------------------------------------------
 
-    def write_daemon_config(self, entries: str, policy: str, extra: str = "") -> None:
+    def write_daemon_config(
+        self, entries: str, policy: str, extra: str = "", ring_pages: int = 256
+    ) -> None:
         (self.work / "entries.yaml").write_text(entries)
         (self.work / "policy.yaml").write_text(policy)
         w = self.work
@@ -214,6 +216,7 @@ scope:
 bpf:
   pinDir: {self.pin_dir}
   detachOnExit: true
+  ringbufPages: {ring_pages}
 identity:
   entries: {w}/entries.yaml
   stateDir: {w}/state
