@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import random
@@ -425,8 +426,16 @@ class Exporter:
             sent = max(sent, self.spool.acked)
             records: list[object] = []
             if sent - self.spool.acked < window:
+                # Marked sent as they are read: the cap, removing them meanwhile,
+                # holds them in doubt until the collector's ack says.
                 prev, recs = await asyncio.to_thread(
-                    self.spool.read, sent, cfg.batch_max_events, cfg.batch_max_bytes
+                    functools.partial(
+                        self.spool.read,
+                        sent,
+                        cfg.batch_max_events,
+                        cfg.batch_max_bytes,
+                        sending=True,
+                    )
                 )
                 if recs:
                     batch = collector_pb2.Batch(
@@ -442,7 +451,6 @@ class Exporter:
                     batch.signature = sign(ident.private_key, payload)
                     await call.write(batch)
                     sent = recs[-1].sequence
-                    self.spool.mark_sent(sent, recs[-1].chain)
                     records = list(recs)
             if not records:
                 self._wake.clear()

@@ -314,11 +314,14 @@ class Spool:
     def mark_sent(self, sequence: int, chain: bytes | None = None) -> None:
         """The sender wrote records up to ``sequence`` (whose chain hash is ``chain``)."""
         with self._lock:
-            self.sent_through = max(self.sent_through, sequence)
-            if chain is not None:
-                # The collector acks at batch ends: knowing their hashes spares
-                # ack() a read of the segment.
-                self._sent_chains[sequence] = chain
+            self._mark_sent_locked(sequence, chain)
+
+    def _mark_sent_locked(self, sequence: int, chain: bytes | None) -> None:
+        self.sent_through = max(self.sent_through, sequence)
+        if chain is not None:
+            # The collector acks at batch ends: knowing their hashes spares
+            # ack() a read of the segment.
+            self._sent_chains[sequence] = chain
 
     def resolve(self, stored_through: int) -> None:
         """The collector holds every sequence up to ``stored_through`` (its ack).
@@ -358,33 +361,45 @@ class Spool:
 
     # ---- reading and acknowledging ----------------------------------------------------
 
-    def read(self, after: int, max_events: int, max_bytes: int) -> tuple[bytes, list[Record]]:
+    def read(
+        self, after: int, max_events: int, max_bytes: int, *, sending: bool = False
+    ) -> tuple[bytes, list[Record]]:
         """Durable records after sequence ``after``, and the chain hash before the first.
 
         At least one record when any is available, then as many as fit ``max_events``
         and ``max_bytes``.  Records the size cap removed are skipped: the batch then
-        starts after the hole.
+        starts after the hole.  ``sending``: the caller sends them now; they are
+        marked sent in the same step (see :meth:`mark_sent`), so that the cap
+        never counts a record on its way to the collector as dropped.
         """
         with self._lock:
-            if self._fh is not None:
-                self._fh.flush()
-            out: list[Record] = []
-            budget = [max_events, max_bytes]
-            firsts = [s.first for s in self._segments]
-            i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
-            prev = b""
-            for seg in self._segments[i:]:
-                if seg.last <= after:
-                    continue
-                if seg.first > self.durable_sequence or budget[0] <= 0 or budget[1] <= 0:
-                    break
-                seg_prev, records = self._read_segment(seg, after, budget)
-                if not out:
-                    prev = seg_prev
-                out.extend(records)
-                if records:
-                    after = records[-1].sequence
+            prev, out = self._read_locked(after, max_events, max_bytes)
+            if sending and out:
+                self._mark_sent_locked(out[-1].sequence, out[-1].chain)
             return prev, out
+
+    def _read_locked(
+        self, after: int, max_events: int, max_bytes: int
+    ) -> tuple[bytes, list[Record]]:
+        if self._fh is not None:
+            self._fh.flush()
+        out: list[Record] = []
+        budget = [max_events, max_bytes]
+        firsts = [s.first for s in self._segments]
+        i = max(0, bisect.bisect_right(firsts, after + 1) - 1)
+        prev = b""
+        for seg in self._segments[i:]:
+            if seg.last <= after:
+                continue
+            if seg.first > self.durable_sequence or budget[0] <= 0 or budget[1] <= 0:
+                break
+            seg_prev, records = self._read_segment(seg, after, budget)
+            if not out:
+                prev = seg_prev
+            out.extend(records)
+            if records:
+                after = records[-1].sequence
+        return prev, out
 
     def _read_segment(
         self, seg: _Segment, after: int, budget: list[int]

@@ -293,3 +293,29 @@ def test_a_mark_with_a_callback_runs_it_once_the_events_before_it_are_in_the_spo
         assert calls == [1]  # after the report was written, and instead of on_written
     finally:
         exp._stop_writer()
+
+
+def test_records_read_for_sending_are_in_doubt_at_once_not_dropped(tmp_path: Path) -> None:
+    """The cap may run between the sender's read and its write to the stream.
+
+    Records read for sending count as sent in the same step: if the cap
+    removes them before the batch is on the wire, they wait for the
+    collector's word like any sent record (before, they were counted lost,
+    and the collector then stored them too: loss over-reported).
+    """
+    sp = Spool(tmp_path, 8192, segment_bytes=1024)
+    _fill(sp, 100)
+    _, batch = sp.read(0, 100, 1 << 20, sending=True)
+    assert [r.sequence for r in batch] == list(range(1, 101))
+    _fill(sp, 300)  # the writer thread's cap, before the batch reaches the stream
+    dropped = sp.take_dropped()
+    assert dropped is not None and dropped.first_sequence == 101  # 1..100 are in doubt
+    sp.settle(100)  # the collector stored the batch after all
+    assert sp.take_dropped() is None
+    # Control: a plain read marks nothing.
+    sp2 = Spool(tmp_path / "b", 8192, segment_bytes=1024)
+    _fill(sp2, 100)
+    sp2.read(0, 100, 1 << 20)
+    _fill(sp2, 300)
+    control = sp2.take_dropped()
+    assert control is not None and control.first_sequence == 1
