@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_pipeline import build_storm, cpu_seconds  # noqa: E402
 
-from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
+from sidecar.cgroups import DANGEROUS_CAPS, launch_argv, remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 
@@ -131,7 +131,11 @@ def main() -> int:
             else:
                 p = subprocess.Popen(
                     launch_argv(
-                        [str(storm), str(args.seconds), str(tool), str(rate)], cgroup=cgroup
+                        [str(storm), str(args.seconds), str(tool), str(rate)],
+                        cgroup=cgroup,
+                        # As agents should run: the policy refuses these capabilities,
+                        # and a tool that held them would be killed at exec.
+                        drop_caps=DANGEROUS_CAPS,
                     ),
                     stdout=subprocess.PIPE,
                 )
