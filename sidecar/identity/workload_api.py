@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -250,10 +251,13 @@ class WorkloadApiServer:
         return f"unix://{self.socket_path}"
 
     async def start(self) -> None:
+        # Beside the public socket (the daemon's runtime directory) unless told
+        # otherwise, where a restarted daemon finds what a killed one left.
+        parent = self._private_parent or self.socket_path.parent
+        _remove_stale_private_dirs(parent)
         try:
-            self._private_dir = Path(
-                tempfile.mkdtemp(prefix="sidecar-wl-", dir=self._private_parent)
-            )
+            parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            self._private_dir = Path(tempfile.mkdtemp(prefix=_PRIVATE_PREFIX, dir=parent))
         except OSError as exc:
             raise TransportError(f"cannot make the workload API private directory: {exc}") from exc
         upstream = self._private_dir / "grpc.sock"
@@ -292,3 +296,31 @@ class WorkloadApiServer:
             with contextlib.suppress(OSError):
                 shutil.rmtree(self._private_dir)
             self._private_dir = None
+
+
+_PRIVATE_PREFIX = "sidecar-wl-"
+
+
+def _remove_stale_private_dirs(parent: Path) -> None:
+    """Remove private directories whose server is gone (a daemon killed with SIGKILL).
+
+    One whose socket still accepts belongs to a running server and is left alone.
+    """
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(_PRIVATE_PREFIX)]
+    except OSError:
+        return
+    for path in candidates:
+        sock = path / "grpc.sock"
+        if path.is_symlink() or not path.is_dir():
+            continue
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            continue  # a live server
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)

@@ -524,3 +524,35 @@ def _claims(token: str) -> dict[str, Any]:
     value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
     assert isinstance(value, dict)
     return value
+
+
+def test_a_private_dir_left_by_a_killed_server_is_removed_and_a_live_one_kept(
+    short_dir: Path, root_ca: CertificateAuthority
+) -> None:
+    """A daemon killed with SIGKILL cannot clean up; the next one does, beside its socket."""
+    import socket as socket_mod
+
+    stale = short_dir / "sidecar-wl-stale"
+    stale.mkdir(mode=0o700)
+    dead = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    dead.bind(str(stale / "grpc.sock"))
+    dead.close()  # the file stays, nobody listens: connect is refused
+    live_dir = short_dir / "sidecar-wl-live"
+    live_dir.mkdir(mode=0o700)
+    live = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    live.bind(str(live_dir / "grpc.sock"))
+    live.listen()
+    try:
+
+        async def scenario() -> list[str]:
+            async with harness(short_dir, root_ca):
+                return sorted(
+                    p.name for p in short_dir.iterdir() if p.name.startswith("sidecar-wl-")
+                )
+
+        names = asyncio.run(scenario())
+    finally:
+        live.close()
+    assert not stale.exists()
+    assert live_dir.exists()  # another server's, still listening
+    assert "sidecar-wl-live" in names and len(names) == 2  # it, and the new server's own
