@@ -81,6 +81,11 @@ def main() -> int:
         "duplicates": result.duplicates,
         "reported_lost": {f"{k}/{r}": n for (k, r), n in sorted(result.lost.items())},
         "unaccounted": result.started - result.stored - result.lost_execs,
+        "local_output": {
+            "stored": result.sink_stored,
+            "duplicates": result.sink_duplicates,
+            "reported_lost_execs": result.sink_lost_execs,
+        },
         "settle_seconds": round(result.settle_seconds, 1),
         "daemon_rss_mib_first_cycle_max": round(max(s[1] for s in first) / 1024, 1),
         "daemon_rss_mib_last_cycle_max": round(max(s[1] for s in last) / 1024, 1),

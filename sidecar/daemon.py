@@ -190,17 +190,6 @@ class _StillChanging(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Mark:
-    """In the events held for the exporter: all before came from records before ``position``.
-
-    With ``then``: call it once the spool has all before (see Exporter.submit_mark).
-    """
-
-    position: int
-    then: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Settled:
     """What the reader thread's attestation of one exec record found and wrote."""
 
@@ -243,7 +232,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         # Events made before the exporter starts (the first policy_loaded among
-        # them), handed to it when it does; None once it has, or with no collector.
+        # them), and callbacks to run once the spool holds them (_when_spooled),
+        # handed to it in order when it does; None once it has, or with no collector.
         self._before_export: list[Any] | None = [] if config.collector else None
         self.before_export_dropped = 0
         self._export_drops_seen: dict[tuple[str, str], int] = {}
@@ -558,13 +548,12 @@ class Daemon:
             self._host_renewed,
         )
         self._renew_task = asyncio.create_task(self.renewer.run(), name="host-renewal")
-        exporter.on_written = self._export_written
         early, self._before_export = self._before_export or [], None
-        for wire in early:  # policy_loaded and all else from start-up, in order
-            if isinstance(wire, _Mark):
-                exporter.submit_mark(wire.position, wire.then)
+        for item in early:  # policy_loaded and all else from start-up, in order
+            if callable(item):
+                exporter.submit_mark(item)
             else:
-                exporter.submit(wire)
+                exporter.submit(item)
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
         _logger.info("streaming events to the collector at %s", self.config.collector)
         return _ExporterStopper(self)
@@ -756,7 +745,7 @@ class Daemon:
             ends = got.ends_list() if cursor < self._replay_until else None
             cursor = got.cursor
             events: list[abi.KernelEvent] = []
-            event_ends: list[int] | None = [] if ends is not None else None
+            event_ends: list[int] = []  # the ends of the records that decoded
             errors = 0
             for i, raw in enumerate(got.records):
                 try:
@@ -765,14 +754,19 @@ class Daemon:
                     errors += 1
                     _logger.debug("undecodable record: %s", exc)
                     continue
-                if event_ends is not None and ends is not None:
+                if ends is not None:
                     event_ends.append(ends[i])
             attested: list[Settled | None] = (
                 self._attest_batch(events) if self.attestor is not None else [None] * len(events)
             )
             with contextlib.suppress(RuntimeError):  # loop closed during shutdown
                 loop.call_soon_threadsafe(
-                    self._handle_batch, events, errors, attested, event_ends, cursor
+                    self._handle_batch,
+                    events,
+                    errors,
+                    attested,
+                    event_ends if ends is not None else None,
+                    cursor,
                 )
 
     def _attest_batch(self, events: list[abi.KernelEvent]) -> list[Settled | None]:
@@ -948,14 +942,8 @@ class Daemon:
         self.sink.flush()
         self._programs.set_delivered("sink", cursor)
         self._sink_through = cursor
-        if self.exporter is not None:
-            self.exporter.submit_mark(cursor)
-        elif self._before_export is not None:
-            early = self._before_export
-            if early and isinstance(early[-1], _Mark) and early[-1].then is None:
-                early[-1] = _Mark(cursor)
-            else:
-                early.append(_Mark(cursor))
+        if self.config.collector:
+            self._when_spooled(lambda: self._export_written(cursor))
         else:
             self._programs.ring.commit(cursor)
 
@@ -963,6 +951,15 @@ class Daemon:
         """Spool-writer thread: the spool holds the events of the records before ``cursor``."""
         self._programs.set_delivered("export", cursor)
         self._programs.ring.commit(cursor)
+
+    def _when_spooled(self, then: Callable[[], None]) -> None:
+        """Call ``then`` once the events emitted so far are in the spool (at once without one)."""
+        if self.exporter is not None:
+            self.exporter.submit_mark(then)
+        elif self._before_export is not None:
+            self._before_export.append(then)  # handed to the exporter, in order, when it starts
+        else:
+            then()
 
     # -- events --------------------------------------------------------------------
 
@@ -1384,12 +1381,7 @@ class Daemon:
             # twice, never none).  With a collector, that is once the spool has it.
             self.sink.flush()
             programs = self._programs
-            if self.exporter is not None:
-                self.exporter.submit_mark(0, lambda: programs.set_lost_reported(counts))
-            elif self._before_export is not None:
-                self._before_export.append(_Mark(0, lambda: programs.set_lost_reported(counts)))
-            else:
-                programs.set_lost_reported(counts)
+            self._when_spooled(lambda: programs.set_lost_reported(counts))
 
     # -- admin -----------------------------------------------------------------------
 

@@ -123,13 +123,9 @@ _STOP = object()
 
 @dataclass(frozen=True, slots=True)
 class _Mark:
-    """Everything submitted before this came from ring records before ``position``.
+    """Call ``then`` once everything submitted before this is in the spool."""
 
-    ``then``, when given, is called instead of ``on_written`` (see submit_mark).
-    """
-
-    position: int
-    then: Callable[[], None] | None = None
+    then: Callable[[], None]
 
 
 class _StreamEnded(Exception):
@@ -163,9 +159,6 @@ class Exporter:
         self.connected = False
         # Why the collector last refused this host, when it can be told here (status)
         self.last_error: str | None = None
-        #: Called on the writer thread with a mark's position once every event
-        #: submitted before the mark is written to the spool (see submit_mark).
-        self.on_written: Callable[[int], None] | None = None
         self._late_marks: deque[_Mark] = deque()
 
     # ---- producers ----------------------------------------------------------------------
@@ -186,15 +179,15 @@ class Exporter:
             return False
         return True
 
-    def submit_mark(self, position: int, then: Callable[[], None] | None = None) -> None:
-        """After the events submitted so far reach the spool, call ``on_written(position)``
-        (or ``then()`` when given).
+    def submit_mark(self, then: Callable[[], None]) -> None:
+        """Call ``then()`` (on the writer thread) once the events submitted so far are
+        in the spool file.
 
         Never dropped: when the queue is full the mark waits aside, and is
         taken once the writer has emptied the queue (and so written all that
-        came before it).  Called on the writer thread.
+        came before it).
         """
-        mark = _Mark(position, then)
+        mark = _Mark(then)
         try:
             self._queue.put_nowait(mark)
         except queue.Full:
@@ -293,10 +286,7 @@ class Exporter:
 
     def _written(self, mark: _Mark) -> None:
         self.spool.flush()  # in the file (page cache): a killed daemon's writes stay
-        if mark.then is not None:
-            mark.then()
-        elif self.on_written is not None:
-            self.on_written(mark.position)
+        mark.then()
 
     def _append(self, event: event_pb2.Event) -> None:
         if not event.host:

@@ -330,12 +330,11 @@ class Spool:
         collector never stored them; an ack at the start of a stream says which.
         """
         with self._lock:
-            keep: list[tuple[int, Counter[tuple[str, str]]]] = []
-            for sequence, counts in self._in_doubt:
-                if sequence <= stored_through:
-                    continue  # the collector has it
-                keep.append((sequence, counts))
-            self._in_doubt = keep
+            self._resolve_locked(stored_through)
+
+    def _resolve_locked(self, stored_through: int) -> None:
+        # At or below it, the collector has it; above it, still in doubt.
+        self._in_doubt = [(q, c) for q, c in self._in_doubt if q > stored_through]
 
     def settle(self, stored_through: int) -> None:
         """A new stream opened with the collector holding up to ``stored_through``.
@@ -433,8 +432,7 @@ class Spool:
     def ack(self, sequence: int, chain: bytes | None = None) -> None:
         """Record that the collector stored everything up to ``sequence``; free space."""
         with self._lock:
-            # Removed by the cap after they were sent: the collector has these.
-            self._in_doubt = [(q, c) for q, c in self._in_doubt if q > sequence]
+            self._resolve_locked(sequence)  # removed by the cap after they were sent
             if sequence <= self.acked:
                 return
             sequence = min(sequence, self.durable_sequence)
@@ -521,13 +519,6 @@ def _read_record(fh: BinaryIO) -> Record | None:
     if len(payload) < length or zlib.crc32(payload, zlib.crc32(chain)) != crc:
         return None
     return Record(seq, chain, payload)
-
-
-def _kind_of(payload: bytes) -> str:
-    try:
-        return event_pb2.Event.FromString(payload).WhichOneof("body") or "unknown"
-    except DecodeError:
-        return "unknown"
 
 
 def _loss_counts(payload: bytes) -> Counter[tuple[str, str]]:

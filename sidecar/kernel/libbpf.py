@@ -126,10 +126,14 @@ def lib() -> ctypes.CDLL:
     return _lib
 
 
+def _errno(res: int) -> int:
+    """The error of a failed libbpf call: it returns -errno, or -1 with errno set."""
+    return -res if res != -1 else ctypes.get_errno()
+
+
 def _check(res: int, what: str) -> int:
     if res < 0:
-        err = -res if res != -1 else ctypes.get_errno()
-        raise KernelError(f"{what}: {os.strerror(err)}")
+        raise KernelError(f"{what}: {os.strerror(_errno(res))}")
     return res
 
 
@@ -144,7 +148,7 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> b
     """
     res = lib().bpf_map_update_elem(map_fd, key, value, flags)
     if res < 0:
-        err = -res if res != -1 else ctypes.get_errno()
+        err = _errno(res)
         if err == errno.ENOENT and flags == BPF_EXIST:
             return False
         raise KernelError(f"bpf_map_update_elem: {os.strerror(err)}")
@@ -156,7 +160,7 @@ def map_update_batch(map_fd: int, keys: bytes, values: bytes, n: int) -> bool:
     count = ctypes.c_uint32(n)
     res = lib().bpf_map_update_batch(map_fd, keys, values, ctypes.byref(count), None)
     if res < 0:
-        err = -res if res != -1 else ctypes.get_errno()
+        err = _errno(res)
         if err in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP) and count.value == 0:
             return False
         raise KernelError(f"bpf_map_update_batch: {os.strerror(err)} after {count.value} of {n}")
@@ -168,7 +172,7 @@ def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     buf = ctypes.create_string_buffer(value_size)
     res = lib().bpf_map_lookup_elem(map_fd, key, buf)
     if res < 0:
-        err = -res if res != -1 else ctypes.get_errno()
+        err = _errno(res)
         if err == errno.ENOENT:
             return None
         raise KernelError(f"bpf_map_lookup_elem: {os.strerror(err)}")
@@ -183,7 +187,7 @@ def map_keys(map_fd: int, key_size: int) -> list[bytes]:
     while True:
         res = lib().bpf_map_get_next_key(map_fd, prev, key)
         if res < 0:
-            err = -res if res != -1 else ctypes.get_errno()
+            err = _errno(res)
             if err == errno.ENOENT:
                 return out
             raise KernelError(f"bpf_map_get_next_key: {os.strerror(err)}")
@@ -200,7 +204,7 @@ def map_delete(map_fd: int, key: bytes) -> bool:
     """Delete one entry (packed key); False when it was not there."""
     res = lib().bpf_map_delete_elem(map_fd, key)
     if res < 0:
-        err = -res if res != -1 else ctypes.get_errno()
+        err = _errno(res)
         if err == errno.ENOENT:
             return False
         raise KernelError(f"bpf_map_delete_elem: {os.strerror(err)}")
@@ -274,7 +278,7 @@ def obj_get(path: Path) -> int | None:
     """Open a pinned object; None when nothing is pinned there."""
     fd = lib().bpf_obj_get(str(path).encode())
     if fd < 0:
-        err = -fd if fd != -1 else ctypes.get_errno()
+        err = _errno(fd)
         if err == errno.ENOENT:
             return None
         raise KernelError(f"open pinned {path}: {os.strerror(err)}")

@@ -371,9 +371,6 @@ class KernelPrograms(KernelMaps):
             with suppress(FileNotFoundError):
                 (self.links_dir / pin).unlink()  # the last reference: it detaches
 
-    def retire_other_versions(self) -> list[str]:
-        return retire_other_versions(self.options.pin_dir, self.options.abi_dir)
-
     def _open_scope(self) -> int:
         return self._open_cgroup(self.options.scope, "scope cgroup")
 
@@ -478,7 +475,7 @@ def retire_other_versions(root: Path, abi_dir: str = f"v{abi.ABI_VERSION}") -> l
     others += [
         d
         for d in sorted(root.iterdir())
-        if d.is_dir() and d.name != abi_dir and re.fullmatch(r"v\d+", d.name)
+        if d.is_dir() and d.name != abi_dir and _VERSION_DIR.match(d.name)
     ]
     for old in others:
         links = old / "links"

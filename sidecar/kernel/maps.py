@@ -74,6 +74,11 @@ class KernelMaps:
         fd = self.fd(name)
         return libbpf.map_lookup(fd, key, self._sizes[name][1])
 
+    def _u64_at(self, name: str, index: int) -> int:
+        """The u64 at ``index`` of an array map."""
+        raw = self._lookup(name, _u32(index))
+        return int.from_bytes(raw[:8], "little") if raw else 0
+
     # -- ring buffer ---------------------------------------------------------
 
     @property
@@ -92,11 +97,7 @@ class KernelMaps:
 
     def delivered(self) -> dict[str, int]:
         """Ring position each output has written through (see :meth:`set_delivered`)."""
-        out = {}
-        for i, name in enumerate(DELIVERED):
-            raw = self._lookup("delivered", _u32(i))
-            out[name] = int.from_bytes(raw[:8], "little") if raw else 0
-        return out
+        return {name: self._u64_at("delivered", i) for i, name in enumerate(DELIVERED)}
 
     def set_delivered(self, output: str, position: int) -> None:
         """``output`` wrote the events of every record before ``position`` (pinned)."""
@@ -117,11 +118,8 @@ class KernelMaps:
         return out
 
     def lost_reported_counts(self) -> dict[abi.EventType, int]:
-        out = {}
-        for t in abi.EventType:
-            raw = self._lookup("lost_reported", _u32(int(t)))
-            out[t] = int.from_bytes(raw[:8], "little") if raw else 0
-        return out
+        """What daemons have reported lost so far, by type (pinned across restarts)."""
+        return {t: self._u64_at("lost_reported", int(t)) for t in abi.EventType}
 
     def set_lost_reported(self, counts: dict[abi.EventType, int]) -> None:
         fd = self.fd("lost_reported")

@@ -22,13 +22,10 @@ class RingRead:
     """Records taken by one read, oldest first."""
 
     records: list[bytes]
-    #: Ring position just past each record, as native u64s (see :meth:`end_of`).
+    #: Ring position just past each record, as native u64s (see :meth:`ends_list`).
     ends: bytes
     #: Position just past everything read so far (records and discarded space).
     cursor: int
-
-    def end_of(self, index: int) -> int:
-        return int.from_bytes(self.ends[8 * index : 8 * index + 8], "little")
 
     def ends_list(self) -> list[int]:
         out = array("Q")

@@ -13,7 +13,7 @@ Used by ``tests/kernel/test_faults_end_to_end.py`` (one short cycle) and
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -69,6 +69,10 @@ class SoakResult:
     samples: list[tuple[float, int, int]] = field(default_factory=list)
     actions: list[tuple[float, str]] = field(default_factory=list)
     settle_seconds: float = 0.0
+    #: The same three figures for the daemon's local output (the JSON lines file)
+    sink_stored: int = 0
+    sink_duplicates: int = 0
+    sink_lost_execs: int = 0
 
     @property
     def lost_execs(self) -> int:
@@ -176,6 +180,7 @@ def run(
                 break
             time.sleep(1.0)
         result.settle_seconds = time.monotonic() - settle_start
+        _tally_sink(stack, result)
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -206,5 +211,22 @@ def _tally(stack: Stack, result: SoakResult) -> None:
             seen[argv[1]] += 1
     result.stored = len(seen)
     result.duplicates = sum(n - 1 for n in seen.values())
-    with contextlib.suppress(Exception):  # the store may be mid-write; read again next time
-        result.lost = stack.stored_losses()
+    result.lost = stack.stored_losses()
+
+
+def _tally_sink(stack: Stack, result: SoakResult) -> None:
+    """The local output, written ahead of the spool: each exec once there too, or lost."""
+    seen: Counter[str] = Counter()
+    lost = 0
+    with (stack.work / "events.jsonl").open("rb") as fh:
+        for line in fh:
+            ev = json.loads(line)
+            if ev["type"] == "exec":
+                argv = ev.get("argv") or []
+                if len(argv) > 1 and argv[1].startswith(MARK):
+                    seen[argv[1]] += 1
+            elif ev["type"] == "lost":
+                lost += ev["counts"].get("exec", 0)
+    result.sink_stored = len(seen)
+    result.sink_duplicates = sum(n - 1 for n in seen.values())
+    result.sink_lost_execs = lost

@@ -38,6 +38,10 @@ def test_every_exec_is_stored_once_or_reported_lost_through_freezes_and_kills(
         assert result.stored + result.lost_execs == result.started, result
         # At this rate the spool and the pinned ring absorb every outage: nothing is lost.
         assert result.lost_execs == 0, result
+        # The local output runs ahead of the spool, so a killed daemon's successor
+        # re-reads records the output already has: it must not write them twice.
+        assert result.sink_duplicates == 0, result
+        assert result.sink_stored + result.sink_lost_execs == result.started, result
         assert stack.collector is not None and stack.collector.poll() is None
         assert stack.daemon is not None and stack.daemon.poll() is None
     finally:

@@ -217,25 +217,24 @@ def test_a_loss_report_removed_by_the_cap_passes_its_counts_on(tmp_path: Path) -
 def test_a_mark_is_reported_only_once_everything_before_it_is_in_the_spool_file(
     tmp_path: Path,
 ) -> None:
-    """Marks tell the daemon which ring records it may let the kernel reuse."""
-
+    """Marks tell the daemon which ring records the kernel may reuse, and when a
+    loss report is in the spool (so that it can be pinned as reported)."""
     cfg = ExporterConfig(target="127.0.0.1:1", spool_dir=tmp_path, queue_size=3)
     exp = Exporter(cfg, _identity)
     seen: list[tuple[int, int]] = []
 
-    def on_written(position: int) -> None:
+    def written(position: int) -> None:
         # Every record written so far is in the file, not a buffer of this process.
         on_disk = sum(p.stat().st_size for p in tmp_path.glob("seg-*.spool"))
         assert on_disk == sum(seg.size for seg in exp.spool._segments)
         seen.append((position, exp.spool.last_sequence))
 
-    exp.on_written = on_written
     exp.submit(_exit(0))
     exp.submit(_exit(1))
-    exp.submit_mark(10)
+    exp.submit_mark(lambda: written(10))
     # The queue is full now: the next mark waits aside, and is never lost.
     assert not exp.submit(_exit(2))
-    exp.submit_mark(20)
+    exp.submit_mark(lambda: written(20))
     exp._writer = writer = threading.Thread(target=exp._write_loop)
     writer.start()
     try:
@@ -244,7 +243,7 @@ def test_a_mark_is_reported_only_once_everything_before_it_is_in_the_spool_file(
             time.sleep(0.01)
         assert seen == [(10, 2), (20, 2)]
         exp.submit(_exit(3))
-        exp.submit_mark(30)
+        exp.submit_mark(lambda: written(30))
         deadline = time.monotonic() + 10
         while len(seen) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -272,27 +271,6 @@ def test_an_ack_at_a_sent_batch_end_takes_its_chain_without_reading_the_segment(
     sp.ack(30)
     assert sp.acked_chain == sp.read(29, 1, 1 << 20)[1][0].chain
     sp.close()
-
-
-def test_a_mark_with_a_callback_runs_it_once_the_events_before_it_are_in_the_spool(
-    tmp_path: Path,
-) -> None:
-    """How the daemon pins a loss report as reported: only once the spool holds it."""
-    cfg = ExporterConfig(target="127.0.0.1:1", spool_dir=tmp_path, queue_size=10)
-    exp = Exporter(cfg, _identity)
-    calls: list[int] = []
-    exp.on_written = lambda position: calls.append(-position)  # not used for this mark
-    exp.submit(ev.Event(lost=ev.LostEvents()))
-    exp.submit_mark(0, lambda: calls.append(exp.spool.last_sequence))
-    exp._writer = writer = threading.Thread(target=exp._write_loop)
-    writer.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert calls == [1]  # after the report was written, and instead of on_written
-    finally:
-        exp._stop_writer()
 
 
 def test_records_read_for_sending_are_in_doubt_at_once_not_dropped(tmp_path: Path) -> None:
