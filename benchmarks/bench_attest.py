@@ -33,11 +33,11 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar import config  # noqa: E402
-from sidecar.cgroups import remove_tree  # noqa: E402
-from sidecar.daemon import Daemon, NullSink  # noqa: E402
+from sidecar.daemon import config  # noqa: E402
+from sidecar.daemon.core import Daemon, NullSink  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
+from sidecar.proc.cgroups import remove_tree  # noqa: E402
 
 LOAD = r"""
 import os, subprocess, sys, time

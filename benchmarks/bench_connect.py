@@ -34,12 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
-from sidecar.enforce import Enforcer, IdentityNumbers, identity_number  # noqa: E402
+from sidecar.enforce.enforcer import Enforcer, IdentityNumbers, identity_number  # noqa: E402
 from sidecar.kernel import libbpf  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root, find_mount  # noqa: E402
 from sidecar.kernel.loader import KernelPrograms, LoadOptions, uninstall  # noqa: E402
 from sidecar.policy import load_policy_text  # noqa: E402
+from sidecar.proc.cgroups import launch_argv, remove_tree  # noqa: E402
 
 AGENT = "spiffe://example.org/bench/agent"
 

@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from bench_pipeline import build_storm, cpu_seconds  # noqa: E402
 
-from sidecar.cgroups import DANGEROUS_CAPS, launch_argv, remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
+from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv, remove_tree  # noqa: E402
 
 IDENTITIES = 20
 RULES = 10_000

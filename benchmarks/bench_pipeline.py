@@ -30,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.cgroups import launch_argv, remove_tree  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
+from sidecar.proc.cgroups import launch_argv, remove_tree  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

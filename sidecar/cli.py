@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar import __version__
-from sidecar.errors import SidecarError
+from sidecar.util.errors import SidecarError
 
 _logger = logging.getLogger("sidecar")
 
@@ -23,8 +23,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from sidecar import config
-    from sidecar.daemon import Daemon, EventSink, JsonLinesSink, NullSink
+    from sidecar.daemon import config
+    from sidecar.daemon.core import Daemon, EventSink, JsonLinesSink, NullSink
 
     cfg = config.load(
         args.config,
@@ -47,7 +47,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
-    from sidecar import config
+    from sidecar.daemon import config
     from sidecar.kernel.loader import uninstall
 
     cfg = config.load(args.config)
@@ -61,7 +61,7 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _admin_socket(args: argparse.Namespace) -> Path:
-    from sidecar import config
+    from sidecar.daemon import config
 
     cfg = config.load(args.config)
     if args.socket is not None:
@@ -72,8 +72,8 @@ def _admin_socket(args: argparse.Namespace) -> Path:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from sidecar.admin import request
-    from sidecar.status import render_status
+    from sidecar.daemon.admin import request
+    from sidecar.daemon.status import render_status
 
     answer = request(_admin_socket(args), "status")
     print(json.dumps(answer, indent=2) if args.json else render_status(answer))
@@ -81,8 +81,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_identities(args: argparse.Namespace) -> int:
-    from sidecar.admin import request
-    from sidecar.status import render_identities
+    from sidecar.daemon.admin import request
+    from sidecar.daemon.status import render_identities
 
     answer = request(_admin_socket(args), "identities")
     print(json.dumps(answer, indent=2) if args.json else render_identities(answer))
@@ -90,7 +90,7 @@ def _cmd_identities(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sidecar.demo import run_demo
+    from sidecar.testing.demo import run_demo
 
     return run_demo()
 

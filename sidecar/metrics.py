@@ -32,7 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from sidecar.errors import ConfigError
+from sidecar.util.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
 

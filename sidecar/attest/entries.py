@@ -30,9 +30,9 @@ from pathlib import Path
 from sidecar.attest import selectors as sel
 from sidecar.attest.facts import ProcessFacts
 from sidecar.attest.selectors import Selector, parse_selector
-from sidecar.errors import AttestationError
-from sidecar.spiffeid import parse_spiffe_id, parse_trust_domain
-from sidecar.yamlsrc import (
+from sidecar.identity.spiffeid import parse_spiffe_id, parse_trust_domain
+from sidecar.util.errors import AttestationError
+from sidecar.util.yamlsrc import (
     DEFAULT_MAX_BYTES,
     Document,
     Fields,
@@ -40,7 +40,7 @@ from sidecar.yamlsrc import (
     check_header,
     check_type,
 )
-from sidecar.yamlsrc import load_document as _load_document
+from sidecar.util.yamlsrc import load_document as _load_document
 
 _logger = logging.getLogger(__name__)
 

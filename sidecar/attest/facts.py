@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
-from sidecar.errors import AttestationError
+from sidecar.proc.read import parse_cgroup, parse_start_time, parse_status_ids, read_boot_id
+from sidecar.util.errors import AttestationError
 
 _logger = logging.getLogger(__name__)
 
-PROC = "/proc"
 _DELETED = " (deleted)"
 
 
@@ -76,16 +76,18 @@ class ProcessFacts:
 
 def boot_id() -> str:
     """This boot's random ID, which with (pid, start time) names a process instance."""
-    try:
-        with open(f"{PROC}/sys/kernel/random/boot_id", encoding="ascii") as fh:
-            return fh.read().strip()
-    except OSError as exc:
-        raise AttestationError(f"cannot read the boot id: {exc.strerror or exc}") from exc
+    value = read_boot_id()
+    if value is None:
+        raise AttestationError("cannot read the boot id")
+    return value
 
 
 def read_start_time(pid: int) -> int:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22)."""
-    return _parse_start_time(_read_text(pid, "stat"), pid)
+    """Start time of ``pid`` in clock ticks since boot; AttestationError if it is gone."""
+    value = parse_start_time(_read_text(pid, "stat"))
+    if value is None:
+        raise AttestationError(f"pid {pid}: unexpected /proc/{pid}/stat format")
+    return value
 
 
 def gather(
@@ -123,8 +125,8 @@ def _gather_pinned(
     want_user: bool,
 ) -> ProcessFacts:
     start_time = read_start_time(pid)
-    uid, gid = _parse_ids(_read_text(pid, "status"), pid)
-    exe_link = f"{PROC}/{pid}/exe"
+    uid, gid = _ids(pid)
+    exe_link = f"/proc/{pid}/exe"
     # Open before readlink: if the process execs in between, the final check
     # sees that /proc/PID/exe is no longer the file that was opened.
     try:
@@ -140,7 +142,7 @@ def _gather_pinned(
         sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable")[1] if want_sha256 else None
     finally:
         os.close(exe_fd)
-    cgroup_path = _parse_cgroup(_read_text(pid, "cgroup"))
+    cgroup_path = parse_cgroup(_read_text(pid, "cgroup"))
     _check_same_process(pid, pidfd, start_time, st)
     # readlink appends " (deleted)" when the image lost its last name; a file
     # really named so still has links, so the link count decides.
@@ -174,7 +176,7 @@ def _check_same_process(pid: int, pidfd: int, start_time: int, exe: os.stat_resu
     if read_start_time(pid) != start_time:
         raise AttestationError(f"pid {pid}: replaced by another process while being attested")
     try:
-        now = os.stat(f"{PROC}/{pid}/exe")
+        now = os.stat(f"/proc/{pid}/exe")
     except OSError as exc:
         raise _gone(pid, exc) from exc
     if (now.st_dev, now.st_ino) != (exe.st_dev, exe.st_ino):
@@ -189,42 +191,17 @@ def _gone(pid: int, exc: OSError) -> AttestationError:
 
 def _read_text(pid: int, name: str) -> str:
     try:
-        with open(f"{PROC}/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as fh:
+        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as fh:
             return fh.read()
     except OSError as exc:
         raise _gone(pid, exc) from exc
 
 
-def _parse_start_time(stat: str, pid: int) -> int:
-    # comm (field 2) may hold spaces and ')', so count fields after the last ')'.
-    _, paren, rest = stat.rpartition(")")
-    fields = rest.split()
-    if not paren or len(fields) < 20:
-        raise AttestationError(f"pid {pid}: unexpected /proc/{pid}/stat format")
-    try:
-        return int(fields[19])  # field 22; fields[0] is field 3
-    except ValueError as exc:
-        raise AttestationError(f"pid {pid}: unexpected /proc/{pid}/stat format") from exc
-
-
-def _parse_ids(status: str, pid: int) -> tuple[int, int]:
-    ids: dict[str, int] = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("Uid", "Gid"):
-            parts = value.split()
-            if parts and parts[0].isdigit():
-                ids[key] = int(parts[0])  # real id comes first
-    if "Uid" not in ids or "Gid" not in ids:
+def _ids(pid: int) -> tuple[int, int]:
+    ids = parse_status_ids(_read_text(pid, "status"))
+    if ids is None:
         raise AttestationError(f"pid {pid}: no Uid/Gid in /proc/{pid}/status")
-    return ids["Uid"], ids["Gid"]
-
-
-def _parse_cgroup(text: str) -> str | None:
-    for line in text.splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    return None
+    return ids[1], ids[2]
 
 
 def _user_name(uid: int) -> str | None:

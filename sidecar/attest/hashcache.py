@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from sidecar.errors import AttestationError
+from sidecar.util.errors import AttestationError
 
 _logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from sidecar.attest import cgroup
 from sidecar.attest.facts import ProcessFacts
-from sidecar.spiffeid import parse_spiffe_id
+from sidecar.identity.spiffeid import parse_spiffe_id
 
 UID = "unix:uid"
 GID = "unix:gid"

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from sidecar.api.v1 import collector_pb2
-from sidecar.errors import ConfigError, CredentialError
+from sidecar.util.errors import ConfigError, CredentialError
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -68,7 +68,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from sidecar.collector.enroll import enroll, renew
+    from sidecar.export.enroll import enroll, renew
 
     if args.renew:
         ident = asyncio.run(renew(args.collector, args.out, args.server_name))

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.errors import ConfigError
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
-from sidecar.yamlsrc import Fields, check_header, load_file
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.util.errors import ConfigError
+from sidecar.util.yamlsrc import Fields, check_header, load_file
 
 API_VERSION = "sidecar/v1"
 KIND = "CollectorConfig"

@@ -32,9 +32,9 @@ from sidecar.collector.config import CollectorConfig
 from sidecar.collector.store import HostState, NewEvent, Store
 from sidecar.collector.tls import peer_svid, roots_pem, server_credentials
 from sidecar.collector.verify import BatchError, check_batch
-from sidecar.errors import CredentialError, TransportError
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id
+from sidecar.util.errors import CredentialError, TransportError
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")

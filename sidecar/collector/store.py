@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.api.v1 import collector_pb2, event_pb2
-from sidecar.errors import SidecarError
 from sidecar.export.chain import CHAIN_SEED
+from sidecar.util.errors import SidecarError
 
 _logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import json_format
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
-from sidecar.errors import TransportError
+from sidecar.util.errors import TransportError
 
 _logger = logging.getLogger(__name__)
 

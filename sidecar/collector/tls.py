@@ -16,9 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from sidecar.errors import CredentialError
+from sidecar.identity.spiffeid import SpiffeId
 from sidecar.identity.x509 import CertificateAuthority, new_key, new_serial, verify_svid
-from sidecar.spiffeid import SpiffeId
+from sidecar.util.errors import CredentialError
 
 
 def server_credentials(

@@ -23,8 +23,8 @@ from google.protobuf.message import DecodeError
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.store import HostState, NewEvent
-from sidecar.errors import SidecarError
 from sidecar.export.chain import batch_payload, chain_over, verify
+from sidecar.util.errors import SidecarError
 
 V = collector_pb2.Verification
 Alert = event_pb2.IntegrityAlert

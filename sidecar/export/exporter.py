@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
-from sidecar.errors import TransportError
 from sidecar.export.chain import batch_payload, sign
 from sidecar.export.spool import Dropped, Spool
+from sidecar.util.errors import TransportError
 
 _logger = logging.getLogger(__name__)
 

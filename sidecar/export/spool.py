@@ -38,9 +38,9 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError
 
 from sidecar.api.v1 import event_pb2
-from sidecar.errors import TransportError
 from sidecar.export.chain import CHAIN_SEED, chain_next
-from sidecar.fsutil import write_atomic
+from sidecar.util.errors import TransportError
+from sidecar.util.fsutil import write_atomic
 
 _logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from sidecar.errors import CredentialError
+from sidecar.identity.spiffeid import SpiffeId, parse_trust_domain
 from sidecar.identity.x509 import as_spiffe_id
-from sidecar.spiffeid import SpiffeId, parse_trust_domain
+from sidecar.util.errors import CredentialError
 
 _logger = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from sidecar.errors import CredentialError
 from sidecar.identity.jwt import JwtAuthority
+from sidecar.identity.spiffeid import SpiffeId
 from sidecar.identity.x509 import CertificateAuthority, X509Svid, as_spiffe_id
-from sidecar.spiffeid import SpiffeId
+from sidecar.util.errors import CredentialError
 
 _logger = logging.getLogger(__name__)
 

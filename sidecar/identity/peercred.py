@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.errors import TransportError
+from sidecar.util.errors import TransportError
 
 _logger = logging.getLogger(__name__)
 

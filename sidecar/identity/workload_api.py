@@ -29,11 +29,11 @@ from grpc import aio
 
 from sidecar.api.workload import workload_pb2 as pb
 from sidecar.api.workload import workload_pb2_grpc as pb_grpc
-from sidecar.errors import SidecarError, TransportError
 from sidecar.identity.manager import CredentialManager
 from sidecar.identity.peercred import Caller, PeerCredFront
+from sidecar.identity.spiffeid import SpiffeId
 from sidecar.identity.x509 import X509Svid
-from sidecar.spiffeid import SpiffeId
+from sidecar.util.errors import SidecarError, TransportError
 
 __all__ = ["Caller", "CallerResolver", "WorkloadApiServer", "WorkloadInstance"]
 

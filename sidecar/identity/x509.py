@@ -12,7 +12,7 @@ that a central CA signed).  Every certificate it makes follows the X509-SVID rul
   stolen host key cannot mint identities for another trust domain.
 
 Keys are EC P-256.  Foreign errors (``cryptography``, ``OSError``) leave this module as
-:class:`~sidecar.errors.CredentialError`.
+:class:`~sidecar.util.errors.CredentialError`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.errors import CredentialError
-from sidecar.fsutil import write_atomic
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id, parse_trust_domain
+from sidecar.util.errors import CredentialError
+from sidecar.util.fsutil import write_atomic
 
 _logger = logging.getLogger(__name__)
 

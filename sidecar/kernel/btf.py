@@ -23,7 +23,7 @@ import struct
 import threading
 from pathlib import Path
 
-from sidecar.errors import KernelError
+from sidecar.util.errors import KernelError
 
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 

@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.errors import KernelError
+from sidecar.util.errors import KernelError
 
 BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 SETUP_HINT = "run 'make setup' (or scripts/setup-host.sh) as root"

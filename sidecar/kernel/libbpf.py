@@ -17,7 +17,7 @@ import errno
 import os
 from pathlib import Path
 
-from sidecar.errors import KernelError
+from sidecar.util.errors import KernelError
 
 # enum bpf_attach_type (uapi/linux/bpf.h)
 ATTACH_CGROUP_INET_SOCK_CREATE = 2

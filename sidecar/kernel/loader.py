@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import KernelError
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.btf import kernel_offset_cflags
 from sidecar.kernel.maps import KernelMaps
+from sidecar.util.errors import KernelError
 
 _logger = logging.getLogger(__name__)
 

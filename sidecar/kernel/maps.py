@@ -15,9 +15,9 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from sidecar.errors import KernelError
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.ring import Ring
+from sidecar.util.errors import KernelError
 
 #: The daemon's outputs, in the order of the pinned ``delivered`` map.
 DELIVERED = ("sink", "export")

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import KernelError
 from sidecar.kernel.loader import AttachReport, KernelPrograms, LoadOptions
+from sidecar.util.errors import KernelError
 
 _logger = logging.getLogger(__name__)
 _PATHS = ("pin_dir", "scope", "tracefs", "hook_root")

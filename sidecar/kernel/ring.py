@@ -14,7 +14,7 @@ import threading
 from array import array
 from dataclasses import dataclass
 
-from sidecar.errors import KernelError
+from sidecar.util.errors import KernelError
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from sidecar.errors import KernelError
 from sidecar.kernel import libbpf
+from sidecar.util.errors import KernelError
 
 _logger = logging.getLogger(__name__)
 

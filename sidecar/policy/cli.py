@@ -15,12 +15,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.errors import ConfigError, SidecarError
 from sidecar.policy.blast import blast_radius
 from sidecar.policy.diff import diff
 from sidecar.policy.history import read_history
 from sidecar.policy.load import load_policy
 from sidecar.policy.suggest import suggest
+from sidecar.util.errors import ConfigError, SidecarError
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1

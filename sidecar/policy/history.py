@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import PolicyError
 from sidecar.policy.model import PROTOCOL_BITS
 from sidecar.policy.space import parse_address
+from sidecar.util.errors import PolicyError
 
 _logger = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sidecar.errors import PolicyError
 from sidecar.policy.compiled import CompiledPolicy, compile_policy
 from sidecar.policy.model import MAX_FILE_BYTES, PolicySpec, parse_policy
-from sidecar.yamlsrc import load_document, load_file
+from sidecar.util.errors import PolicyError
+from sidecar.util.yamlsrc import load_document, load_file
 
 _logger = logging.getLogger(__name__)
 

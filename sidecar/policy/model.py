@@ -19,11 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sidecar.errors import PolicyError
+from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.policy import caps
 from sidecar.policy.space import Cidr, parse_cidr
-from sidecar.spiffeid import parse_spiffe_id
-from sidecar.yamlsrc import Document, Fields, Path_, check_header, check_type, render_path
+from sidecar.util.errors import PolicyError
+from sidecar.util.yamlsrc import Document, Fields, Path_, check_header, check_type, render_path
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")

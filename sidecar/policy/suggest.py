@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.policy.compiled import MAX_RULES_PER_PREFIX
 from sidecar.policy.history import ConnectEvent, ExecEvent, HistoryEvent, UnixEvent, parse_events
 from sidecar.policy.model import (
@@ -41,7 +42,6 @@ from sidecar.policy.model import (
     parse_unix_address,
 )
 from sidecar.policy.space import ADDRESS_BITS, Cidr, format_address
-from sidecar.spiffeid import parse_spiffe_id
 
 _logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.cgroups import DANGEROUS_CAPS, launch_argv
 from sidecar.kernel.checks import cgroup2_root
+from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv
 from sidecar.testing.stack import Stack
 
 AGENT = "spiffe://example.org/agent/soak"

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from sidecar.errors import SidecarError
+from sidecar.util.errors import SidecarError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -265,8 +265,8 @@ metrics: ""
     def cleanup(self, keep_work: bool = False) -> None:
         for p in self.procs:
             self.stop(p)
-        from sidecar.cgroups import remove_tree
         from sidecar.kernel.loader import uninstall
+        from sidecar.proc.cgroups import remove_tree
 
         uninstall(self.pin_dir)
         try:

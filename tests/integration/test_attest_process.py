@@ -27,7 +27,7 @@ from sidecar.attest import (
     read_start_time,
 )
 from sidecar.attest import facts as facts_mod
-from sidecar.errors import AttestationError
+from sidecar.util.errors import AttestationError
 
 UID = os.getuid()
 HEADER = """\

@@ -27,8 +27,8 @@ from sidecar.collector.config import CollectorConfig
 from sidecar.collector.server import CollectorServer
 from sidecar.collector.tls import roots_pem
 from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
+from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
-from sidecar.spiffeid import parse_spiffe_id
 
 TD = "example.org"
 ALICE = "spiffe://example.org/ops/alice"
@@ -171,7 +171,7 @@ _CHILD = textwrap.dedent(
     import asyncio, sys, time
     from pathlib import Path
     from sidecar.api.v1 import event_pb2 as ev
-    from sidecar.collector.enroll import load_host_identity
+    from sidecar.export.enroll import load_host_identity
     from sidecar.export.exporter import Exporter, ExporterConfig
 
     async def main():
@@ -222,7 +222,7 @@ def test_exporter_killed_mid_stream_resumes_without_gap_or_duplicate(tmp_path: P
             finally:
                 child.send_signal(signal.SIGKILL)
                 child.wait()
-            from sidecar.collector.enroll import load_host_identity
+            from sidecar.export.enroll import load_host_identity
 
             exp = exporter_for(tmp_path, server.port, load_host_identity(creds))
             before = exp.spool.last_sequence
@@ -278,9 +278,9 @@ def test_clients_without_a_valid_listed_svid_are_refused(tmp_path: Path) -> None
 
 
 def test_enrollment_gives_working_credentials_once_per_token(tmp_path: Path) -> None:
-    from sidecar.collector.enroll import enroll, load_intermediate, renew
     from sidecar.collector.server import create_join_token, token_hash
-    from sidecar.errors import TransportError
+    from sidecar.export.enroll import enroll, load_intermediate, renew
+    from sidecar.util.errors import TransportError
 
     async def body() -> None:
         async with running(make_config(tmp_path)) as server:
@@ -633,7 +633,7 @@ def test_unknown_enum_values_are_stored_and_filterable(tmp_path: Path) -> None:
 
 
 def test_exporter_stops_on_a_non_retryable_refusal(tmp_path: Path) -> None:
-    from sidecar.errors import TransportError
+    from sidecar.util.errors import TransportError
 
     async def body() -> None:
         async with running(make_config(tmp_path)) as server:
@@ -686,8 +686,8 @@ def test_credentials_with_a_cliff_are_renewed_and_rotated_with_no_gap_in_streami
     tmp_path: Path,
 ) -> None:
     """Host SVID, intermediate and the collector's own certificate live 4 s; stream for 13 s."""
-    from sidecar.collector.enroll import Renewer, credential_expiry, enroll, load_host_identity
     from sidecar.collector.server import create_join_token
+    from sidecar.export.enroll import Renewer, credential_expiry, enroll, load_host_identity
 
     async def body() -> None:
         cfg = make_config(tmp_path, host_svid_ttl_s=4, intermediate_ttl_s=4, server_cert_ttl_s=4)

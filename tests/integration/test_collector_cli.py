@@ -15,8 +15,8 @@ import pytest
 from sidecar.api.v1 import event_pb2 as ev
 from sidecar.collector.cli import register_cli
 from sidecar.collector.config import load_config
-from sidecar.collector.enroll import load_host_identity
 from sidecar.collector.server import CollectorServer
+from sidecar.export.enroll import load_host_identity
 from sidecar.export.exporter import Exporter, ExporterConfig
 
 

@@ -31,13 +31,13 @@ from sidecar.api.workload import workload_pb2 as pb
 from sidecar.api.workload import workload_pb2_grpc as pb_grpc
 from sidecar.identity.jwt import JwtAuthority
 from sidecar.identity.manager import CREDENTIAL_REVOKED, CredentialManager
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.workload_api import (
     Caller,
     WorkloadApiServer,
     WorkloadInstance,
 )
 from sidecar.identity.x509 import CertificateAuthority, uri_sans, verify_svid
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id
 
 TD = "example.org"
 AGENT = parse_spiffe_id("spiffe://example.org/agent/planner")

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sidecar.cgroups import DANGEROUS_CAPS, remove_tree, start_in
+from sidecar.proc.cgroups import DANGEROUS_CAPS, remove_tree, start_in
 
 SCRATCH_PREFIX = "sidecar-test-"
 BPFFS = Path("/sys/fs/bpf")
@@ -232,7 +232,7 @@ def short_tmp() -> Iterator[Path]:
 
 def daemon_config(scratch: Path, pin_dir: Path, tmp: Path, **over: Any) -> Any:
     """The embedded default, pointed at a test's own cgroup, pins, sockets and state."""
-    from sidecar import config
+    from sidecar.daemon import config
 
     base = replace(
         config.load(None, cgroup=scratch, output="-"),
@@ -250,7 +250,7 @@ def daemon_config(scratch: Path, pin_dir: Path, tmp: Path, **over: Any) -> Any:
 @contextlib.contextmanager
 def run_daemon(cfg: Any, metrics: Any = None) -> Iterator[InProcessDaemon]:
     """The real daemon on its own loop in a thread, stopped and cleaned up on exit."""
-    from sidecar.daemon import Daemon
+    from sidecar.daemon.core import Daemon
 
     sink = MemorySink()
     d = Daemon(cfg, sink, metrics)

@@ -32,10 +32,10 @@ from typing import Any
 import pytest
 from conftest import free_port_pair, spawn
 
-from sidecar.cgroups import remove_tree
-from sidecar.enforce import Enforcer, IdentityNumbers, identity_number
+from sidecar.enforce.enforcer import Enforcer, IdentityNumbers, identity_number
 from sidecar.kernel.checks import cgroup2_root, find_mount
 from sidecar.policy import load_policy_text
+from sidecar.proc.cgroups import remove_tree
 
 AGENT = "spiffe://example.org/agent/attacker"
 RAW_OK = "spiffe://example.org/agent/pinger"  # the same agent, with other socket kinds listed

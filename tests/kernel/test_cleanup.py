@@ -48,8 +48,8 @@ def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
 
     from conftest import spawn
 
-    from sidecar.cgroups import remove_tree
     from sidecar.kernel.checks import cgroup2_root
+    from sidecar.proc.cgroups import remove_tree
 
     top = cgroup2_root() / f"sidecar-test-{uuid.uuid4().hex[:10]}"
     nested = top / "tool"
@@ -71,8 +71,8 @@ def test_remove_tree_kills_what_is_left_and_removes_nested_cgroups() -> None:
 
 
 def test_uninstall_refuses_a_bpffs_directory_that_holds_what_we_never_pin(pin_dir: Path) -> None:
-    from sidecar.errors import KernelError
     from sidecar.kernel.loader import uninstall
+    from sidecar.util.errors import KernelError
 
     (pin_dir / "v2").mkdir(parents=True)
     (pin_dir / "someone-elses").mkdir()

@@ -416,7 +416,7 @@ def test_after_the_daemon_is_killed_an_agent_is_still_held_on_every_path(
         if probe is not None:
             probe.close()
         stop_daemon_process(d)
-        from sidecar.cgroups import remove_tree
+        from sidecar.proc.cgroups import remove_tree
 
         remove_tree(outside)
 

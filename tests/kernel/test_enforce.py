@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import Probe, free_port_pair, spawn, wait_until
 
-from sidecar.enforce import Enforcer, IdentityNumbers, identity_number
+from sidecar.enforce.enforcer import Enforcer, IdentityNumbers, identity_number
 from sidecar.kernel import abi
 from sidecar.kernel.checks import find_mount
 from sidecar.policy import load_policy_text

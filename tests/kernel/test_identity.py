@@ -23,7 +23,7 @@ from conftest import (
     write_entries_file,
 )
 
-from sidecar.enforce import identity_number
+from sidecar.enforce.enforcer import identity_number
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("wl_client.py")

@@ -138,7 +138,7 @@ def test_a_reader_whose_commits_lag_still_sees_new_records_promptly(
 
 
 def test_a_closed_ring_refuses_reads_and_ignores_commits(ring_map: tuple[int, Any]) -> None:
-    from sidecar.errors import KernelError
+    from sidecar.util.errors import KernelError
 
     fd, _ = ring_map
     ring = Ring(fd, libbpf.map_max_entries(fd))

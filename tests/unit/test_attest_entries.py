@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.attest.entries import Entries, load_entries, load_entries_text
 from sidecar.attest.facts import ProcessFacts
-from sidecar.errors import AttestationError
+from sidecar.util.errors import AttestationError
 
 SHA = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 REPO = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sidecar.attest.entries import Entries, load_entries_text
 from sidecar.attest.facts import ProcessFacts
-from sidecar.errors import AttestationError
+from sidecar.util.errors import AttestationError
 
 SELECTORS = [
     "unix:uid:1",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import KernelError
 from sidecar.kernel.btf import Btf, kernel_offset_cflags, kernel_offsets
+from sidecar.util.errors import KernelError
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sidecar import cli
-from sidecar.cgroups import launch_argv
 from sidecar.kernel import checks
+from sidecar.proc.cgroups import launch_argv
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,7 +139,7 @@ def test_uninstall_of_nothing_says_so(tmp_path: Path) -> None:
 
 
 def test_redaction_rules_come_from_the_config_or_are_turned_off(tmp_path: Path) -> None:
-    from sidecar import config
+    from sidecar.daemon import config
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(

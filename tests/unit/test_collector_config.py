@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sidecar.collector.config import load_config
-from sidecar.errors import ConfigError
-from sidecar.spiffeid import parse_spiffe_id
+from sidecar.identity.spiffeid import parse_spiffe_id
+from sidecar.util.errors import ConfigError
 
 HEAD = "apiVersion: sidecar/v1\nkind: CollectorConfig\ntrustDomain: example.org\n"
 

@@ -6,9 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sidecar import config
-from sidecar.daemon import Daemon
-from sidecar.errors import KernelError
+from sidecar.daemon import config
+from sidecar.daemon.core import Daemon
+from sidecar.util.errors import KernelError
 
 POLICY = """apiVersion: sidecar/v1
 kind: Policy

@@ -11,8 +11,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from sidecar import config, daemon
-from sidecar.daemon import Daemon, NullSink
+from sidecar.daemon import config
+from sidecar.daemon import core as daemon
+from sidecar.daemon.core import Daemon, NullSink
 from sidecar.kernel import abi
 
 AGENT = "spiffe://example.org/agent/research-bot"

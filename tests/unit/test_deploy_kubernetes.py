@@ -19,9 +19,9 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from sidecar import config as daemon_config
 from sidecar.attest.entries import load_entries_text
 from sidecar.collector.config import load_config as load_collector_config
+from sidecar.daemon import config as daemon_config
 from sidecar.policy.load import load_policy_text
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar import config
 from sidecar.collector.config import load_config
+from sidecar.daemon import config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

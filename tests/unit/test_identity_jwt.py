@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from sidecar.errors import CredentialError
 from sidecar.identity.jwt import MAX_TTL, JwtAuthority
+from sidecar.util.errors import CredentialError
 
 TD = "example.org"
 AGENT = "spiffe://example.org/agent/planner"

@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from sidecar.errors import CredentialError
 from sidecar.identity.jwt import JwtAuthority
 from sidecar.identity.manager import CREDENTIAL_ISSUED, CREDENTIAL_REVOKED, CredentialManager
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority, X509Svid, verify_svid
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id
+from sidecar.util.errors import CredentialError
 
 TD = "example.org"
 AGENT = parse_spiffe_id("spiffe://example.org/agent/planner")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.errors import TransportError
 from sidecar.identity.peercred import PeerCredFront, peer_caller
+from sidecar.util.errors import TransportError
 
 
 def _pidfd_pid(pidfd: int) -> int:

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sidecar.errors import CredentialError
+from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority, new_key, uri_sans, verify_svid
-from sidecar.spiffeid import parse_spiffe_id
+from sidecar.util.errors import CredentialError
 
 TD = "example.org"
 AGENT = "spiffe://example.org/agent/planner"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cgroups import launch_argv
+from sidecar.proc.cgroups import launch_argv
 
 REPO = Path(__file__).resolve().parents[2]
 

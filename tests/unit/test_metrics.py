@@ -12,8 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.errors import ConfigError
 from sidecar.metrics import CollectorMetrics, DaemonMetrics, MetricsEndpoint, serve
+from sidecar.util.errors import ConfigError
 
 AGENT = "spiffe://example.org/agent/summarizer"
 TOOL = "spiffe://example.org/tool/search"

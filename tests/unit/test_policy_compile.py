@@ -16,7 +16,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import PolicyError
 from sidecar.policy import (
     MAX_RULES_PER_PREFIX,
     CompiledPolicy,
@@ -27,6 +26,7 @@ from sidecar.policy import (
     exec_allowed,
     load_policy_text,
 )
+from sidecar.util.errors import PolicyError
 
 HEADER = "apiVersion: sidecar/v1\nkind: Policy\n"
 A = "spiffe://example.org/agent/a"

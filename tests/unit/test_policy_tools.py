@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import PolicyError
 from sidecar.policy import CompiledPolicy, decide, exec_allowed, load_policy_text
 from sidecar.policy.allowset import AllowSet
 from sidecar.policy.blast import blast_radius
@@ -21,6 +20,7 @@ from sidecar.policy.cli import register_cli
 from sidecar.policy.diff import diff
 from sidecar.policy.history import read_history
 from sidecar.policy.suggest import suggest
+from sidecar.util.errors import PolicyError
 
 HEADER = "apiVersion: sidecar/v1\nkind: Policy\n"
 A = "spiffe://example.org/agent/a"

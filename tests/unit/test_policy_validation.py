@@ -11,9 +11,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sidecar.errors import PolicyError
 from sidecar.policy import load_policy, load_policy_text
 from sidecar.policy.model import MAX_CIDRS_TOTAL, MAX_FILE_BYTES
+from sidecar.util.errors import PolicyError
 
 HEADER = "apiVersion: sidecar/v1\nkind: Policy\n"
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from sidecar.redact import MASK, Redactor
+from sidecar.util.redact import MASK, Redactor
 
 R = Redactor.build()
 

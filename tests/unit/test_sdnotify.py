@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import sdnotify
-from sidecar.errors import ConfigError, TransportError
+from sidecar.daemon import sdnotify
+from sidecar.util.errors import ConfigError, TransportError
 
 _CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
 

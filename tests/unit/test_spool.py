@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.api.v1 import event_pb2 as ev
-from sidecar.errors import TransportError
 from sidecar.export.chain import CHAIN_SEED, chain_over
 from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
 from sidecar.export.spool import Spool
+from sidecar.util.errors import TransportError
 
 
 def _exit(i: int) -> ev.Event:

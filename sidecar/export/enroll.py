@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
-from sidecar.errors import CredentialError, TransportError
 from sidecar.export.exporter import HostIdentity
-from sidecar.fsutil import write_atomic
 from sidecar.identity.x509 import CertificateAuthority, new_key
+from sidecar.util.errors import CredentialError, TransportError
+from sidecar.util.fsutil import write_atomic
 
 _logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sidecar.errors import PolicyError
 from sidecar.kernel import abi
 from sidecar.policy import CompiledIdentity, CompiledPolicy, caps
+from sidecar.util.errors import PolicyError
 
 _logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar.cgroups import DANGEROUS_CAPS, launch_argv
-from sidecar.errors import SidecarError
 from sidecar.kernel.checks import cgroup2_root
+from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv
 from sidecar.testing.stack import Stack, free_port
+from sidecar.util.errors import SidecarError
 
 AGENT_ID = "spiffe://example.org/agent/research-bot"
 TAIL_ID = "spiffe://example.org/ops/demo-tail"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.errors import TransportError
+from sidecar.util.errors import TransportError
 
 _logger = logging.getLogger(__name__)
 

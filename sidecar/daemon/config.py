@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sidecar.errors import ConfigError
-from sidecar.yamlsrc import Fields, check_header, load_file
+from sidecar.util.errors import ConfigError
+from sidecar.util.yamlsrc import Fields, check_header, load_file
 
 API_VERSION = "sidecar/v1"
 KIND = "DaemonConfig"
@@ -53,7 +53,7 @@ class DaemonConfig:
     collector_server_name: str | None = None
     spool_dir: Path = Path("/var/lib/sidecar/spool")
     spool_max_bytes: int = 256 * 1024 * 1024
-    # Secrets in argv are masked before events leave the daemon (sidecar.redact):
+    # Secrets in argv are masked before events leave the daemon (sidecar.util.redact):
     # None uses the built-in rules; an empty tuple turns redaction off.
     redact_patterns: tuple[str, ...] | None = None
     source: str = "<defaults>"

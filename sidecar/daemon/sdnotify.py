@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 
-from sidecar.errors import ConfigError, TransportError
+from sidecar.util.errors import ConfigError, TransportError
 
 _logger = logging.getLogger(__name__)
 

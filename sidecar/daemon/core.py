@@ -29,24 +29,30 @@ from typing import IO, Any, Protocol
 
 import orjson
 
-from sidecar import sdnotify
-from sidecar.config import DaemonConfig
-from sidecar.enforce import Enforcer, ExecFile, IdentityNumbers
-from sidecar.errors import AttestationError, ConfigError, KernelError, PolicyError, SidecarError
+from sidecar.daemon import sdnotify
+from sidecar.daemon.config import DaemonConfig
+from sidecar.daemon.table import Process, ProcessTable
+from sidecar.enforce.enforcer import Enforcer, ExecFile, IdentityNumbers
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
 from sidecar.policy import caps
 from sidecar.policy.model import format_socket_kind, format_unix_address
-from sidecar.proctable import (
-    Process,
-    ProcessTable,
+from sidecar.proc.cgroups import CgroupNames
+from sidecar.proc.read import (
     read_argv,
     read_cgroup,
     read_exe,
     read_host_caps,
     read_status_ids,
 )
-from sidecar.redact import Redactor
+from sidecar.util.errors import (
+    AttestationError,
+    ConfigError,
+    KernelError,
+    PolicyError,
+    SidecarError,
+)
+from sidecar.util.redact import Redactor
 
 _logger = logging.getLogger(__name__)
 
@@ -124,29 +130,6 @@ class NullSink:
 
     def close(self) -> None:
         pass
-
-
-class CgroupNames:
-    """cgroup id (the directory's inode number) -> path, for records of gone processes."""
-
-    def __init__(self, root: Path, scope: Path) -> None:
-        self.root = root
-        self.scope = scope
-        self._cache: dict[int, str] = {}
-
-    def name(self, cgroup_id: int) -> str:
-        if cgroup_id not in self._cache:
-            self._rescan()
-            # cgroup ids are never reused, so an unknown one stays unknown.
-            self._cache.setdefault(cgroup_id, "")
-        return self._cache[cgroup_id]
-
-    def _rescan(self) -> None:
-        for dirpath, _dirs, _files in os.walk(self.scope):
-            with contextlib.suppress(OSError):
-                ino = os.stat(dirpath).st_ino
-                rel = "/" + os.path.relpath(dirpath, self.root)
-                self._cache[ino] = "/" if rel == "/." else rel
 
 
 def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
@@ -382,15 +365,15 @@ class Daemon:
     def _start_credentials(self) -> None:
         if self.attestor is None:
             return
+        from sidecar.identity.instances import InstanceRegistry
         from sidecar.identity.jwt import JwtAuthority
         from sidecar.identity.manager import CredentialManager
         from sidecar.identity.x509 import CertificateAuthority
-        from sidecar.instances import InstanceRegistry
 
         td = self.attestor.entries.trust_domain
         if self.config.collector:
             # Enrolled: sign with the intermediate the collector's root issued us.
-            from sidecar.collector.enroll import load_intermediate
+            from sidecar.export.enroll import load_intermediate
 
             ca = load_intermediate(self.config.collector_credentials)
         elif self.config.ca_cert is not None and self.config.ca_key is not None:
@@ -519,7 +502,7 @@ class Daemon:
         if not self.config.collector:
             return None
         from sidecar.attest import boot_id
-        from sidecar.collector.enroll import load_host_identity
+        from sidecar.export.enroll import load_host_identity
         from sidecar.export.exporter import Exporter, ExporterConfig
 
         cred_dir = self.config.collector_credentials
@@ -539,7 +522,7 @@ class Daemon:
             boot_id(),
         )
         self.exporter = exporter
-        from sidecar.collector.enroll import Renewer
+        from sidecar.export.enroll import Renewer
 
         self.renewer = Renewer(
             self.config.collector,
@@ -562,7 +545,7 @@ class Daemon:
         """New host credentials: sign workload SVIDs with the new intermediate from now on."""
         _logger.info("host credentials renewed: %s", ident.host)
         if self.manager is not None:
-            from sidecar.collector.enroll import load_intermediate
+            from sidecar.export.enroll import load_intermediate
 
             self.manager.ca = load_intermediate(self.config.collector_credentials)
 
@@ -585,7 +568,7 @@ class Daemon:
             servers.append(wl)
             _logger.info("SPIFFE Workload API on %s", wl.endpoint)
         if self.config.admin_socket is not None:
-            from sidecar.admin import AdminServer
+            from sidecar.daemon.admin import AdminServer
 
             admin = AdminServer(
                 self.config.admin_socket,
@@ -1464,7 +1447,7 @@ class Daemon:
         }
 
     def _credential_status(self) -> dict[str, Any]:
-        from sidecar.collector.enroll import credential_expiry
+        from sidecar.export.enroll import credential_expiry
 
         expiry = credential_expiry(self.config.collector_credentials)
         return {

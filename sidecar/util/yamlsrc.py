@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from sidecar.errors import SidecarError
+from sidecar.util.errors import SidecarError
 
 T = TypeVar("T")
 Path_ = tuple[str | int, ...]

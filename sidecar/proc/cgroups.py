@@ -1,4 +1,6 @@
-"""Starting a tool inside a cgroup, and removing a cgroup the product made for itself.
+"""cgroups: naming one by its id, starting a tool inside one, removing one the product made.
+
+``CgroupNames`` turns the cgroup id a kernel record carries into the path.
 
 ``launch_argv`` wraps a command so that it starts in a cgroup (the demo's, a
 benchmark's or a test's) without forking the caller with a ``preexec_fn``.
@@ -169,3 +171,26 @@ def start_in(
         if w >= 0:
             os.close(w)
     return proc
+
+
+class CgroupNames:
+    """cgroup id (the directory's inode number) -> path, for records of gone processes."""
+
+    def __init__(self, root: Path, scope: Path) -> None:
+        self.root = root
+        self.scope = scope
+        self._cache: dict[int, str] = {}
+
+    def name(self, cgroup_id: int) -> str:
+        if cgroup_id not in self._cache:
+            self._rescan()
+            # cgroup ids are never reused, so an unknown one stays unknown.
+            self._cache.setdefault(cgroup_id, "")
+        return self._cache[cgroup_id]
+
+    def _rescan(self) -> None:
+        for dirpath, _dirs, _files in os.walk(self.scope):
+            with contextlib.suppress(OSError):
+                ino = os.stat(dirpath).st_ino
+                rel = "/" + os.path.relpath(dirpath, self.root)
+                self._cache[ino] = "/" if rel == "/." else rel

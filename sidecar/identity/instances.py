@@ -22,8 +22,8 @@ from pathlib import Path
 
 from sidecar.attest import AttestationResult, boot_id, read_start_time
 from sidecar.identity.manager import CredentialManager
+from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.workload_api import Caller, WorkloadInstance
-from sidecar.spiffeid import SpiffeId, parse_spiffe_id
 
 _logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The host daemon: its stages, configuration, admin socket and systemd notification."""

@@ -1,0 +1,1 @@
+"""From a compiled policy to the kernel's policy maps."""

@@ -1,0 +1,1 @@
+"""Facts about processes and cgroups, read from /proc and /sys/fs/cgroup."""

@@ -1,0 +1,124 @@
+"""Reading one process's facts from /proc: the product's one parser of each file.
+
+Two kinds of caller share these parsers.  The daemon's hot path asks
+"what is this pid now, if it still exists" and takes None for a process
+that is gone (``read_*``).  Attestation asks the same through a pidfd and
+must fail loudly instead (:mod:`sidecar.attest.facts` turns a None into an
+``AttestationError``).  Both read the same fields the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def parse_start_time(stat: str | bytes) -> int | None:
+    """Start time in clock ticks since boot (field 22 of ``/proc/PID/stat``), None if malformed."""
+    # comm (field 2) may hold spaces and ')': count fields after the last ')'.
+    text = stat.decode("ascii", "replace") if isinstance(stat, bytes) else stat
+    _, paren, rest = text.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])  # field 22; fields[0] is field 3
+    except ValueError:
+        return None
+
+
+def parse_status_ids(status: str) -> tuple[int, int, int] | None:
+    """(ppid, real uid, real primary gid) from ``/proc/PID/status``, None if a field is missing."""
+    ids: dict[str, int] = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("PPid", "Uid", "Gid"):
+            parts = value.split()
+            if parts and parts[0].isdigit():
+                ids[key] = int(parts[0])  # the real id comes first
+    if len(ids) < 3:
+        return None
+    return ids["PPid"], ids["Uid"], ids["Gid"]
+
+
+def parse_cgroup(text: str) -> str | None:
+    """The cgroup v2 path (the ``0::`` line of ``/proc/PID/cgroup``), None if in none."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def read_text(pid: int, name: str, proc: Path = PROC) -> str | None:
+    """``/proc/PID/<name>`` as text, None if the process is gone or unreadable."""
+    try:
+        with open(proc / str(pid) / name, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def read_start_time(pid: int, proc: Path = PROC) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot, None if gone."""
+    try:
+        raw = (proc / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    return parse_start_time(raw)
+
+
+def read_exe(pid: int, proc: Path = PROC) -> str | None:
+    try:
+        return os.readlink(proc / str(pid) / "exe")
+    except OSError:
+        return None
+
+
+def read_cgroup(pid: int, proc: Path = PROC) -> str | None:
+    """The process's cgroup v2 path, None if gone."""
+    text = read_text(pid, "cgroup", proc)
+    return parse_cgroup(text) if text is not None else None
+
+
+def read_status_ids(pid: int, proc: Path = PROC) -> tuple[int, int, int] | None:
+    """(ppid, real uid, real gid), None if gone."""
+    text = read_text(pid, "status", proc)
+    return parse_status_ids(text) if text is not None else None
+
+
+def read_host_caps(pid: int, proc: Path = PROC) -> int | None:
+    """Effective capabilities as they count on the host, None if gone.
+
+    A process in a user namespace other than ours holds its capabilities
+    there only: they reach nothing of the host's, and count as none.
+    """
+    try:
+        if os.stat(proc / str(pid) / "ns" / "user").st_ino != os.stat(proc / "self/ns/user").st_ino:
+            return 0
+    except OSError:
+        return None
+    text = read_text(pid, "status", proc)
+    if text is None:
+        return None
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return None
+
+
+def read_argv(pid: int, proc: Path = PROC) -> tuple[str, ...] | None:
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1])
+
+
+def read_boot_id(proc: Path = PROC) -> str | None:
+    """This boot's random id, which with (pid, start time) names a process instance."""
+    try:
+        return (proc / "sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return None
