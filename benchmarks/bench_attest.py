@@ -34,7 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sidecar.daemon import config  # noqa: E402
-from sidecar.daemon.core import Daemon, NullSink  # noqa: E402
+from sidecar.daemon.core import Daemon  # noqa: E402
+from sidecar.daemon.outputs import NullSink  # noqa: E402
 from sidecar.kernel.checks import cgroup2_root  # noqa: E402
 from sidecar.kernel.loader import uninstall  # noqa: E402
 from sidecar.proc.cgroups import remove_tree  # noqa: E402
@@ -81,7 +82,7 @@ def run(cfg: Any, binary: Path, cgroup: Path, execs: int, rate: float) -> tuple[
     time.sleep(1.0)
     loop.call_soon_threadsafe(d.stop)
     t.join(30)
-    return list(d.attest_latency_ns), d
+    return list(d.settler.latency_ns) if d.settler is not None else [], d
 
 
 def main() -> int:

@@ -24,7 +24,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from sidecar.daemon import config
-    from sidecar.daemon.core import Daemon, EventSink, JsonLinesSink, NullSink
+    from sidecar.daemon.core import Daemon
+    from sidecar.daemon.outputs import EventSink, JsonLinesSink, NullSink
 
     cfg = config.load(
         args.config,

@@ -28,6 +28,8 @@ from typing import Any
 import orjson
 import pytest
 
+from sidecar.events.codec import encode_json, from_json, from_proto, to_proto
+from sidecar.events.model import Event
 from sidecar.proc.cgroups import DANGEROUS_CAPS, remove_tree, start_in
 
 SCRATCH_PREFIX = "sidecar-test-"
@@ -163,7 +165,9 @@ class MemorySink:
     """Event sink that keeps events in memory for assertions (thread-safe).
 
     Each event is kept as its JSON line reads back, so tests see exactly what
-    the JSON-lines sink writes (argv is a list there, for example).
+    the JSON-lines sink writes (argv is a list there, for example).  Each is
+    also decoded back from its JSON line and its wire form, and must come
+    back equal.
     """
 
     def __init__(self) -> None:
@@ -171,10 +175,14 @@ class MemorySink:
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def write(self, event: dict[str, Any]) -> None:
-        line = orjson.loads(orjson.dumps(event))
+    def write(self, event: Event) -> None:
+        encoded = encode_json(event)
+        # Every real event survives both encodings unchanged (tests/unit/test_events.py
+        # proves it for one of each kind; here it is every event the kernel tests see).
+        assert from_json(orjson.loads(encoded)) == event, encoded
+        assert from_proto(to_proto(event)) == event, encoded
         with self._lock:
-            self.events.append(line)
+            self.events.append(orjson.loads(encoded))
 
     def flush(self) -> None:
         pass

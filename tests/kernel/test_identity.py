@@ -277,7 +277,7 @@ def test_identities_are_listed_over_the_admin_socket(
         # It never asked the Workload API: no credential was signed for it.
         assert row["svid_serial"] is None and row["svid_expires"] is None
         assert identity_number(row["spiffe_id"]) == agentd.call(
-            lambda: agentd.daemon._programs.proc_state(agent.pid)[0]
+            lambda: agentd.daemon.kernel.proc_state(agent.pid)[0]
         )
     finally:
         agent.kill()
@@ -364,7 +364,7 @@ def test_a_tool_spawned_while_its_agent_is_pending_takes_the_agent_identity(
             tool_pid = int(agent.stdout.readline())
             tool = d.sink.wait_for(type="exec", pid=tool_pid)
             attested = d.sink.wait_for(type="exec", pid=agent.pid)
-            number = d.call(lambda: d.daemon._programs.proc_state(tool_pid))
+            number = d.call(lambda: d.daemon.kernel.proc_state(tool_pid))
         finally:
             agent.kill()
             agent.wait(10)

@@ -6,8 +6,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sidecar.daemon import config
+from sidecar.daemon import config, views
 from sidecar.daemon.core import Daemon
+from sidecar.events.codec import to_json
+from sidecar.events.model import Event
 from sidecar.util.errors import KernelError
 
 POLICY = """apiVersion: sidecar/v1
@@ -21,8 +23,8 @@ class ListSink:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
-    def write(self, event: dict[str, Any]) -> None:
-        self.events.append(event)
+    def write(self, event: Event) -> None:
+        self.events.append(to_json(event))
 
     def flush(self) -> None:
         pass
@@ -65,23 +67,23 @@ def test_a_policy_file_is_taken_only_once_it_stops_changing(tmp_path: Path) -> N
     policy.write_text(POLICY)
     sink = ListSink()
     d = Daemon(replace(config.load(None), policy=policy), sink)
-    d._stamps["policy"] = (0, 0, 0)  # as if an older file had been loaded
-    assert not d._changed_and_settled("policy", policy, force=False)  # seen changed: wait
-    assert d._changed_and_settled("policy", policy, force=False)  # quiet for a check: take it
+    d.files.loaded["policy"] = (0, 0, 0)  # as if an older file had been loaded
+    assert not d.files.changed_and_settled("policy", policy, force=False)  # seen changed: wait
+    assert d.files.changed_and_settled("policy", policy, force=False)  # quiet for a check: take it
     # A writer still at work: every check sees another stamp, so it is never taken.
-    d._stamps["policy"] = (0, 0, 0)
+    d.files.loaded["policy"] = (0, 0, 0)
     for n in range(3):
         with policy.open("a") as fh:
             fh.write(f"# {n}\n")
-        assert not d._changed_and_settled("policy", policy, force=False)
-    assert d._changed_and_settled("policy", policy, force=False)
+        assert not d.files.changed_and_settled("policy", policy, force=False)
+    assert d.files.changed_and_settled("policy", policy, force=False)
     # SIGHUP: the operator says it is ready.
-    d._stamps["policy"] = (0, 0, 0)
-    assert d._changed_and_settled("policy", policy, force=True)
+    d.files.loaded["policy"] = (0, 0, 0)
+    assert d.files.changed_and_settled("policy", policy, force=True)
     # Unchanged since it was loaded: nothing to do.
     st = policy.stat()
-    d._stamps["policy"] = (st.st_ino, st.st_mtime_ns, st.st_size)
-    assert not d._changed_and_settled("policy", policy, force=False)
+    d.files.loaded["policy"] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    assert not d.files.changed_and_settled("policy", policy, force=False)
 
 
 def test_what_the_exporter_drops_reaches_the_loss_metric_once(tmp_path: Path) -> None:
@@ -95,11 +97,11 @@ def test_what_the_exporter_drops_reaches_the_loss_metric_once(tmp_path: Path) ->
     spool = SimpleNamespace(pending=lambda: 0, size_bytes=lambda: 0)
     d.exporter = SimpleNamespace(dropped=Counter(), spool=spool, connected=True)
     d.exporter.dropped[("exec", "queue_full")] += 3
-    d._export_metrics()
+    d.export_metrics()
     d.exporter.dropped[("exec", "queue_full")] += 2
     d.exporter.dropped[("connect", "spool_full")] += 4
-    d._export_metrics()
-    d._export_metrics()  # nothing new: nothing counted twice
+    d.export_metrics()
+    d.export_metrics()  # nothing new: nothing counted twice
     sample = metrics.registry.get_sample_value
     assert sample("sidecar_events_lost_total", {"reason": "queue_full"}) == 5
     assert sample("sidecar_events_lost_total", {"reason": "spool_full"}) == 4
@@ -124,9 +126,9 @@ def test_an_identity_holding_accepted_dangerous_capabilities_is_shown_able_to_di
         "p.yaml",
     )
     d.enforcer = SimpleNamespace(active=SimpleNamespace(policy=accepting))  # type: ignore[assignment]
-    shown = d._privilege_of(os.getpid(), sid)
+    shown = views.privilege_of(d, os.getpid(), sid)
     assert shown["can_disable_enforcement"] is True
     assert "CAP_SYS_ADMIN" in shown["capabilities"] and "CAP_NET_RAW" in shown["capabilities"]
     refusing = load_policy_text(POLICY, "p.yaml")
     d.enforcer = SimpleNamespace(active=SimpleNamespace(policy=refusing))  # type: ignore[assignment]
-    assert d._privilege_of(os.getpid(), sid)["can_disable_enforcement"] is False
+    assert views.privilege_of(d, os.getpid(), sid)["can_disable_enforcement"] is False

@@ -11,9 +11,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from sidecar.daemon import config
-from sidecar.daemon import core as daemon
-from sidecar.daemon.core import Daemon, NullSink
+from sidecar.daemon import settle
+from sidecar.daemon.settle import Settler
+from sidecar.enforce.enforcer import IdentityNumbers
 from sidecar.kernel import abi
 
 AGENT = "spiffe://example.org/agent/research-bot"
@@ -39,36 +39,34 @@ class KernelMap:
 class Attestor:
     def __init__(self, matches: dict[int, str]) -> None:
         self.matches = matches
+        self.entries: Any = SimpleNamespace(needs_parent=False)
 
     def attest(self, pid: int, parent_identity: str | None) -> Any:
         sid = self.matches.get(pid)
         return SimpleNamespace(match=SimpleNamespace(spiffe_id=sid) if sid else None)
 
 
-def make_daemon(matches: dict[int, str]) -> tuple[Daemon, KernelMap]:
-    d = Daemon(config.load(None), NullSink())
+def make_daemon(matches: dict[int, str]) -> tuple[Settler, KernelMap]:
     kernel = KernelMap()
-    d._programs = kernel
-    d.attestor = Attestor(matches)
-    return d, kernel
+    return Settler(Attestor(matches), kernel, IdentityNumbers(), lambda: None), kernel
 
 
 def test_a_pending_child_takes_the_answer_of_a_parent_that_has_exited() -> None:
     d, kernel = make_daemon({100: AGENT})
     kernel.procs[100] = (abi.IDENTITY_PENDING, 1)
     kernel.procs[101] = (abi.IDENTITY_PENDING, 100)  # forked while the agent was pending
-    d._attest_into_kernel(100, 1, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(100, 1, None, abi.IDENTITY_PENDING)
     agent = kernel.procs[100][0]
     assert agent == d.numbers.number(AGENT)
     del kernel.procs[100]  # the agent exits before its child is attested
-    d._attest_into_kernel(101, 100, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(101, 100, None, abi.IDENTITY_PENDING)
     assert kernel.procs[101][0] == agent
 
 
 def test_a_pending_child_of_a_parent_never_attested_has_no_identity() -> None:
     d, kernel = make_daemon({})
     kernel.procs[201] = (abi.IDENTITY_PENDING, 200)  # parent 200 gone, never settled
-    d._attest_into_kernel(201, 200, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(201, 200, None, abi.IDENTITY_PENDING)
     assert kernel.procs[201][0] == abi.IDENTITY_NONE
 
 
@@ -77,10 +75,10 @@ def test_a_pending_child_of_a_pending_parent_waits_for_the_parent_answer() -> No
     kernel.procs[300] = (abi.IDENTITY_PENDING, 1)  # parent still pending
     kernel.procs[301] = (abi.IDENTITY_PENDING, 300)
     kernel.procs[302] = (abi.IDENTITY_PENDING, 301)  # and a grandchild
-    d._attest_into_kernel(301, 300, None, abi.IDENTITY_PENDING)
-    d._attest_into_kernel(302, 301, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(301, 300, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(302, 301, None, abi.IDENTITY_PENDING)
     assert kernel.procs[301][0] == abi.IDENTITY_PENDING  # not unidentified meanwhile
-    d._attest_into_kernel(300, 1, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(300, 1, None, abi.IDENTITY_PENDING)
     agent = d.numbers.number(AGENT)
     assert [kernel.procs[p][0] for p in (300, 301, 302)] == [agent, agent, agent]
 
@@ -90,10 +88,10 @@ def test_a_fork_settle_never_overwrites_a_child_attested_since() -> None:
     d, kernel = make_daemon({400: AGENT, 401: "spiffe://example.org/tool/other"})
     kernel.procs[400] = (abi.IDENTITY_PENDING, 1)
     kernel.procs[401] = (abi.IDENTITY_PENDING, 400)
-    d._attest_into_kernel(401, 400, None, abi.IDENTITY_PENDING)  # child matched first
+    d.attest_into_kernel(401, 400, None, abi.IDENTITY_PENDING)  # child matched first
     child = kernel.procs[401][0]
-    d._settle_forked(401, 400)  # parent still pending: the child would wait
-    d._attest_into_kernel(400, 1, None, abi.IDENTITY_PENDING)  # now the parent settles
+    d.settle_forked(401, 400)  # parent still pending: the child would wait
+    d.attest_into_kernel(400, 1, None, abi.IDENTITY_PENDING)  # now the parent settles
     assert kernel.procs[401][0] == child  # its own answer stays
     assert kernel.procs[400][0] == d.numbers.number(AGENT)
 
@@ -110,8 +108,7 @@ def test_records_settle_in_kernel_order_within_a_batch() -> None:
         1, task(500, abi.IDENTITY_PENDING, 1), 0, "/a", (), False, False, abi.Verdict.ALLOW
     )
     fork = abi.Fork(2, task(500, abi.IDENTITY_PENDING, 1), 501)
-    d.attestor.entries = SimpleNamespace(needs_parent=False)
-    out = d._attest_batch([exec_, fork])
+    out = d.attest_batch([exec_, fork])
     agent = d.numbers.number(AGENT)
     assert out[0] is not None and out[0].number == agent and out[1] is None
     assert kernel.procs[501][0] == agent
@@ -120,19 +117,19 @@ def test_records_settle_in_kernel_order_within_a_batch() -> None:
 def test_the_kernel_map_wins_over_a_remembered_answer_for_a_reused_pid() -> None:
     d, kernel = make_daemon({100: AGENT})
     kernel.procs[100] = (abi.IDENTITY_PENDING, 1)
-    d._attest_into_kernel(100, 1, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(100, 1, None, abi.IDENTITY_PENDING)
     kernel.procs[100] = (abi.IDENTITY_NONE, 1)  # pid 100 reused by a process with none
     kernel.procs[101] = (abi.IDENTITY_PENDING, 100)
-    d._attest_into_kernel(101, 100, None, abi.IDENTITY_PENDING)
+    d.attest_into_kernel(101, 100, None, abi.IDENTITY_PENDING)
     assert kernel.procs[101][0] == abi.IDENTITY_NONE
 
 
 def test_remembered_answers_are_bounded_and_the_oldest_go_first() -> None:
     d, kernel = make_daemon({})
-    n = daemon.SETTLED_REMEMBERED
+    n = settle.SETTLED_REMEMBERED
     for pid in range(1, n + 11):
         kernel.procs[pid] = (abi.IDENTITY_PENDING, 0)
-        d._attest_into_kernel(pid, 0, None, abi.IDENTITY_PENDING)
-    assert len(d._settled) == n
-    assert 1 not in d._settled and 10 not in d._settled
-    assert 11 in d._settled and n + 10 in d._settled
+        d.attest_into_kernel(pid, 0, None, abi.IDENTITY_PENDING)
+    assert len(d.settled) == n
+    assert 1 not in d.settled and 10 not in d.settled
+    assert 11 in d.settled and n + 10 in d.settled

@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asidecar/api/v1/event.proto\x12\x0esidecar.api.v1\"J\n\x0fProcessInstance\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x15\n\rstart_time_ns\x18\x02 \x01(\x04\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"\x9e\x01\n\x04\x45xec\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0b\n\x03gid\x18\x04 \x01(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x06 \x03(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12(\n\x07verdict\x18\x08 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\t \x01(\t\"-\n\x04\x46ork\x12\x12\n\nparent_pid\x18\x01 \x01(\r\x12\x11\n\tchild_pid\x18\x02 \x01(\r\"\x13\n\x04\x45xit\x12\x0b\n\x03pid\x18\x01 \x01(\r\"\xc8\x01\n\x07\x43onnect\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12-\n\x06\x66\x61mily\x18\x02 \x01(\x0e\x32\x1d.sidecar.api.v1.AddressFamily\x12*\n\x08protocol\x18\x03 \x01(\x0e\x32\x18.sidecar.api.v1.Protocol\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12(\n\x07verdict\x18\x06 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\x07 \x01(\t\"n\n\x06Socket\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12(\n\x07verdict\x18\x04 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\x05 \x01(\t\"K\n\x10\x43redentialIssued\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_ns\x18\x03 \x01(\x03\"L\n\x11\x43redentialRevoked\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_ns\x18\x03 \x01(\x03\"\x1f\n\x0cPolicyLoaded\x12\x0f\n\x07version\x18\x01 \x01(\t\"-\n\x0ePolicyRejected\x12\x0c\n\x04what\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xa3\x01\n\nLostEvents\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .sidecar.api.v1.LostEvents.Count\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x1a\x34\n\x05\x43ount\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xdc\x01\n\x0eIntegrityAlert\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sidecar.api.v1.IntegrityAlert.Kind\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"X\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_GAP\x10\x01\x12\x16\n\x12KIND_BAD_SIGNATURE\x10\x02\x12\x14\n\x10KIND_CHAIN_BREAK\x10\x03\"\xe3\x05\n\x05\x45vent\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\x12\x30\n\x07process\x18\x05 \x01(\x0b\x32\x1f.sidecar.api.v1.ProcessInstance\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x19\n\x11\x63redential_serial\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12$\n\x04\x65xec\x18\n \x01(\x0b\x32\x14.sidecar.api.v1.ExecH\x00\x12$\n\x04\x66ork\x18\x0b \x01(\x0b\x32\x14.sidecar.api.v1.ForkH\x00\x12$\n\x04\x65xit\x18\x0c \x01(\x0b\x32\x14.sidecar.api.v1.ExitH\x00\x12*\n\x07\x63onnect\x18\r \x01(\x0b\x32\x17.sidecar.api.v1.ConnectH\x00\x12=\n\x11\x63redential_issued\x18\x0e \x01(\x0b\x32 .sidecar.api.v1.CredentialIssuedH\x00\x12?\n\x12\x63redential_revoked\x18\x0f \x01(\x0b\x32!.sidecar.api.v1.CredentialRevokedH\x00\x12\x35\n\rpolicy_loaded\x18\x10 \x01(\x0b\x32\x1c.sidecar.api.v1.PolicyLoadedH\x00\x12*\n\x04lost\x18\x11 \x01(\x0b\x32\x1a.sidecar.api.v1.LostEventsH\x00\x12\x33\n\tintegrity\x18\x12 \x01(\x0b\x32\x1e.sidecar.api.v1.IntegrityAlertH\x00\x12\x39\n\x0fpolicy_rejected\x18\x13 \x01(\x0b\x32\x1e.sidecar.api.v1.PolicyRejectedH\x00\x12(\n\x06socket\x18\x14 \x01(\x0b\x32\x16.sidecar.api.v1.SocketH\x00\x42\x06\n\x04\x62ody*_\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x12\x16\n\x12VERDICT_WOULD_DENY\x10\x03*b\n\rAddressFamily\x12\x1e\n\x1a\x41\x44\x44RESS_FAMILY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x44RESS_FAMILY_INET\x10\x01\x12\x18\n\x14\x41\x44\x44RESS_FAMILY_INET6\x10\x02*H\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x12\x10\n\x0cPROTOCOL_UDP\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asidecar/api/v1/event.proto\x12\x0esidecar.api.v1\"\xc6\x01\n\x0fProcessInstance\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x0c\n\x04ppid\x18\x04 \x01(\r\x12\x0b\n\x03uid\x18\x05 \x01(\r\x12\x0b\n\x03gid\x18\x06 \x01(\r\x12\x0c\n\x04\x63omm\x18\x07 \x01(\t\x12\x0b\n\x03\x65xe\x18\x08 \x01(\t\x12\x0c\n\x04\x61rgv\x18\t \x03(\t\x12\x0e\n\x06\x63group\x18\n \x01(\t\x12\x1b\n\x13\x61ttestation_pending\x18\x0b \x01(\x08J\x04\x08\x02\x10\x03R\rstart_time_ns\"\xf5\x01\n\x04\x45xec\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04ppid\x18\x02 \x01(\r\x12\x0b\n\x03uid\x18\x03 \x01(\r\x12\x0b\n\x03gid\x18\x04 \x01(\r\x12\x0b\n\x03\x65xe\x18\x05 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x06 \x03(\t\x12\x0e\n\x06\x63group\x18\x07 \x01(\t\x12(\n\x07verdict\x18\x08 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\t \x01(\t\x12\x10\n\x08\x66ilename\x18\n \x01(\t\x12\x16\n\x0e\x61rgs_truncated\x18\x0b \x01(\x08\x12\x15\n\rargs_redacted\x18\x0c \x01(\x08\x12\x14\n\x0c\x63\x61pabilities\x18\r \x03(\t\"-\n\x04\x46ork\x12\x12\n\nparent_pid\x18\x01 \x01(\r\x12\x11\n\tchild_pid\x18\x02 \x01(\r\"\x13\n\x04\x45xit\x12\x0b\n\x03pid\x18\x01 \x01(\r\"\xd6\x01\n\x07\x43onnect\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12-\n\x06\x66\x61mily\x18\x02 \x01(\x0e\x32\x1d.sidecar.api.v1.AddressFamily\x12*\n\x08protocol\x18\x03 \x01(\x0e\x32\x18.sidecar.api.v1.Protocol\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\r\x12(\n\x07verdict\x18\x06 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\x07 \x01(\t\x12\x0c\n\x04hook\x18\x08 \x01(\t\"~\n\x06Socket\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x11\n\toperation\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12(\n\x07verdict\x18\x04 \x01(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x0c\n\x04rule\x18\x05 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\"K\n\x10\x43redentialIssued\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_ns\x18\x03 \x01(\x03\"L\n\x11\x43redentialRevoked\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x14\n\x0cnot_after_ns\x18\x03 \x01(\x03\"C\n\x0cPolicyLoaded\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x12\n\nidentities\x18\x03 \x03(\t\"\x1f\n\rEntriesLoaded\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"-\n\x0ePolicyRejected\x12\x0c\n\x04what\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xa3\x01\n\nLostEvents\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .sidecar.api.v1.LostEvents.Count\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x1a\x34\n\x05\x43ount\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xdc\x01\n\x0eIntegrityAlert\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sidecar.api.v1.IntegrityAlert.Kind\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"X\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08KIND_GAP\x10\x01\x12\x16\n\x12KIND_BAD_SIGNATURE\x10\x02\x12\x14\n\x10KIND_CHAIN_BREAK\x10\x03\"\x9c\x06\n\x05\x45vent\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0f\n\x07\x62oot_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0f\n\x07time_ns\x18\x04 \x01(\x03\x12\x30\n\x07process\x18\x05 \x01(\x0b\x32\x1f.sidecar.api.v1.ProcessInstance\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x19\n\x11\x63redential_serial\x18\x07 \x01(\t\x12\x16\n\x0epolicy_version\x18\x08 \x01(\t\x12$\n\x04\x65xec\x18\n \x01(\x0b\x32\x14.sidecar.api.v1.ExecH\x00\x12$\n\x04\x66ork\x18\x0b \x01(\x0b\x32\x14.sidecar.api.v1.ForkH\x00\x12$\n\x04\x65xit\x18\x0c \x01(\x0b\x32\x14.sidecar.api.v1.ExitH\x00\x12*\n\x07\x63onnect\x18\r \x01(\x0b\x32\x17.sidecar.api.v1.ConnectH\x00\x12=\n\x11\x63redential_issued\x18\x0e \x01(\x0b\x32 .sidecar.api.v1.CredentialIssuedH\x00\x12?\n\x12\x63redential_revoked\x18\x0f \x01(\x0b\x32!.sidecar.api.v1.CredentialRevokedH\x00\x12\x35\n\rpolicy_loaded\x18\x10 \x01(\x0b\x32\x1c.sidecar.api.v1.PolicyLoadedH\x00\x12*\n\x04lost\x18\x11 \x01(\x0b\x32\x1a.sidecar.api.v1.LostEventsH\x00\x12\x33\n\tintegrity\x18\x12 \x01(\x0b\x32\x1e.sidecar.api.v1.IntegrityAlertH\x00\x12\x39\n\x0fpolicy_rejected\x18\x13 \x01(\x0b\x32\x1e.sidecar.api.v1.PolicyRejectedH\x00\x12(\n\x06socket\x18\x14 \x01(\x0b\x32\x16.sidecar.api.v1.SocketH\x00\x12\x37\n\x0e\x65ntries_loaded\x18\x15 \x01(\x0b\x32\x1d.sidecar.api.v1.EntriesLoadedH\x00\x42\x06\n\x04\x62ody*_\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x11\n\rVERDICT_ALLOW\x10\x01\x12\x10\n\x0cVERDICT_DENY\x10\x02\x12\x16\n\x12VERDICT_WOULD_DENY\x10\x03*b\n\rAddressFamily\x12\x1e\n\x1a\x41\x44\x44RESS_FAMILY_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x44RESS_FAMILY_INET\x10\x01\x12\x18\n\x14\x41\x44\x44RESS_FAMILY_INET6\x10\x02*H\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n\x0cPROTOCOL_TCP\x10\x01\x12\x10\n\x0cPROTOCOL_UDP\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.api.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERDICT']._serialized_start=2032
-  _globals['_VERDICT']._serialized_end=2127
-  _globals['_ADDRESSFAMILY']._serialized_start=2129
-  _globals['_ADDRESSFAMILY']._serialized_end=2227
-  _globals['_PROTOCOL']._serialized_start=2229
-  _globals['_PROTOCOL']._serialized_end=2301
-  _globals['_PROCESSINSTANCE']._serialized_start=46
-  _globals['_PROCESSINSTANCE']._serialized_end=120
-  _globals['_EXEC']._serialized_start=123
-  _globals['_EXEC']._serialized_end=281
-  _globals['_FORK']._serialized_start=283
-  _globals['_FORK']._serialized_end=328
-  _globals['_EXIT']._serialized_start=330
-  _globals['_EXIT']._serialized_end=349
-  _globals['_CONNECT']._serialized_start=352
-  _globals['_CONNECT']._serialized_end=552
-  _globals['_SOCKET']._serialized_start=554
-  _globals['_SOCKET']._serialized_end=664
-  _globals['_CREDENTIALISSUED']._serialized_start=666
-  _globals['_CREDENTIALISSUED']._serialized_end=741
-  _globals['_CREDENTIALREVOKED']._serialized_start=743
-  _globals['_CREDENTIALREVOKED']._serialized_end=819
-  _globals['_POLICYLOADED']._serialized_start=821
-  _globals['_POLICYLOADED']._serialized_end=852
-  _globals['_POLICYREJECTED']._serialized_start=854
-  _globals['_POLICYREJECTED']._serialized_end=899
-  _globals['_LOSTEVENTS']._serialized_start=902
-  _globals['_LOSTEVENTS']._serialized_end=1065
-  _globals['_LOSTEVENTS_COUNT']._serialized_start=1013
-  _globals['_LOSTEVENTS_COUNT']._serialized_end=1065
-  _globals['_INTEGRITYALERT']._serialized_start=1068
-  _globals['_INTEGRITYALERT']._serialized_end=1288
-  _globals['_INTEGRITYALERT_KIND']._serialized_start=1200
-  _globals['_INTEGRITYALERT_KIND']._serialized_end=1288
-  _globals['_EVENT']._serialized_start=1291
-  _globals['_EVENT']._serialized_end=2030
+  _globals['_VERDICT']._serialized_start=2400
+  _globals['_VERDICT']._serialized_end=2495
+  _globals['_ADDRESSFAMILY']._serialized_start=2497
+  _globals['_ADDRESSFAMILY']._serialized_end=2595
+  _globals['_PROTOCOL']._serialized_start=2597
+  _globals['_PROTOCOL']._serialized_end=2669
+  _globals['_PROCESSINSTANCE']._serialized_start=47
+  _globals['_PROCESSINSTANCE']._serialized_end=245
+  _globals['_EXEC']._serialized_start=248
+  _globals['_EXEC']._serialized_end=493
+  _globals['_FORK']._serialized_start=495
+  _globals['_FORK']._serialized_end=540
+  _globals['_EXIT']._serialized_start=542
+  _globals['_EXIT']._serialized_end=561
+  _globals['_CONNECT']._serialized_start=564
+  _globals['_CONNECT']._serialized_end=778
+  _globals['_SOCKET']._serialized_start=780
+  _globals['_SOCKET']._serialized_end=906
+  _globals['_CREDENTIALISSUED']._serialized_start=908
+  _globals['_CREDENTIALISSUED']._serialized_end=983
+  _globals['_CREDENTIALREVOKED']._serialized_start=985
+  _globals['_CREDENTIALREVOKED']._serialized_end=1061
+  _globals['_POLICYLOADED']._serialized_start=1063
+  _globals['_POLICYLOADED']._serialized_end=1130
+  _globals['_ENTRIESLOADED']._serialized_start=1132
+  _globals['_ENTRIESLOADED']._serialized_end=1163
+  _globals['_POLICYREJECTED']._serialized_start=1165
+  _globals['_POLICYREJECTED']._serialized_end=1210
+  _globals['_LOSTEVENTS']._serialized_start=1213
+  _globals['_LOSTEVENTS']._serialized_end=1376
+  _globals['_LOSTEVENTS_COUNT']._serialized_start=1324
+  _globals['_LOSTEVENTS_COUNT']._serialized_end=1376
+  _globals['_INTEGRITYALERT']._serialized_start=1379
+  _globals['_INTEGRITYALERT']._serialized_end=1599
+  _globals['_INTEGRITYALERT_KIND']._serialized_start=1511
+  _globals['_INTEGRITYALERT_KIND']._serialized_end=1599
+  _globals['_EVENT']._serialized_start=1602
+  _globals['_EVENT']._serialized_end=2398
 # @@protoc_insertion_point(module_scope)

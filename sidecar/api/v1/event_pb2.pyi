@@ -85,25 +85,51 @@ class ProcessInstance(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PID_FIELD_NUMBER: _builtins.int
-    START_TIME_NS_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PPID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    COMM_FIELD_NUMBER: _builtins.int
+    EXE_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    CGROUP_FIELD_NUMBER: _builtins.int
+    ATTESTATION_PENDING_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
-    start_time_ns: _builtins.int
-    """Process start time in nanoseconds since boot (from /proc/<pid>/stat)."""
     instance_id: _builtins.str
     """Stable id of the attested instance (boot id, pid, start time) whose
     identity the process carries: its own, or its nearest attested ancestor's.
     """
+    ppid: _builtins.int
+    """What the daemon knew of the process when it saw the record (not for
+    exec, whose body carries them): parent, real ids, command name, image,
+    arguments and cgroup.
+    """
+    uid: _builtins.int
+    gid: _builtins.int
+    comm: _builtins.str
+    exe: _builtins.str
+    cgroup: _builtins.str
+    attestation_pending: _builtins.bool
+    """The process was still being attested when the kernel recorded the event."""
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         pid: _builtins.int = ...,
-        start_time_ns: _builtins.int = ...,
         instance_id: _builtins.str = ...,
+        ppid: _builtins.int = ...,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        comm: _builtins.str = ...,
+        exe: _builtins.str = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        cgroup: _builtins.str = ...,
+        attestation_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "pid", b"pid", "start_time_ns", b"start_time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attestation_pending", b"attestation_pending", "cgroup", b"cgroup", "comm", b"comm", "exe", b"exe", "gid", b"gid", "instance_id", b"instance_id", "pid", b"pid", "ppid", b"ppid", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,6 +148,10 @@ class Exec(_message.Message):
     CGROUP_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    ARGS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    ARGS_REDACTED_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     ppid: _builtins.int
     uid: _builtins.int
@@ -130,9 +160,19 @@ class Exec(_message.Message):
     cgroup: _builtins.str
     verdict: Global___Verdict.ValueType
     rule: _builtins.str
-    """The allowlist rule that decided, or "default"."""
+    """The allowlist rule that decided, or "default"; "" when allowed."""
+    filename: _builtins.str
+    """The path as the exec call spelled it (exe is the canonical path)."""
+    args_truncated: _builtins.bool
+    """argv was cut to the kernel's limits."""
+    args_redacted: _builtins.bool
+    """A secret in argv was masked before the event left the host."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Capabilities held that the identity's policy refuses (CAP_SYS_ADMIN, ...)."""
+
     def __init__(
         self,
         *,
@@ -145,10 +185,14 @@ class Exec(_message.Message):
         cgroup: _builtins.str = ...,
         verdict: Global___Verdict.ValueType = ...,
         rule: _builtins.str = ...,
+        filename: _builtins.str = ...,
+        args_truncated: _builtins.bool = ...,
+        args_redacted: _builtins.bool = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cgroup", b"cgroup", "exe", b"exe", "gid", b"gid", "pid", b"pid", "ppid", b"ppid", "rule", b"rule", "uid", b"uid", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_redacted", b"args_redacted", "args_truncated", b"args_truncated", "argv", b"argv", "capabilities", b"capabilities", "cgroup", b"cgroup", "exe", b"exe", "filename", b"filename", "gid", b"gid", "pid", b"pid", "ppid", b"ppid", "rule", b"rule", "uid", b"uid", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -206,6 +250,7 @@ class Connect(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    HOOK_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     family: Global___AddressFamily.ValueType
     protocol: Global___Protocol.ValueType
@@ -215,6 +260,8 @@ class Connect(_message.Message):
     verdict: Global___Verdict.ValueType
     rule: _builtins.str
     """The allowlist rule that decided, or "default"."""
+    hook: _builtins.str
+    """The hook that saw it ("connect4", "sendmsg6", ...)."""
     def __init__(
         self,
         *,
@@ -225,10 +272,11 @@ class Connect(_message.Message):
         port: _builtins.int = ...,
         verdict: Global___Verdict.ValueType = ...,
         rule: _builtins.str = ...,
+        hook: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "family", b"family", "pid", b"pid", "port", b"port", "protocol", b"protocol", "rule", b"rule", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "family", b"family", "hook", b"hook", "pid", b"pid", "port", b"port", "protocol", b"protocol", "rule", b"rule", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,6 +296,7 @@ class Socket(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     VERDICT_FIELD_NUMBER: _builtins.int
     RULE_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     operation: _builtins.str
     """"create" (socket()), "setsockopt", or for unix sockets "connect" and "sendmsg"."""
@@ -259,6 +308,8 @@ class Socket(_message.Message):
     verdict: Global___Verdict.ValueType
     rule: _builtins.str
     """"default" (not listed), "sockets" or "unix" (listed) or "source-route"."""
+    family: _builtins.str
+    """Address family: "inet", "inet6", "unix", ..."""
     def __init__(
         self,
         *,
@@ -267,10 +318,11 @@ class Socket(_message.Message):
         kind: _builtins.str = ...,
         verdict: Global___Verdict.ValueType = ...,
         rule: _builtins.str = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "operation", b"operation", "pid", b"pid", "rule", b"rule", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["family", b"family", "kind", b"kind", "operation", b"operation", "pid", b"pid", "rule", b"rule", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -332,19 +384,48 @@ class PolicyLoaded(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    IDENTITIES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
+    source: _builtins.str
+    """The file it came from, and the identities it names."""
+    @_builtins.property
+    def identities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         version: _builtins.str = ...,
+        source: _builtins.str = ...,
+        identities: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identities", b"identities", "source", b"source", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PolicyLoaded: _TypeAlias = PolicyLoaded  # noqa: Y015
+
+@_typing.final
+class EntriesLoaded(_message.Message):
+    """Registration entries (re)loaded; digest names their content."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntriesLoaded: _TypeAlias = EntriesLoaded  # noqa: Y015
 
 @_typing.final
 class PolicyRejected(_message.Message):
@@ -508,6 +589,7 @@ class Event(_message.Message):
     INTEGRITY_FIELD_NUMBER: _builtins.int
     POLICY_REJECTED_FIELD_NUMBER: _builtins.int
     SOCKET_FIELD_NUMBER: _builtins.int
+    ENTRIES_LOADED_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     """Host name as in its host SVID (spiffe://<td>/host/<name>)."""
     boot_id: _builtins.str
@@ -548,6 +630,8 @@ class Event(_message.Message):
     def policy_rejected(self) -> Global___PolicyRejected: ...
     @_builtins.property
     def socket(self) -> Global___Socket: ...
+    @_builtins.property
+    def entries_loaded(self) -> Global___EntriesLoaded: ...
     def __init__(
         self,
         *,
@@ -570,12 +654,13 @@ class Event(_message.Message):
         integrity: Global___IntegrityAlert | None = ...,
         policy_rejected: Global___PolicyRejected | None = ...,
         socket: Global___Socket | None = ...,
+        entries_loaded: Global___EntriesLoaded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "process", b"process", "socket", b"socket"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "entries_loaded", b"entries_loaded", "exec", b"exec", "exit", b"exit", "fork", b"fork", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "process", b"process", "socket", b"socket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "socket", b"socket", "time_ns", b"time_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "boot_id", b"boot_id", "connect", b"connect", "credential_issued", b"credential_issued", "credential_revoked", b"credential_revoked", "credential_serial", b"credential_serial", "entries_loaded", b"entries_loaded", "exec", b"exec", "exit", b"exit", "fork", b"fork", "host", b"host", "identity", b"identity", "integrity", b"integrity", "lost", b"lost", "policy_loaded", b"policy_loaded", "policy_rejected", b"policy_rejected", "policy_version", b"policy_version", "process", b"process", "sequence", b"sequence", "socket", b"socket", "time_ns", b"time_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity", "policy_rejected", "socket"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["exec", "fork", "exit", "connect", "credential_issued", "credential_revoked", "policy_loaded", "lost", "integrity", "policy_rejected", "socket", "entries_loaded"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
