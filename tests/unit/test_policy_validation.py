@@ -555,3 +555,20 @@ def test_bad_unix_addresses_name_the_line_and_field(item: str, words: str) -> No
     )
     msg = error_of(text)
     assert "p.yaml:5: identities[0].unix[1]" in msg and words in msg
+
+
+def test_the_policy_package_loads_no_kernel_code_but_its_limits() -> None:
+    """Kernel-neutral: validating a policy needs neither BCC, libbpf nor the ctypes mirrors."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, sidecar.policy, sidecar.policy.cli\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('sidecar.kernel'))))\n"
+        "print('bcc' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split("\n")
+    assert out[0].split() == ["sidecar.kernel", "sidecar.kernel.limits"]
+    assert out[1] == "False"
