@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sidecar.identity.spiffeid import parse_spiffe_id
-from sidecar.kernel.limits import PROTO_TCP, PROTO_UDP, RULE_NUMBER_MAX, UNIX_PATH_LEN
+from sidecar.kernel.limits import (
+    EXEC_PATH_MAX_BYTES,
+    PROTO_TCP,
+    PROTO_UDP,
+    RULE_NUMBER_MAX,
+    UNIX_PATH_LEN,
+)
 from sidecar.policy import caps
 from sidecar.policy.space import Cidr, parse_cidr
 from sidecar.util.errors import PolicyError
@@ -51,7 +57,6 @@ MAX_IDENTITIES = 10_000
 MAX_RULES_PER_IDENTITY = RULE_NUMBER_MAX  # the kernel numbers rules 1.. in 16 bits
 MAX_EXEC_PER_IDENTITY = 10_000
 MAX_EXEC_TOTAL = 50_000  # executables over the whole policy
-MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
 # Socket kinds an identity may create besides TCP and UDP over IPv4/IPv6
 # (which its egress rules judge at connect): "family/type/protocol".
@@ -489,12 +494,20 @@ def exec_path_problem(path: str) -> str | None:
     """Why ``path`` cannot be an exec allowlist entry, or None if it can.
 
     Entries are matched exactly against the resolved executable path, so
-    they must be absolute and normal (no ``.``, ``..``, ``//`` or trailing ``/``).
+    they must be absolute and normal (no ``.``, ``..``, ``//`` or trailing ``/``),
+    and short enough for the kernel's exec record to carry whole.
     """
     if "\0" in path:
         return "must not contain a NUL byte"
-    if len(path.encode(errors="surrogateescape")) > MAX_PATH_BYTES:
-        return f"path is longer than {MAX_PATH_BYTES} bytes"
+    size = len(path.encode(errors="surrogateescape"))
+    if size > EXEC_PATH_MAX_BYTES:
+        # The kernel judges the file, whatever its path's length, but reports
+        # each exec with the path cut to this: the events, the audit verdicts
+        # and the policy tools could never name an exec of this path.
+        return (
+            f"path is {size} bytes, longer than the {EXEC_PATH_MAX_BYTES} an exec record "
+            "carries: its execs could not be reported by name"
+        )
     if not path.startswith("/"):
         return f"'{path}' must be an absolute path"
     normal = posixpath.normpath(path)
