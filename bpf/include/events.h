@@ -18,7 +18,7 @@
 #define SIDECAR_ABI_VERSION 2
 
 /*
- * Limits.  Python's copy is sidecar/kernel/limits.py (abi.py for the rest);
+ * Limits.  Their Python definitions are in sidecar/kernel/limits.py (abi.py for the rest);
  * tests/unit/test_abi_layout.py fails on any SIDECAR_* constant here whose
  * value differs from Python's or that Python does not have.
  */
