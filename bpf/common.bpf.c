@@ -160,10 +160,10 @@ static __always_inline u8 judge_connect(u32 identity, u8 protocol, u16 port, con
 	if (!p)
 		return SIDECAR_VERDICT_ALLOW;
 
-	k.prefixlen = 64 + 128;
+	k.prefixlen = SIDECAR_LPM_PREFIX_BASE + SIDECAR_ADDR_LEN * 8; /* the whole address */
 	k.gen = *gen_out;
 	k.identity = ruled;
-	__builtin_memcpy(k.addr, addr, 16);
+	__builtin_memcpy(k.addr, addr, SIDECAR_ADDR_LEN);
 	r = egress.lookup(&k);
 	/* Protocols match exactly: only TCP and UDP have port rules. */
 	if (protocol == SIDECAR_IPPROTO_TCP)

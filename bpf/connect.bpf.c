@@ -20,7 +20,7 @@ static __always_inline int report_connect(struct bpf_sock_addr *ctx, u8 hook, u8
 	u16 port;
 	u32 rule, gen, flags;
 	struct connect_event *e;
-	u8 addr[16] = {};
+	u8 addr[SIDECAR_ADDR_LEN] = {};
 	u8 verdict;
 
 	if (!judged_identity(&st, &identity))
@@ -58,7 +58,7 @@ static __always_inline int report_connect(struct bpf_sock_addr *ctx, u8 hook, u8
 	e->pad = 0;
 	e->rule = rule;
 	e->policy_gen = gen;
-	__builtin_memcpy(e->daddr, addr, 16);
+	__builtin_memcpy(e->daddr, addr, SIDECAR_ADDR_LEN);
 	events.ringbuf_submit(e, SIDECAR_RB_NO_WAKEUP);
 	/* 0 makes connect()/sendmsg() fail with EPERM. */
 	return verdict == SIDECAR_VERDICT_DENY ? 0 : 1;

@@ -11,13 +11,17 @@
  *
  * Build settings come in as -D flags, validated by the loader:
  *   PIN_DIR        "/sys/fs/bpf/sidecar/v2" (a string literal)
- *   PROCS_MAX      entries of the process map
- *   RINGBUF_PAGES  ring buffer size in pages (a power of two)
- *   EGRESS_MAX, EXEC_ALLOW_MAX, POLICIES_MAX, SOCKET_ALLOW_MAX  policy map sizes
- *                  (two generations of the largest valid policy; abi.py)
+ *   PROCS_MAX, RINGBUF_BYTES, POLICIES_MAX, EGRESS_MAX, EXEC_ALLOW_MAX,
+ *   SOCKET_ALLOW_MAX, UNIX_ALLOW_MAX, EVENT_TYPE_SLOTS, DELIVERED_SLOTS
+ *                  max_entries of the maps (LoadOptions.map_sizes, from
+ *                  sidecar/kernel/limits.py, the one home of map sizes)
  *   SIDECAR_OFF_*  offsets of the few kernel-internal fields read (the file
  *                  an exec runs), from the running kernel's BTF
  *   SIDECAR_HAVE_GROUP_DEAD  sched_process_exit says when a whole process ends
+ *
+ * No size has a default here: a second value could differ from Python's
+ * unnoticed, so a build without one stops instead
+ * (tests/unit/test_abi_layout.py checks the loader passes each).
  */
 #ifndef SIDECAR_MAPS_H
 #define SIDECAR_MAPS_H
@@ -29,16 +33,10 @@
 #ifndef PIN_DIR
 #error "PIN_DIR must be defined by the loader"
 #endif
-#ifndef PROCS_MAX
-#define PROCS_MAX 65536
-#endif
-#ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 256
-#endif
-/* Sized by the loader from sidecar/kernel/abi.py, the one home of map sizes. */
-#if !defined(EGRESS_MAX) || !defined(EXEC_ALLOW_MAX) || !defined(POLICIES_MAX) ||              \
-	!defined(SOCKET_ALLOW_MAX) || !defined(UNIX_ALLOW_MAX)
-#error "the loader passes the policy map sizes (EGRESS_MAX, EXEC_ALLOW_MAX, ...)"
+#if !defined(PROCS_MAX) || !defined(RINGBUF_BYTES) || !defined(POLICIES_MAX) ||                \
+	!defined(EGRESS_MAX) || !defined(EXEC_ALLOW_MAX) || !defined(SOCKET_ALLOW_MAX) ||     \
+	!defined(UNIX_ALLOW_MAX) || !defined(EVENT_TYPE_SLOTS) || !defined(DELIVERED_SLOTS)
+#error "the loader passes every map size (LoadOptions.map_sizes): PROCS_MAX, RINGBUF_BYTES, ..."
 #endif
 #if !defined(SIDECAR_OFF_TASK_MM) || !defined(SIDECAR_OFF_MM_EXE_FILE) ||                   \
 	!defined(SIDECAR_OFF_FILE_INODE) || !defined(SIDECAR_OFF_INODE_INO) ||              \
@@ -119,16 +117,16 @@ struct events_table_t {
 	u32 max_entries;
 };
 __attribute__((section("maps/ringbuf:" PIN_DIR "/events")))
-struct events_table_t events = {.max_entries = RINGBUF_PAGES * 4096};
+struct events_table_t events = {.max_entries = RINGBUF_BYTES};
 /* per-CPU scratch to build an exec record, sent without its unused argv tail */
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
 /* records that could not be reserved, per CPU, by event type */
-BPF_TABLE_PINNED("percpu_array", u32, u64, lost, 8, PIN_DIR "/lost");
+BPF_TABLE_PINNED("percpu_array", u32, u64, lost, EVENT_TYPE_SLOTS, PIN_DIR "/lost");
 /* index: event type; what a daemon has reported lost so far (written by it) */
-BPF_TABLE_PINNED("array", u32, u64, lost_reported, 8, PIN_DIR "/lost_reported");
+BPF_TABLE_PINNED("array", u32, u64, lost_reported, EVENT_TYPE_SLOTS, PIN_DIR "/lost_reported");
 /* index: an output of the daemon (0 sink, 1 export); the ring position just past the
  * last record whose events it has written.  Only the daemon reads and writes it: a
  * restarted daemon re-reads what was not consumed and skips what each output holds. */
-BPF_TABLE_PINNED("array", u32, u64, delivered, 2, PIN_DIR "/delivered");
+BPF_TABLE_PINNED("array", u32, u64, delivered, DELIVERED_SLOTS, PIN_DIR "/delivered");
 
 #endif /* SIDECAR_MAPS_H */

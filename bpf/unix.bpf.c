@@ -36,7 +36,8 @@ extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 
 #define SUN_PATH_OFFSET 2 /* offsetof(struct sockaddr_un, sun_path) */
 
-/* Shapes only: each is replaced by the pinned map's descriptor before load. */
+/* Shapes only: each is replaced by the pinned map's descriptor before load,
+ * sizes included (maps.h has them, from the loader). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -75,7 +76,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, 8);
+	__uint(max_entries, 1);
 } lost SEC(".maps");
 
 /* per-CPU scratch for the lookup key (too big for the stack with the rest) */
@@ -158,7 +159,7 @@ static __always_inline int judge_unix(struct bpf_sock_addr *ctx, __u8 hook)
 				end = 1;
 		}
 	}
-	k->prefixlen = 64 + SIDECAR_UNIX_PATH_LEN * 8;
+	k->prefixlen = SIDECAR_LPM_PREFIX_BASE + SIDECAR_UNIX_PATH_LEN * 8;
 	k->gen = gen;
 	k->identity = pk.identity;
 	if (bpf_map_lookup_elem(&unix_allow, k))

@@ -17,14 +17,22 @@
 
 #define SIDECAR_ABI_VERSION 2
 
-/* Limits. */
+/*
+ * Limits.  Their Python definitions are in sidecar/kernel/limits.py (abi.py for the rest);
+ * tests/unit/test_abi_layout.py fails on any SIDECAR_* constant here whose
+ * value differs from Python's or that Python does not have.
+ */
 #define SIDECAR_COMM_LEN 16
-#define SIDECAR_FILENAME_LEN 256
+#define SIDECAR_FILENAME_LEN 256 /* an exec's path, NUL included: longer ones are cut */
 #define SIDECAR_ARGS_LEN 1024 /* NUL-separated argv, truncated */
 #define SIDECAR_ARG_MAX 256   /* one argument, truncated */
 #define SIDECAR_MAX_ARGS 32
+#define SIDECAR_ADDR_LEN 16   /* an address in the IPv6 space, IPv4 as ::ffff:a.b.c.d */
 #define SIDECAR_MAX_PORT_RULES 8
+#define SIDECAR_RULE_NUMBER_MAX 0xffff /* port_rule.rule is a __u16 */
 #define SIDECAR_UNIX_PATH_LEN 108 /* sizeof(sockaddr_un.sun_path) */
+/* LPM trie keys count prefixlen from gen on: gen and identity are 64 bits. */
+#define SIDECAR_LPM_PREFIX_BASE 64
 
 /* Record types. */
 enum sidecar_event_type {
@@ -143,7 +151,7 @@ struct connect_event {
 	__u8 verdict;  /* enum sidecar_verdict */
 	__u16 dport;   /* host byte order */
 	__u16 pad;
-	__u8 daddr[16]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
+	__u8 daddr[SIDECAR_ADDR_LEN]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
 	__u32 rule;     /* rule index + 1, 0 = default */
 	__u32 policy_gen;
 };
@@ -221,12 +229,12 @@ struct identity_policy {
 	__u64 caps_refused;
 };
 
-/* LPM trie key: prefixlen counts bits from gen on (64 + address prefix). */
+/* LPM trie key: prefixlen counts bits from gen on (SIDECAR_LPM_PREFIX_BASE + address prefix). */
 struct egress_key {
 	__u32 prefixlen;
 	__u32 gen;
 	__u32 identity;
-	__u8 addr[16]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
+	__u8 addr[SIDECAR_ADDR_LEN]; /* IPv6 space; IPv4 as ::ffff:a.b.c.d */
 };
 
 struct port_rule {
@@ -267,7 +275,7 @@ struct exec_file {
 
 /*
  * LPM trie key of the unix socket addresses an identity may use.  prefixlen
- * counts bits from gen on: 64 + the path bits that must match.  An exact
+ * counts bits from gen on: SIDECAR_LPM_PREFIX_BASE + the path bits that must match.  An exact
  * entry includes one NUL after the path (it matches nothing longer); a
  * prefix entry does not.
  */

@@ -3,21 +3,19 @@
 Why a server certificate of our own making: gRPC clients check the server's DNS name
 or IP address, and an X509-SVID carries only its SPIFFE ID.  So the collector's
 certificate is an SVID (``spiffe://<td>/collector``) signed by the trust domain's root
-that also names the collector's host names and addresses.
+that also names the collector's host names and addresses.  It is built, like every
+certificate, by :mod:`sidecar.identity.x509`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from sidecar.identity.spiffeid import SpiffeId
-from sidecar.identity.x509 import CertificateAuthority, new_key, new_serial, verify_svid
+from sidecar.identity.x509 import CertificateAuthority, certs_pem, key_pem, new_key, verify_svid
 from sidecar.util.errors import CredentialError
 
 
@@ -28,51 +26,13 @@ def server_credentials(
     if ca.private_key is None:
         raise CredentialError("the collector's CA has no private key")
     key = new_key()
-    now = datetime.now(timezone.utc)
-    sans: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(f"spiffe://{ca.trust_domain}/collector")
-    ]
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(new_serial())
-        .not_valid_before(max(now - timedelta(seconds=30), ca.certificate.not_valid_before_utc))
-        .not_valid_after(min(now + ttl, ca.certificate.not_valid_after_utc))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
-        .sign(ca.private_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    chain = (cert, *ca.intermediates())
-    return key_pem, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    sid = f"spiffe://{ca.trust_domain}/collector"
+    cert = ca.sign_tls_server(sid, names, ttl, key.public_key())
+    return key_pem(key), certs_pem((cert, *ca.intermediates()))
 
 
 def roots_pem(ca: CertificateAuthority) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in ca.bundle())
+    return certs_pem(ca.bundle())
 
 
 def peer_svid(

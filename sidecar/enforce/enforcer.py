@@ -155,7 +155,9 @@ def _identity_entries(
             bits = 8 * (len(raw) if is_prefix else len(raw) + 1)
             out.unix_allow.append(
                 (
-                    abi.UNIX_KEY.pack(64 + bits, gen, number, raw.ljust(abi.UNIX_PATH_LEN, b"\0")),
+                    abi.UNIX_KEY.pack(
+                        abi.LPM_PREFIX_BASE + bits, gen, number, raw.ljust(abi.UNIX_PATH_LEN, b"\0")
+                    ),
                     b"\1",
                 )
             )
@@ -180,7 +182,12 @@ def _identity_entries(
             except ValueError as exc:
                 raise PolicyError(f"{ident.spiffe_id}: {exc}") from exc
             rules_cache[prefix.rules] = value
-        out.egress.append((egress_key(64 + prefix.prefix_len, gen, number, prefix.address), value))
+        out.egress.append(
+            (
+                egress_key(abi.LPM_PREFIX_BASE + prefix.prefix_len, gen, number, prefix.address),
+                value,
+            )
+        )
 
 
 def build_entries(policy: CompiledPolicy, gen: int, numbers: IdentityNumbers) -> MapEntries:

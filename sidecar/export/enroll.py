@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
 from sidecar.export.exporter import HostIdentity
-from sidecar.identity.x509 import CertificateAuthority, new_key
+from sidecar.identity.x509 import CertificateAuthority, certs_pem, key_pem, new_csr, new_key
 from sidecar.util.errors import CredentialError, TransportError
 from sidecar.util.fsutil import write_atomic
 
@@ -37,21 +37,6 @@ HOST_KEY = "host.key"
 INTER_CERT = "intermediate.pem"
 INTER_KEY = "intermediate.key"
 BUNDLE = "bundle.pem"
-
-
-def _csr(key: ec.EllipticCurvePrivateKey) -> bytes:
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.DER)
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 def save_credentials(
@@ -71,14 +56,13 @@ def save_credentials(
         raise CredentialError("the collector's intermediate CA is not for our key")
     if host_cert.public_key() != host_key.public_key():
         raise CredentialError("the collector's host SVID is not for our key")
-    pem = serialization.Encoding.PEM
     try:
         out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomic(out_dir / BUNDLE, b"".join(r.public_bytes(pem) for r in roots), 0o644)
-        write_atomic(out_dir / INTER_KEY, _pem_key(inter_key), 0o600)
-        write_atomic(out_dir / INTER_CERT, inter.public_bytes(pem), 0o644)
-        write_atomic(out_dir / HOST_KEY, _pem_key(host_key), 0o600)
-        write_atomic(out_dir / HOST_CERT, host_cert.public_bytes(pem), 0o644)
+        write_atomic(out_dir / BUNDLE, certs_pem(roots), 0o644)
+        write_atomic(out_dir / INTER_KEY, key_pem(inter_key), 0o600)
+        write_atomic(out_dir / INTER_CERT, certs_pem([inter]), 0o644)
+        write_atomic(out_dir / HOST_KEY, key_pem(host_key), 0o600)
+        write_atomic(out_dir / HOST_CERT, certs_pem([host_cert]), 0o644)
     except OSError as exc:
         raise CredentialError(f"cannot write credentials into {out_dir}: {exc}") from exc
 
@@ -132,8 +116,8 @@ async def enroll(
             reply = await collector_pb2_grpc.EnrollmentStub(ch).Enroll(
                 collector_pb2.EnrollRequest(
                     join_token=token,
-                    intermediate_csr=_csr(inter_key),
-                    host_csr=_csr(host_key),
+                    intermediate_csr=new_csr(inter_key),
+                    host_csr=new_csr(host_key),
                 ),
                 timeout=30,
             )
@@ -155,7 +139,7 @@ async def renew(target: str, cred_dir: Path, server_name: str | None = None) -> 
         try:
             reply = await collector_pb2_grpc.CollectorStub(ch).Renew(
                 collector_pb2.RenewRequest(
-                    intermediate_csr=_csr(inter_key), host_csr=_csr(host_key)
+                    intermediate_csr=new_csr(inter_key), host_csr=new_csr(host_key)
                 ),
                 timeout=30,
             )

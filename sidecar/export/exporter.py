@@ -28,12 +28,12 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
 from sidecar.export.chain import batch_payload, sign
 from sidecar.export.spool import Dropped, Spool
+from sidecar.identity.x509 import key_pem
 from sidecar.util.errors import TransportError
 
 _logger = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ class HostIdentity:
     roots_pem: bytes
 
     def key_pem(self) -> bytes:
-        return self.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return key_pem(self.private_key)
 
     def problem(self, now: datetime | None = None) -> str | None:
         """Why a collector would refuse this host's certificate, if it can be told here.

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from sidecar.identity.spiffeid import SpiffeId, parse_trust_domain
-from sidecar.identity.x509 import as_spiffe_id
+from sidecar.identity.x509 import as_spiffe_id, new_key
 from sidecar.util.errors import CredentialError
 
 _logger = logging.getLogger(__name__)
@@ -87,11 +87,11 @@ class JwtAuthority:
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         self._signing_key: ec.EllipticCurvePrivateKey
         self.key_id: str
-        self._install(private_key or ec.generate_private_key(ec.SECP256R1()), key_id)
+        self._install(private_key or new_key(), key_id)
 
     def rotate(self) -> str:
         """Start signing with a fresh key; the old public key stays valid. Returns the new kid."""
-        self._install(ec.generate_private_key(ec.SECP256R1()), None)
+        self._install(new_key(), None)
         return self.key_id
 
     def retire(self, key_id: str) -> None:

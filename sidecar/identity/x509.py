@@ -13,14 +13,20 @@ that a central CA signed).  Every certificate it makes follows the X509-SVID rul
 
 Keys are EC P-256.  Foreign errors (``cryptography``, ``OSError``) leave this module as
 :class:`~sidecar.util.errors.CredentialError`.
+
+This is the one place that builds keys, certificates and certificate requests and
+encodes them: the collector's TLS certificate (:meth:`CertificateAuthority.sign_tls_server`),
+a host's enrollment requests (:func:`new_csr`) and every PEM the product writes
+(:func:`key_pem`, :func:`certs_pem`) come from here, so each is made one way.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -67,6 +73,30 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def certs_pem(certs: Iterable[x509.Certificate]) -> bytes:
+    """Certificates as concatenated PEM, in the order given."""
+    return b"".join(_pem(c) for c in certs)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (files are protected by their mode)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def new_csr(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A certificate request (DER) for ``key``, with an empty subject.
+
+    Whoever signs it takes only the key from it (see
+    :meth:`CertificateAuthority.sign_x509_svid_csr`), so it asks for nothing else.
+    """
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    return csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
 def uri_sans(cert: x509.Certificate) -> list[str]:
     """The URI SANs of ``cert`` (empty when it has no SAN extension)."""
     try:
@@ -89,7 +119,7 @@ class X509Svid:
 
     def cert_chain_pem(self) -> bytes:
         """Leaf followed by its intermediates, PEM: what a TLS peer is sent."""
-        return b"".join(_pem(c) for c in (self.certificate, *self.chain))
+        return certs_pem(self.chain_all())
 
     def cert_chain_der(self) -> bytes:
         """Leaf followed by its intermediates as concatenated DER (the Workload API form)."""
@@ -101,11 +131,7 @@ class X509Svid:
 
     def key_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM."""
-        return self.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return key_pem(self.private_key)
 
     def key_der(self) -> bytes:
         """The private key as unencrypted PKCS#8 DER (the Workload API form)."""
@@ -208,18 +234,13 @@ class CertificateAuthority:
         """Write certificate, key (mode 0600) and chain into ``directory`` (mode 0700)."""
         if self.private_key is None:
             raise CredentialError("cannot save a CA without its private key")
-        key_pem = self.private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(directory, 0o700)
-            write_atomic(directory / KEY_FILE, key_pem, 0o600)
+            write_atomic(directory / KEY_FILE, key_pem(self.private_key), 0o600)
             write_atomic(directory / CERT_FILE, _pem(self.certificate), 0o644)
             if self.chain:
-                write_atomic(directory / CHAIN_FILE, b"".join(_pem(c) for c in self.chain), 0o644)
+                write_atomic(directory / CHAIN_FILE, certs_pem(self.chain), 0o644)
             else:
                 (directory / CHAIN_FILE).unlink(missing_ok=True)
         except OSError as exc:
@@ -324,6 +345,46 @@ class CertificateAuthority:
             return builder.sign(signer, hashes.SHA256())
         except (ValueError, TypeError) as exc:
             raise CredentialError(f"cannot sign X509-SVID for {sid}: {exc}") from exc
+
+    def sign_tls_server(
+        self,
+        spiffe_id: SpiffeId | str,
+        names: Sequence[str],
+        ttl: timedelta,
+        public_key: ec.EllipticCurvePublicKey,
+    ) -> x509.Certificate:
+        """A TLS server certificate: an SVID that also names the server's hosts.
+
+        gRPC clients check the server's DNS name or IP address, which an
+        X509-SVID does not carry; this certificate has the SPIFFE ID and each of
+        ``names`` (an IP address or a DNS name) as SANs, and only serverAuth.
+        """
+        sid = as_spiffe_id(spiffe_id)
+        signer = self._signer()
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(sid.uri)]
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
+        now = _now()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(new_serial())
+            .not_valid_before(max(now - _BACKDATE, self.certificate.not_valid_before_utc))
+            .not_valid_after(self._cap(now + ttl))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True, cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        )
+        try:
+            return builder.sign(signer, hashes.SHA256())
+        except (ValueError, TypeError) as exc:
+            raise CredentialError(f"cannot sign TLS server certificate for {sid}: {exc}") from exc
 
     # ---- trust --------------------------------------------------------------------
 

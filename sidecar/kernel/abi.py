@@ -2,7 +2,8 @@
 
 This module does not import bcc: the decoder is plain Python over bytes, so
 it is unit-tested without a kernel.  ``tests/unit/test_abi_layout.py``
-compiles the C header and proves every size and offset here matches it.
+compiles the C header and proves every size, offset and constant here (and
+in :mod:`sidecar.kernel.limits`, the home of sizes and limits) matches it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,35 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-ABI_VERSION = 2
-COMM_LEN = 16
-FILENAME_LEN = 256
-ARGS_LEN = 1024
-ARG_MAX = 256
-MAX_ARGS = 32
-MAX_PORT_RULES = 8
+# The sizes and limits (field lengths, map sizes, ...) live in limits.py, which
+# the kernel-neutral policy package imports too; they are re-exported here so
+# the rest of the kernel code reads every contract constant from one module.
+from sidecar.kernel.limits import ADDR_LEN as ADDR_LEN
+from sidecar.kernel.limits import ARG_MAX as ARG_MAX
+from sidecar.kernel.limits import ARGS_LEN as ARGS_LEN
+from sidecar.kernel.limits import COMM_LEN as COMM_LEN
+from sidecar.kernel.limits import EGRESS_MAX as EGRESS_MAX
+from sidecar.kernel.limits import EVENT_TYPE_SLOTS as EVENT_TYPE_SLOTS
+from sidecar.kernel.limits import EXEC_ALLOW_MAX as EXEC_ALLOW_MAX
+from sidecar.kernel.limits import EXEC_PATH_MAX_BYTES as EXEC_PATH_MAX_BYTES
+from sidecar.kernel.limits import FILENAME_LEN as FILENAME_LEN
+from sidecar.kernel.limits import LPM_PREFIX_BASE as LPM_PREFIX_BASE
+from sidecar.kernel.limits import MAX_ARGS as MAX_ARGS
+from sidecar.kernel.limits import MAX_PORT_RULES as MAX_PORT_RULES
+from sidecar.kernel.limits import POLICIES_MAX as POLICIES_MAX
+from sidecar.kernel.limits import PROCS_MAX_DEFAULT as PROCS_MAX_DEFAULT
+from sidecar.kernel.limits import PROCS_MAX_RANGE as PROCS_MAX_RANGE
+from sidecar.kernel.limits import PROTO_TCP as PROTO_TCP
+from sidecar.kernel.limits import PROTO_UDP as PROTO_UDP
+from sidecar.kernel.limits import RINGBUF_PAGE_BYTES as RINGBUF_PAGE_BYTES
+from sidecar.kernel.limits import RINGBUF_PAGES_DEFAULT as RINGBUF_PAGES_DEFAULT
+from sidecar.kernel.limits import RINGBUF_PAGES_MAX as RINGBUF_PAGES_MAX
+from sidecar.kernel.limits import RULE_NUMBER_MAX as RULE_NUMBER_MAX
+from sidecar.kernel.limits import SOCKET_ALLOW_MAX as SOCKET_ALLOW_MAX
+from sidecar.kernel.limits import UNIX_ALLOW_MAX as UNIX_ALLOW_MAX
+from sidecar.kernel.limits import UNIX_PATH_LEN as UNIX_PATH_LEN
 
-# Map sizes, passed to the programs as -D flags (bpf/maps.h has no defaults).
-# Each policy map holds two generations of the largest policy that
-# `policy validate` accepts (sidecar/policy/model.py limits, checked by
-# tests/unit/test_abi_layout.py): a reload writes one while the other judges.
-POLICIES_MAX = 20_480  # 2 x (10,000 identities + the default and pending entries)
-EGRESS_MAX = 409_600  # 2 x 200,000 CIDRs (one compiled prefix per CIDR at most)
-EXEC_ALLOW_MAX = 102_400  # 2 x 50,000 executables
-SOCKET_ALLOW_MAX = 8_192  # 2 x 4,096 socket kinds
-UNIX_ALLOW_MAX = 8_192  # 2 x 4,096 unix socket addresses
-UNIX_PATH_LEN = 108
+ABI_VERSION = 2
 
 IDENTITY_NONE = 0
 IDENTITY_PENDING = 0xFFFFFFFF
@@ -45,9 +57,6 @@ POLICY_EGRESS_ANY = 0x2
 POLICY_EXEC_RESTRICTED = 0x4
 POLICY_LOG_ALLOWED = 0x8
 POLICY_UNIX_RESTRICTED = 0x10
-
-PROTO_TCP = 0x1
-PROTO_UDP = 0x2
 
 EXEC_ARGS_TRUNCATED = 0x1
 EXEC_NO_ARGS = 0x2
@@ -152,7 +161,7 @@ class ConnectEvent(ctypes.Structure):
         ("verdict", ctypes.c_uint8),
         ("dport", ctypes.c_uint16),
         ("pad", ctypes.c_uint16),
-        ("daddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * ADDR_LEN),
         ("rule", ctypes.c_uint32),
         ("policy_gen", ctypes.c_uint32),
     )
@@ -228,7 +237,7 @@ class EgressKey(ctypes.Structure):
         ("prefixlen", ctypes.c_uint32),
         ("gen", ctypes.c_uint32),
         ("identity", ctypes.c_uint32),
-        ("addr", ctypes.c_uint8 * 16),
+        ("addr", ctypes.c_uint8 * ADDR_LEN),
     )
 
 
@@ -402,12 +411,12 @@ def _text(raw: bytes) -> str:
 # per record); the formats are checked against the ctypes mirrors at import,
 # and the mirrors against the C header by tests/unit/test_abi_layout.py.
 _HEADER = struct.Struct("<HHIQ")
-_TASK = struct.Struct("<IIIIIIQ16s")
-_HEADER_TASK = struct.Struct("<HHIQIIIIIIQ16s")  # both in one call, on the hot path
+_TASK = struct.Struct(f"<IIIIIIQ{COMM_LEN}s")
+_HEADER_TASK = struct.Struct(f"<HHIQIIIIIIQ{COMM_LEN}s")  # both in one call, on the hot path
 _EXEC_TAIL = struct.Struct(f"<IIIHHHBBIQ{FILENAME_LEN}s")
 _EXEC_FIXED = struct.Struct("<IIIHHHBBIQ")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
-_CONNECT_TAIL = struct.Struct("<BBBBHH16sII")
+_CONNECT_TAIL = struct.Struct(f"<BBBBHH{ADDR_LEN}sII")
 _SOCKET_TAIL = struct.Struct("<HHHBBiiII")
 _UNIX_TAIL = struct.Struct(f"<BBHI{UNIX_PATH_LEN}sI")
 _T0 = _HEADER.size
@@ -437,7 +446,7 @@ _SIZES = {t: ctypes.sizeof(m) for t, m in _BY_TYPE.items()}
 # built and written without a Python object per entry.
 POLICY_KEY = struct.Struct("<II")  # gen, identity
 IDENTITY_POLICY = struct.Struct("<IIQ")  # flags, pad, caps_refused
-EGRESS_KEY = struct.Struct("<III16s")  # prefixlen, gen, identity, addr
+EGRESS_KEY = struct.Struct(f"<III{ADDR_LEN}s")  # prefixlen, gen, identity, addr
 PORT_RULE = struct.Struct("<HHBBH")  # port_lo, port_hi, protocols, pad, rule
 EGRESS_RULES_HEAD = struct.Struct("<I")  # count, then MAX_PORT_RULES port rules
 EXEC_KEY = struct.Struct("<IIIIQ")  # gen, identity, dev (kernel dev_t), pad, ino

@@ -25,7 +25,7 @@ from typing import Any
 
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.btf import kernel_offset_cflags
-from sidecar.kernel.maps import KernelMaps
+from sidecar.kernel.maps import DELIVERED, KernelMaps
 from sidecar.util.errors import KernelError
 
 _logger = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class LoadOptions:
     pin_dir: Path
     scope: Path
     tracefs: Path
-    procs_max: int = 65536
-    ringbuf_pages: int = 256
+    procs_max: int = abi.PROCS_MAX_DEFAULT
+    ringbuf_pages: int = abi.RINGBUF_PAGES_DEFAULT
     attest: bool = False
     # Where the cgroup hooks attach: the cgroup2 root (found when None), so
     # that enforcement follows an identity out of the scope.
@@ -141,11 +141,51 @@ class LoadOptions:
                 raise KernelError(
                     f"{name} '{p}' must be an absolute path of letters, digits, '.', '_', '-', '/'"
                 )
-        if not 1024 <= self.procs_max <= 4_194_304:
-            raise KernelError(f"procs_max {self.procs_max} must be within 1024..4194304")
+        lo, hi = abi.PROCS_MAX_RANGE
+        if not lo <= self.procs_max <= hi:
+            raise KernelError(f"procs_max {self.procs_max} must be within {lo}..{hi}")
         pages = self.ringbuf_pages
-        if pages < 1 or pages & (pages - 1) or pages > 65536:
-            raise KernelError(f"ringbuf_pages {pages} must be a power of two up to 65536")
+        if pages < 1 or pages & (pages - 1) or pages > abi.RINGBUF_PAGES_MAX:
+            raise KernelError(
+                f"ringbuf_pages {pages} must be a power of two up to {abi.RINGBUF_PAGES_MAX}"
+            )
+
+    @property
+    def ringbuf_bytes(self) -> int:
+        return self.ringbuf_pages * abi.RINGBUF_PAGE_BYTES
+
+    def map_sizes(self) -> dict[str, int]:
+        """max_entries of every map in bpf/maps.h that holds more than one entry.
+
+        Passed as -D flags: maps.h has no sizes of its own and stops the build
+        when one is missing, so these are the sizes the kernel gets.
+        """
+        return {
+            "PROCS_MAX": self.procs_max,
+            "RINGBUF_BYTES": self.ringbuf_bytes,
+            "POLICIES_MAX": abi.POLICIES_MAX,
+            "EGRESS_MAX": abi.EGRESS_MAX,
+            "EXEC_ALLOW_MAX": abi.EXEC_ALLOW_MAX,
+            "SOCKET_ALLOW_MAX": abi.SOCKET_ALLOW_MAX,
+            "UNIX_ALLOW_MAX": abi.UNIX_ALLOW_MAX,
+            "EVENT_TYPE_SLOTS": abi.EVENT_TYPE_SLOTS,
+            "DELIVERED_SLOTS": len(DELIVERED),
+        }
+
+
+def build_cflags(options: LoadOptions, pin_dir: Path, src: Path, offsets: list[str]) -> list[str]:
+    """The compiler flags of the BCC programs: paths, map sizes, the kernel's offsets."""
+    cflags = [
+        f"-I{src / 'include'}",
+        f"-I{src}",
+        f'-DPIN_DIR="{pin_dir}"',
+        *(f"-D{name}={size}" for name, size in options.map_sizes().items()),
+        *offsets,
+        "-Wno-macro-redefined",
+    ]
+    if has_group_dead(options.tracefs):
+        cflags.append("-DSIDECAR_HAVE_GROUP_DEAD=1")
+    return cflags
 
 
 @dataclass
@@ -212,22 +252,7 @@ class KernelPrograms(KernelMaps):
         for d in (self.options.pin_dir, self.pin_dir, self.links_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
-        cflags = [
-            f"-I{src / 'include'}",
-            f"-I{src}",
-            f'-DPIN_DIR="{self.pin_dir}"',
-            f"-DPROCS_MAX={self.options.procs_max}",
-            f"-DRINGBUF_PAGES={self.options.ringbuf_pages}",
-            f"-DPOLICIES_MAX={abi.POLICIES_MAX}",
-            f"-DEGRESS_MAX={abi.EGRESS_MAX}",
-            f"-DEXEC_ALLOW_MAX={abi.EXEC_ALLOW_MAX}",
-            f"-DSOCKET_ALLOW_MAX={abi.SOCKET_ALLOW_MAX}",
-            f"-DUNIX_ALLOW_MAX={abi.UNIX_ALLOW_MAX}",
-            *kernel_offset_cflags(),
-            "-Wno-macro-redefined",
-        ]
-        if has_group_dead(self.options.tracefs):
-            cflags.append("-DSIDECAR_HAVE_GROUP_DEAD=1")
+        cflags = build_cflags(self.options, self.pin_dir, src, kernel_offset_cflags())
         self._resize_ring()
         module = _make_module_class()
         started = time.monotonic()
@@ -250,7 +275,7 @@ class KernelPrograms(KernelMaps):
             size = libbpf.map_max_entries(fd)
         finally:
             os.close(fd)
-        wanted = self.options.ringbuf_pages * 4096
+        wanted = self.options.ringbuf_bytes
         if size != wanted:
             _logger.warning(
                 "ring buffer resized from %d to %d bytes: records left unread in the old one "

@@ -24,19 +24,20 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 
+from sidecar.kernel.limits import MAX_PORT_RULES
 from sidecar.policy.model import EgressRule, IdentitySpec, PolicySpec
 from sidecar.policy.space import ADDRESS_BITS, Cidr
 
 _logger = logging.getLogger(__name__)
 
-MAX_RULES_PER_PREFIX = 8
+MAX_RULES_PER_PREFIX = MAX_PORT_RULES  # the kernel's egress_rules array (dependency-free)
 VERSION_HEX_CHARS = 16
 _ALL_ONES = (1 << ADDRESS_BITS) - 1
 
 
 @dataclass(frozen=True, order=True)
 class PortRule:
-    """One port range for the protocols in ``protocol_mask`` (1 tcp, 2 udp)."""
+    """One port range for the protocols in ``protocol_mask`` (model.PROTOCOL_BITS or'ed)."""
 
     protocol_mask: int
     port_lo: int

@@ -8,6 +8,12 @@ Validation rejects everything that would make a decision ambiguous or
 surprising: unknown keys, wrong types, prefixes with host bits, port 0,
 duplicate identities, and two rules of one identity that both match some
 (address, port, protocol), because each decision must name exactly one rule.
+
+What the kernel can hold (port rules per prefix, rule numbers, protocol
+bits, path lengths) comes from :mod:`sidecar.kernel.limits`, a module of
+plain numbers that imports nothing: the policy stays kernel-neutral (no
+BCC, libbpf or ctypes mirrors behind it) without keeping copies that could
+drift from the kernel's.
 """
 
 from __future__ import annotations
@@ -20,6 +26,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sidecar.identity.spiffeid import parse_spiffe_id
+from sidecar.kernel.limits import (
+    EXEC_PATH_MAX_BYTES,
+    PROTO_TCP,
+    PROTO_UDP,
+    RULE_NUMBER_MAX,
+    UNIX_PATH_LEN,
+)
 from sidecar.policy import caps
 from sidecar.policy.space import Cidr, parse_cidr
 from sidecar.util.errors import PolicyError
@@ -34,17 +47,16 @@ KIND = "Policy"
 MODES = ("enforce", "audit")
 UNIDENTIFIED_VERDICTS = ("allow", "deny")
 PENDING_VERDICTS = ("deny",)
-PROTOCOL_BITS = {"tcp": 1, "udp": 2}
-ALL_PROTOCOLS = 3
+PROTOCOL_BITS = {"tcp": PROTO_TCP, "udp": PROTO_UDP}  # the kernel's port_rule.protocols
+ALL_PROTOCOLS = PROTO_TCP | PROTO_UDP
 ALL_PORTS = (1, 65535)
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_CIDRS_TOTAL = 200_000
 MAX_IDENTITIES = 10_000
-MAX_RULES_PER_IDENTITY = 65_535  # rule indexes are 16-bit in the kernel maps
+MAX_RULES_PER_IDENTITY = RULE_NUMBER_MAX  # the kernel numbers rules 1.. in 16 bits
 MAX_EXEC_PER_IDENTITY = 10_000
 MAX_EXEC_TOTAL = 50_000  # executables over the whole policy
-MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
 # Socket kinds an identity may create besides TCP and UDP over IPv4/IPv6
 # (which its egress rules judge at connect): "family/type/protocol".
@@ -60,10 +72,15 @@ SOCKET_PROTOCOLS = {
     "raw": 255,
     "mptcp": 262,
 }
+# The kinds the kernel lets through at socket() and judges at connect/sendmsg
+# by the egress rules (bpf/connect.bpf.c, sidecar_sock_create).
+_JUDGED_AT_CONNECT = (
+    (SOCKET_TYPES["stream"], SOCKET_PROTOCOLS["tcp"]),
+    (SOCKET_TYPES["dgram"], SOCKET_PROTOCOLS["udp"]),
+)
 MAX_SOCKETS_PER_IDENTITY = 64
 MAX_SOCKETS_TOTAL = 4_096  # socket kinds over the whole policy
 MAX_UNIX_TOTAL = 4_096  # unix socket addresses over the whole policy
-UNIX_PATH_BYTES = 108  # sizeof(sockaddr_un.sun_path)
 UnixAddress = tuple[bytes, bool]  # sun_path bytes (abstract: a leading NUL), is a prefix
 SocketKind = tuple[int, int, int]  # family, type, protocol
 
@@ -266,7 +283,7 @@ def parse_unix_address(text: str) -> UnixAddress:
             f"'{text}' must be an absolute path (/run/x.sock), a prefix ending in * "
             "(/run/app/*) or an abstract name (@name)"
         )
-    limit = UNIX_PATH_BYTES if prefix else UNIX_PATH_BYTES - 1  # room for the NUL
+    limit = UNIX_PATH_LEN if prefix else UNIX_PATH_LEN - 1  # room for the NUL
     if len(raw) > limit or (len(raw) < 2 and not prefix):
         raise ValueError(f"'{text}' does not fit a unix socket address (at most {limit} bytes)")
     return raw, prefix
@@ -343,7 +360,7 @@ def parse_socket_kind(text: str) -> SocketKind:
             f"protocol '{proto}' must be a number 0-65535 or one of {', '.join(SOCKET_PROTOCOLS)}"
         )
     kind = (SOCKET_FAMILIES[family], SOCKET_TYPES[stype], number)
-    if kind[1:] in ((1, 6), (2, 17)):
+    if kind[1:] in _JUDGED_AT_CONNECT:
         raise ValueError(
             f"'{text}' is TCP or UDP, which every identity may create: its egress rules judge it"
         )
@@ -477,12 +494,20 @@ def exec_path_problem(path: str) -> str | None:
     """Why ``path`` cannot be an exec allowlist entry, or None if it can.
 
     Entries are matched exactly against the resolved executable path, so
-    they must be absolute and normal (no ``.``, ``..``, ``//`` or trailing ``/``).
+    they must be absolute and normal (no ``.``, ``..``, ``//`` or trailing ``/``),
+    and short enough for the kernel's exec record to carry whole.
     """
     if "\0" in path:
         return "must not contain a NUL byte"
-    if len(path.encode(errors="surrogateescape")) > MAX_PATH_BYTES:
-        return f"path is longer than {MAX_PATH_BYTES} bytes"
+    size = len(path.encode(errors="surrogateescape"))
+    if size > EXEC_PATH_MAX_BYTES:
+        # The kernel judges the file, whatever its path's length, but reports
+        # each exec with the path cut to this: the events, the audit verdicts
+        # and the policy tools could never name an exec of this path.
+        return (
+            f"path is {size} bytes, longer than the {EXEC_PATH_MAX_BYTES} an exec record "
+            "carries: its execs could not be reported by name"
+        )
     if not path.startswith("/"):
         return f"'{path}' must be an absolute path"
     normal = posixpath.normpath(path)

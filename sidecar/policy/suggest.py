@@ -268,7 +268,9 @@ def suggest(
             observed.setdefault(ev.identity, _Observed()).unix[ev.address] += 1
         elif isinstance(ev, ExecEvent):
             if exec_path_problem(ev.exe) is not None:
-                skipped["execs of paths a policy cannot name (not absolute and normal)"] += 1
+                skipped[
+                    "execs of paths a policy cannot name (not absolute and normal, or too long)"
+                ] += 1
                 continue
             observed.setdefault(ev.identity, _Observed()).execs[ev.exe] += 1
 

@@ -13,7 +13,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.identity.spiffeid import parse_spiffe_id
-from sidecar.identity.x509 import CertificateAuthority, new_key, uri_sans, verify_svid
+from sidecar.identity.x509 import (
+    CertificateAuthority,
+    certs_pem,
+    key_pem,
+    new_csr,
+    new_key,
+    uri_sans,
+    verify_svid,
+)
 from sidecar.util.errors import CredentialError
 
 TD = "example.org"
@@ -378,3 +386,85 @@ def _leaf(
         .add_extension(x509.SubjectAlternativeName(uris), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+# ---- the one home of certificate, request and key building ---------------------------
+
+
+def test_tls_server_certificate_carries_the_spiffe_id_and_each_host_name(
+    root: CertificateAuthority,
+) -> None:
+    key = new_key()
+    names = ("127.0.0.1", "::1", "collector.example.org")
+    cert = root.sign_tls_server(
+        "spiffe://example.org/collector", names, timedelta(days=30), key.public_key()
+    )
+    san = _ext(cert, x509.SubjectAlternativeName)
+    assert san.critical is True  # the subject is empty: the SANs are the whole name
+    assert isinstance(san.value, x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://example.org/collector"
+    ]
+    assert [str(a) for a in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
+    assert san.value.get_values_for_type(x509.DNSName) == ["collector.example.org"]
+    assert cert.subject == x509.Name([])
+    assert cert.issuer == root.certificate.subject
+    eku = _ext(cert, x509.ExtendedKeyUsage).value
+    assert isinstance(eku, x509.ExtendedKeyUsage)
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    bc = _ext(cert, x509.BasicConstraints)
+    assert bc.critical is True and isinstance(bc.value, x509.BasicConstraints)
+    assert bc.value.ca is False
+    ku = _ext(cert, x509.KeyUsage)
+    assert ku.critical is True and isinstance(ku.value, x509.KeyUsage)
+    assert ku.value.digital_signature and not ku.value.key_cert_sign and not ku.value.crl_sign
+    # Never outlives its issuer (the root lives two days; thirty were asked).
+    assert cert.not_valid_after_utc == root.certificate.not_valid_after_utc
+    cert.verify_directly_issued_by(root.certificate)
+
+
+def test_tls_server_certificate_needs_a_ca_that_can_sign(root: CertificateAuthority) -> None:
+    ca = root.issue_intermediate(timedelta(hours=1), public_key=new_key().public_key())
+    with pytest.raises(CredentialError, match="cannot sign"):
+        ca.sign_tls_server(
+            "spiffe://example.org/collector", (), timedelta(hours=1), new_key().public_key()
+        )
+
+
+def test_collector_server_credentials_are_its_key_and_its_chain_up_to_the_root(
+    intermediate: CertificateAuthority,
+) -> None:
+    from sidecar.collector.tls import roots_pem, server_credentials
+
+    key_pem_, chain_pem = server_credentials(intermediate, ("localhost",), timedelta(hours=1))
+    key = serialization.load_pem_private_key(key_pem_, None)
+    chain = x509.load_pem_x509_certificates(chain_pem)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert chain[0].public_key() == key.public_key()
+    assert chain[1:] == list(intermediate.intermediates())
+    assert uri_sans(chain[0]) == ["spiffe://example.org/collector"]
+    assert x509.load_pem_x509_certificates(roots_pem(intermediate)) == intermediate.bundle()
+
+
+def test_a_new_csr_asks_for_its_key_only_and_is_signed_for_that_key(
+    root: CertificateAuthority,
+) -> None:
+    key = new_key()
+    csr = x509.load_der_x509_csr(new_csr(key))
+    assert csr.is_signature_valid
+    assert csr.subject == x509.Name([])
+    assert len(csr.extensions) == 0
+    assert csr.public_key() == key.public_key()
+    cert = root.sign_x509_svid_csr("spiffe://example.org/host/h1", timedelta(minutes=5), csr)
+    assert cert.public_key() == key.public_key()
+
+
+def test_pem_encodings_round_trip(root: CertificateAuthority) -> None:
+    key = new_key()
+    loaded = serialization.load_pem_private_key(key_pem(key), None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    assert loaded.private_numbers() == key.private_numbers()
+    assert key_pem(key).startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8, unencrypted
+    other = CertificateAuthority.generate_root(TD).certificate
+    certs = [root.certificate, other]
+    assert x509.load_pem_x509_certificates(certs_pem(certs)) == certs

@@ -11,6 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.kernel.limits import FILENAME_LEN
 from sidecar.policy import load_policy, load_policy_text
 from sidecar.policy.model import MAX_CIDRS_TOTAL, MAX_FILE_BYTES
 from sidecar.util.errors import PolicyError
@@ -298,6 +299,40 @@ def test_more_cidrs_than_the_cap_are_refused() -> None:
     assert f"more than {MAX_CIDRS_TOTAL} CIDR entries in total" in error_of(text)
 
 
+def _long_path(length: int) -> str:
+    """An absolute, normal path of ``length`` bytes."""
+    head = "/opt/" + "d" * 100 + "/"
+    return head + "x" * (length - len(head))
+
+
+def test_an_exec_path_longer_than_the_exec_record_holds_is_refused_with_its_line() -> None:
+    # The kernel reports an exec's path in a fixed field (events.h
+    # SIDECAR_FILENAME_LEN, NUL included): a longer allowed path could not be
+    # told from its cut name in events, audit and the policy tools.
+    too_long = _long_path(FILENAME_LEN)
+    assert len(too_long) == FILENAME_LEN
+    body = (
+        f"identities:\n  - id: spiffe://e.org/a\n    exec:\n      - /bin/sh\n      - {too_long}\n"
+    )
+    message = error_of(policy_text(body))
+    assert message.startswith("p.yaml:7: identities[0].exec[1]: "), message
+    assert f"{FILENAME_LEN} bytes" in message and f"{FILENAME_LEN - 1}" in message, message
+
+
+def test_an_exec_path_the_exec_record_holds_whole_is_accepted() -> None:
+    longest = _long_path(FILENAME_LEN - 1)
+    body = f"identities:\n  - id: spiffe://e.org/a\n    exec: [{longest}]\n"
+    policy = load_policy_text(policy_text(body))
+    assert policy.identities["spiffe://e.org/a"].exec_paths == frozenset({longest})
+
+
+def test_an_exec_path_is_measured_in_bytes_not_characters() -> None:
+    wide = _long_path(FILENAME_LEN - 1 - 100) + "\u00e9" * 100  # 100 more characters, 200 bytes
+    assert len(wide) < FILENAME_LEN <= len(wide.encode())
+    body = f"identities:\n  - id: spiffe://e.org/a\n    exec: ['{wide}']\n"
+    assert "p.yaml:5: identities[0].exec[0]: " in error_of(policy_text(body))
+
+
 def test_missing_file_is_a_policy_error(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "absent.yaml")
@@ -555,3 +590,20 @@ def test_bad_unix_addresses_name_the_line_and_field(item: str, words: str) -> No
     )
     msg = error_of(text)
     assert "p.yaml:5: identities[0].unix[1]" in msg and words in msg
+
+
+def test_the_policy_package_loads_no_kernel_code_but_its_limits() -> None:
+    """Kernel-neutral: validating a policy needs neither BCC, libbpf nor the ctypes mirrors."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, sidecar.policy, sidecar.policy.cli\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('sidecar.kernel'))))\n"
+        "print('bcc' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split("\n")
+    assert out[0].split() == ["sidecar.kernel", "sidecar.kernel.limits"]
+    assert out[1] == "False"
