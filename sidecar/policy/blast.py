@@ -328,13 +328,15 @@ def blast_radius(
     policy: CompiledPolicy,
     spawn_graph: SpawnGraph | None = None,
     observed: Iterable[HistoryEvent] | None = None,
+    *,
+    source: str = "<history>",
 ) -> BlastRadius:
     """Reach of each identity (of the policy and of the spawn graph), largest first."""
     graph = {parent: frozenset(children) for parent, children in (spawn_graph or {}).items()}
     names = set(policy.identities) | set(graph)
     for children in graph.values():
         names |= children
-    events = parse_events(observed) if observed is not None else None
+    events = parse_events(observed, source) if observed is not None else None
     own_sets = {n: AllowSet.of(policy, n) for n in names}
     rows: list[IdentityReach] = []
     for name in sorted(names):

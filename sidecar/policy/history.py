@@ -18,6 +18,7 @@ from typing import Any
 from sidecar.policy.model import PROTOCOL_BITS
 from sidecar.policy.space import parse_address
 from sidecar.util.errors import PolicyError
+from sidecar.util.inputs import is_stdin, read_lines, source_name
 
 _logger = logging.getLogger(__name__)
 
@@ -54,32 +55,31 @@ Event = ConnectEvent | ExecEvent | UnixEvent
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines history file; blank lines are skipped.
+    """Read a JSON-lines history file (``-``: standard input); blank lines are skipped.
 
     Each event gets a ``_line`` key (its line number) unless it has one, so
     that a bad field found later can still be reported at its line.
     """
-    p = Path(path)
+    name = source_name(path)
+    if not is_stdin(path):
+        try:
+            size = Path(path).stat().st_size
+        except OSError as exc:
+            raise PolicyError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+        if size > MAX_HISTORY_BYTES:
+            raise PolicyError(f"{name}: history is larger than {MAX_HISTORY_BYTES} bytes")
     events: list[dict[str, Any]] = []
-    try:
-        if p.stat().st_size > MAX_HISTORY_BYTES:
-            raise PolicyError(f"{p}: history is larger than {MAX_HISTORY_BYTES} bytes")
-        with p.open("r", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PolicyError(f"{p}:{number}: not a JSON event: {exc.msg}") from exc
-                if not isinstance(value, dict):
-                    raise PolicyError(f"{p}:{number}: an event must be a JSON object")
-                value.setdefault("_line", number)
-                events.append(value)
-    except OSError as exc:
-        raise PolicyError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{p}: not UTF-8 text: {exc}") from exc
+    for number, line in read_lines(path, PolicyError, MAX_HISTORY_BYTES):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"{name}:{number}: not a JSON event: {exc.msg}") from exc
+        if not isinstance(value, dict):
+            raise PolicyError(f"{name}:{number}: an event must be a JSON object")
+        value.setdefault("_line", number)
+        events.append(value)
     return events
 
 
