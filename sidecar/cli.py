@@ -140,11 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    """INFO for the daemon and the commands that talk to one; offline tools
+    (which call :func:`add_offline_flags`) only warn, unless ``-v``."""
+    if args.verbose:
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "offline", False) else logging.INFO
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=_log_level(args),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -20,6 +20,7 @@ from sidecar.policy.diff import diff
 from sidecar.policy.history import read_history
 from sidecar.policy.load import load_policy
 from sidecar.policy.suggest import suggest
+from sidecar.util.cliargs import add_offline_flags
 from sidecar.util.errors import ConfigError, SidecarError
 from sidecar.util.inputs import check_one_stdin, read_bytes, source_name
 
@@ -170,12 +171,14 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = sub.add_parser("validate", help="check a policy file and print its version")
     p.add_argument("file", metavar="FILE", help="policy YAML ('-': standard input)")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("diff", help="destinations and executables gained and lost")
     p.add_argument("old", metavar="OLD", help="policy YAML ('-': standard input)")
     p.add_argument("new", metavar="NEW", help="policy YAML ('-': standard input)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("suggest", help="learn an allowlist from audit-mode history")
@@ -195,6 +198,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--merge-ports", action="store_true", help="widen ports to one range per protocol"
     )
     p.add_argument("--include-denied", action="store_true", help="also learn from blocked attempts")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_suggest)
 
     p = sub.add_parser("blast-radius", help="what a compromise of each identity could reach")
@@ -211,4 +215,5 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="registration entries: identities reachable through parent:id selectors",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_blast_radius)

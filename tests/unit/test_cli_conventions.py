@@ -145,3 +145,38 @@ def test_diff_takes_one_side_from_standard_input_but_not_both(tmp_path: Path) ->
     both = sidecar("policy", "diff", "-", "-", stdin=POLICY)
     assert both.returncode == 2
     assert "only one input can be '-'" in both.stderr
+
+
+# --- offline tools are quiet unless asked -----------------------------------------
+
+
+def test_offline_policy_tools_log_nothing_unless_verbose(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY)
+    history = tmp_path / "h.jsonl"
+    history.write_text(connect_line(A, "10.0.0.7", 443))
+    for argv in (
+        ["policy", "validate", str(policy)],
+        ["policy", "diff", str(policy), str(policy)],
+        ["policy", "suggest", "--history", str(history)],
+        ["policy", "blast-radius", str(policy), "--observed", str(history)],
+    ):
+        quiet = sidecar(*argv)
+        assert quiet.returncode == 0, quiet.stderr
+        assert quiet.stderr == "", argv
+    for argv in (
+        ["-v", "policy", "validate", str(policy)],
+        ["policy", "validate", "-v", str(policy)],
+    ):
+        loud = sidecar(*argv)
+        assert loud.returncode == 0
+        assert "INFO sidecar.policy.load: loaded policy" in loud.stderr, argv
+
+
+def test_warnings_still_reach_a_quiet_offline_tool(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY + f"    exec: [{tmp_path}/missing]\n")
+    proc = sidecar("policy", "validate", str(policy))
+    assert proc.returncode == 0
+    assert f"{tmp_path}/missing cannot be read" in proc.stderr
+    assert " INFO " not in proc.stderr
