@@ -7,12 +7,19 @@ offline tools keep quiet unless asked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 A = "spiffe://example.org/agent/a"
@@ -47,6 +54,55 @@ def sidecar(
         timeout=60,
         cwd="/",
     )
+
+
+def sidecar_into_closed_pipe(*args: str, stdin: str = "") -> tuple[int, str]:
+    """Run with stdout a pipe nobody reads any more (``| head -c 0``): exit code, stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command writes a byte: EPIPE, every time
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", *args],
+            input=stdin,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+@contextlib.contextmanager
+def fake_daemon(path: Path, answer: dict[str, Any]) -> Iterator[None]:
+    """An admin socket that gives every request ``answer``, as the daemon's does."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(5)
 
 
 def connect_line(identity: str, daddr: str, dport: int, verdict: str = "allow") -> str:
@@ -180,3 +236,91 @@ def test_warnings_still_reach_a_quiet_offline_tool(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert f"{tmp_path}/missing cannot be read" in proc.stderr
     assert " INFO " not in proc.stderr
+
+
+# --- a closed pipe ends a command quietly -------------------------------------------
+
+
+def test_status_json_into_a_closed_pipe_exits_141_without_a_traceback(tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    with fake_daemon(sock, {"host": "h", "events": {"exec": 1}}):
+        code, err = sidecar_into_closed_pipe("status", "--json", "--socket", str(sock))
+    assert code == 141
+    assert err == ""
+
+
+def test_offline_tools_into_a_closed_pipe_exit_141_without_a_traceback(tmp_path: Path) -> None:
+    code, err = sidecar_into_closed_pipe("policy", "blast-radius", "-", stdin=POLICY)
+    assert (code, err) == (141, "")
+    history = connect_line(A, "10.0.0.7", 443)
+    code, err = sidecar_into_closed_pipe("policy", "suggest", "--history", "-", stdin=history)
+    assert (code, err) == (141, "")
+
+
+def test_a_reader_that_stops_early_gets_what_it_read_and_no_traceback() -> None:
+    big = POLICY + "".join(
+        f"  - id: spiffe://example.org/agent/n{i}\n"
+        f"    egress:\n      - {{name: w, cidrs: [10.1.{i // 250}.{i % 250}/32]}}\n"
+        for i in range(2000)
+    )
+    proc = subprocess.run(
+        f"{sys.executable} -m sidecar.cli policy blast-radius - | head -c 10",
+        shell=True,
+        input=big,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
+    assert proc.stdout == "blast radi"
+    assert proc.stderr == ""
+
+
+# --- no daemon running ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "identities"])
+def test_no_daemon_is_exit_3_and_a_json_error_object_under_json(
+    tmp_path: Path, command: str
+) -> None:
+    absent = tmp_path / "absent.sock"
+    proc = sidecar(command, "--socket", str(absent))
+    assert proc.returncode == 3
+    assert "no daemon is running" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    proc = sidecar(command, "--json", "--socket", str(absent))
+    assert proc.returncode == 3
+    answer = json.loads(proc.stdout)
+    assert answer["code"] == "no_daemon"
+    assert str(absent) in answer["error"]
+
+
+def test_a_socket_left_by_a_killed_daemon_is_no_daemon_too(tmp_path: Path) -> None:
+    stale = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(stale))  # bound, never listening, closed: connect is refused
+    proc = sidecar("status", "--json", "--socket", str(stale))
+    assert proc.returncode == 3
+    assert json.loads(proc.stdout)["code"] == "no_daemon"
+
+
+def test_a_daemon_that_answers_with_an_error_is_still_exit_2(tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    with fake_daemon(sock, {"error": "unknown command"}):
+        proc = sidecar("status", "--json", "--socket", str(sock))
+        plain = sidecar("identities", "--socket", str(sock))
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["code"] == "error"
+    assert plain.returncode == 2
+    assert plain.stdout == ""
+    assert "the daemon refused: unknown command" in plain.stderr
+
+
+def test_status_of_a_running_daemon_is_exit_0(tmp_path: Path) -> None:
+    sock = tmp_path / "admin.sock"
+    with fake_daemon(sock, {"instances": []}):
+        proc = sidecar("identities", "--json", "--socket", str(sock))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"instances": []}
