@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
+from sidecar.util.cliargs import add_offline_flags
 from sidecar.util.errors import DaemonNotRunning, SidecarError
 
 _logger = logging.getLogger("sidecar")
@@ -117,6 +118,27 @@ def _cmd_identities(args: argparse.Namespace) -> int:
     return _ask_daemon(args, "identities", render_identities)
 
 
+def _cmd_entries_validate(args: argparse.Namespace) -> int:
+    from sidecar.attest import load_entries
+
+    entries = load_entries(args.file)
+    print(
+        f"{entries.source}: OK: {len(entries)} registration entries "
+        f"for trust domain {entries.trust_domain}"
+    )
+    return EXIT_OK
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from sidecar.daemon import config
+
+    cfg, warnings = config.check_file(args.file)
+    for warning in warnings:
+        print(f"{cfg.source}: warning: {warning}", file=sys.stderr)
+    print(f"{cfg.source}: OK: DaemonConfig for host {cfg.host}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.testing.demo import run_demo
 
@@ -162,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_policy(sub)
     register_collector(sub)
+
+    for name, fn, text in (
+        ("entries", _cmd_entries_validate, "registration entries"),
+        ("config", _cmd_config_validate, "the daemon's configuration (DaemonConfig)"),
+    ):
+        group = sub.add_parser(name, help=f"check {text}")
+        group_sub = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+        p = group_sub.add_parser("validate", help=f"check a file of {text}")
+        p.add_argument("file", metavar="FILE", help="YAML file ('-': standard input)")
+        add_offline_flags(p)
+        p.set_defaults(handler=fn)
 
     demo = sub.add_parser("demo", help="run the product on its embedded default and show events")
     demo.set_defaults(handler=_cmd_demo)

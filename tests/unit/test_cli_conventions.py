@@ -324,3 +324,92 @@ def test_status_of_a_running_daemon_is_exit_0(tmp_path: Path) -> None:
         proc = sidecar("identities", "--json", "--socket", str(sock))
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"instances": []}
+
+
+# --- entries validate and config validate -----------------------------------------
+
+ENTRIES = textwrap.dedent(
+    f"""\
+    apiVersion: sidecar/v1
+    kind: RegistrationEntries
+    trustDomain: example.org
+    entries:
+      - spiffeId: {A}
+        selectors: [unix:uid:1000]
+      - spiffeId: {B}
+        selectors: [unix:uid:1001, parent:id:{A}]
+    """
+)
+CONFIG = textwrap.dedent(
+    """\
+    apiVersion: sidecar/v1
+    kind: DaemonConfig
+    host: web-1
+    identity:
+      entries: /etc/sidecar/entries.yaml
+    policy:
+      file: /etc/sidecar/policy.yaml
+    """
+)
+
+
+def test_entries_validate_prints_one_ok_line_for_a_file_or_stdin(tmp_path: Path) -> None:
+    path = tmp_path / "entries.yaml"
+    path.write_text(ENTRIES)
+    proc = sidecar("entries", "validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{path}: OK: 2 registration entries for trust domain example.org\n"
+    assert proc.stderr == ""
+    piped = sidecar("entries", "validate", "-", stdin=ENTRIES)
+    assert piped.returncode == 0
+    assert piped.stdout.startswith("<stdin>: OK: 2 registration entries")
+
+
+def test_entries_validate_names_file_line_and_field_and_exits_2(tmp_path: Path) -> None:
+    bad = ENTRIES.replace("unix:uid:1001", "unix:uid:nobody-knows")
+    path = tmp_path / "entries.yaml"
+    path.write_text(bad)
+    proc = sidecar("entries", "validate", str(path))
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert f"{path}:8: entries[1].selectors[0]:" in proc.stderr
+    piped = sidecar("entries", "validate", "-", stdin=bad)
+    assert piped.returncode == 2
+    assert "<stdin>:8: entries[1].selectors[0]:" in piped.stderr
+    missing = sidecar("entries", "validate", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2
+    assert "cannot read" in missing.stderr
+
+
+def test_config_validate_prints_one_ok_line_for_a_file_or_stdin(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(CONFIG)
+    proc = sidecar("config", "validate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{path}: OK: DaemonConfig for host web-1\n"
+    assert proc.stderr == ""
+    piped = sidecar("config", "validate", "-", stdin=CONFIG)
+    assert (piped.returncode, piped.stdout) == (0, "<stdin>: OK: DaemonConfig for host web-1\n")
+
+
+def test_config_validate_names_file_line_and_field_and_exits_2(tmp_path: Path) -> None:
+    bad = CONFIG + "bpf:\n  procsMax: lots\n"
+    proc = sidecar("config", "validate", "-", stdin=bad)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "<stdin>:9: bpf.procsMax: must be an integer from 1024 to 4194304" in proc.stderr
+    path = tmp_path / "daemon.yaml"
+    path.write_text(CONFIG.replace("policy:", "polcy:"))
+    proc = sidecar("config", "validate", str(path))
+    assert proc.returncode == 2
+    assert f"{path}:6: polcy: unknown field" in proc.stderr
+
+
+def test_config_validate_checks_the_file_and_warns_of_what_this_host_lacks() -> None:
+    cfg = CONFIG + "scope:\n  cgroup: /nonexistent/agents\n"
+    proc = sidecar("config", "validate", "-", stdin=cfg)
+    assert proc.returncode == 0
+    assert "<stdin>: warning: scope.cgroup /nonexistent/agents does not exist" in proc.stderr
+    env_ignored = sidecar("config", "validate", "-", stdin=CONFIG, env={"SIDECAR_CGROUP": "/x"})
+    assert env_ignored.returncode == 0
+    assert env_ignored.stderr == ""
