@@ -17,9 +17,9 @@ from typing import Any
 
 from sidecar.policy.blast import blast_radius
 from sidecar.policy.diff import diff
-from sidecar.policy.history import read_history
-from sidecar.policy.load import load_policy
-from sidecar.policy.suggest import suggest
+from sidecar.policy.history import read_history, unrecognised
+from sidecar.policy.load import load_policy, parse_policy_file
+from sidecar.policy.suggest import suggest, suggest_into
 from sidecar.util.cliargs import add_offline_flags
 from sidecar.util.errors import ConfigError, SidecarError
 from sidecar.util.inputs import check_one_stdin, read_bytes, source_name
@@ -104,18 +104,33 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_suggest(args: argparse.Namespace) -> int:
-    """A policy learnt from audit-mode history."""
+    """A policy learnt from audit-mode history, on its own or merged into one."""
+    check_one_stdin(args.history, args.into)
+    source = source_name(args.history)
     events = read_history(args.history)
-    sys.stdout.write(
-        suggest(
-            events,
-            merge_cidrs=args.merge_cidrs,
-            merge_ports=args.merge_ports,
-            include_denied=args.include_denied,
-            source=source_name(args.history),
-        )
-    )
+    _warn_unrecognised(source, events)
+    options: dict[str, Any] = {
+        "merge_cidrs": args.merge_cidrs,
+        "merge_ports": args.merge_ports,
+        "include_denied": args.include_denied,
+        "source": source,
+    }
+    if args.into:
+        text = suggest_into(parse_policy_file(args.into), events, **options)
+    else:
+        text = suggest(events, **options)
+    sys.stdout.write(text)
     return EXIT_OK
+
+
+def _warn_unrecognised(source: str, events: list[dict[str, Any]]) -> None:
+    count, first = unrecognised(events)
+    if count:
+        print(
+            f"{source}:{first}: warning: {count} line(s) are neither daemon events nor "
+            "'sidecar tail --json' output, and were ignored (this is the first)",
+            file=sys.stderr,
+        )
 
 
 def _read_spawn_graph(path: str) -> dict[str, set[str]]:
@@ -140,6 +155,8 @@ def cmd_blast_radius(args: argparse.Namespace) -> int:
     check_one_stdin(args.file, args.observed, args.spawn_graph, args.entries)
     policy = load_policy(args.file)
     observed = read_history(args.observed) if args.observed else None
+    if observed is not None:
+        _warn_unrecognised(source_name(args.observed), observed)
     graph = _read_spawn_graph(args.spawn_graph) if args.spawn_graph else None
     if args.entries:
         from sidecar.attest import load_entries
@@ -186,7 +203,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--history",
         required=True,
         metavar="FILE",
-        help="daemon events, JSON lines ('-': standard input)",
+        help="events, JSON lines: the daemon's output or 'sidecar tail --json' ('-': stdin)",
     )
     p.add_argument(
         "--merge-cidrs",
@@ -198,6 +215,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--merge-ports", action="store_true", help="widen ports to one range per protocol"
     )
     p.add_argument("--include-denied", action="store_true", help="also learn from blocked attempts")
+    p.add_argument(
+        "--into",
+        metavar="POLICY",
+        help="merge into this policy: its rules are kept, what they miss is added",
+    )
     add_offline_flags(p)
     p.set_defaults(handler=cmd_suggest)
 

@@ -307,3 +307,30 @@ def test_tail_as_a_process_ends_at_the_stored_end_and_quietly_on_a_closed_pipe(
     finally:
         os.close(write_end)
     assert (closed.returncode, closed.stderr) == (141, "")
+
+
+def test_policy_suggest_learns_from_what_tail_json_prints(
+    collector: tuple[_Background, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.cli import main
+    from sidecar.policy import decide, exec_allowed, load_policy_text
+
+    bg, cfg = collector
+    creds, alice = _enroll_and_subscribe(bg, cfg, tmp_path, capsys)
+    _publish(bg, creds, tmp_path, AUDIT_HISTORY)
+    target = f"127.0.0.1:{bg.server.port}"
+    argv = ["tail", "--collector", target, "--credentials", str(alice), "--no-follow", "--json"]
+    assert _run(*argv) == 0
+    history = tmp_path / "history.jsonl"
+    history.write_text(capsys.readouterr().out)
+
+    assert main(["policy", "suggest", "--history", str(history)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # every line understood
+    assert "from 6 connect/exec event(s)" in out
+    learnt = load_policy_text(out, "learnt.yaml")
+    assert decide(learnt, A, "tcp", "192.0.2.1", 443).verdict == "allow"
+    assert decide(learnt, A, "udp", "2001:db8::1", 53).verdict == "allow"
+    assert decide(learnt, A, "tcp", "198.51.100.9", 22).verdict != "allow"  # was denied
+    assert exec_allowed(learnt, A, "/usr/bin/curl")
+    assert learnt.identities[A].unix is not None and len(learnt.identities[A].unix) == 1
