@@ -1,7 +1,11 @@
 """The ``sidecar`` command: parses arguments, wires objects, sets up logging.
 
-Any ``SidecarError`` becomes one line on stderr and exit code 2; a Python
-traceback reaching the user is a bug.
+Exit codes: 0 success; 1 "differs" (``policy diff``); 2 any ``SidecarError``,
+as one line on stderr (a Python traceback reaching the user is a bug); 3 no
+daemon running (``status``, ``identities``: the LSB ``status`` code for "not
+running"); 141 stdout was a pipe that closed (128 + SIGPIPE, what a shell
+reports for a command the closed pipe killed, so ``set -o pipefail`` sees
+it as other commands do); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,16 +14,24 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from sidecar import __version__
-from sidecar.util.errors import SidecarError
+from sidecar.util.cliargs import add_offline_flags
+from sidecar.util.errors import DaemonNotRunning, SidecarError
 
 _logger = logging.getLogger("sidecar")
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_NO_DAEMON = 3
+EXIT_BROKEN_PIPE = 141
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -72,22 +84,60 @@ def _admin_socket(args: argparse.Namespace) -> Path:
     return cfg.admin_socket
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _ask_daemon(args: argparse.Namespace, cmd: str, render: Callable[[Any], str]) -> int:
+    """Ask the daemon; no daemon is exit 3 (as an LSB ``status`` says "not running").
+
+    Under ``--json`` a failure is also a JSON object on stdout, ``{"error": ...,
+    "code": "no_daemon"}`` or ``"code": "error"``, so that a script reading
+    stdout always gets JSON.
+    """
     from sidecar.daemon.admin import request
+
+    try:
+        answer = request(_admin_socket(args), cmd)
+    except SidecarError as exc:
+        no_daemon = isinstance(exc, DaemonNotRunning)
+        if args.json:
+            print(json.dumps({"error": str(exc), "code": "no_daemon" if no_daemon else "error"}))
+        if not no_daemon:
+            raise
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
     from sidecar.daemon.status import render_status
 
-    answer = request(_admin_socket(args), "status")
-    print(json.dumps(answer, indent=2) if args.json else render_status(answer))
-    return 0
+    return _ask_daemon(args, "status", render_status)
 
 
 def _cmd_identities(args: argparse.Namespace) -> int:
-    from sidecar.daemon.admin import request
     from sidecar.daemon.status import render_identities
 
-    answer = request(_admin_socket(args), "identities")
-    print(json.dumps(answer, indent=2) if args.json else render_identities(answer))
-    return 0
+    return _ask_daemon(args, "identities", render_identities)
+
+
+def _cmd_entries_validate(args: argparse.Namespace) -> int:
+    from sidecar.attest import load_entries
+
+    entries = load_entries(args.file)
+    print(
+        f"{entries.source}: OK: {len(entries)} registration entries "
+        f"for trust domain {entries.trust_domain}"
+    )
+    return EXIT_OK
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from sidecar.daemon import config
+
+    cfg, warnings = config.check_file(args.file)
+    for warning in warnings:
+        print(f"{cfg.source}: warning: {warning}", file=sys.stderr)
+    print(f"{cfg.source}: OK: DaemonConfig for host {cfg.host}")
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -136,25 +186,66 @@ def build_parser() -> argparse.ArgumentParser:
     register_policy(sub)
     register_collector(sub)
 
+    for name, fn, text in (
+        ("entries", _cmd_entries_validate, "registration entries"),
+        ("config", _cmd_config_validate, "the daemon's configuration (DaemonConfig)"),
+    ):
+        group = sub.add_parser(name, help=f"check {text}")
+        group_sub = group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+        p = group_sub.add_parser("validate", help=f"check a file of {text}")
+        p.add_argument("file", metavar="FILE", help="YAML file ('-': standard input)")
+        add_offline_flags(p)
+        p.set_defaults(handler=fn)
+
     demo = sub.add_parser("demo", help="run the product on its embedded default and show events")
     demo.set_defaults(handler=_cmd_demo)
     return parser
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    """INFO for the daemon and the commands that talk to one; offline tools
+    (which call ``add_offline_flags``) only warn, unless ``-v``."""
+    if args.verbose:
+        return logging.DEBUG
+    return logging.WARNING if getattr(args, "offline", False) else logging.INFO
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what
+    is still buffered cannot fail again on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=_log_level(args),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`sidecar status --json | head -c 10`): end
+        # quietly, with the status a shell shows for a command SIGPIPE killed.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except SidecarError as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -32,6 +32,7 @@ from sidecar.attest.facts import ProcessFacts
 from sidecar.attest.selectors import Selector, parse_selector
 from sidecar.identity.spiffeid import parse_spiffe_id, parse_trust_domain
 from sidecar.util.errors import AttestationError
+from sidecar.util.inputs import read_bytes
 from sidecar.util.yamlsrc import (
     DEFAULT_MAX_BYTES,
     Document,
@@ -127,14 +128,10 @@ class Entries:
 
 
 def load_entries(path: str | Path) -> Entries:
-    """Read and validate a registration entries file; errors name file:line: field."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(DEFAULT_MAX_BYTES + 1)
-    except OSError as exc:
-        raise AttestationError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    return load_entries_text(raw, str(p))
+    """Read and validate a registration entries file (``-``: standard input);
+    errors name file:line: field."""
+    raw, source = read_bytes(path, AttestationError, DEFAULT_MAX_BYTES)
+    return load_entries_text(raw, source)
 
 
 def load_entries_text(text: str | bytes, source: str) -> Entries:

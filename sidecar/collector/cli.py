@@ -92,7 +92,7 @@ def _read(path: Path) -> bytes:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
-    from sidecar.collector.tail import VERDICTS, format_json, format_line, tail
+    from sidecar.collector.tail import VERDICTS, format_json, format_line, stored, tail
 
     creds = grpc.ssl_channel_credentials(
         _read(args.credentials / "bundle.pem"),
@@ -120,7 +120,12 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         return grpc.aio.secure_channel(args.collector, creds, options=options)
 
     try:
-        asyncio.run(tail(channel, req, emit, args.limit))
+        if args.no_follow:
+            if args.since is not None:
+                flt.start_time_ns = time.time_ns() - int(args.since * 1e9)
+            asyncio.run(stored(channel, flt, args.after_cursor or 0, emit, args.limit))
+        else:
+            asyncio.run(tail(channel, req, emit, args.limit))
     except KeyboardInterrupt:
         return 0
     return 0
@@ -166,4 +171,9 @@ def register_cli(subparsers: Any) -> None:
     tl.add_argument("--after-cursor", type=int, help="replay after this cursor")
     tl.add_argument("--json", action="store_true", help="one JSON object per line")
     tl.add_argument("--limit", type=int, default=0, help="stop after this many events")
+    tl.add_argument(
+        "--no-follow",
+        action="store_true",
+        help="print what is stored (all of it, or from --since / --after-cursor) and exit",
+    )
     tl.set_defaults(handler=_cmd_tail)

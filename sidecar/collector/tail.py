@@ -2,7 +2,8 @@
 
 A subscription is resumable: on a disconnect (a too-slow terminal, a collector
 restart) ``tail`` reconnects after the last cursor it printed, so nothing is skipped
-or printed twice.
+or printed twice.  ``--no-follow`` pages through what is stored instead
+(``Query``) and returns at its end.
 """
 
 from __future__ import annotations
@@ -125,3 +126,32 @@ async def tail(
                 _logger.warning("subscription ended (%s); resuming", exc.details())
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
+
+
+async def stored(
+    channel_factory: Callable[[], grpc.aio.Channel],
+    flt: collector_pb2.EventFilter,
+    after_cursor: int,
+    emit: Callable[[collector_pb2.StoredEvent], None],
+    limit: int = 0,
+) -> int:
+    """Print the stored events matching ``flt`` after ``after_cursor``, page by page,
+    and return how many were printed (at most ``limit``; 0: all)."""
+    printed = 0
+    cursor = after_cursor
+    async with channel_factory() as ch:
+        stub = collector_pb2_grpc.CollectorStub(ch)
+        while True:
+            request = collector_pb2.QueryRequest(filter=flt, after_cursor=cursor)
+            try:
+                page = await stub.Query(request)
+            except grpc.aio.AioRpcError as exc:
+                raise TransportError(f"query failed: {exc.code().name}: {exc.details()}") from exc
+            for se in page.events:
+                emit(se)
+                printed += 1
+                if limit and printed >= limit:
+                    return printed
+            if not page.more or page.next_cursor <= cursor:
+                return printed
+            cursor = page.next_cursor

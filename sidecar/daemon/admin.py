@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.util.errors import TransportError
+from sidecar.util.errors import DaemonNotRunning, TransportError
 
 _logger = logging.getLogger(__name__)
 
@@ -74,11 +74,22 @@ class AdminServer:
 
 
 def request(path: Path, cmd: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask the daemon at ``path``; TransportError when it is not there."""
+    """Ask the daemon at ``path``.
+
+    ``DaemonNotRunning`` when no daemon is there (the socket is absent, or
+    nothing accepts on it: a daemon that was killed leaves its socket
+    behind); ``TransportError`` for every other failure.
+    """
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(str(path))
+            try:
+                s.connect(str(path))
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise DaemonNotRunning(
+                    f"no daemon is running: nothing answers at {path} "
+                    f"({exc.strerror or exc}; start it with 'sidecar run')"
+                ) from exc
             s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
             chunks = []
             while chunk := s.recv(65536):

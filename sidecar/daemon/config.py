@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sidecar.util.errors import ConfigError
+from sidecar.util.inputs import source_name
 from sidecar.util.yamlsrc import Fields, check_header, load_file
 
 API_VERSION = "sidecar/v1"
@@ -231,8 +232,21 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
         procs_max=procs_max,
         ringbuf_pages=pages,
         detach_on_exit=detach,
-        source=str(path),
+        source=source_name(path),
     )
+
+
+def check_file(path: str | Path) -> tuple[DaemonConfig, list[str]]:
+    """Validate one config file (``-``: standard input) on its own: defaults < file,
+    no environment, no flags.  Also returns warnings about what this host lacks."""
+    cfg = _from_file(defaults(), Path(path))
+    warnings: list[str] = []
+    if cfg.scope_cgroup is not None and not cfg.scope_cgroup.is_dir():
+        warnings.append(
+            f"scope.cgroup {cfg.scope_cgroup} does not exist on this host: "
+            "'sidecar run' would refuse it here"
+        )
+    return cfg, warnings
 
 
 def load(

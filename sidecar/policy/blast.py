@@ -7,10 +7,14 @@ process that is attested as that child identity (transitively).  It can also
 obtain credentials: its own X.509-SVID and JWT-SVIDs for any audience, and
 those of every identity it can spawn into.
 
-Identities are ranked by reach: the number of (address, port, protocol)
-destinations of the union over the identity and its spawn closure, then
-unrestricted executables, then the number of executables, identities it
-can spawn into and credentials.  An identity the policy does not list is
+Identities are ranked by reach: the (address, port, protocol) destinations
+of the union over the identity and its spawn closure, then unrestricted
+executables, then the number of executables, identities it can spawn into
+and credentials.  Reach is measured on a scale normalised per address family
+(IPv4 destinations over 2^32, IPv6 ones over the rest of the 128-bit space),
+because a raw count lets one IPv6 /48 (2^80 addresses, one site) outweigh
+all of IPv4 on every port; and it is printed in the units people read:
+"all IPv4", "a /48", "any port".  An identity the policy does not list is
 governed by ``defaults.unidentified`` and its execs are not restricted (see
 :mod:`sidecar.policy.evaluate`): under ``unidentified: allow``, being able
 to spawn into an unlisted identity means reaching everything.
@@ -23,17 +27,27 @@ only a few destinations were used, executables never run.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from sidecar.policy import caps
-from sidecar.policy.allowset import AllowSet, Box, Destination
+from sidecar.policy.allowset import PROTOCOLS, AllowSet, Box, Destination
 from sidecar.policy.compiled import CompiledIdentity, CompiledPolicy
 from sidecar.policy.evaluate import decide_value
 from sidecar.policy.history import ConnectEvent, Event, ExecEvent, HistoryEvent, parse_events
-from sidecar.policy.model import format_socket_kind, format_unix_address
-from sidecar.policy.space import format_address
+from sidecar.policy.model import PortRange, format_socket_kind, format_unix_address
+from sidecar.policy.space import (
+    ADDRESS_BITS,
+    V4_MAPPED_BASE,
+    Cidr,
+    Interval,
+    format_address,
+    interval_count,
+    merge_intervals,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -57,6 +71,122 @@ class Credential:
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "spiffe_id": self.spiffe_id, "audience": self.audience}
+
+
+IPV4_SPACE = 1 << 32
+IPV6_SPACE = (1 << ADDRESS_BITS) - IPV4_SPACE  # the 128-bit space less the IPv4-mapped block
+_V4: Interval = (V4_MAPPED_BASE, V4_MAPPED_BASE + IPV4_SPACE - 1)
+_ANY_PORT = (1, 65535)
+MAX_TEXT_PORT_RANGES = 5
+
+
+@dataclass(frozen=True)
+class FamilyReach:
+    """What an allow set holds in one address family, summed up for people."""
+
+    destinations: int = 0  # (address, port, protocol) points
+    addresses: int = 0  # distinct addresses, on any of the ports
+    ports: tuple[PortRange, ...] = ()
+    protocols: tuple[str, ...] = ()
+
+    def to_json(self, family: str) -> dict[str, Any]:
+        return {
+            "destinations": self.destinations,
+            "addresses": self.addresses,
+            "ports": [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports],
+            "protocols": list(self.protocols),
+            "summary": self.describe(family),
+        }
+
+    def describe(self, family: str) -> str:
+        if not self.destinations:
+            return "nothing"
+        amount = ipv4_amount(self.addresses) if family == "ipv4" else ipv6_amount(self.addresses)
+        return f"{amount} on {ports_text(self.ports)} over {'/'.join(self.protocols)}"
+
+
+def ipv4_amount(n: int) -> str:
+    if n >= IPV4_SPACE:
+        return "all IPv4"
+    return "1 address" if n == 1 else f"{n:,} addresses"
+
+
+def ipv6_amount(n: int) -> str:
+    """An amount of IPv6 addresses as a prefix size: "a /48", "3 /64s", "all IPv6"."""
+    if n >= IPV6_SPACE:
+        return "all IPv6"
+    if n <= 65536:
+        return "1 address" if n == 1 else f"{n:,} addresses"
+    zeros = (n & -n).bit_length() - 1
+    count, length = n >> zeros, ADDRESS_BITS - zeros
+    if count == 1:
+        return f"a /{length}"
+    if count < 1000:
+        return f"{count} /{length}s"
+    return f"about a /{ADDRESS_BITS - round(math.log2(n))}"
+
+
+def ports_text(ports: tuple[PortRange, ...]) -> str:
+    """``any port (1-65535)``, ``port 443``, ``ports 80-81, 443``."""
+    if any(lo <= _ANY_PORT[0] and hi >= _ANY_PORT[1] for lo, hi in ports):
+        return "any port (1-65535)"
+    shown = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports[:MAX_TEXT_PORT_RANGES]]
+    more = len(ports) - MAX_TEXT_PORT_RANGES
+    text = ", ".join(shown) + (f" and {more} more ranges" if more > 0 else "")
+    return f"port {text}" if len(ports) == 1 and ports[0][0] == ports[0][1] else f"ports {text}"
+
+
+def cidr_text(c: Cidr) -> str:
+    """A prefix with its size in readable units: ``10.0.0.0/24 (256)``, ``::/0 (all IPv6 ...)``."""
+    if c.is_ipv4:
+        return f"{c} (all IPv4)" if c.size == IPV4_SPACE else f"{c} ({c.size:,})"
+    if c.length == 0:
+        return f"{c} (all IPv6, IPv4 included)"
+    return f"{c} (1 address)" if c.length == ADDRESS_BITS else f"{c} (a /{c.length})"
+
+
+def _split(intervals: Iterable[Interval]) -> tuple[list[Interval], list[Interval]]:
+    """Intervals of the 128-bit space -> (the IPv4-mapped parts, the rest)."""
+    v4: list[Interval] = []
+    v6: list[Interval] = []
+    for lo, hi in intervals:
+        if hi < _V4[0] or lo > _V4[1]:
+            v6.append((lo, hi))
+            continue
+        v4.append((max(lo, _V4[0]), min(hi, _V4[1])))
+        if lo < _V4[0]:
+            v6.append((lo, _V4[0] - 1))
+        if hi > _V4[1]:
+            v6.append((_V4[1] + 1, hi))
+    return v4, v6
+
+
+def family_reach(aset: AllowSet) -> tuple[FamilyReach, FamilyReach]:
+    """(IPv4, IPv6) summaries of an allow set."""
+    points = [0, 0]
+    addresses: list[list[Interval]] = [[], []]
+    ports: list[list[PortRange]] = [[], []]
+    protocols: list[list[str]] = [[], []]
+    for proto in PROTOCOLS:
+        for lo, hi, ivs in aset.segments(proto):
+            for k, part in enumerate(_split(ivs)):
+                if not part:
+                    continue
+                points[k] += (hi - lo + 1) * interval_count(part)
+                addresses[k].extend(part)
+                ports[k].append((lo, hi))
+                if proto not in protocols[k]:
+                    protocols[k].append(proto)
+    v4, v6 = (
+        FamilyReach(
+            points[k],
+            interval_count(merge_intervals(addresses[k])),
+            merge_intervals(ports[k]),
+            tuple(protocols[k]),
+        )
+        for k in (0, 1)
+    )
+    return v4, v6
 
 
 @dataclass(frozen=True)
@@ -112,16 +242,27 @@ class IdentityReach:
     capabilities: tuple[str, ...] | None = ()
     # unix socket addresses it and its spawn closure may use; None: any
     unix: tuple[str, ...] | None = None
+    # reach_count split by address family, for ranking and for people
+    reach_ipv4: FamilyReach = field(default_factory=FamilyReach)
+    reach_ipv6: FamilyReach = field(default_factory=FamilyReach)
 
     @property
     def can_disable_enforcement(self) -> bool:
         return self.capabilities is None or bool(self.capabilities)
 
-    def rank_key(self) -> tuple[int, int, int, int, int]:
+    @property
+    def reach_share(self) -> Fraction:
+        """Reach on a scale normalised per family: all IPv4 on one port and protocol
+        is 1, and so is all IPv6 on one port and protocol."""
+        return Fraction(self.reach_ipv4.destinations, IPV4_SPACE) + Fraction(
+            self.reach_ipv6.destinations, IPV6_SPACE
+        )
+
+    def rank_key(self) -> tuple[Fraction, int, int, int, int]:
         exec_any = self.executables is None
         n_exec = 0 if self.executables is None else len(self.executables)
         return (
-            self.reach_count,
+            self.reach_share,
             int(exec_any),
             n_exec,
             len(self.spawns_into),
@@ -137,6 +278,9 @@ class IdentityReach:
             "own_destination_count": self.own_count,
             "spawns_into": list(self.spawns_into),
             "reach_destination_count": self.reach_count,
+            "reach_ipv4": self.reach_ipv4.to_json("ipv4"),
+            "reach_ipv6": self.reach_ipv6.to_json("ipv6"),
+            "reach_share": float(self.reach_share),
             "executables": None if self.executables is None else list(self.executables),
             "executables_unrestricted": self.executables is None,
             "credentials": [c.to_json() for c in self.credentials],
@@ -171,17 +315,21 @@ def _render_identity(rank: int, r: IdentityReach) -> list[str]:
     mode = r.mode if r.in_policy else "not in the policy: the unidentified default applies"
     lines = [
         f"#{rank} {r.spiffe_id} ({mode})",
-        f"  reach: {r.reach_count:,} destinations (address x port x protocol), "
-        f"{r.own_count:,} of its own",
+        f"  reach: {_count_text(r.reach_count)} destinations (address x port x protocol), "
+        f"{_count_text(r.own_count)} of its own",
+        f"    IPv4: {r.reach_ipv4.describe('ipv4')}",
+        f"    IPv6: {r.reach_ipv6.describe('ipv6')}",
     ]
     if r.destinations:
         lines.append("  destinations:")
     for d in r.destinations[:MAX_TEXT_DESTINATIONS]:
-        cidrs = ", ".join(f"{c} ({c.size:,})" for c in d.cidrs[:MAX_TEXT_CIDRS])
+        cidrs = ", ".join(cidr_text(c) for c in d.cidrs[:MAX_TEXT_CIDRS])
         if len(d.cidrs) > MAX_TEXT_CIDRS:
             cidrs += f", ... {len(d.cidrs) - MAX_TEXT_CIDRS} more"
-        ports = d.describe().split(" -> ", 1)[0]
-        lines.append(f"    {ports} -> {cidrs}  [{d.count:,}]")
+        lines.append(
+            f"    {'/'.join(d.protocols)} {ports_text(d.ports)} -> {cidrs}  "
+            f"[{_count_text(d.count)}]"
+        )
     if len(r.destinations) > MAX_TEXT_DESTINATIONS:
         lines.append(f"    ... {len(r.destinations) - MAX_TEXT_DESTINATIONS} more")
     if r.executables is None:
@@ -225,6 +373,11 @@ def _render_identity(rank: int, r: IdentityReach) -> list[str]:
             ran = ", ".join(t.observed_executables) or "nothing"
             lines.append(f"    exec is unrestricted; only these ran: {ran}")
     return lines
+
+
+def _count_text(n: int) -> str:
+    """Exact with separators while a person can read it; a power of two beyond."""
+    return f"{n:,}" if n < 10**15 else f"about 2^{round(math.log2(n))}"
 
 
 def _closure(start: str, graph: Mapping[str, frozenset[str]]) -> tuple[str, ...]:
@@ -328,13 +481,15 @@ def blast_radius(
     policy: CompiledPolicy,
     spawn_graph: SpawnGraph | None = None,
     observed: Iterable[HistoryEvent] | None = None,
+    *,
+    source: str = "<history>",
 ) -> BlastRadius:
     """Reach of each identity (of the policy and of the spawn graph), largest first."""
     graph = {parent: frozenset(children) for parent, children in (spawn_graph or {}).items()}
     names = set(policy.identities) | set(graph)
     for children in graph.values():
         names |= children
-    events = parse_events(observed) if observed is not None else None
+    events = parse_events(observed, source) if observed is not None else None
     own_sets = {n: AllowSet.of(policy, n) for n in names}
     rows: list[IdentityReach] = []
     for name in sorted(names):
@@ -356,6 +511,7 @@ def blast_radius(
         tightening = None
         if events is not None and ci is not None:
             tightening = _tightening(policy, ci, own_sets[name], events)
+        reach_v4, reach_v6 = family_reach(reach)
         rows.append(
             IdentityReach(
                 spiffe_id=name,
@@ -371,6 +527,8 @@ def blast_radius(
                 sockets=sockets,
                 capabilities=held,
                 unix=unix,
+                reach_ipv4=reach_v4,
+                reach_ipv6=reach_v6,
             )
         )
     rows.sort(key=lambda r: r.spiffe_id)

@@ -17,14 +17,18 @@ from typing import Any
 
 from sidecar.policy.blast import blast_radius
 from sidecar.policy.diff import diff
-from sidecar.policy.history import read_history
-from sidecar.policy.load import load_policy
-from sidecar.policy.suggest import suggest
+from sidecar.policy.history import read_history, unrecognised
+from sidecar.policy.load import load_policy, parse_policy_file
+from sidecar.policy.suggest import suggest, suggest_into
+from sidecar.util.cliargs import add_offline_flags
 from sidecar.util.errors import ConfigError, SidecarError
+from sidecar.util.inputs import check_one_stdin, read_bytes, source_name
 
 EXIT_OK = 0
 EXIT_DIFFERENT = 1
 EXIT_ERROR = 2
+
+MAX_SPAWN_GRAPH_BYTES = 4 * 1024 * 1024
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -53,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate and compile a policy; print its version, and warn of weak executables."""
     policy = load_policy(args.file)
     for warning in exec_warnings(policy):
-        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+        print(f"{source_name(args.file)}: warning: {warning}", file=sys.stderr)
     print(policy.version)
     return EXIT_OK
 
@@ -89,6 +93,7 @@ def exec_warnings(policy: Any) -> list[str]:
 @_guarded
 def cmd_diff(args: argparse.Namespace) -> int:
     """What the new policy grants and takes away, per identity."""
+    check_one_stdin(args.old, args.new)
     result = diff(load_policy(args.old), load_policy(args.new))
     if args.json:
         _print_json(result.to_json())
@@ -99,47 +104,66 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_suggest(args: argparse.Namespace) -> int:
-    """A policy learnt from audit-mode history."""
+    """A policy learnt from audit-mode history, on its own or merged into one."""
+    check_one_stdin(args.history, args.into)
+    source = source_name(args.history)
     events = read_history(args.history)
-    sys.stdout.write(
-        suggest(
-            events,
-            merge_cidrs=args.merge_cidrs,
-            merge_ports=args.merge_ports,
-            include_denied=args.include_denied,
-            source=args.history,
-        )
-    )
+    _warn_unrecognised(source, events)
+    options: dict[str, Any] = {
+        "merge_cidrs": args.merge_cidrs,
+        "merge_ports": args.merge_ports,
+        "include_denied": args.include_denied,
+        "source": source,
+    }
+    if args.into:
+        text = suggest_into(parse_policy_file(args.into), events, **options)
+    else:
+        text = suggest(events, **options)
+    sys.stdout.write(text)
     return EXIT_OK
 
 
+def _warn_unrecognised(source: str, events: list[dict[str, Any]]) -> None:
+    count, first = unrecognised(events)
+    if count:
+        print(
+            f"{source}:{first}: warning: {count} line(s) are neither daemon events nor "
+            "'sidecar tail --json' output, and were ignored (this is the first)",
+            file=sys.stderr,
+        )
+
+
 def _read_spawn_graph(path: str) -> dict[str, set[str]]:
+    data, name = read_bytes(path, ConfigError, MAX_SPAWN_GRAPH_BYTES)
+    if len(data) > MAX_SPAWN_GRAPH_BYTES:
+        raise ConfigError(f"{name}: larger than {MAX_SPAWN_GRAPH_BYTES} bytes")
     try:
-        with open(path, encoding="utf-8") as fh:
-            raw = json.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not JSON: {exc}") from exc
+        raise ConfigError(f"{name}: not JSON: {exc}") from exc
     ok = isinstance(raw, dict) and all(
         isinstance(v, list) and all(isinstance(c, str) for c in v) for v in raw.values()
     )
     if not ok:
-        raise ConfigError(f"{path}: must map each parent SPIFFE ID to a list of child IDs")
+        raise ConfigError(f"{name}: must map each parent SPIFFE ID to a list of child IDs")
     return {str(k): set(v) for k, v in raw.items()}
 
 
 @_guarded
 def cmd_blast_radius(args: argparse.Namespace) -> int:
     """What a compromise of each identity could reach, largest first."""
+    check_one_stdin(args.file, args.observed, args.spawn_graph, args.entries)
     policy = load_policy(args.file)
     observed = read_history(args.observed) if args.observed else None
+    if observed is not None:
+        _warn_unrecognised(source_name(args.observed), observed)
     graph = _read_spawn_graph(args.spawn_graph) if args.spawn_graph else None
     if args.entries:
         from sidecar.attest import load_entries
 
         graph = {**(graph or {}), **load_entries(args.entries).spawn_graph()}
-    result = blast_radius(policy, graph, observed)
+    source = source_name(args.observed) if args.observed else "<history>"
+    result = blast_radius(policy, graph, observed, source=source)
     if args.json:
         _print_json(result.to_json())
     else:
@@ -163,17 +187,24 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("validate", help="check a policy file and print its version")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="policy YAML ('-': standard input)")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_validate)
 
     p = sub.add_parser("diff", help="destinations and executables gained and lost")
-    p.add_argument("old", metavar="OLD")
-    p.add_argument("new", metavar="NEW")
+    p.add_argument("old", metavar="OLD", help="policy YAML ('-': standard input)")
+    p.add_argument("new", metavar="NEW", help="policy YAML ('-': standard input)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser("suggest", help="learn an allowlist from audit-mode history")
-    p.add_argument("--history", required=True, metavar="FILE", help="daemon events, JSON lines")
+    p.add_argument(
+        "--history",
+        required=True,
+        metavar="FILE",
+        help="events, JSON lines: the daemon's output or 'sidecar tail --json' ('-': stdin)",
+    )
     p.add_argument(
         "--merge-cidrs",
         type=_prefix_length,
@@ -184,10 +215,16 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--merge-ports", action="store_true", help="widen ports to one range per protocol"
     )
     p.add_argument("--include-denied", action="store_true", help="also learn from blocked attempts")
+    p.add_argument(
+        "--into",
+        metavar="POLICY",
+        help="merge into this policy: its rules are kept, what they miss is added",
+    )
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_suggest)
 
     p = sub.add_parser("blast-radius", help="what a compromise of each identity could reach")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="policy YAML ('-': standard input)")
     p.add_argument("--observed", metavar="HISTORY", help="history to find unused allowances")
     p.add_argument(
         "--spawn-graph",
@@ -200,4 +237,5 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="registration entries: identities reachable through parent:id selectors",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_offline_flags(p)
     p.set_defaults(handler=cmd_blast_radius)

@@ -1,7 +1,17 @@
-"""Reading the daemon's event history (JSON lines) for the operator tools.
+"""Reading event history (JSON lines) for the operator tools.
 
-Only ``connect`` and ``exec`` events matter here; every other type is
-ignored.  A malformed line or field is a :class:`PolicyError` naming the
+Two shapes are read, line by line, in any mix:
+
+- the daemon's local output (``--output``, or its stdout): flat objects with
+  a ``type`` (``{"type": "connect", "daddr": ..., "dport": ...}``);
+- what ``sidecar tail --json`` prints: a collector's stored event, the
+  protobuf JSON of ``StoredEvent`` (``{"cursor": ..., "event": {"connect":
+  {"address": ..., "port": ...}}}``), decoded here with the message itself.
+
+Only ``connect``, ``exec`` and unix ``socket`` events matter here; other
+types are ignored.  A line in neither shape is counted by
+:func:`unrecognised`, so that a tool can say so instead of learning from
+nothing.  A malformed line or field is a :class:`PolicyError` naming the
 file, the line and the field, because a suggestion learnt from a history
 that was silently half-read would be wrong in a way nobody sees.
 """
@@ -15,9 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
+from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.policy.model import PROTOCOL_BITS
 from sidecar.policy.space import parse_address
 from sidecar.util.errors import PolicyError
+from sidecar.util.inputs import is_stdin, read_lines, source_name
 
 _logger = logging.getLogger(__name__)
 
@@ -54,40 +68,116 @@ Event = ConnectEvent | ExecEvent | UnixEvent
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines history file; blank lines are skipped.
+    """Read a JSON-lines history file (``-``: standard input); blank lines are skipped.
 
     Each event gets a ``_line`` key (its line number) unless it has one, so
     that a bad field found later can still be reported at its line.
     """
-    p = Path(path)
+    name = source_name(path)
+    if not is_stdin(path):
+        try:
+            size = Path(path).stat().st_size
+        except OSError as exc:
+            raise PolicyError(f"{name}: cannot read: {exc.strerror or exc}") from exc
+        if size > MAX_HISTORY_BYTES:
+            raise PolicyError(f"{name}: history is larger than {MAX_HISTORY_BYTES} bytes")
     events: list[dict[str, Any]] = []
-    try:
-        if p.stat().st_size > MAX_HISTORY_BYTES:
-            raise PolicyError(f"{p}: history is larger than {MAX_HISTORY_BYTES} bytes")
-        with p.open("r", encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PolicyError(f"{p}:{number}: not a JSON event: {exc.msg}") from exc
-                if not isinstance(value, dict):
-                    raise PolicyError(f"{p}:{number}: an event must be a JSON object")
-                value.setdefault("_line", number)
-                events.append(value)
-    except OSError as exc:
-        raise PolicyError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise PolicyError(f"{p}: not UTF-8 text: {exc}") from exc
+    for number, line in read_lines(path, PolicyError, MAX_HISTORY_BYTES):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"{name}:{number}: not a JSON event: {exc.msg}") from exc
+        if not isinstance(value, dict):
+            raise PolicyError(f"{name}:{number}: an event must be a JSON object")
+        value.setdefault("_line", number)
+        events.append(value)
     return events
 
 
+def _is_daemon_event(raw: HistoryEvent) -> bool:
+    return isinstance(raw.get("type"), str)
+
+
+def _is_stored_event(raw: HistoryEvent) -> bool:
+    return isinstance(raw.get("event"), dict)
+
+
+def unrecognised(events: Iterable[HistoryEvent]) -> tuple[int, int | None]:
+    """How many events are in neither shape this module reads, and the line of the first."""
+    count, first = 0, None
+    for index, raw in enumerate(events):
+        if not (_is_daemon_event(raw) or _is_stored_event(raw)):
+            count += 1
+            if first is None:
+                first = int(raw.get("_line", index + 1))
+    return count, first
+
+
+_PROTOCOL_NAMES = {event_pb2.PROTOCOL_TCP: "tcp", event_pb2.PROTOCOL_UDP: "udp"}
+_VERDICT_NAMES = {
+    event_pb2.VERDICT_ALLOW: "allow",
+    event_pb2.VERDICT_DENY: "deny",
+    event_pb2.VERDICT_WOULD_DENY: "would_deny",
+}
+_UNIX_OPERATIONS = ("connect", "sendmsg")  # a Socket body's operations on unix sockets
+
+
+def _stored_event(raw: HistoryEvent, where: str) -> Event | None:
+    """A typed event from one line of ``sidecar tail --json``; None for other kinds."""
+    message = collector_pb2.StoredEvent()
+    try:
+        json_format.ParseDict({k: v for k, v in raw.items() if k != "_line"}, message)
+    except json_format.ParseError as exc:
+        raise PolicyError(
+            f"{where}: not a stored event as 'sidecar tail --json' prints: {exc}"
+        ) from exc
+    ev = message.event
+    identity = ev.identity or None
+    kind = ev.WhichOneof("body")
+    if kind == "connect":
+        body: Any = ev.connect
+    elif kind == "exec":
+        body = ev.exec
+    elif kind == "socket" and ev.socket.operation in _UNIX_OPERATIONS:
+        body = ev.socket
+    else:
+        return None
+    verdict = _VERDICT_NAMES.get(body.verdict)
+    if verdict is None:
+        raise PolicyError(f"{where}: event.{kind}.verdict: must be one of {', '.join(VERDICTS)}")
+    if kind == "socket":
+        if not body.kind:
+            raise PolicyError(f"{where}: event.socket.kind: must be a unix socket address")
+        return UnixEvent(identity, body.kind, verdict)
+    if kind == "exec":
+        if not body.exe:
+            raise PolicyError(f"{where}: event.exec.exe: must be a non-empty string")
+        return ExecEvent(identity, body.exe, verdict)
+    protocol = _PROTOCOL_NAMES.get(body.protocol)
+    if protocol is None:
+        raise PolicyError(f"{where}: event.connect.protocol: must be PROTOCOL_TCP or PROTOCOL_UDP")
+    if body.port > 65535:
+        raise PolicyError(f"{where}: event.connect.port: must be an integer in 0-65535")
+    try:
+        address = parse_address(body.address)
+    except ValueError as exc:
+        raise PolicyError(f"{where}: event.connect.address: {exc}") from exc
+    return ConnectEvent(identity, protocol, address, body.port, verdict)
+
+
 def parse_events(events: Iterable[HistoryEvent], source: str = "<history>") -> list[Event]:
-    """Typed connect and exec events; other event types are skipped."""
+    """Typed connect, exec and unix events of either shape; other events are skipped."""
     out: list[Event] = []
     for index, raw in enumerate(events):
         where = f"{source}:{raw.get('_line', index + 1)}"
+        if not _is_daemon_event(raw):
+            if _is_stored_event(raw):
+                stored = _stored_event(raw, where)
+                if stored is not None:
+                    out.append(stored)
+            continue
         kind = raw.get("type")
         if kind == "socket" and raw.get("family") == "unix":
             kind = "unix"

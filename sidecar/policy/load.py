@@ -13,6 +13,7 @@ from pathlib import Path
 from sidecar.policy.compiled import CompiledPolicy, compile_policy
 from sidecar.policy.model import MAX_FILE_BYTES, PolicySpec, parse_policy
 from sidecar.util.errors import PolicyError
+from sidecar.util.inputs import source_name
 from sidecar.util.yamlsrc import load_document, load_file
 
 _logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def load_policy_text(text: str | bytes, source: str = "<policy>") -> CompiledPol
 
 
 def load_policy(path: str | Path) -> CompiledPolicy:
-    """Read, validate and compile a policy file."""
+    """Read, validate and compile a policy file (``-``: standard input)."""
     policy = compile_policy(parse_policy_file(path))
-    _logger.info("loaded policy %s version %s", path, policy.version)
+    _logger.info("loaded policy %s version %s", source_name(path), policy.version)
     return policy

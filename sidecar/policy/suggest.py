@@ -18,6 +18,10 @@ One limit forces widening on its own: the kernel scans at most
 more separate port ranges than that has its closest ranges joined, and the
 output says so in a comment.
 
+:func:`suggest_into` merges what was observed into an existing policy instead:
+its rules, executables and settings are kept as they are, and only what
+they do not allow yet is added (as above); the result is validated.
+
 Only ``allow`` and ``would_deny`` events are learnt from (what the workload
 did, or would have done, in audit mode); ``deny`` events were blocked
 attempts and are left out unless ``include_denied`` is set, and events of
@@ -33,15 +37,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sidecar.identity.spiffeid import parse_spiffe_id
-from sidecar.policy.compiled import MAX_RULES_PER_PREFIX
+from sidecar.policy import caps
+from sidecar.policy.compiled import MAX_RULES_PER_PREFIX, CompiledPolicy, compile_policy
+from sidecar.policy.evaluate import decide_value
 from sidecar.policy.history import ConnectEvent, ExecEvent, HistoryEvent, UnixEvent, parse_events
+from sidecar.policy.load import parse_policy_text
 from sidecar.policy.model import (
     PROTOCOL_BITS,
+    EgressRule,
+    IdentitySpec,
+    PolicySpec,
     PortRange,
+    UnixAddress,
     exec_path_problem,
+    format_socket_kind,
+    format_unix_address,
     parse_unix_address,
 )
 from sidecar.policy.space import ADDRESS_BITS, Cidr, format_address
+from sidecar.util.errors import PolicyError
 
 _logger = logging.getLogger(__name__)
 
@@ -231,17 +245,11 @@ def _render_identity(
     return out
 
 
-def suggest(
-    history_events: Iterable[HistoryEvent],
-    merge_cidrs: int | None = None,
-    merge_ports: bool = False,
-    *,
-    include_denied: bool = False,
-    source: str = "<history>",
-) -> str:
-    """A policy YAML that allows what the history shows each identity doing."""
-    if merge_cidrs is not None and not 0 <= merge_cidrs <= 32:
-        raise ValueError(f"merge_cidrs must be an IPv4 prefix length 0-32, not {merge_cidrs}")
+def _observe(
+    history_events: Iterable[HistoryEvent], include_denied: bool, source: str
+) -> tuple[dict[str, _Observed], Counter[str], int]:
+    """What each identity was seen doing, what was skipped and why, and how many
+    connect/exec events there were."""
     learnt = ("allow", "would_deny", "deny") if include_denied else ("allow", "would_deny")
     observed: dict[str, _Observed] = {}
     skipped: Counter[str] = Counter()
@@ -273,9 +281,27 @@ def suggest(
                 ] += 1
                 continue
             observed.setdefault(ev.identity, _Observed()).execs[ev.exe] += 1
+    return observed, skipped, len(events)
 
+
+def _check_merge(merge_cidrs: int | None) -> None:
+    if merge_cidrs is not None and not 0 <= merge_cidrs <= 32:
+        raise ValueError(f"merge_cidrs must be an IPv4 prefix length 0-32, not {merge_cidrs}")
+
+
+def suggest(
+    history_events: Iterable[HistoryEvent],
+    merge_cidrs: int | None = None,
+    merge_ports: bool = False,
+    *,
+    include_denied: bool = False,
+    source: str = "<history>",
+) -> str:
+    """A policy YAML that allows what the history shows each identity doing."""
+    _check_merge(merge_cidrs)
+    observed, skipped, n_events = _observe(history_events, include_denied, source)
     out = [
-        f"# Suggested by 'sidecar policy suggest' from {len(events)} connect/exec event(s).",
+        f"# Suggested by 'sidecar policy suggest' from {n_events} connect/exec event(s).",
         "# It allows exactly what was observed"
         + (" (widened where asked)." if merge_cidrs is not None or merge_ports else "."),
         "# Review it before applying: its identities are in enforce mode.",
@@ -294,3 +320,136 @@ def suggest(
         out.extend(_render_identity(sid, observed[sid], merge_cidrs, merge_ports))
     _logger.debug("suggested rules for %d identities", len(observed))
     return "\n".join(out) + "\n"
+
+
+# --- merging into an existing policy ------------------------------------------------
+
+
+def _unix_allowed(entries: frozenset[UnixAddress], address: str) -> bool:
+    raw, _ = parse_unix_address(address)
+    return any(raw.startswith(e) if prefix else raw == e for e, prefix in entries)
+
+
+def _unseen(policy: CompiledPolicy, ident: IdentitySpec, obs: _Observed) -> _Observed:
+    """What ``obs`` holds that the identity's existing rules do not allow already."""
+    out = _Observed()
+    for point, count in obs.points.items():
+        proto, address, port = point
+        if decide_value(policy, ident.spiffe_id, proto, address, port).verdict != "allow":
+            out.points[point] = count
+    if ident.exec_paths is not None:
+        out.execs.update({e: n for e, n in obs.execs.items() if e not in ident.exec_paths})
+    if ident.unix is not None:
+        unix = ident.unix
+        out.unix.update({a: n for a, n in obs.unix.items() if not _unix_allowed(unix, a)})
+    return out
+
+
+def _render_existing_rule(rule: EgressRule) -> list[str]:
+    return [
+        f"      - name: {_q(rule.name)}",
+        f"        cidrs: [{', '.join(_q(str(c)) for c in rule.cidrs)}]",
+        f"        ports: [{_port_text(rule.ports)}]",
+        f"        protocols: [{', '.join(rule.protocols)}]",
+    ]
+
+
+def _render_merged_identity(
+    ident: IdentitySpec, new: _Observed, merge_cidrs: int | None, merge_ports: bool
+) -> tuple[list[str], int]:
+    """An existing identity with its rules as they were and the learnt ones after
+    them; and how many rules, executables and addresses were added."""
+    out = [f"  - id: {_q(ident.spiffe_id)}", f"    mode: {ident.mode}"]
+    block_of = _blocks((a for _, a, _ in new.points), merge_cidrs)
+    by_block: dict[Cidr, list[tuple[int, Point]]] = {}
+    for point, count in new.points.items():
+        by_block.setdefault(block_of[point[1]], []).append((count, point))
+    rules = _rules(new, block_of, merge_ports)
+    if not ident.egress and not rules:
+        out.append("    egress: []")
+    else:
+        out.append("    egress:")
+        for rule in ident.egress:
+            out.extend(_render_existing_rule(rule))
+        taken = {r.name for r in ident.egress}
+        for learnt in rules:
+            out.append("      # learnt by 'sidecar policy suggest'")
+            out.extend(_render_rule(learnt, _rule_name(learnt, taken), by_block))
+    if ident.exec_paths is not None:
+        if not ident.exec_paths and not new.execs:
+            out.append("    exec: []")
+        else:
+            out.append("    exec:")
+            out.extend(f"      - {_q(e)}" for e in sorted(ident.exec_paths))
+            for exe, count in sorted(new.execs.items()):
+                out.append(f"      - {_q(exe)}  # learnt: {count} exec(s) observed")
+    if ident.unix is not None:
+        if not ident.unix and not new.unix:
+            out.append("    unix: []")
+        else:
+            out.append("    unix:")
+            out.extend(f"      - {_q(a)}" for a in sorted(map(format_unix_address, ident.unix)))
+            for addr, count in sorted(new.unix.items()):
+                out.append(f"      - {_q(addr)}  # learnt: {count} use(s) observed")
+    if ident.sockets:
+        kinds = ", ".join(sorted(format_socket_kind(k) for k in ident.sockets))
+        out.append(f"    sockets: [{kinds}]")
+    if ident.capabilities:
+        out.append(f"    capabilities: [{', '.join(sorted(map(caps.label, ident.capabilities)))}]")
+    return out, len(rules) + len(new.execs) + len(new.unix)
+
+
+def suggest_into(
+    existing: PolicySpec,
+    history_events: Iterable[HistoryEvent],
+    merge_cidrs: int | None = None,
+    merge_ports: bool = False,
+    *,
+    include_denied: bool = False,
+    source: str = "<history>",
+) -> str:
+    """``existing`` with what the history shows added to it: every rule, executable
+    and setting it has is kept; what it does not allow yet is added (identities it
+    does not list are added in enforce mode).  The result is validated."""
+    _check_merge(merge_cidrs)
+    observed, skipped, n_events = _observe(history_events, include_denied, source)
+    policy = compile_policy(existing)
+    listed = {ident.spiffe_id for ident in existing.identities}
+    body: list[str] = []
+    added = 0
+    for ident in existing.identities:
+        new = _unseen(policy, ident, observed.get(ident.spiffe_id, _Observed()))
+        lines, n = _render_merged_identity(ident, new, merge_cidrs, merge_ports)
+        body.extend(lines)
+        added += n
+    new_ids = sorted(set(observed) - listed)
+    for sid in new_ids:
+        body.extend(_render_identity(sid, observed[sid], merge_cidrs, merge_ports))
+    out = [
+        f"# {existing.source} with what 'sidecar policy suggest' learnt from "
+        f"{n_events} connect/exec event(s):",
+        f"# added: {added} rule(s), executable(s) or unix address(es) to listed identities, "
+        f"{len(new_ids)} identity(ies) in enforce mode; nothing removed.",
+        "# Comments of the original file are not carried over. Review before applying.",
+    ]
+    out.extend(f"# skipped {n} {why}" for why, n in sorted(skipped.items()))
+    out += [
+        "apiVersion: sidecar/v1",
+        "kind: Policy",
+        "defaults:",
+        f"  unidentified: {existing.unidentified}",
+        "  pending: deny",
+        f"  log_allowed: {'true' if existing.log_allowed else 'false'}",
+    ]
+    out.append("identities:" if body else "identities: []")
+    text = "\n".join(out + body) + "\n"
+    try:
+        compile_policy(parse_policy_text(text, "<merged>"))
+    except PolicyError as exc:
+        widened = merge_cidrs is not None or merge_ports
+        hint = " (drop --merge-cidrs/--merge-ports: a widened rule meets an existing one)"
+        raise PolicyError(
+            f"{existing.source}: the merged policy would not validate"
+            f"{hint if widened else ''}: {exc}"
+        ) from exc
+    return text

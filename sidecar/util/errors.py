@@ -35,3 +35,7 @@ class TransportError(SidecarError):
 
 class CredentialError(SidecarError):
     """A certificate, key or token could not be made, loaded or verified."""
+
+
+class DaemonNotRunning(TransportError):
+    """Nothing answers on the daemon's admin socket: it is absent or refuses connections."""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import yaml
 
 from sidecar.util.errors import SidecarError
+from sidecar.util.inputs import read_bytes
 
 T = TypeVar("T")
 Path_ = tuple[str | int, ...]
@@ -121,14 +122,10 @@ def load_file(
     error_type: type[SidecarError] = SidecarError,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> Document:
-    """Read and parse a YAML file; a missing or unreadable file is ``error_type``."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            raw = fh.read(max_bytes + 1)
-    except OSError as exc:
-        raise error_type(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    return load_document(raw, str(p), error_type, max_bytes)
+    """Read and parse a YAML file (``-``: standard input, named ``<stdin>``);
+    a missing or unreadable file is ``error_type``."""
+    raw, source = read_bytes(path, error_type, max_bytes)
+    return load_document(raw, source, error_type, max_bytes)
 
 
 def _convert(
