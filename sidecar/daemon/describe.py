@@ -24,6 +24,7 @@ from sidecar.daemon.table import Process, ProcessTable
 from sidecar.enforce.enforcer import ExecFile
 from sidecar.events import model as m
 from sidecar.kernel import abi
+from sidecar.kernel.limits import EXEC_PATH_MAX_BYTES
 from sidecar.policy import caps
 from sidecar.policy.model import format_socket_kind, format_unix_address
 from sidecar.proc.pidfd import kill
@@ -127,9 +128,14 @@ class Describer:
 
         An exec through a file descriptor (fexecve, execveat with an empty
         path) is named /dev/fd/N by the kernel: N is the process's descriptor,
-        not ours, so only /proc/PID/exe tells which file it was.
+        not ours, so only /proc/PID/exe tells which file it was.  So does a
+        name as long as the record holds: it may have been cut.
         """
-        if not filename.startswith("/") or filename.startswith("/dev/fd/"):
+        if (
+            not filename.startswith("/")
+            or filename.startswith("/dev/fd/")
+            or len(filename.encode("utf-8", "surrogateescape")) >= EXEC_PATH_MAX_BYTES
+        ):
             return read_exe(pid) or filename
         exe = self._realpaths.get(filename)
         if exe is None:

@@ -327,3 +327,12 @@ def test_a_record_becomes_one_typed_event_with_host_and_time() -> None:
         "connect4",
     )
     assert d.unhandled == 0
+
+
+def test_an_exec_name_as_long_as_the_record_holds_is_taken_from_proc_not_from_the_name() -> None:
+    import os
+
+    d = _describer()
+    cut = "/" + "d" * 254  # 255 bytes: the record may have cut a longer name here
+    assert d._exe(os.getpid(), cut) == os.readlink(f"/proc/{os.getpid()}/exe")
+    assert d._exe(os.getpid(), "/usr/bin/../bin/true") == os.path.realpath("/usr/bin/true")
