@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sidecar.kernel import limits
 from sidecar.util.errors import ConfigError
 from sidecar.util.inputs import source_name
 from sidecar.util.yamlsrc import Fields, check_header, load_file
@@ -65,8 +66,8 @@ def defaults() -> DaemonConfig:
         host=socket.gethostname(),
         scope_cgroup=None,
         pin_dir=Path("/sys/fs/bpf/sidecar"),
-        procs_max=65536,
-        ringbuf_pages=256,
+        procs_max=limits.PROCS_MAX_DEFAULT,
+        ringbuf_pages=limits.RINGBUF_PAGES_DEFAULT,
         detach_on_exit=False,
         output="-",
     )
@@ -112,8 +113,8 @@ def _address(value: object) -> str:
 def _power_of_two(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
         raise ValueError(f"must be a power of two, not {value!r}")
-    if value > 65536:
-        raise ValueError(f"must be at most 65536 pages, not {value}")
+    if value > limits.RINGBUF_PAGES_MAX:
+        raise ValueError(f"must be at most {limits.RINGBUF_PAGES_MAX} pages, not {value}")
     return value
 
 
@@ -136,7 +137,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
     if "bpf" in doc.data:
         bpf = Fields(doc, ("bpf",), top.optional("bpf", dict, {}))
         pin_dir = bpf.parse("pinDir", _abs_path, pin_dir) or pin_dir
-        procs_max = bpf.parse("procsMax", _bounded(1024, 4_194_304), procs_max) or procs_max
+        procs_max = bpf.parse("procsMax", _bounded(*limits.PROCS_MAX_RANGE), procs_max) or procs_max
         pages = bpf.parse("ringbufPages", _power_of_two, pages) or pages
         detach = bpf.optional("detachOnExit", bool, detach)
         bpf.done()
