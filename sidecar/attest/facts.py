@@ -34,7 +34,13 @@ from dataclasses import dataclass
 
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
-from sidecar.proc.read import parse_cgroup, parse_start_time, parse_status_ids, read_boot_id
+from sidecar.proc.read import (
+    parse_cgroup,
+    parse_start_time,
+    parse_status_ids,
+    read_boot_id,
+    read_file,
+)
 from sidecar.util.errors import AttestationError
 
 _logger = logging.getLogger(__name__)
@@ -191,8 +197,7 @@ def _gone(pid: int, exc: OSError) -> AttestationError:
 
 def _read_text(pid: int, name: str) -> str:
     try:
-        with open(f"/proc/{pid}/{name}", encoding="utf-8", errors="surrogateescape") as fh:
-            return fh.read()
+        return read_file(f"/proc/{pid}/{name}").decode("utf-8", "surrogateescape")
     except OSError as exc:
         raise _gone(pid, exc) from exc
 

@@ -75,6 +75,7 @@ class Describer:
         self.unhandled = 0
         self.clock_offset = time.time_ns() - time.monotonic_ns()
         self._realpaths: dict[str, str] = {}
+        self._redacted: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {}
         self.handlers: dict[type[abi.KernelEvent], Callable[[Any, Settled | None], m.Event]] = {
             abi.Exec: self.on_exec,
             abi.Fork: self.on_fork,
@@ -110,6 +111,17 @@ class Describer:
             return None
         svid = self.credentials.current(proc.instance_id)
         return f"{svid.serial:x}" if svid else None
+
+    def _redact(self, argv: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+        """The redactor's answer, remembered: agents run the same tools with the same
+        arguments over and over, and the patterns are the costliest part of an exec."""
+        assert self.redactor is not None
+        hit = self._redacted.get(argv)
+        if hit is None:
+            if len(self._redacted) > 4096:
+                self._redacted.clear()
+            hit = self._redacted[argv] = self.redactor.argv(argv)
+        return hit
 
     def mask(self, argv: tuple[str, ...]) -> tuple[str, ...]:
         return self.redactor.argv(argv)[0] if self.redactor is not None else argv
@@ -205,7 +217,7 @@ class Describer:
         argv = ev.argv if not ev.args_missing else (read_argv(pid) or ())
         redacted = False
         if self.redactor is not None:
-            argv, redacted = self.redactor.argv(argv)
+            argv, redacted = self._redact(argv)
         if proc is not None:
             # The same process (no exit seen since its fork), with a new image.
             proc.exe, proc.argv, proc.exec_count = exe, argv, proc.exec_count + 1

@@ -13,6 +13,7 @@ under an attested pid never inherits credentials.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -55,6 +56,10 @@ class Instance:
         }
 
 
+# Registration entries name a handful of identities, attested over and over.
+_spiffe_id = functools.lru_cache(maxsize=1024)(parse_spiffe_id)
+
+
 def instance_id(boot: str, pid: int, start_time: int) -> str:
     """Stable id of a process instance: the same process always gets the same id."""
     return hashlib.sha256(f"{boot}:{pid}:{start_time}".encode()).hexdigest()[:24]
@@ -85,7 +90,7 @@ class InstanceRegistry:
             instance_id=instance_id(self.boot, f.pid, f.start_time),
             pid=f.pid,
             start_time=f.start_time,
-            spiffe_id=parse_spiffe_id(result.match.spiffe_id),
+            spiffe_id=_spiffe_id(result.match.spiffe_id),
             exe=f.exe_path,
             exe_dev=f.exe_dev,
             exe_ino=f.exe_ino,

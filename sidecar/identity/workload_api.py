@@ -41,6 +41,9 @@ _logger = logging.getLogger(__name__)
 
 HEADER_KEY = "workload.spiffe.io"
 HEADER_VALUE = "true"
+# How long a caller that resolves to no instance may wait for its attestation
+# to reach the registry (the daemon hands attested records on in batches).
+RESOLVE_GRACE_SECONDS = 0.1
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -143,17 +146,27 @@ class _Servicer(pb_grpc.SpiffeWorkloadAPIServicer):
         caller = self._front.caller_for(context.peer())
         if caller is None:
             await _deny(context, "caller unknown (not connected through the workload socket)")
-        try:
-            instance = self._resolver.resolve(caller)
-        except SidecarError as exc:
-            _logger.warning("attesting caller pid %d failed: %s", caller.pid, exc)
-            instance = None
+        instance = self._resolve(caller)
+        # A process that has just exec'd may still be on its way from the
+        # kernel through attestation to the registry: give it that long.
+        waited = 0.0
+        while instance is None and waited < RESOLVE_GRACE_SECONDS:
+            await asyncio.sleep(0.01)
+            waited += 0.01
+            instance = self._resolve(caller)
         if instance is None:
             _logger.info("workload API denied pid %d uid %d", caller.pid, caller.uid)
             await _deny(context, "no identity for this caller")
         if not instance.spiffe_id.member_of(self._manager.trust_domain):
             await _deny(context, f"{instance.spiffe_id} is not in this trust domain")
         return instance
+
+    def _resolve(self, caller: Caller) -> WorkloadInstance | None:
+        try:
+            return self._resolver.resolve(caller)
+        except SidecarError as exc:
+            _logger.warning("attesting caller pid %d failed: %s", caller.pid, exc)
+            return None
 
     async def _ensure_issued(self, instance: WorkloadInstance, context: Context) -> X509Svid:
         try:

@@ -12,13 +12,15 @@
  * What a killed daemon read but had not written is still in the ring when the
  * next daemon opens it, since the ring is pinned.
  *
- * The kernel wakes a waiting reader only for a record written at the
- * consumer position (its adaptive wake-up).  While commits lag behind the
- * cursor that never happens, and epoll would report data at once: so the
- * reader then waits for the next commit (an eventfd that commit() signals),
- * at most LAG_WAIT_MS, and looks again.  Under a storm this makes one batch
- * in flight at a time: read, hand over, wait for its commit, read what came
- * meanwhile.
+ * The kernel wakes a waiting reader for a record written at the consumer
+ * position (its adaptive wake-up) and for any record submitted with
+ * BPF_RB_FORCE_WAKEUP (an exec waiting for attestation).  The ring's fd is
+ * registered edge-triggered: while commits lag behind the cursor the ring
+ * always polls readable, and only a new wake-up, not the lag, must end a
+ * wait.  A lagging reader therefore sleeps until a forced wake-up, or looks
+ * again after LAG_WAIT_MS for records that wake nobody.  Commits can then
+ * come as late as the caller likes without delaying attestation, so the
+ * caller may hand records on in batches.
  *
  * Records come back as a list of bytes, plus the ring position just past each
  * record (packed u64s), so that the caller can tell which records a previous
@@ -33,9 +35,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <poll.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -43,7 +44,7 @@
 #define BATCH_MAX_BYTES (64u << 20)
 #define BATCH_FIRST_BYTES (256u << 10)
 /* Longest a reader whose commits lag waits before it looks at the ring again. */
-#define LAG_WAIT_MS 5
+#define LAG_WAIT_MS 20
 
 /* The kernel's record header (include/uapi/linux/bpf.h, kernel/bpf/ringbuf.c). */
 #define RB_BUSY_BIT (1u << 31)
@@ -53,7 +54,6 @@
 typedef struct {
 	PyObject_HEAD
 	int epfd;
-	int commitfd; /* eventfd: commit() moved the consumer position */
 	size_t page;
 	size_t size; /* data area, a power of two */
 	unsigned long *consumer; /* read-write page shared with the kernel */
@@ -141,26 +141,27 @@ static int collect(Ring *r)
 	return 0;
 }
 
+static long long now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static void wait_for_records(Ring *r, int timeout_ms)
 {
 	struct epoll_event ev;
-	struct pollfd commit = {.fd = r->commitfd, .events = POLLIN};
-	uint64_t n;
-	int left = timeout_ms;
+	long long deadline = now_ms() + timeout_ms;
+	long long left = timeout_ms;
 
-	while (producer_pos(r) == r->cursor) {
-		if (consumer_pos(r) == r->cursor) {
-			/* Caught up: the kernel wakes us for the next record. */
-			epoll_wait(r->epfd, &ev, 1, left);
-			return;
-		}
-		if (left <= 0)
-			return;
-		/* Commits lag: no wake-up will come from the kernel.  Wait for a
-		 * commit, or look again after LAG_WAIT_MS. */
-		if (poll(&commit, 1, left < LAG_WAIT_MS ? left : LAG_WAIT_MS) > 0)
-			(void)!read(r->commitfd, &n, sizeof(n));
-		left -= LAG_WAIT_MS; /* at most: a commit only shortens the wait */
+	while (producer_pos(r) == r->cursor && left > 0) {
+		/* Caught up, the kernel's adaptive wake-up comes for the next record;
+		 * lagging, only a forced one does, so look again now and then. */
+		int wait = consumer_pos(r) == r->cursor || left < LAG_WAIT_MS ? (int)left : LAG_WAIT_MS;
+
+		epoll_wait(r->epfd, &ev, 1, wait);
+		left = deadline - now_ms();
 	}
 }
 
@@ -237,12 +238,8 @@ static PyObject *Ring_commit(Ring *r, PyObject *args)
 	/* Only forward: two writers may commit in either order. */
 	while (pos > cur) {
 		if (__atomic_compare_exchange_n(r->consumer, &cur, pos, 0, __ATOMIC_RELEASE,
-						__ATOMIC_ACQUIRE)) {
-			uint64_t one = 1;
-
-			(void)!write(r->commitfd, &one, sizeof(one)); /* wake a lagging reader */
+						__ATOMIC_ACQUIRE))
 			break;
-		}
 	}
 	Py_RETURN_NONE;
 }
@@ -261,10 +258,6 @@ static void unmap(Ring *r)
 		close(r->epfd);
 		r->epfd = -1;
 	}
-	if (r->commitfd >= 0) {
-		close(r->commitfd);
-		r->commitfd = -1;
-	}
 }
 
 static PyObject *Ring_close(Ring *r, PyObject *Py_UNUSED(ignored))
@@ -278,7 +271,7 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
 	static char *kwlist[] = {"map_fd", "size", NULL};
 	int fd;
 	unsigned long size;
-	struct epoll_event ev = {.events = EPOLLIN};
+	struct epoll_event ev = {.events = EPOLLIN | EPOLLET};
 
 	if (!PyArg_ParseTupleAndKeywords(args, kwds, "ik", kwlist, &fd, &size))
 		return -1;
@@ -302,9 +295,6 @@ static int Ring_init(Ring *r, PyObject *args, PyObject *kwds)
 	r->epfd = epoll_create1(EPOLL_CLOEXEC);
 	if (r->epfd < 0 || epoll_ctl(r->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
 		goto fail;
-	r->commitfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (r->commitfd < 0)
-		goto fail;
 	r->cursor = consumer_pos(r);
 	return 0;
 fail:
@@ -319,7 +309,6 @@ static PyObject *Ring_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObjec
 
 	if (r) {
 		r->epfd = -1;
-		r->commitfd = -1;
 	}
 	return (PyObject *)r;
 }

@@ -51,11 +51,31 @@ def parse_cgroup(text: str) -> str | None:
     return None
 
 
+def read_file(path: str) -> bytes:
+    """A whole /proc file in as few system calls as it takes (open, read, close).
+
+    Python's ``open()`` adds an fstat, a tty check and a seek per file; the
+    daemon reads a few /proc files for every exec it attests.  OSError as
+    ``open()`` raises it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunk = os.read(fd, 8192)
+        if len(chunk) < 8192:
+            return chunk
+        parts = [chunk]
+        while chunk:
+            chunk = os.read(fd, 65536)
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
 def read_text(pid: int, name: str, proc: Path = PROC) -> str | None:
     """``/proc/PID/<name>`` as text, None if the process is gone or unreadable."""
     try:
-        with open(proc / str(pid) / name, encoding="utf-8", errors="surrogateescape") as fh:
-            return fh.read()
+        return read_file(f"{proc}/{pid}/{name}").decode("utf-8", "surrogateescape")
     except OSError:
         return None
 
@@ -63,7 +83,7 @@ def read_text(pid: int, name: str, proc: Path = PROC) -> str | None:
 def read_start_time(pid: int, proc: Path = PROC) -> int | None:
     """Start time of ``pid`` in clock ticks since boot, None if gone."""
     try:
-        raw = (proc / str(pid) / "stat").read_bytes()
+        raw = read_file(f"{proc}/{pid}/stat")
     except OSError:
         return None
     return parse_start_time(raw)
@@ -110,7 +130,7 @@ def read_host_caps(pid: int, proc: Path = PROC) -> int | None:
 
 def read_argv(pid: int, proc: Path = PROC) -> tuple[str, ...] | None:
     try:
-        raw = (proc / str(pid) / "cmdline").read_bytes()
+        raw = read_file(f"{proc}/{pid}/cmdline")
     except OSError:
         return None
     return tuple(a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1])
