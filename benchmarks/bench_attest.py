@@ -15,30 +15,23 @@ Needs root.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-import uuid
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.daemon import config  # noqa: E402
+from sidecar.daemon.config import DaemonConfig  # noqa: E402
 from sidecar.daemon.core import Daemon  # noqa: E402
 from sidecar.daemon.outputs import NullSink  # noqa: E402
-from sidecar.kernel.checks import cgroup2_root  # noqa: E402
-from sidecar.kernel.loader import uninstall  # noqa: E402
-from sidecar.proc.cgroups import remove_tree  # noqa: E402
+from sidecar.testing.inprocess import inprocess_config, run_daemon_with  # noqa: E402
+from sidecar.testing.scratch import Scratch  # noqa: E402
 
 LOAD = r"""
 import os, subprocess, sys, time
@@ -60,28 +53,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(cfg: Any, binary: Path, cgroup: Path, execs: int, rate: float) -> tuple[list[int], Daemon]:
-    d = Daemon(cfg, NullSink())
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(d.run(on_ready=ready.set))
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
-    if not ready.wait(60):
-        raise SystemExit("daemon did not start")
-    # The load comes from a process of its own, as it would in production: the
-    # daemon's process holds only the daemon.
-    procs = str(cgroup / "cgroup.procs")
-    subprocess.run(
-        [sys.executable, "-c", LOAD, procs, str(binary), str(execs), str(rate)], check=True
-    )
-    time.sleep(1.0)
-    loop.call_soon_threadsafe(d.stop)
-    t.join(30)
+def run(
+    cfg: DaemonConfig, binary: Path, cgroup: Path, execs: int, rate: float
+) -> tuple[list[int], Daemon]:
+    with run_daemon_with(cfg, NullSink()) as running:
+        # The load comes from a process of its own, as it would in production: the
+        # daemon's process holds only the daemon.
+        procs = str(cgroup / "cgroup.procs")
+        subprocess.run(
+            [sys.executable, "-c", LOAD, procs, str(binary), str(execs), str(rate)], check=True
+        )
+        time.sleep(1.0)
+    d = running.daemon
     return list(d.settler.latency_ns) if d.settler is not None else [], d
 
 
@@ -94,11 +77,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    tag = uuid.uuid4().hex[:8]
-    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
-    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
-    cgroup.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
+    scratch = Scratch.create("sidecar-bench-")
+    cgroup, tmp = scratch.cgroup, scratch.work
     try:
         binary = tmp / "registered-agent"
         shutil.copy2("/bin/sleep", binary)
@@ -109,21 +89,18 @@ def main() -> int:
             "entries:\n  - spiffeId: spiffe://example.org/bench/agent\n"
             f"    selectors: [unix:uid:0, 'unix:sha256:{digest}']\n"
         )
-        base = replace(
-            config.load(None, cgroup=cgroup, output=""),
-            pin_dir=pin_dir,
-            detach_on_exit=True,
+        cfg = inprocess_config(
+            cgroup,
+            scratch.pin_dir,
+            tmp,
+            entries=entries,
             admin_socket=None,
             workload_socket=None,
-            state_dir=tmp / "state",
-            metrics="",
         )
-        latencies, d = run(replace(base, entries=entries), binary, cgroup, args.execs, args.rate)
+        latencies, d = run(cfg, binary, cgroup, args.execs, args.rate)
         attested = d.counts.get("credential_issued", 0)
     finally:
-        uninstall(pin_dir)
-        remove_tree(cgroup)
-        shutil.rmtree(tmp, ignore_errors=True)
+        scratch.remove()
     ms = [v / 1e6 for v in latencies]
     figures = {
         "execs": args.execs,

@@ -15,15 +15,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +26,13 @@ sys.path.insert(0, str(REPO))
 
 from bench_pipeline import build_storm, cpu_seconds  # noqa: E402
 
-from sidecar.kernel.checks import cgroup2_root  # noqa: E402
-from sidecar.kernel.loader import uninstall  # noqa: E402
-from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv, remove_tree  # noqa: E402
+from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv  # noqa: E402
+from sidecar.testing.daemon_process import (  # noqa: E402
+    DaemonConfigFile,
+    DaemonProcess,
+    launch_daemon,
+)
+from sidecar.testing.scratch import Scratch  # noqa: E402
 
 IDENTITIES = 20
 RULES = 10_000
@@ -64,28 +63,14 @@ def write_files(tmp: Path, cgroup: Path, pin_dir: Path, tool: Path) -> Path:
             policy.append(f"          - 10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}/32")
         policy.append(f"    exec: [{tool}]")
     (tmp / "policy.yaml").write_text("\n".join(policy) + "\n")
-    cfg = tmp / "daemon.yaml"
-    cfg.write_text(
-        f"""apiVersion: sidecar/v1
-kind: DaemonConfig
-output: {tmp}/events.jsonl
-scope:
-  cgroup: {cgroup}
-bpf:
-  pinDir: {pin_dir}
-  detachOnExit: true
-  ringbufPages: 1024
-identity:
-  entries: {tmp}/entries.yaml
-  stateDir: {tmp}/state
-  workloadSocket: {tmp}/workload.sock
-policy:
-  file: {tmp}/policy.yaml
-adminSocket: {tmp}/admin.sock
-metrics: ""
-"""
-    )
-    return cfg
+    return DaemonConfigFile(
+        pin_dir=pin_dir,
+        cgroup=cgroup,
+        work=tmp,
+        ring_pages=1024,
+        entries=tmp / "entries.yaml",
+        policy=tmp / "policy.yaml",
+    ).write(tmp / "daemon.yaml")
 
 
 def main() -> int:
@@ -95,36 +80,21 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    tag = uuid.uuid4().hex[:8]
-    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
-    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
-    cgroup.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix="sc-bench-", dir="/tmp"))
-    tmp.chmod(0o755)
-    daemon = None
+    scratch = Scratch.create("sidecar-bench-")
+    cgroup, tmp = scratch.cgroup, scratch.work
+    daemon: DaemonProcess | None = None
     figures: dict[str, object] = {"identities": IDENTITIES, "rules": RULES}
     try:
         tool = tmp / "agent-tool"
         shutil.copy2("/bin/true", tool)
         storm = build_storm(tmp)
-        cfg = write_files(tmp, cgroup, pin_dir, tool)
-        notify_path = tmp / "notify.sock"
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notify.bind(str(notify_path))
-        notify.settimeout(60)
-        with (tmp / "daemon.log").open("wb") as log:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "sidecar.cli", "run", "--config", str(cfg)],
-                env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO)},
-                stderr=log,
-            )
-        while b"READY=1" not in notify.recv(4096).split(b"\n"):
-            pass
-        notify.close()
+        cfg = write_files(tmp, cgroup, scratch.pin_dir, tool)
+        daemon = launch_daemon(cfg, tmp)
         time.sleep(1.0)
+        pid = daemon.pid
 
         def measure(label: str, rate: float | None) -> None:
-            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
             done = 0
             if rate is None:
                 time.sleep(args.seconds)
@@ -141,20 +111,19 @@ def main() -> int:
                 )
                 done = int(p.communicate()[0])
                 time.sleep(1.0)  # the tail of the load is handled too
-            cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
+            cpu1, t1 = cpu_seconds(pid), time.monotonic()
             figures[label] = {
                 "execs": done,
                 "exec_per_s": round(done / args.seconds, 1),
                 "daemon_cpu_share_of_one_core": round((cpu1 - cpu0) / (t1 - t0), 3),
-                "daemon_rss_mib": round(rss_kib(daemon.pid) / 1024, 1),
+                "daemon_rss_mib": round(rss_kib(pid) / 1024, 1),
             }
 
         measure("idle_baseline", None)
         measure("load_100_exec_per_s", 100)
         measure("load_1000_exec_per_s", 1000)
         attested = issued = 0
-        for line in (tmp / "events.jsonl").read_text().splitlines():
-            ev = json.loads(line)
+        for ev in daemon.events():
             if ev["type"] == "exec" and ev.get("identity"):
                 attested += 1
             elif ev["type"] == "credential_issued":
@@ -164,14 +133,8 @@ def main() -> int:
         figures["credentials_issued"] = issued
     finally:
         if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-        uninstall(pin_dir)
-        remove_tree(cgroup)
-        shutil.rmtree(tmp, ignore_errors=True)
+            daemon.stop()
+        scratch.remove()
     print("daemon under paced exec load, 20 identities, 10,000 rules (bench_daemon)")
     print(json.dumps(figures, indent=2))
     if args.json:

@@ -17,22 +17,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sidecar.kernel.checks import cgroup2_root  # noqa: E402
-from sidecar.kernel.loader import uninstall  # noqa: E402
-from sidecar.proc.cgroups import launch_argv, remove_tree  # noqa: E402
+from sidecar.proc.cgroups import launch_argv  # noqa: E402
+from sidecar.testing.daemon_process import (  # noqa: E402
+    DaemonConfigFile,
+    DaemonProcess,
+    launch_daemon,
+)
+from sidecar.testing.scratch import Scratch  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -74,44 +74,10 @@ def peak_rss_kib(pid: int) -> int:
     return 0
 
 
-def start_daemon(
-    tmp: Path, cgroup: Path, pin_dir: Path, output: Path
-) -> tuple[subprocess.Popen[bytes], float]:
-    cfg = tmp / "config.yaml"
-    cfg.write_text(
-        "apiVersion: sidecar/v1\nkind: DaemonConfig\n"
-        f"bpf:\n  pinDir: {pin_dir}\n  detachOnExit: true\n  ringbufPages: 1024\n"
-    )
-    notify_path = tmp / "notify.sock"
-    notify_path.unlink(missing_ok=True)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(60)
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONPATH=str(REPO))
-    began = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sidecar.cli",
-            "run",
-            "--config",
-            str(cfg),
-            "--cgroup",
-            str(cgroup),
-            "--output",
-            str(output),
-        ],
-        env=env,
-        stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115
-    )
-    while True:
-        msg = notify.recv(4096).decode()
-        if "READY=1" in msg.split("\n"):
-            break
-    startup = time.monotonic() - began
-    notify.close()
-    return proc, startup
+def start_daemon(tmp: Path, cgroup: Path, pin_dir: Path, output: Path) -> DaemonProcess:
+    """The daemon on the defaults but for its cgroup, pins and ring; READY=1 is start-up's end."""
+    cfg = DaemonConfigFile(pin_dir=pin_dir, cgroup=cgroup, ring_pages=1024)
+    return launch_daemon(cfg.write(tmp / "config.yaml"), tmp, output=output)
 
 
 def count_events(output: Path, storm_pids: set[int] | None = None) -> tuple[int, int]:
@@ -142,7 +108,7 @@ def settle() -> None:
 
 
 def finish_daemon(
-    daemon: subprocess.Popen[bytes], output: Path, cpu0: float, t0: float
+    daemon: DaemonProcess, output: Path, cpu0: float, t0: float
 ) -> tuple[int, int, float, int]:
     """Let the daemon drain what the storm produced, then stop it.
 
@@ -158,8 +124,7 @@ def finish_daemon(
         got = now_got
     cpu1, t1 = cpu_seconds(daemon.pid), time.monotonic()
     rss = peak_rss_kib(daemon.pid)
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(30)
+    daemon.stop()
     got, lost = count_events(output)
     return got, lost, (cpu1 - cpu0) / (t1 - t0), rss
 
@@ -174,11 +139,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    tag = uuid.uuid4().hex[:8]
-    cgroup = cgroup2_root() / f"sidecar-bench-{tag}"
-    pin_dir = Path(f"/sys/fs/bpf/sidecar-bench-{tag}")
-    cgroup.mkdir()
-    daemon = None
+    scratch = Scratch.create("sidecar-bench-")
+    cgroup, tmp = scratch.cgroup, scratch.work
+    daemon: DaemonProcess | None = None
     base_rates: list[float] = []
     rates: list[float] = []
     ratios: list[float] = []
@@ -186,46 +149,42 @@ def main() -> int:
     startups: list[float] = []
     performed = received = lost = rss = 0
     try:
-        with tempfile.TemporaryDirectory() as tmpname:
-            tmp = Path(tmpname)
-            storm = build_storm(tmp)
-            # Each round runs the storm once without and once with the daemon,
-            # and the ratio is taken within the round: this VM's speed drifts
-            # by +-10% over minutes, which a ratio of two runs made seconds
-            # apart mostly cancels.  The order flips from round to round so
-            # that a steady drift favours neither side; with an even number
-            # of rounds each order runs equally often, so an effect of
-            # position (a back-to-back pair of storms without the daemon
-            # differed by -7% to +3% here) cancels in the geometric mean.
-            for round_no in range(args.rounds):
-                order = ("base", "daemon") if round_no % 2 == 0 else ("daemon", "base")
-                for side in order:
-                    settle()
-                    if side == "base":
-                        n, t = run_storm(storm, cgroup, args.seconds, args.loops)
-                        base_rates.append(n / t)
-                        continue
-                    output = tmp / f"events-{round_no}.jsonl"
-                    daemon, startup = start_daemon(tmp, cgroup, pin_dir, output)
-                    startups.append(startup)
-                    time.sleep(SETTLE_S)  # past start-up, which is measured on its own
-                    cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+        storm = build_storm(tmp)
+        # Each round runs the storm once without and once with the daemon,
+        # and the ratio is taken within the round: this VM's speed drifts
+        # by +-10% over minutes, which a ratio of two runs made seconds
+        # apart mostly cancels.  The order flips from round to round so
+        # that a steady drift favours neither side; with an even number
+        # of rounds each order runs equally often, so an effect of
+        # position (a back-to-back pair of storms without the daemon
+        # differed by -7% to +3% here) cancels in the geometric mean.
+        for round_no in range(args.rounds):
+            order = ("base", "daemon") if round_no % 2 == 0 else ("daemon", "base")
+            for side in order:
+                settle()
+                if side == "base":
                     n, t = run_storm(storm, cgroup, args.seconds, args.loops)
-                    rates.append(n / t)
-                    performed += n
-                    got, lost_now, cpu_share, rss_now = finish_daemon(daemon, output, cpu0, t0)
-                    daemon = None
-                    cpu.append(cpu_share)
-                    rss = max(rss, rss_now)
-                    received += got
-                    lost += lost_now
-                ratios.append(rates[-1] / base_rates[-1])
+                    base_rates.append(n / t)
+                    continue
+                output = tmp / f"events-{round_no}.jsonl"
+                daemon = start_daemon(tmp, cgroup, scratch.pin_dir, output)
+                startups.append(daemon.ready_seconds)
+                time.sleep(SETTLE_S)  # past start-up, which is measured on its own
+                cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+                n, t = run_storm(storm, cgroup, args.seconds, args.loops)
+                rates.append(n / t)
+                performed += n
+                got, lost_now, cpu_share, rss_now = finish_daemon(daemon, output, cpu0, t0)
+                daemon = None
+                cpu.append(cpu_share)
+                rss = max(rss, rss_now)
+                received += got
+                lost += lost_now
+            ratios.append(rates[-1] / base_rates[-1])
     finally:
         if daemon is not None:
             daemon.kill()
-            daemon.wait()
-        uninstall(pin_dir)
-        remove_tree(cgroup)
+        scratch.remove()
     base = statistics.median(base_rates)
     rate = statistics.median(rates)
     figures = {

@@ -21,14 +21,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sidecar.kernel.checks import cgroup2_root
 from sidecar.testing import soak
+from sidecar.testing.scratch import Scratch
 from sidecar.testing.stack import Stack
 
 
@@ -50,12 +48,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_soak: needs root (BPF programs, cgroups)", file=sys.stderr)
         return 2
-    name = f"sidecar-soak-{uuid.uuid4().hex[:8]}"
-    work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp"))
-    work.chmod(0o755)
-    cgroup = cgroup2_root() / name
-    cgroup.mkdir()
-    stack = Stack(work, cgroup, Path("/sys/fs/bpf") / name, host="soak-host")
+    stack = Stack(Scratch.create("sidecar-soak-"), host="soak-host")
     try:
         result = soak.run(
             stack,

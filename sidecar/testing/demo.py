@@ -24,13 +24,13 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from sidecar.kernel.checks import cgroup2_root
 from sidecar.proc.cgroups import DANGEROUS_CAPS, launch_argv
-from sidecar.testing.stack import Stack, free_port
+from sidecar.testing.scratch import Scratch, free_port
+from sidecar.testing.stack import Stack
 from sidecar.util.errors import SidecarError
 
 AGENT_ID = "spiffe://example.org/agent/research-bot"
@@ -73,14 +73,7 @@ def _step(text: str) -> None:
 
 class Demo:
     def __init__(self) -> None:
-        work = Path(tempfile.mkdtemp(prefix="sidecar-demo-", dir="/tmp"))
-        work.chmod(0o755)
-        self.stack = Stack(
-            work,
-            cgroup2_root() / f"sidecar-demo-{os.getpid()}",
-            Path(f"/sys/fs/bpf/sidecar-demo-{os.getpid()}"),
-            host="demo-host",
-        )
+        self.stack = Stack(Scratch.create("sidecar-demo-"), host="demo-host")
 
     def run(self) -> int:
         st = self.stack
@@ -171,7 +164,7 @@ identities:
             )
         )
         print(st.cli("status", "--socket", str(w / "admin.sock")), file=sys.stderr)
-        st.stop(daemon)
+        daemon.stop()
         st.stop(collector)
         _step("done: every event above was attested, enforced and stored by the collector")
         return 0
@@ -184,13 +177,7 @@ identities:
 
 
 def run_demo() -> int:
-    demo = Demo()
-    try:
-        demo.stack.cgroup.mkdir()
-    except OSError as exc:
-        raise SidecarError(
-            f"cannot create the demo cgroup {demo.stack.cgroup}: {exc.strerror}"
-        ) from exc
+    demo = Demo()  # a SidecarError naming the cgroup where it cannot be made
     try:
         return demo.run()
     finally:

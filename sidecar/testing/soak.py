@@ -197,8 +197,8 @@ def _act(stack: Stack, what: str) -> None:
         stack.stop(stack.collector, signal.SIGKILL)
     elif what == "start collector":
         stack.start_collector()
-    elif what == "kill daemon":
-        stack.stop(stack.daemon, signal.SIGKILL)
+    elif what == "kill daemon" and stack.daemon is not None:
+        stack.daemon.kill()
     elif what == "start daemon":
         stack.start_daemon()
 

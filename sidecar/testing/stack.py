@@ -1,18 +1,16 @@
 """A collector, an enrolled host and a daemon, as separate processes, on loopback.
 
 The one harness behind ``make demo``, the end-to-end fault tests and the
-soak benchmark.  Everything lives in a work folder, a scratch cgroup and a
-pin directory of its own; :meth:`Stack.cleanup` stops every process it
-started and removes all three.  Processes can be frozen, killed and
-restarted, as an operator's bad day would go, and the collector's store is
-read back to compare with what happened.
+soak benchmark.  Everything lives in a :class:`~sidecar.testing.scratch.Scratch`
+of its own (work folder, scratch cgroup, pin directory); :meth:`Stack.cleanup`
+stops every process it started and removes all three.  Processes can be
+frozen, killed and restarted, as an operator's bad day would go, and the
+collector's store is read back to compare with what happened.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
 import socket
 import sqlite3
@@ -22,21 +20,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sidecar.testing.daemon_process import (
+    DaemonConfigFile,
+    DaemonProcess,
+    launch_daemon,
+    stop_process,
+)
+from sidecar.testing.scratch import Scratch, free_port, repo_env
 from sidecar.util.errors import SidecarError
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def repo_env() -> dict[str, str]:
-    """The environment for a child that runs this checkout's ``sidecar``."""
-    paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
@@ -54,27 +45,22 @@ class Stack:
     """One host and its collector.  Call :meth:`cleanup` in a ``finally``."""
 
     def __init__(
-        self,
-        work: Path,
-        cgroup: Path,
-        pin_dir: Path,
-        *,
-        host: str = "stack-host",
-        trust_domain: str = "example.org",
+        self, scratch: Scratch, *, host: str = "stack-host", trust_domain: str = "example.org"
     ) -> None:
-        self.work = work
-        self.cgroup = cgroup
-        self.pin_dir = pin_dir
+        self.scratch = scratch
+        self.work = scratch.work
+        self.cgroup = scratch.cgroup
+        self.pin_dir = scratch.pin_dir
         self.host = host
         self.trust_domain = trust_domain
         self.env = repo_env()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.collector: subprocess.Popen[bytes] | None = None
-        self.daemon: subprocess.Popen[bytes] | None = None
+        self.daemon: DaemonProcess | None = None
         self.mtls_port = free_port()
         self.enroll_port = free_port()
-        self.collector_yaml = work / "collector.yaml"
-        self.daemon_yaml = work / "daemon.yaml"
+        self.collector_yaml = self.work / "collector.yaml"
+        self.daemon_yaml = self.work / "daemon.yaml"
 
     # -- processes -----------------------------------------------------------------
 
@@ -110,16 +96,8 @@ class Stack:
 
     @staticmethod
     def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
-        if proc is None or proc.poll() is not None:
-            return
-        if sig != signal.SIGKILL:
-            proc.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc, sig)
 
     # -- the collector -------------------------------------------------------------
 
@@ -200,78 +178,38 @@ metrics: ""
 
     # -- the daemon ----------------------------------------------------------------
 
-    def write_daemon_config(
-        self, entries: str, policy: str, extra: str = "", ring_pages: int = 256
-    ) -> None:
-        (self.work / "entries.yaml").write_text(entries)
-        (self.work / "policy.yaml").write_text(policy)
+    def write_daemon_config(self, entries: str, policy: str, ring_pages: int = 256) -> None:
         w = self.work
-        self.daemon_yaml.write_text(
-            f"""apiVersion: sidecar/v1
-kind: DaemonConfig
-host: {self.host}
-output: {w}/events.jsonl
-scope:
-  cgroup: {self.cgroup}
-bpf:
-  pinDir: {self.pin_dir}
-  detachOnExit: true
-  ringbufPages: {ring_pages}
-identity:
-  entries: {w}/entries.yaml
-  stateDir: {w}/state
-  workloadSocket: {w}/workload.sock
-policy:
-  file: {w}/policy.yaml
-collector:
-  address: 127.0.0.1:{self.mtls_port}
-  credentials: {w}/host
-  spoolDir: {w}/spool
-adminSocket: {w}/admin.sock
-metrics: ""
-{extra}"""
-        )
+        (w / "entries.yaml").write_text(entries)
+        (w / "policy.yaml").write_text(policy)
+        DaemonConfigFile(
+            pin_dir=self.pin_dir,
+            cgroup=self.cgroup,
+            work=w,
+            host=self.host,
+            ring_pages=ring_pages,
+            entries=w / "entries.yaml",
+            policy=w / "policy.yaml",
+            collector=f"127.0.0.1:{self.mtls_port}",
+            credentials=w / "host",
+            spool_dir=w / "spool",
+        ).write(self.daemon_yaml)
 
-    def start_daemon(self, timeout: float = 60) -> subprocess.Popen[bytes]:
+    def start_daemon(self, timeout: float = 60) -> DaemonProcess:
         """Start (or restart) the daemon and wait until it says it is ready."""
-        notify_path = self.work / "notify.sock"
-        with contextlib.suppress(FileNotFoundError):
-            notify_path.unlink()
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            notify.bind(str(notify_path))
-            notify.settimeout(1.0)
-            self.daemon = self.start(
-                "run",
-                "--config",
-                str(self.daemon_yaml),
-                log="daemon.log",
-                env={**self.env, "NOTIFY_SOCKET": str(notify_path)},
-            )
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.daemon.poll() is not None:
-                    log = (self.work / "daemon.log").read_text()[-4000:]
-                    raise SidecarError(f"the daemon exited early:\n{log}")
-                with contextlib.suppress(TimeoutError):
-                    if b"READY=1" in notify.recv(4096).split(b"\n"):
-                        return self.daemon
-            raise SidecarError(f"the daemon was not ready within {timeout}s")
-        finally:
-            notify.close()
+        self.daemon = launch_daemon(self.daemon_yaml, self.work, env=self.env, timeout=timeout)
+        self.procs.append(self.daemon.proc)
+        return self.daemon
 
     # -- teardown ------------------------------------------------------------------
 
     def cleanup(self, keep_work: bool = False) -> None:
         for p in self.procs:
             self.stop(p)
-        from sidecar.kernel.loader import uninstall
-        from sidecar.proc.cgroups import remove_tree
-
-        uninstall(self.pin_dir)
         try:
-            remove_tree(self.cgroup)
+            self.scratch.remove(keep_work=keep_work)
         except OSError as exc:
-            print(f"cgroup {self.cgroup} not removed: {exc.strerror}", file=sys.stderr)
-        if not keep_work:
-            shutil.rmtree(self.work, ignore_errors=True)
+            print(
+                f"scratch cgroup {self.cgroup} or pins {self.pin_dir} not removed: {exc.strerror}",
+                file=sys.stderr,
+            )

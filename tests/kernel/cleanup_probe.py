@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import InProcessDaemon, attached_program_ids, hook_program_ids, spawn
+from conftest import attached_program_ids, hook_program_ids, spawn
 
 from sidecar.kernel.checks import cgroup2_root
+from sidecar.testing.inprocess import InProcessDaemon
 
 
 def test_fails_with_a_daemon_attached_and_a_process_left_running(

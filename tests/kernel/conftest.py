@@ -8,60 +8,48 @@ teardown, also when the test fails.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
-from sidecar.events.codec import encode_json, from_json, from_proto, to_proto
-from sidecar.events.model import Event
-from sidecar.proc.cgroups import DANGEROUS_CAPS, remove_tree, start_in
+from sidecar.proc.cgroups import DANGEROUS_CAPS, start_in
+from sidecar.testing.inprocess import InProcessDaemon, MemorySink, inprocess_config, run_daemon
+from sidecar.testing.scratch import (
+    make_cgroup,
+    remove_cgroup,
+    remove_pins,
+    scratch_pin_dir,
+    unique_name,
+)
 
 SCRATCH_PREFIX = "sidecar-test-"
-BPFFS = Path("/sys/fs/bpf")
-REPO = Path(__file__).resolve().parents[2]
-
-
-def cgroup2_mount() -> Path:
-    from sidecar.kernel.checks import cgroup2_root
-
-    return cgroup2_root()
 
 
 @pytest.fixture
 def scratch_cgroup() -> Iterator[Path]:
-    cg = cgroup2_mount() / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:10]}"
-    cg.mkdir()
+    cg = make_cgroup(unique_name(SCRATCH_PREFIX))
     try:
         yield cg
     finally:
-        remove_tree(cg)
+        remove_cgroup(cg)
 
 
 @pytest.fixture
 def pin_dir() -> Iterator[Path]:
-    from sidecar.kernel.loader import uninstall
-
-    path = BPFFS / f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:10]}"
+    path = scratch_pin_dir(unique_name(SCRATCH_PREFIX))
     try:
         yield path
     finally:
-        uninstall(path)
+        remove_pins(path)
 
 
 def spawn(
@@ -150,86 +138,9 @@ def write_entries_file(tmp: Path, entries: str) -> Path:
     return path
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-class MemorySink:
-    """Event sink that keeps events in memory for assertions (thread-safe).
-
-    Each event is kept as its JSON line reads back, so tests see exactly what
-    the JSON-lines sink writes (argv is a list there, for example).  Each is
-    also decoded back from its JSON line and its wire form, and must come
-    back equal.
-    """
-
-    def __init__(self) -> None:
-        self.target = "<memory>"
-        self.events: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def write(self, event: Event) -> None:
-        encoded = encode_json(event)
-        # Every real event survives both encodings unchanged (tests/unit/test_events.py
-        # proves it for one of each kind; here it is every event the kernel tests see).
-        assert from_json(orjson.loads(encoded)) == event, encoded
-        assert from_proto(to_proto(event)) == event, encoded
-        with self._lock:
-            self.events.append(orjson.loads(encoded))
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.events)
-
-    def find(self, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self.snapshot() if all(e.get(k) == v for k, v in match.items())]
-
-    def wait_for(self, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
-        found = wait_until(lambda: self.find(**match), timeout, f"event {match}")
-        return found[0]  # type: ignore[no-any-return]
-
-
-@dataclass
-class InProcessDaemon:
-    """The real daemon (real BPF) running on its own event loop in a thread."""
-
-    daemon: Any
-    sink: MemorySink
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-
-    @property
-    def table(self) -> Any:
-        return self.daemon.table
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the daemon's loop (where its state lives) and return its result."""
-
-        async def _run() -> Any:
-            return fn()
-
-        return asyncio.run_coroutine_threadsafe(_run(), self.loop).result(10)
-
-
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short, world-readable temporary folder (unix socket paths are limited to 108 bytes)."""
-    import shutil
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix="sc-", dir="/tmp"))
     path.chmod(0o755)
     try:
@@ -238,153 +149,12 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def daemon_config(scratch: Path, pin_dir: Path, tmp: Path, **over: Any) -> Any:
-    """The embedded default, pointed at a test's own cgroup, pins, sockets and state."""
-    from sidecar.daemon import config
-
-    base = replace(
-        config.load(None, cgroup=scratch, output="-"),
-        pin_dir=pin_dir,
-        detach_on_exit=True,
-        host="test-host",
-        admin_socket=tmp / "admin.sock",
-        workload_socket=tmp / "workload.sock",
-        state_dir=tmp / "state",
-        metrics="",
-    )
-    return replace(base, **over)
-
-
-@contextlib.contextmanager
-def run_daemon(cfg: Any, metrics: Any = None) -> Iterator[InProcessDaemon]:
-    """The real daemon on its own loop in a thread, stopped and cleaned up on exit."""
-    from sidecar.daemon.core import Daemon
-
-    sink = MemorySink()
-    d = Daemon(cfg, sink, metrics)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    errors: list[BaseException] = []
-
-    def _main() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(d.run(on_ready=ready.set))
-        except BaseException as exc:  # reported to the test below
-            errors.append(exc)
-            ready.set()
-
-    t = threading.Thread(target=_main, name="daemon", daemon=True)
-    t.start()
-    assert ready.wait(60), "daemon did not become ready"
-    if errors:
-        raise errors[0]
-    try:
-        yield InProcessDaemon(d, sink, loop, t)
-    finally:
-        loop.call_soon_threadsafe(d.stop)
-        t.join(30)
-        loop.close()
-        if errors:
-            raise errors[0]
-
-
 @pytest.fixture
-def daemon(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> Iterator[InProcessDaemon]:
-    with run_daemon(daemon_config(scratch_cgroup, pin_dir, short_tmp)) as d:
+def daemon(
+    scratch_cgroup: Path, pin_dir: Path, short_tmp: Path
+) -> Iterator[InProcessDaemon[MemorySink]]:
+    with run_daemon(inprocess_config(scratch_cgroup, pin_dir, short_tmp)) as d:
         yield d
-
-
-class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-
-    def wait_for(self, word: str, timeout: float) -> str:
-        self.sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = self.sock.recv(4096).decode()
-            if word in msg.split("\n"):
-                return msg
-        raise AssertionError(f"no {word} from the daemon within {timeout}s")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@dataclass
-class DaemonProcess:
-    """``sidecar run`` as a separate process, as an operator runs it."""
-
-    proc: subprocess.Popen[bytes]
-    output: Path
-    stderr: Path
-
-    def events(self) -> list[dict[str, Any]]:
-        if not self.output.exists():
-            return []
-        out = []
-        for line in self.output.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                out.append(json.loads(line))
-        return out
-
-    def wait_for(self, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
-        def find() -> list[dict[str, Any]]:
-            return [e for e in self.events() if all(e.get(k) == v for k, v in match.items())]
-
-        return wait_until(find, timeout, f"event {match}")[0]  # type: ignore[no-any-return]
-
-
-def start_daemon_process(
-    tmp: Path, config_text: str, *extra: str, timeout: float = 60.0
-) -> DaemonProcess:
-    cfg = tmp / f"config-{uuid.uuid4().hex[:6]}.yaml"
-    cfg.write_text(config_text)
-    output = tmp / "events.jsonl"
-    notify = NotifySocket(tmp / f"notify-{uuid.uuid4().hex[:6]}.sock")
-    err = tmp / "daemon.stderr"
-    env = dict(os.environ, NOTIFY_SOCKET=str(notify.path), PYTHONPATH=str(REPO))
-    with err.open("ab") as err_fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sidecar.cli",
-                "run",
-                "--config",
-                str(cfg),
-                "--output",
-                str(output),
-                *extra,
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err_fh,
-        )
-    try:
-        notify.wait_for("READY=1", timeout)
-    except (AssertionError, OSError) as exc:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"daemon not ready: {exc}\n{err.read_text()}") from exc
-    finally:
-        notify.close()
-    return DaemonProcess(proc, output, err)
-
-
-def stop_daemon_process(d: DaemonProcess, sig: int = signal.SIGTERM) -> int:
-    if d.proc.poll() is None:
-        d.proc.send_signal(sig)
-    try:
-        return d.proc.wait(30)
-    except subprocess.TimeoutExpired:
-        d.proc.kill()
-        return d.proc.wait()
 
 
 # A child that waits for commands on stdin and answers each with the errno

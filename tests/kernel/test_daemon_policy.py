@@ -21,18 +21,16 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    DaemonProcess,
     Probe,
     attached_program_ids,
     free_port_pair,
     hook_program_ids,
-    start_daemon_process,
-    stop_daemon_process,
-    wait_until,
     write_entries_file,
 )
 
 from sidecar.kernel.checks import cgroup2_root
+from sidecar.testing.daemon_process import DaemonConfigFile, DaemonProcess, launch_daemon
+from sidecar.testing.scratch import wait_until
 
 AGENT = "spiffe://example.org/agent/research-bot"
 PYTHON = os.path.realpath(sys.executable)
@@ -87,38 +85,30 @@ def setup(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> dict[str, obj
     }
 
 
-def config_text(
+def config_file(
     setup: dict[str, object], *, interval: int = 1, detach: bool = True, pages: int = 256
-) -> str:
-    tmp = setup["tmp"]
-    return f"""apiVersion: sidecar/v1
-kind: DaemonConfig
-host: policy-test
-scope:
-  cgroup: {setup["cgroup"]}
-bpf:
-  pinDir: {setup["pin_dir"]}
-  detachOnExit: {"true" if detach else "false"}
-  ringbufPages: {pages}
-identity:
-  entries: {setup["entries"]}
-  stateDir: {tmp}/state
-  workloadSocket: {tmp}/workload.sock
-policy:
-  file: {setup["policy"]}
-  reloadIntervalSeconds: {interval}
-adminSocket: {tmp}/admin.sock
-metrics: ""
-"""
+) -> Path:
+    tmp: Path = setup["tmp"]  # type: ignore[assignment]
+    return DaemonConfigFile(
+        pin_dir=setup["pin_dir"],  # type: ignore[arg-type]
+        cgroup=setup["cgroup"],  # type: ignore[arg-type]
+        work=tmp,
+        host="policy-test",
+        detach_on_exit=detach,
+        ring_pages=pages,
+        entries=setup["entries"],  # type: ignore[arg-type]
+        policy=setup["policy"],  # type: ignore[arg-type]
+        reload_interval=interval,
+    ).write(tmp / "daemon.yaml")
 
 
 @pytest.fixture
 def running(setup: dict[str, object]) -> Iterator[DaemonProcess]:
-    d = start_daemon_process(setup["tmp"], config_text(setup))  # type: ignore[arg-type]
+    d = launch_daemon(config_file(setup), setup["tmp"])  # type: ignore[arg-type]
     try:
         yield d
     finally:
-        stop_daemon_process(d)
+        d.stop()
 
 
 def attested_probe(d: DaemonProcess, cgroup: Path) -> Probe:
@@ -197,7 +187,7 @@ def test_the_running_daemon_carries_no_compiler(running: DaemonProcess) -> None:
 
 
 def test_sighup_reloads(setup: dict[str, object]) -> None:
-    d = start_daemon_process(setup["tmp"], config_text(setup, interval=3600))  # type: ignore[arg-type]
+    d = launch_daemon(config_file(setup, interval=3600), setup["tmp"])  # type: ignore[arg-type]
     probe = None
     try:
         probe = attested_probe(d, setup["cgroup"])  # type: ignore[arg-type]
@@ -217,7 +207,7 @@ def test_sighup_reloads(setup: dict[str, object]) -> None:
     finally:
         if probe is not None:
             probe.close()
-        stop_daemon_process(d)
+        d.stop()
 
 
 def _ours_at_root(pin_dir: Path) -> tuple[set[int], list[int]]:
@@ -231,8 +221,8 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
 ) -> None:
     a, b = setup["a"], setup["b"]
     cgroup: Path = setup["cgroup"]  # type: ignore[assignment]
-    text = config_text(setup, detach=False)
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    cfg = config_file(setup, detach=False)
+    d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
     probe = None
     try:
         probe = attested_probe(d, cgroup)
@@ -243,13 +233,13 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
         # each attached once, at the root
         assert len(ours) == 8 and sorted(attached) == sorted(ours)
 
-        stop_daemon_process(d, signal.SIGKILL)
+        d.kill()
         assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM  # fail-static
         assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0
         assert probe.ask(f"fork-connect 127.0.0.1 {b}") == errno.EPERM  # new children too
         assert _ours_at_root(pin_dir) == (ours, attached)
 
-        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+        d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
         # Taken over: the new programs swapped in behind the same links, the
         # old ones gone, nothing attached twice.
         new, attached = _ours_at_root(pin_dir)
@@ -285,13 +275,13 @@ def test_daemon_killed_denies_still_deny_and_restart_takes_over_without_attachin
     finally:
         if probe is not None:
             probe.close()
-        stop_daemon_process(d)
+        d.stop()
 
 
 def test_uninstall_removes_every_program_and_pin(setup: dict[str, object]) -> None:
     pin_dir: Path = setup["pin_dir"]  # type: ignore[assignment]
-    d = start_daemon_process(setup["tmp"], config_text(setup, detach=False))  # type: ignore[arg-type]
-    stop_daemon_process(d)
+    d = launch_daemon(config_file(setup, detach=False), setup["tmp"])  # type: ignore[arg-type]
+    d.stop()
     assert pin_dir.exists()  # fail-static: still attached after a clean stop
     ours = hook_program_ids(pin_dir)
     assert len(ours) == 8 and ours <= set(attached_program_ids(cgroup2_root()))
@@ -318,7 +308,7 @@ def test_a_file_swapped_in_at_an_allowed_path_is_killed_by_the_kernel(
     policy.write_text(
         policy_text(setup["a"]) + f"    exec: [{os.path.realpath(sys.executable)}, {tool}]\n"  # type: ignore[arg-type]
     )
-    d = start_daemon_process(tmp, config_text(setup))
+    d = launch_daemon(config_file(setup), tmp)
     probe = None
     try:
         probe = attested_probe(d, setup["cgroup"])  # type: ignore[arg-type]
@@ -340,7 +330,7 @@ def test_a_file_swapped_in_at_an_allowed_path_is_killed_by_the_kernel(
     finally:
         if probe is not None:
             probe.close()
-        stop_daemon_process(d)
+        d.stop()
 
 
 # The agent a launcher starts: it waits a little (its launcher's records are
@@ -395,14 +385,14 @@ def subprocess_in(cgroup: Path, argv: list[str]) -> subprocess.Popen[str]:
 def test_after_the_daemon_is_killed_an_agent_is_still_held_on_every_path(
     setup: dict[str, object],
 ) -> None:
-    text = config_text(setup, detach=False)
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    cfg = config_file(setup, detach=False)
+    d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
     probe = None
     outside = cgroup2_root() / f"sidecar-test-out-{os.getpid()}"
     outside.mkdir()
     try:
         probe = attested_probe(d, setup["cgroup"])  # type: ignore[arg-type]
-        stop_daemon_process(d, signal.SIGKILL)
+        d.kill()
         b, a = setup["b"], setup["a"]
         assert probe.ask(f"udp 4 127.0.0.1 {a}") == 0  # control
         assert probe.ask(f"udp 4 127.0.0.1 {b}") == errno.EPERM
@@ -415,7 +405,7 @@ def test_after_the_daemon_is_killed_an_agent_is_still_held_on_every_path(
     finally:
         if probe is not None:
             probe.close()
-        stop_daemon_process(d)
+        d.stop()
         from sidecar.proc.cgroups import remove_tree
 
         remove_tree(outside)
@@ -488,31 +478,31 @@ def test_a_policy_file_written_in_place_is_not_taken_half_written(
 
 
 def _execs_while_down(
-    setup: dict[str, object], text: str, marker: str, n: int
+    setup: dict[str, object], cfg: Path, marker: str, n: int
 ) -> tuple[DaemonProcess, subprocess.Popen[bytes]]:
     """Start a daemon, SIGKILL it, run n execs (argv marker-1..n) in scope, start another."""
     from conftest import spawn
 
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
     try:
         d.wait_for(type="policy_loaded")
     finally:
-        stop_daemon_process(d, signal.SIGKILL)
+        d.kill()
     loop = spawn(
         setup["cgroup"],  # type: ignore[arg-type]
         ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true {marker}-$i; done"],
     )
     assert loop.wait(60) == 0
-    return start_daemon_process(setup["tmp"], text), loop  # type: ignore[arg-type]
+    return launch_daemon(cfg, setup["tmp"]), loop  # type: ignore[arg-type]
 
 
 def test_what_the_kernel_records_while_the_daemon_is_down_reaches_the_next_daemon(
     setup: dict[str, object],
 ) -> None:
     """The ring buffer is pinned: execs seen while no daemon runs are reported after restart."""
-    text = config_text(setup, detach=False)
+    cfg = config_file(setup, detach=False)
     n = 200
-    d, _ = _execs_while_down(setup, text, "down-marker", n)
+    d, _ = _execs_while_down(setup, cfg, "down-marker", n)
     try:
 
         def markers() -> set[str]:
@@ -529,16 +519,16 @@ def test_what_the_kernel_records_while_the_daemon_is_down_reaches_the_next_daemo
         # Nothing was lost meanwhile, so no loss is reported, by either daemon.
         assert not [e for e in d.events() if e["type"] == "lost"]
     finally:
-        stop_daemon_process(d)
+        d.stop()
 
 
 def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_exactly(
     setup: dict[str, object],
 ) -> None:
     """A one-page ring overflows while no daemon reads it: received + reported lost = made."""
-    text = config_text(setup, detach=False, pages=1)
+    cfg = config_file(setup, detach=False, pages=1)
     n = 200
-    d, loop = _execs_while_down(setup, text, "full-marker", n)
+    d, loop = _execs_while_down(setup, cfg, "full-marker", n)
     try:
 
         def lost_execs() -> int:
@@ -562,13 +552,13 @@ def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_ex
         # Every exec the kernel saw while the ring was full is counted: the loop's own
         # (the shell) and its 200 tools, either received or reported lost, once.
         assert len(received) + len(shell) + lost_execs() == n + 1
-        stop_daemon_process(d, signal.SIGKILL)  # a third daemon reports nothing again
-        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+        d.kill()  # a third daemon reports nothing again
+        d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
         d.wait_for(type="policy_loaded", timeout=20)
         time.sleep(1.5)
         assert lost_execs() == n + 1 - len(received) - len(shell)
     finally:
-        stop_daemon_process(d)
+        d.stop()
 
 
 def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_nothing(
@@ -581,7 +571,7 @@ def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_not
     """
     from conftest import spawn
 
-    text = config_text(setup, detach=False)
+    cfg = config_file(setup, detach=False)
     n = 3000
     marker = "storm-marker-"
 
@@ -594,7 +584,7 @@ def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_not
             if a.startswith(marker)
         ]
 
-    d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+    d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
     loop = None
     try:
         d.wait_for(type="policy_loaded")
@@ -603,11 +593,11 @@ def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_not
             ["/bin/sh", "-c", f"for i in $(seq {n}); do /bin/true {marker}$i; done"],
         )
         wait_until(lambda: len(marked(d)) >= 300, timeout=30, what="the storm under way")
-        stop_daemon_process(d, signal.SIGKILL)  # mid-storm
+        d.kill()  # mid-storm
         before = len(marked(d))
         assert loop.wait(120) == 0
         assert before < n  # the kill did land mid-storm
-        d = start_daemon_process(setup["tmp"], text)  # type: ignore[arg-type]
+        d = launch_daemon(cfg, setup["tmp"])  # type: ignore[arg-type]
 
         def lost_execs() -> int:
             return sum(e["counts"].get("exec", 0) for e in d.events() if e["type"] == "lost")
@@ -630,4 +620,4 @@ def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_not
         if loop is not None and loop.poll() is None:
             loop.kill()
             loop.wait()
-        stop_daemon_process(d)
+        d.stop()

@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Probe, free_port_pair, spawn, wait_until
+from conftest import Probe, free_port_pair, spawn
 
 from sidecar.enforce.enforcer import Enforcer, IdentityNumbers, identity_number
 from sidecar.kernel import abi
 from sidecar.kernel.checks import find_mount
 from sidecar.policy import load_policy_text
+from sidecar.testing.scratch import wait_until
 
 AGENT = "spiffe://example.org/agent/a"
 

@@ -10,12 +10,12 @@ once, or reported lost by the host (the 30-minute version of this run is
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
-from conftest import SCRATCH_PREFIX, cgroup2_mount
+from conftest import SCRATCH_PREFIX
 
 from sidecar.testing import soak
+from sidecar.testing.scratch import Scratch
 from sidecar.testing.stack import Stack
 
 
@@ -23,12 +23,7 @@ def test_every_exec_is_stored_once_or_reported_lost_through_freezes_and_kills(
     tmp_path: Path,
 ) -> None:
     tmp_path.chmod(0o755)
-    name = f"{SCRATCH_PREFIX}{uuid.uuid4().hex[:10]}"
-    cgroup = cgroup2_mount() / name
-    cgroup.mkdir()
-    stack = Stack(tmp_path / "stack", cgroup, Path("/sys/fs/bpf") / name, host="faults-host")
-    stack.work.mkdir()
-    stack.work.chmod(0o755)
+    stack = Stack(Scratch.create(SCRATCH_PREFIX, tmp_path / "stack"), host="faults-host")
     try:
         result = soak.run(stack, seconds=40, rate=100, cycles=1, settle_timeout=60)
         done = [what for _, what in result.actions]
@@ -43,6 +38,6 @@ def test_every_exec_is_stored_once_or_reported_lost_through_freezes_and_kills(
         assert result.sink_duplicates == 0, result
         assert result.sink_stored + result.sink_lost_execs == result.started, result
         assert stack.collector is not None and stack.collector.poll() is None
-        assert stack.daemon is not None and stack.daemon.poll() is None
+        assert stack.daemon is not None and stack.daemon.proc.poll() is None
     finally:
         stack.cleanup(keep_work=True)

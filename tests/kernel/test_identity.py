@@ -14,16 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    InProcessDaemon,
-    daemon_config,
-    run_daemon,
-    spawn,
-    wait_until,
-    write_entries_file,
-)
+from conftest import spawn, write_entries_file
 
 from sidecar.enforce.enforcer import identity_number
+from sidecar.testing.inprocess import InProcessDaemon, inprocess_config, run_daemon
+from sidecar.testing.scratch import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = Path(__file__).with_name("wl_client.py")
@@ -84,7 +79,7 @@ def agentd(
     scratch_cgroup: Path, pin_dir: Path, short_tmp: Path, binaries: dict[str, Path]
 ) -> Iterator[InProcessDaemon]:
     entries = write_entries(short_tmp, scratch_cgroup, binaries["sleeper"])
-    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=10)
+    cfg = inprocess_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=10)
     with run_daemon(cfg) as d:
         yield d
 
@@ -298,7 +293,7 @@ def test_a_tool_registered_under_its_parent_identity_takes_that_identity(
     selectors: ["parent:id:spiffe://example.org/agent/research-bot", "unix:path:{sleep}"]
 """,
     )
-    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
+    cfg = inprocess_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
     with run_daemon(cfg) as d:
         agent = spawn(
             scratch_cgroup,
@@ -356,7 +351,7 @@ def test_a_tool_spawned_while_its_agent_is_pending_takes_the_agent_identity(
     selectors: [unix:uid:0, "unix:sha256:{sha256(spawner)}"]
 """,
     )
-    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
+    cfg = inprocess_config(scratch_cgroup, pin_dir, short_tmp, entries=entries)
     with run_daemon(cfg) as d:
         agent = spawn(scratch_cgroup, [str(spawner)], stdout=subprocess.PIPE, text=True)
         try:
@@ -385,7 +380,7 @@ def test_credential_metrics_count_what_the_daemon_issued(
 
     metrics = DaemonMetrics()
     entries = write_entries(short_tmp, scratch_cgroup, binaries["sleeper"])
-    cfg = daemon_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=60)
+    cfg = inprocess_config(scratch_cgroup, pin_dir, short_tmp, entries=entries, svid_ttl=60)
     with run_daemon(cfg, metrics) as d:
         [r] = run_client(scratch_cgroup, short_tmp / "workload.sock", "jwt", "payments-api")
         assert r["kind"] == "jwt"

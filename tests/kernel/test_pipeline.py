@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import InProcessDaemon, spawn, wait_until
+from conftest import spawn
+
+from sidecar.testing.inprocess import InProcessDaemon
+from sidecar.testing.scratch import wait_until
 
 NOBODY = 65534
 
