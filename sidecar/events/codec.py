@@ -14,6 +14,7 @@ whose body has carried them from the start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any
@@ -85,22 +86,38 @@ def parse_time(text: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 10**9 + fraction
 
 
+def _json_encoder(cls: type[m.Event]) -> Callable[[Any], dict[str, Any]]:
+    """A function that writes one kind's JSON object, generated from its plan.
+
+    Up to twice as many events as execs go through here in an exec storm: a
+    generated function with the keys as constants and one attribute access
+    per field costs about a third of a loop over the plan.
+    """
+    plain = [f"{key!r}: ev.{name}" for name, key, mode in _PLANS[cls] if mode == _PLAIN]
+    lines = [
+        "def encode(ev):",
+        f"    out = {{'type': {cls.KIND!r}, 'time': format_time(ev.time_ns), {', '.join(plain)}}}",
+    ]
+    for name, key, mode in _PLANS[cls]:
+        if mode == _OMIT_EMPTY:
+            lines += [f"    if ev.{name}:", f"        out[{key!r}] = ev.{name}"]
+        elif mode == _PENDING:
+            lines += [f"    if ev.{name}:", f"        out[{key!r}] = 'pending'"]
+        elif mode == _TIME:
+            lines.append(f"    out[{key!r}] = format_time(ev.{name})")
+    lines.append("    return out")
+    scope: dict[str, Any] = {"format_time": format_time}
+    exec("\n".join(lines), scope)  # the text comes from our own dataclasses
+    encode: Callable[[Any], dict[str, Any]] = scope["encode"]
+    return encode
+
+
+_ENCODERS = {cls: _json_encoder(cls) for cls in m.KINDS.values()}
+
+
 def to_json(ev: m.Event) -> dict[str, Any]:
     """The event as its JSON line's object."""
-    out: dict[str, Any] = {"type": ev.KIND, "time": format_time(ev.time_ns)}
-    for name, key, mode in _PLANS[type(ev)]:
-        value = getattr(ev, name)
-        if mode == _PLAIN:
-            out[key] = value
-        elif mode == _OMIT_EMPTY:
-            if value:
-                out[key] = value
-        elif mode == _PENDING:
-            if value:
-                out[key] = "pending"
-        else:
-            out[key] = format_time(value)
-    return out
+    return _ENCODERS[type(ev)](ev)
 
 
 def encode_json(ev: m.Event) -> bytes:

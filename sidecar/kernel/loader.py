@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ _logger = logging.getLogger(__name__)
 BPF_DIR_ENV = "SIDECAR_BPF_DIR"
 SOURCES = ("common.bpf.c", "process.bpf.c", "connect.bpf.c")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]+$")
+# Threads that load programs into the kernel side by side (the verifier is most of start-up).
+VERIFY_THREADS = max(2, min(8, os.cpu_count() or 2))
 
 # (pin name, BCC function, tracefs category, event)
 TRACEPOINTS = (
@@ -260,8 +263,28 @@ class KernelPrograms(KernelMaps):
             self._bpf = module(text=self._source_text(src).encode(), cflags=cflags)
         except Exception as exc:  # bcc raises bare Exception for every failure
             raise KernelError(f"BPF programs failed to compile or load: {exc}") from exc
-        self._load_unix(src)
         self.report.compile_seconds = time.monotonic() - started
+        self._verify_programs(src)
+
+    def _verify_programs(self, src: Path) -> None:
+        """Load every program into the kernel, the verifier's work spread over the CPUs.
+
+        The kernel verifies each program as it is loaded (about 80 ms each
+        here, most of start-up).  bpf(BPF_PROG_LOAD) runs without the GIL,
+        so threads verify side by side; attach() then finds them loaded.
+        The unix-socket object shares maps the BCC module made, so it starts
+        only now.
+        """
+        from bcc import BPF
+
+        wanted = [(name, BPF.TRACEPOINT, -1) for _p, name, _c, _e in TRACEPOINTS]
+        wanted += [(name, ptype, atype) for _p, name, ptype, atype in CGROUP_HOOKS]
+        with ThreadPoolExecutor(max_workers=VERIFY_THREADS, thread_name_prefix="verify") as pool:
+            unix = pool.submit(self._load_unix, src)
+            loads = [pool.submit(self._load_func, *w) for w in wanted]
+            unix.result()
+            for done in loads:
+                done.result()  # a refusal raises here, naming the program
         self._set_scope()
         self.set_settings(attest=self.options.attest)
 
