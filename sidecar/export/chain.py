@@ -11,6 +11,7 @@ bytes), so nothing depends on protobuf re-encoding being identical.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Iterable
 
@@ -25,13 +26,16 @@ _U64 = struct.Struct(">Q")
 
 
 def chain_next(prev: bytes, sequence: int, event: bytes) -> bytes:
-    """chain(n) = SHA-256(tag || chain(n-1) || u64be(n) || event bytes)."""
-    h = hashes.Hash(hashes.SHA256())
-    h.update(_CHAIN_TAG)
+    """chain(n) = SHA-256(tag || chain(n-1) || u64be(n) || event bytes).
+
+    hashlib, not cryptography's Hash: both hosts and collectors run this for
+    every event, and hashlib's costs less than half as much per call.
+    """
+    h = hashlib.sha256(_CHAIN_TAG)
     h.update(prev)
     h.update(_U64.pack(sequence))
     h.update(event)
-    return h.finalize()
+    return h.digest()
 
 
 def chain_over(prev: bytes, first_sequence: int, events: Iterable[bytes]) -> list[bytes]:
