@@ -442,8 +442,11 @@ class Exporter:
                 self._wake.clear()
                 if self.spool.durable_sequence > sent and sent - self.spool.acked < window:
                     continue
-                with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
+                try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
+                except asyncio.TimeoutError:  # not TimeoutError before 3.11
+                    # Idle for a second: the ack cursor the spool keeps in memory to disk.
+                    await asyncio.to_thread(self.spool.save_state)
 
     async def _read_acks(
         self, call: grpc.aio.StreamStreamCall[collector_pb2.Batch, collector_pb2.Ack]

@@ -49,6 +49,11 @@ _SEG_HEADER = struct.Struct(">8sQ32s")
 _REC_HEADER = struct.Struct(">IIQ32s")
 _SEG_RE = re.compile(r"^seg-(\d{20})\.spool$")
 STATE_FILE = "state.json"
+# The ack cursor is written to disk at most this often (and at close).  A host
+# killed in between resends what the collector acknowledged since, and the
+# collector stores nothing twice; writing it at every ack cost two fsyncs and
+# a new file each time, the largest part of streaming's cost.
+STATE_SAVE_SECONDS = 1.0
 MAX_RECORD_BYTES = 1 << 20
 
 
@@ -133,6 +138,9 @@ class Spool:
         self._dirty = False
         self._first_unsynced = 0.0
         self._new_segment = False
+        # What the state file says: segments are removed only once it covers them.
+        self._saved_acked = self.acked
+        self._saved_at = 0.0
 
     # ---- state -----------------------------------------------------------------------
 
@@ -440,14 +448,26 @@ class Spool:
             known = self._sent_chains.get(sequence)
             self._sent_chains = {q: c for q, c in self._sent_chains.items() if q > sequence}
             self.acked_chain = chain or known or self._chain_at(sequence)
-            try:
-                self._save_state()
-                while len(self._segments) > 1 and self._segments[0].last <= sequence:
-                    seg = self._segments.pop(0)
-                    seg.path.unlink()
-                    self._read_pos = None
-            except OSError as exc:
-                raise TransportError(f"cannot update spool {self.directory}: {exc}") from exc
+            if time.monotonic() - self._saved_at >= STATE_SAVE_SECONDS:
+                self._save_acked_locked()
+
+    def save_state(self) -> None:
+        """Write the ack cursor now (at close, and when the sender is idle)."""
+        with self._lock:
+            if self.acked != self._saved_acked:
+                self._save_acked_locked()
+
+    def _save_acked_locked(self) -> None:
+        """Write the ack cursor, then free the segments it covers."""
+        try:
+            self._save_state()
+            self._saved_acked, self._saved_at = self.acked, time.monotonic()
+            while len(self._segments) > 1 and self._segments[0].last <= self._saved_acked:
+                seg = self._segments.pop(0)
+                seg.path.unlink()
+                self._read_pos = None
+        except OSError as exc:
+            raise TransportError(f"cannot update spool {self.directory}: {exc}") from exc
 
     def _chain_at(self, sequence: int) -> bytes:
         for seg in self._segments:
@@ -481,6 +501,7 @@ class Spool:
             self._read_pos = None
             try:
                 self._save_state()
+                self._saved_acked, self._saved_at = self.acked, time.monotonic()
                 if self._fh is not None:
                     self._fh.close()
                     self._fh = None
@@ -501,6 +522,7 @@ class Spool:
     def close(self) -> None:
         """Fsync and close; the spool can be opened again from the same directory."""
         self.sync()
+        self.save_state()
         with self._lock:
             if self._fh is not None:
                 self._fh.close()

@@ -79,6 +79,29 @@ def test_ack_cursor_persists_and_frees_whole_segments(tmp_path: Path) -> None:
     assert Spool(tmp_path, 1 << 20, segment_bytes=1024).append(_exit(0)) == 101
 
 
+def test_acks_between_cursor_writes_are_resent_after_a_kill_never_lost(tmp_path: Path) -> None:
+    """The cursor reaches the disk at most once a second: a host killed in between
+    resends what was acknowledged since (the collector keeps each once), and no
+    segment the written cursor does not cover is removed."""
+    sp = Spool(tmp_path, 1 << 20, segment_bytes=1024)
+    for i in range(100):
+        sp.append(_exit(i))
+    sp.sync()
+    sp.ack(10)  # the first ack is written at once
+    segments = len(list(tmp_path.glob("seg-*.spool")))
+    sp.ack(90)  # within the second: in memory only
+    assert sp.acked == 90
+    assert len(list(tmp_path.glob("seg-*.spool"))) == segments  # nothing freed yet
+    # Killed here (no close): the next run starts from the cursor on disk.
+    again = Spool(tmp_path, 1 << 20, segment_bytes=1024)
+    assert again.acked == 10
+    assert [r.sequence for r in again.read(again.acked, 200, 1 << 20)[1]] == list(range(11, 101))
+    # Told to write it (the sender idles, or closes): the cursor and the freeing catch up.
+    sp.save_state()
+    assert Spool(tmp_path, 1 << 20, segment_bytes=1024).acked == 90
+    assert len(list(tmp_path.glob("seg-*.spool"))) < segments
+
+
 def test_full_spool_drops_oldest_and_counts_them_by_kind(tmp_path: Path) -> None:
     sp = Spool(tmp_path, 8192, segment_bytes=1024)
     for i in range(400):
