@@ -7,8 +7,15 @@ mTLS on loopback, real signed and chained batches; nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -577,3 +584,96 @@ def test_a_replica_keeps_serving_subscribers_after_the_database_drops_its_listen
                 assert [se.event.sequence for se in got] == [2, 3, 4]
 
     asyncio.run(body())
+
+
+# ---- as deployed: `sidecar collector` processes --------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"collector did not listen on {port}: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+
+
+def test_two_collector_processes_started_at_once_share_the_database(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """As deployed: the CLI makes the CA and a token; two replicas start together."""
+    from sidecar.export.enroll import enroll
+
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    uri = (
+        f"postgresql:///{params['dbname']}?host={params['host']}&port={params['port']}"
+        f"&user={params['user']}"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ports = [(_free_port(), _free_port()) for _ in range(2)]
+    configs = []
+    for i, (mtls, enr) in enumerate(ports):
+        cfg = tmp_path / f"r{i}.yaml"
+        cfg.write_text(
+            f"apiVersion: sidecar/v1\nkind: CollectorConfig\ntrustDomain: {TD}\n"
+            f"dataDir: r{i}\nlisten: 127.0.0.1:{mtls}\nenrollmentListen: 127.0.0.1:{enr}\n"
+            f"metrics: ''\nstore: '{uri}'\n"
+        )
+        configs.append(cfg)
+    cli = [sys.executable, "-m", "sidecar.cli", "collector", "--config"]
+    token = subprocess.run(
+        [*cli, str(configs[0]), "--join-token", "web-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    shutil.copytree(tmp_path / "r0" / "ca", tmp_path / "r1" / "ca")
+    procs = []
+    try:
+        for i, cfg in enumerate(configs):
+            log = tmp_path / f"r{i}.log"
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen([*cli, str(cfg)], env=env, stdout=out, stderr=out))
+        for i, (mtls, enr) in enumerate(ports):
+            _wait_port(mtls, procs[i], tmp_path / f"r{i}.log")
+            _wait_port(enr, procs[i], tmp_path / f"r{i}.log")
+        with psycopg.connect(pg_dsn) as conn:
+            rows = conn.execute("SELECT version FROM schema_version").fetchall()
+        assert rows == [(v,) for v in range(1, LATEST + 1)]
+        bundle = (tmp_path / "r0" / "ca" / "ca.pem").read_bytes()
+
+        async def body() -> SimulatedHost:
+            from sidecar.util.errors import TransportError
+
+            # The token the CLI made through replica 0's config enrolls on replica 1...
+            ident = await enroll(f"127.0.0.1:{ports[1][1]}", token, bundle, tmp_path / "c")
+            # ... and is then spent for both.
+            with pytest.raises(TransportError, match="unknown, used or expired"):
+                await enroll(f"127.0.0.1:{ports[0][1]}", token, bundle, tmp_path / "c2")
+            sim = SimulatedHost(ident)
+            ca = CertificateAuthority.load_or_generate(tmp_path / "r0" / "ca", TD)
+            b1, b2 = sim.batch([connect_event(1)]), sim.batch([connect_event(2)])
+            assert await publish(ports[0][0], ca, ident, [b1]) == [0, 1]
+            assert await publish(ports[1][0], ca, ident, [b1, b2]) == [1, 1, 2]
+            return sim
+
+        assert_chain_verifies(pg_dsn, asyncio.run(body()))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
