@@ -27,7 +27,8 @@ from pathlib import Path
 
 from sidecar.api.v1 import collector_pb2 as pb
 from sidecar.api.v1 import event_pb2 as ev
-from sidecar.collector.store import NewEvent, Store
+from sidecar.collector.sqlite_store import SqliteStore
+from sidecar.collector.store import NewEvent
 from sidecar.collector.tls import roots_pem
 from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
 from sidecar.identity.x509 import CertificateAuthority
@@ -57,7 +58,7 @@ def _event(i: int) -> ev.Event:
 
 def baseline(folder: Path, n: int) -> float:
     """Events/s of Store.ingest alone, in batches like the exporter sends."""
-    store = Store(folder / "baseline.db")
+    store = SqliteStore(folder / "baseline.db")
     rows = []
     for i in range(n):
         e = _event(i)

@@ -9,6 +9,9 @@
 #     programs use only UAPI structs, tracepoint formats and helpers, so any
 #     recent tree compiles them correctly.
 #   - tracefs at /sys/kernel/tracing and bpffs at /sys/fs/bpf
+#   - PostgreSQL server programs (initdb, pg_ctl): the collector tests start a
+#     throwaway cluster of their own on a unix socket. The distribution's
+#     service that the package starts is not used; it is left as the package sets it.
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -33,6 +36,8 @@ apt_install() {
 apt_install python3-bpfcc libbpf1 bpftool python3-venv python3-dev gcc make systemd
 # clang and libbpf-dev build the unix-socket hooks (bpf/unix.bpf.c), which BCC cannot.
 apt_install clang libbpf-dev linux-libc-dev
+# The collector's PostgreSQL store is tested against a real server (tests/conftest.py).
+apt_install postgresql
 
 # Kernel headers for BCC.
 build=/lib/modules/$release/build

@@ -4,15 +4,24 @@ Every test under tests/kernel/ is marked ``kernel``.  Where the machine
 cannot run BPF programs they skip, unless ``SIDECAR_REQUIRE_KERNEL=1`` (set
 by .ci/run), which turns each such skip into a failure: a green CI run
 proves the kernel path ran.
+
+PostgreSQL tests never skip: ``pg_dsn`` gives each test a fresh database in a
+throwaway cluster of the session (sidecar.testing.postgres), and fails with
+what to run (``make setup``) where PostgreSQL is not installed.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from sidecar.testing.postgres import Cluster
 
 REQUIRE_KERNEL = os.environ.get("SIDECAR_REQUIRE_KERNEL") == "1"
 
@@ -67,3 +76,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under SIDECAR_REQUIRE_KERNEL=1, which allows no skip: {reason}"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A PostgreSQL cluster on a unix socket in a temporary folder, removed at the end."""
+    try:
+        import psycopg  # noqa: F401
+
+        from sidecar.testing.postgres import PostgresUnavailable, cluster
+    except ImportError as exc:
+        pytest.fail(f"PostgreSQL tests need psycopg ({exc}): run `make setup`", pytrace=False)
+    try:
+        with cluster() as c:
+            yield c
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Cluster) -> Iterator[str]:
+    """The DSN of a new, empty database of its own; dropped after the test."""
+    import psycopg
+
+    from sidecar.testing.postgres import create_database
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield create_database(pg_cluster, name)
+    with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -4,16 +4,29 @@ Why bounded and then disconnect: one subscriber that reads slowly must not hold
 events in the collector's memory without limit, nor slow down ingest.  When its
 buffer is full it is marked overflowed and its stream ends with RESOURCE_EXHAUSTED,
 naming the cursor to resume from; the events stay in the store.
+
+Where events come from: with a store only this process writes (SQLite), the
+server publishes what it stored itself.  With a shared store (PostgreSQL,
+several replicas) a :class:`StoreFeed` reads every new row back by cursor,
+woken by the store's change notifications, so a subscriber of any replica sees
+the rows of every replica, in cursor order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from sidecar.api.v1 import collector_pb2
-from sidecar.collector.store import matches
+from sidecar.collector.store import StoreError, matches
+
+_logger = logging.getLogger(__name__)
+
+#: A shared store is read again this often even without a notification.
+FEED_POLL_S = 1.0
 
 
 @dataclass(eq=False)
@@ -21,6 +34,8 @@ class Subscription:
     filter: collector_pb2.EventFilter
     queue: asyncio.Queue[collector_pb2.StoredEvent] = field(default_factory=lambda: asyncio.Queue())
     overflowed: bool = False
+    # The subscriber's cursor when it was added: a feed starting for it reads from here.
+    after: int = 0
 
 
 class Broker:
@@ -30,8 +45,8 @@ class Broker:
         self.buffer = buffer
         self._subs: set[Subscription] = set()
 
-    def add(self, flt: collector_pb2.EventFilter) -> Subscription:
-        sub = Subscription(flt, asyncio.Queue(maxsize=self.buffer))
+    def add(self, flt: collector_pb2.EventFilter, after: int = 0) -> Subscription:
+        sub = Subscription(flt, asyncio.Queue(maxsize=self.buffer), after=after)
         self._subs.add(sub)
         return sub
 
@@ -54,3 +69,56 @@ class Broker:
 
     def __len__(self) -> int:
         return len(self._subs)
+
+    def first_after(self) -> int:
+        """The lowest cursor any subscription was added at (0 without subscriptions)."""
+        return min((s.after for s in self._subs), default=0)
+
+
+Read = Callable[[int, int], Awaitable[Sequence[collector_pb2.StoredEvent]]]
+
+
+class StoreFeed:
+    """Feeds a broker from a shared store: after each wake-up, every row past the last one.
+
+    It reads only while someone subscribes.  When the first subscription of a
+    quiet spell arrives, it starts at that subscription's cursor; the subscriber
+    itself replays up to there and drops what it already has, so nothing is
+    skipped or repeated.  Rows become visible in cursor order (the store promises
+    it), so reading "after the last cursor" misses none.
+    """
+
+    def __init__(self, broker: Broker, read: Read, page: int) -> None:
+        self.broker = broker
+        self._read = read
+        self._page = page
+        self._wake = asyncio.Event()
+        self._last: int | None = None
+
+    def wake(self) -> None:
+        """Something may have been stored (event-loop thread)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FEED_POLL_S)
+            self._wake.clear()
+            try:
+                await self._drain()
+            except StoreError as exc:  # the database is away: try again on the next wake
+                _logger.warning("reading new events for subscribers failed: %s", exc)
+
+    async def _drain(self) -> None:
+        while True:
+            if not self.broker:
+                self._last = None
+                return
+            if self._last is None:
+                self._last = self.broker.first_after()
+            rows = await self._read(self._last, self._page)
+            if rows:
+                self.broker.publish(rows)
+                self._last = rows[-1].cursor
+            if len(rows) < self._page:
+                return

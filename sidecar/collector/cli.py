@@ -35,7 +35,7 @@ def parse_duration(text: str) -> float:
 def _cmd_collector(args: argparse.Namespace) -> int:
     from sidecar.collector.config import load_config
     from sidecar.collector.server import create_join_token, serve
-    from sidecar.collector.store import Store
+    from sidecar.collector.store import open_store
     from sidecar.collector.tls import roots_pem
     from sidecar.identity.x509 import CertificateAuthority
 
@@ -46,7 +46,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
         if args.bundle:
             sys.stdout.buffer.write(roots_pem(ca))
         if args.join_token:
-            store = Store(cfg.db_path)
+            store = open_store(cfg)
             try:
                 ttl = int(args.ttl or cfg.join_token_ttl_s)
                 print(create_join_token(store, cfg.trust_domain, args.join_token, ttl))

@@ -10,8 +10,12 @@ Example::
     dataDir: /var/lib/sidecar-collector
     serverNames: [localhost, 127.0.0.1]
     subscribers: [spiffe://example.org/ops/alice]
+    # store: postgresql://sidecar@db.example.org/sidecar?sslmode=verify-full
 
-Relative paths are relative to the file's folder.
+Relative paths are relative to the file's folder.  Without ``store`` the events go to
+SQLite in ``dataDir``; with a ``postgresql://`` URI (any libpq connection parameter,
+TLS ones included, is passed through) to a PostgreSQL database that several
+collector replicas may share (docs/collector-postgresql.md).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class CollectorConfig:
     server_cert_ttl_s: int = 30 * 24 * 3600
     join_token_ttl_s: int = 3600
     grace_s: float = 5.0
+    # libpq URI of a PostgreSQL database; "" keeps events in SQLite (db_path).
+    store_dsn: str = ""
+    store_connections: int = 4  # PostgreSQL connections (and database threads) per replica
 
     @property
     def db_path(self) -> Path:
@@ -70,6 +77,61 @@ def _address(value: object) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"'{value}' is not host:port")
     return value
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _store(value: object) -> str:
+    """``sqlite`` (the default) -> "", or a PostgreSQL URI checked by libpq's own parser."""
+    if not isinstance(value, str):
+        raise ValueError("must be 'sqlite' or a postgresql:// URI")
+    if value == "sqlite":
+        return ""
+    if not value.startswith(POSTGRES_SCHEMES):
+        raise ValueError(f"'{redact_dsn(value)}' is neither 'sqlite' nor a postgresql:// URI")
+    try:
+        import psycopg
+    except ImportError as exc:  # a packaging error, named as such
+        raise ValueError(
+            "a PostgreSQL store needs the psycopg package (pip install psycopg)"
+        ) from exc
+    try:
+        psycopg.conninfo.conninfo_to_dict(value)
+    except psycopg.Error as exc:  # libpq's own parser said no
+        said = str(exc)
+        for secret in _passwords(value):
+            said = said.replace(secret, "***")
+        raise ValueError(f"not a valid libpq URI: {said}") from exc
+    return value
+
+
+def _passwords(dsn: str) -> list[str]:
+    """Every string that may be a password in ``dsn``, however it is spelled."""
+    out = []
+    auth = dsn.partition("://")[2].rpartition("@")[0]
+    if ":" in auth:
+        out.append(auth.partition(":")[2])
+    out += [
+        p.partition("=")[2] for p in dsn.replace("?", "&").split("&") if p.startswith("password=")
+    ]
+    return [p for p in out if p]
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***``, for logs and errors."""
+    scheme, sep, rest = dsn.partition("://")
+    if sep:
+        auth, at, tail = rest.rpartition("@")
+        user, colon, _ = auth.partition(":")
+        if at and colon:
+            rest = f"{user}:***@{tail}"
+        dsn = f"{scheme}{sep}{rest}"
+    out = []
+    for part in dsn.split("&"):
+        key, eq, _ = part.partition("=")
+        out.append(f"{key}=***" if eq and key.rsplit("?", 1)[-1] == "password" else part)
+    return "&".join(out)
 
 
 def load_config(path: str | Path) -> CollectorConfig:
@@ -119,6 +181,8 @@ def load_config(path: str | Path) -> CollectorConfig:
         server_cert_ttl_s=_positive(top, "serverCertTtlSeconds", 30 * 24 * 3600),
         join_token_ttl_s=_positive(top, "joinTokenTtlSeconds", 3600),
         grace_s=float(top.optional("shutdownGraceSeconds", (int, float), 5.0)),
+        store_dsn=top.parse("store", _store, "") or "",
+        store_connections=_positive(top, "storeConnections", 4),
     )
     top.done()
     return cfg

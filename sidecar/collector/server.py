@@ -27,11 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
-from sidecar.collector.broker import Broker
+from sidecar.collector.broker import Broker, StoreFeed
 from sidecar.collector.config import CollectorConfig
-from sidecar.collector.store import HostState, NewEvent, Store
+from sidecar.collector.store import HostState, NewEvent, Plan, Store, open_store
 from sidecar.collector.tls import peer_svid, roots_pem, server_credentials
-from sidecar.collector.verify import BatchError, check_batch
+from sidecar.collector.verify import BatchError, Checked, check_batch
 from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
 from sidecar.util.errors import CredentialError, TransportError
@@ -68,7 +68,11 @@ def create_join_token(store: Store, trust_domain: str, host: str, ttl_s: int) ->
 
 
 class _Core:
-    """State shared by both services: config, CA, store and its single writer thread."""
+    """State shared by both services: config, CA, store and its database threads.
+
+    The host's chain state is read from the store inside each batch's transaction,
+    never cached here: with a shared store another replica may have moved it.
+    """
 
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
@@ -77,10 +81,20 @@ class _Core:
         except OSError as exc:
             raise TransportError(f"cannot create {config.data_dir}: {exc}") from exc
         self.ca = CertificateAuthority.load_or_generate(config.ca_dir, config.trust_domain)
-        self.store = Store(config.db_path)
+        self.store: Store = open_store(config)
+        try:
+            der = self.ca.certificate.public_bytes(serialization.Encoding.DER)
+            self.store.check_root(config.trust_domain, der)
+        except BaseException:
+            self.store.close()
+            raise
         self.broker = Broker(config.subscriber_buffer)
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-db")
-        self._states: dict[str, HostState] = {}
+        # SQLite: one thread, the single writer, which also orders the fan-out.
+        # PostgreSQL: one per connection; the fan-out reads rows back (StoreFeed).
+        self._db = ThreadPoolExecutor(
+            max_workers=self.store.threads, thread_name_prefix="collector-db"
+        )
+        self.publish_own = True  # False once a StoreFeed reads every row back
         self._host_locks: dict[str, asyncio.Lock] = {}
         from sidecar.metrics import CollectorMetrics
 
@@ -93,20 +107,41 @@ class _Core:
         self._db.shutdown(wait=True)
         self.store.close()
 
-    async def ingest(
-        self, host: str, rows: list[NewEvent], state: HostState
-    ) -> list[collector_pb2.StoredEvent]:
-        """Store rows and, from the writer thread, schedule their fan-out in order."""
-        loop = asyncio.get_running_loop()
+    async def ingest_batch(
+        self, host: str, batch: collector_pb2.Batch, key: ec.EllipticCurvePublicKey
+    ) -> Checked:
+        """Verify ``batch`` against the stored chain and store it, in one transaction.
 
-        def write() -> list[collector_pb2.StoredEvent]:
-            stored = self.store.ingest(host, rows, state)
-            if stored:
+        Raises BatchError for a malformed batch (nothing stored).  With a store
+        only this process writes, schedules the fan-out from the writer thread, in
+        cursor order.
+        """
+        loop = asyncio.get_running_loop()
+        max_events = self.config.max_batch_events
+
+        def write() -> Checked:
+            seen: list[Checked] = []
+
+            def decide(state: HostState) -> Plan:
+                checked = check_batch(batch, host, key, state, max_events)
+                seen.append(checked)
+                rows = [
+                    NewEvent(a, a.SerializeToString(), collector_pb2.VERIFICATION_COLLECTOR)
+                    for a in checked.alerts
+                ]
+                rows.extend(checked.events)
+                held = (batch, checked.quarantine) if checked.quarantine else None
+                return Plan(rows, checked.state, held)
+
+            stored = self.store.ingest_checked(host, decide)
+            checked = seen[-1]
+            if stored and self.publish_own:
                 loop.call_soon_threadsafe(self.broker.publish, stored)
+            offered = len(checked.alerts) + len(checked.events)
             self.metrics.record_stored(host, len(stored))
-            if len(rows) > len(stored):
-                self.metrics.record_duplicates(host, len(rows) - len(stored))
-            return stored
+            if offered > len(stored):
+                self.metrics.record_duplicates(host, offered - len(stored))
+            return checked
 
         return await self.db(write)
 
@@ -114,9 +149,7 @@ class _Core:
         return self._host_locks.setdefault(host, asyncio.Lock())
 
     async def host_state(self, host: str) -> HostState:
-        if host not in self._states:
-            self._states[host] = await self.db(self.store.host_state, host)
-        return self._states[host]
+        return await self.db(self.store.host_state, host)
 
     def issue(
         self, host: str, csr_der: bytes, host_csr_der: bytes
@@ -199,19 +232,15 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"the message is not a Batch: {exc}"
                 )
                 return
+            # In-process lock: this replica's streams of one host wait here rather
+            # than in the database; across replicas the store's host lock serialises.
             async with core.host_lock(host):
-                state = await core.host_state(host)
                 try:
-                    checked = check_batch(batch, host, key, state, core.config.max_batch_events)
+                    checked = await core.ingest_batch(host, batch, key)
                 except BatchError as exc:
                     _logger.warning("host %s sent a malformed batch: %s", host, exc)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
-                rows = [
-                    NewEvent(a, a.SerializeToString(), collector_pb2.VERIFICATION_COLLECTOR)
-                    for a in checked.alerts
-                ]
-                rows.extend(checked.events)
                 for alert in checked.alerts:
                     _logger.warning("integrity alert for host %s: %s", host, alert.integrity.detail)
                     core.metrics.record_verification_failure(
@@ -219,10 +248,6 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                         .removeprefix("KIND_")
                         .lower()
                     )
-                if checked.quarantine:
-                    await core.db(core.store.quarantine, host, batch, checked.quarantine)
-                await core.ingest(host, rows, checked.state)
-                core._states[host] = checked.state
             yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)
 
     async def Subscribe(
@@ -253,7 +278,7 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
                     if len(rows) < page:
                         break
                 if sub is None:
-                    sub = core.broker.add(request.filter)
+                    sub = core.broker.add(request.filter, cursor)
                     core.metrics.set_subscribers(len(core.broker))
             assert sub is not None
             while True:
@@ -353,6 +378,7 @@ class CollectorServer:
         self._cert: tuple[bytes, bytes] | None = None
         self._cert_renew_at = 0.0
         self.cert_rotations = 0  # certificates made so far (the first one included)
+        self._feed: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> Store:
@@ -401,8 +427,28 @@ class CollectorServer:
             config(served[0]), fetch, require_client_authentication=client_auth
         )
 
+    def _start_feed(self) -> None:
+        """With a shared store, subscribers are fed by reading rows back, whoever stored them."""
+        core = self.core
+        page = self.config.query_page_size
+
+        async def read(after: int, limit: int) -> list[collector_pb2.StoredEvent]:
+            return await core.db(core.store.query, collector_pb2.EventFilter(), after, limit)
+
+        feed = StoreFeed(core.broker, read, page)
+        loop = asyncio.get_running_loop()
+
+        def wake() -> None:  # from the store's listener thread
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(feed.wake)
+
+        if core.store.notify_on_change(wake):
+            core.publish_own = False
+            self._feed = asyncio.create_task(feed.run(), name="collector-feed")
+
     async def start(self) -> None:
         core = self.core
+        self._start_feed()
         main = grpc.aio.server(options=self._options())
         collector_pb2_grpc.add_CollectorServicer_to_server(CollectorService(core), main)
         self.port = _bind(main, self.config.listen, self._dynamic_credentials(True))
@@ -427,6 +473,11 @@ class CollectorServer:
         g = self.config.grace_s if grace is None else grace
         await asyncio.gather(*(s.stop(g) for s in self._servers))
         self._servers.clear()
+        if self._feed is not None:
+            self._feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed
+            self._feed = None
         self.core.close()
 
 

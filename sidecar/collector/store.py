@@ -1,68 +1,36 @@
-"""The collector's embedded store: SQLite in WAL mode.
+"""The collector's store: one interface, two engines behind it.
 
-Why SQLite: one file, transactions, and a unique index on (host, boot, sequence) that
-makes a retried batch a no-op, so "stored exactly once" is the database's job, not
-ours.  ``synchronous=FULL`` makes a committed batch durable before it is acknowledged.
+- :class:`~sidecar.collector.sqlite_store.SqliteStore` (the default): one file in
+  the data folder, for one collector on one machine and for ``make demo``;
+- :class:`~sidecar.collector.postgres_store.PostgresStore` (``store:
+  postgresql://…``): one database that any number of collector replicas share.
 
-The row id is the cursor that subscribers and queries resume from: it grows with
-every insert, so "after cursor N" never skips or repeats a row.
+What both promise, and the server relies on:
 
-All methods block; the server calls them from one worker thread.
+- exactly once: ``(host, boot, seq)`` is unique, a replayed event is a no-op;
+- a host's chain is extended by one writer at a time: :meth:`Store.ingest_checked`
+  reads the host's chain state, lets the caller decide what to store from it, and
+  stores that, all under the host's lock in one transaction;
+- the cursor is the global row id: it grows with every committed insert, so
+  "after cursor N" never skips nor repeats a row, on any replica;
+- a join token is spent once (one atomic update).
+
+All methods block; the server calls them from its database worker threads
+(:attr:`Store.threads` of them).
 """
 
 from __future__ import annotations
 
-import logging
-import sqlite3
-import threading
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.export.chain import CHAIN_SEED
 from sidecar.util.errors import SidecarError
 
-_logger = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY,
-    host TEXT NOT NULL,
-    boot TEXT NOT NULL,
-    seq INTEGER,
-    time_ns INTEGER NOT NULL,
-    identity TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    verdict INTEGER NOT NULL,
-    verification INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    UNIQUE (host, boot, seq)
-);
-CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
-CREATE INDEX IF NOT EXISTS events_host_seq ON events (host, seq);
-CREATE TABLE IF NOT EXISTS hosts (
-    host TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL,
-    last_chain BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    host TEXT NOT NULL,
-    first_seq INTEGER NOT NULL,
-    last_seq INTEGER NOT NULL,
-    received_ns INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    batch BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS join_tokens (
-    token_hash TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    expires_ns INTEGER NOT NULL,
-    used_ns INTEGER
-);
-"""
+if TYPE_CHECKING:
+    from sidecar.collector.config import CollectorConfig
 
 
 class StoreError(SidecarError):
@@ -86,16 +54,95 @@ class NewEvent:
     verification: collector_pb2.Verification.ValueType
 
 
-def _int(value: object) -> int:
-    if not isinstance(value, int):
-        raise StoreError(f"store: expected an integer, found {type(value).__name__}")
-    return value
+@dataclass(frozen=True)
+class Plan:
+    """What to store for one batch, decided from the host's current chain state."""
+
+    rows: Sequence[NewEvent]
+    state: HostState
+    # A batch kept aside whole (as evidence), and why; None for none.
+    quarantine: tuple[collector_pb2.Batch, str] | None = None
 
 
-def _bytes(value: object) -> bytes:
-    if not isinstance(value, bytes):
-        raise StoreError(f"store: expected bytes, found {type(value).__name__}")
-    return value
+class Store(Protocol):
+    """Events, per-host chain state, quarantined batches and join tokens."""
+
+    #: How many threads may call this store at once (the server sizes its pool by it).
+    threads: int
+
+    def close(self) -> None: ...
+
+    def check_root(self, trust_domain: str, certificate_der: bytes) -> None:
+        """Refuse (StoreError) a root CA other than the one the store was first used with.
+
+        Replicas sharing a database must share one CA; a replica that generated its
+        own would issue credentials the others do not accept.
+        """
+        ...
+
+    def notify_on_change(self, wake: Callable[[], None]) -> bool:
+        """Call ``wake`` (from any thread) when a writer elsewhere may have stored events.
+
+        False when no one else writes this store: the server then hands what it
+        stores to its subscribers itself.  True when others may (other replicas):
+        the server then reads every new row back by cursor, its own included.
+        """
+        ...
+
+    def host_state(self, host: str) -> HostState: ...
+
+    def ingest_checked(
+        self, host: str, decide: Callable[[HostState], Plan]
+    ) -> list[collector_pb2.StoredEvent]:
+        """Under ``host``'s lock, in one transaction: read its state, ``decide``, store.
+
+        What ``decide`` raises rolls everything back and is raised again.  Returns
+        what was inserted (duplicates are skipped), with cursors, in insert order.
+        """
+        ...
+
+    def ingest(
+        self, host: str, events: Sequence[NewEvent], state: HostState | None
+    ) -> list[collector_pb2.StoredEvent]:
+        """Store ``events`` (duplicates ignored) and, unless None, ``state``, atomically."""
+        ...
+
+    def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None: ...
+
+    def quarantined(self, host: str) -> list[tuple[int, int, str, collector_pb2.Batch]]:
+        """(first, last, reason, batch) of each batch of ``host`` kept aside, oldest first."""
+        ...
+
+    def query(
+        self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
+    ) -> list[collector_pb2.StoredEvent]:
+        """Stored events matching ``flt`` after ``after_cursor``, in cursor order."""
+        ...
+
+    def first_cursor_since(self, time_ns: int) -> int:
+        """The cursor just before the first event at or after ``time_ns``."""
+        ...
+
+    def last_cursor(self) -> int: ...
+
+    def count(self, host: str | None = None) -> int: ...
+
+    def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None: ...
+
+    def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
+        """Spend a join token: the host it names, or None when unknown, used or expired."""
+        ...
+
+
+def open_store(config: CollectorConfig) -> Store:
+    """The store ``config`` names: PostgreSQL for a ``postgresql://`` DSN, else SQLite."""
+    if config.store_dsn:
+        from sidecar.collector.postgres_store import PostgresStore
+
+        return PostgresStore(config.store_dsn, connections=config.store_connections)
+    from sidecar.collector.sqlite_store import SqliteStore
+
+    return SqliteStore(config.db_path)
 
 
 def verdict_of(event: event_pb2.Event) -> int:
@@ -109,217 +156,8 @@ def verdict_of(event: event_pb2.Event) -> int:
     return 0
 
 
-class Store:
-    """Events, per-host chain state and join tokens in one SQLite database."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open store {path}: {exc}") from exc
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # ---- ingest ----------------------------------------------------------------------
-
-    def host_state(self, host: str) -> HostState:
-        with self._lock:
-            row = self._q("SELECT last_seq, last_chain FROM hosts WHERE host = ?", (host,))
-        return HostState(_int(row[0][0]), _bytes(row[0][1])) if row else HostState()
-
-    def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
-        """Keep a batch that failed verification aside, whole, as evidence.
-
-        It never enters the event table nor moves the host's chain: the
-        genuine batch of the same sequences is still stored when it comes.
-        """
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO quarantine (host, first_seq, last_seq, received_ns, reason, batch)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (
-                        host,
-                        batch.first_sequence,
-                        batch.last_sequence,
-                        time.time_ns(),
-                        reason,
-                        batch.SerializeToString(),
-                    ),
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot quarantine a batch of {host}: {exc}") from exc
-
-    def quarantined(self, host: str) -> list[tuple[int, int, str, collector_pb2.Batch]]:
-        """(first, last, reason, batch) of each batch of ``host`` kept aside, oldest first."""
-        with self._lock:
-            rows = self._q(
-                "SELECT first_seq, last_seq, reason, batch FROM quarantine WHERE host = ?"
-                " ORDER BY id",
-                (host,),
-            )
-        return [
-            (_int(a), _int(b), str(r), collector_pb2.Batch.FromString(_bytes(raw)))
-            for a, b, r, raw in rows
-        ]
-
-    def ingest(
-        self, host: str, events: Sequence[NewEvent], state: HostState | None
-    ) -> list[collector_pb2.StoredEvent]:
-        """Store ``events`` (duplicates ignored) and the host's new chain state, atomically.
-
-        Returns what was actually inserted, with cursors, in insert order.
-        """
-        out: list[collector_pb2.StoredEvent] = []
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                for ne in events:
-                    ev = ne.event
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
-                        " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            ev.host,
-                            ev.boot_id,
-                            ev.sequence or None,
-                            ev.time_ns,
-                            ev.identity,
-                            ev.WhichOneof("body") or "",
-                            verdict_of(ev),
-                            ne.verification,
-                            ne.payload,
-                        ),
-                    )
-                    if cur.rowcount == 1 and cur.lastrowid is not None:
-                        out.append(
-                            collector_pb2.StoredEvent(
-                                cursor=cur.lastrowid, event=ev, verification=ne.verification
-                            )
-                        )
-                if state is not None:
-                    self._db.execute(
-                        "INSERT INTO hosts (host, last_seq, last_chain) VALUES (?, ?, ?)"
-                        " ON CONFLICT (host) DO UPDATE SET last_seq = excluded.last_seq,"
-                        " last_chain = excluded.last_chain WHERE excluded.last_seq > last_seq",
-                        (host, state.last_sequence, state.last_chain),
-                    )
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise StoreError(f"cannot store events of {host}: {exc}") from exc
-        return out
-
-    # ---- reading ---------------------------------------------------------------------
-
-    def query(
-        self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
-    ) -> list[collector_pb2.StoredEvent]:
-        """Stored events matching ``flt`` after ``after_cursor``, in cursor order."""
-        where, args = filter_sql(flt)
-        where.append("id > ?")
-        args.append(after_cursor)
-        sql = (
-            "SELECT id, verification, data FROM events WHERE "
-            + " AND ".join(where)
-            + " ORDER BY id LIMIT ?"
-        )
-        args.append(limit)
-        with self._lock:
-            rows = self._q(sql, tuple(args))
-        return [
-            collector_pb2.StoredEvent(
-                cursor=_int(r[0]),
-                verification=collector_pb2.Verification.ValueType(_int(r[1])),
-                event=event_pb2.Event.FromString(_bytes(r[2])),
-            )
-            for r in rows
-        ]
-
-    def first_cursor_since(self, time_ns: int) -> int:
-        """The cursor just before the first event at or after ``time_ns``."""
-        with self._lock:
-            row = self._q("SELECT MIN(id) FROM events WHERE time_ns >= ?", (time_ns,))
-            if row and row[0][0] is not None:
-                return _int(row[0][0]) - 1
-            return self._last_cursor()
-
-    def last_cursor(self) -> int:
-        with self._lock:
-            return self._last_cursor()
-
-    def _last_cursor(self) -> int:
-        row = self._q("SELECT MAX(id) FROM events", ())
-        return _int(row[0][0]) if row and row[0][0] is not None else 0
-
-    def count(self, host: str | None = None) -> int:
-        with self._lock:
-            if host is None:
-                return _int(self._q("SELECT COUNT(*) FROM events", ())[0][0])
-            return _int(self._q("SELECT COUNT(*) FROM events WHERE host = ?", (host,))[0][0])
-
-    # ---- join tokens -----------------------------------------------------------------
-
-    def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None:
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO join_tokens (token_hash, host, expires_ns) VALUES (?, ?, ?)",
-                    (token_hash, host, expires_ns),
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot store join token: {exc}") from exc
-
-    def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
-        """Spend a join token: the host it names, or None when unknown, used or expired."""
-        with self._lock:
-            rows = self._q(
-                "UPDATE join_tokens SET used_ns = ? WHERE token_hash = ? AND used_ns IS NULL"
-                " AND expires_ns > ? RETURNING host",
-                (now_ns, token_hash, now_ns),
-            )
-        return str(rows[0][0]) if rows else None
-
-    def _q(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
-        try:
-            return list(self._db.execute(sql, args).fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(f"store {self.path}: {exc}") from exc
-
-
-def filter_sql(flt: collector_pb2.EventFilter) -> tuple[list[str], list[object]]:
-    """SQL conditions for an EventFilter (same meaning as :func:`matches`)."""
-    where: list[str] = []
-    args: list[object] = []
-    for column, values in (
-        ("host", list(flt.hosts)),
-        ("identity", list(flt.identities)),
-        ("kind", list(flt.kinds)),
-        ("verdict", [int(v) for v in flt.verdicts]),
-    ):
-        if values:
-            where.append(f"{column} IN ({', '.join('?' * len(values))})")
-            args.extend(values)
-    if flt.start_time_ns:
-        where.append("time_ns >= ?")
-        args.append(flt.start_time_ns)
-    if flt.end_time_ns:
-        where.append("time_ns <= ?")
-        args.append(flt.end_time_ns)
-    return where or ["1"], args
-
-
 def matches(flt: collector_pb2.EventFilter, event: event_pb2.Event) -> bool:
-    """Whether a live event passes ``flt`` (same meaning as :func:`filter_sql`)."""
+    """Whether a live event passes ``flt`` (same meaning as each store's query)."""
     if flt.hosts and event.host not in flt.hosts:
         return False
     if flt.identities and event.identity not in flt.identities:
@@ -331,3 +169,18 @@ def matches(flt: collector_pb2.EventFilter, event: event_pb2.Event) -> bool:
     if flt.start_time_ns and event.time_ns < flt.start_time_ns:
         return False
     return not (flt.end_time_ns and event.time_ns > flt.end_time_ns)
+
+
+def filter_columns(flt: collector_pb2.EventFilter) -> list[tuple[str, list[object]]]:
+    """(column, accepted values) of each list in ``flt`` that is not empty."""
+    out: list[tuple[str, list[object]]] = []
+    lists: tuple[tuple[str, list[object]], ...] = (
+        ("host", list(flt.hosts)),
+        ("identity", list(flt.identities)),
+        ("kind", list(flt.kinds)),
+        ("verdict", [int(v) for v in flt.verdicts]),
+    )
+    for column, values in lists:
+        if values:
+            out.append((column, values))
+    return out

@@ -5,5 +5,8 @@
   wait for READY=1, stop or kill, its JSON-lines events;
 - ``inprocess``: the daemon on its own loop in a thread of the caller;
 - ``stack``: a collector, an enrolled host and a daemon, as processes;
+- ``postgres``: a throwaway PostgreSQL cluster on a unix socket, for the
+  collector's shared store;
+- ``hosts``: simulated hosts that sign real hash-chained batches for a collector;
 - ``demo`` and ``soak``: the stories told with them.
 """

@@ -39,6 +39,10 @@ def test_a_minimal_config_gets_defaults_and_resolves_data_dir_next_to_the_file(
         ("dataDir: d\nsubscriberBuffer: 0\n", ":5: subscriberBuffer: must be positive"),
         ("dataDir: d\nbogus: 1\n", ":5: bogus: unknown field"),
         ("", "missing required field 'dataDir'"),
+        ("dataDir: d\nstore: mysql://db/x\n", ":5: store: 'mysql://db/x' is neither 'sqlite'"),
+        ("dataDir: d\nstore: postgresql://db/x?nosuch=1\n", ":5: store: not a valid libpq URI"),
+        ("dataDir: d\nstore: 5\n", ":5: store: must be 'sqlite' or a postgresql:// URI"),
+        ("dataDir: d\nstoreConnections: 0\n", ":5: storeConnections: must be positive"),
     ],
 )
 def test_invalid_configs_name_file_line_and_field(tmp_path: Path, extra: str, message: str) -> None:
@@ -53,3 +57,31 @@ def test_wrong_kind_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, "apiVersion: sidecar/v1\nkind: DaemonConfig\ndataDir: d\n")
     with pytest.raises(ConfigError, match="kind: must be 'CollectorConfig'"):
         load_config(path)
+
+
+def test_sqlite_is_the_default_store_and_a_postgresql_uri_is_passed_through_whole(
+    tmp_path: Path,
+) -> None:
+    assert load_config(_write(tmp_path, HEAD + "dataDir: d\n")).store_dsn == ""
+    assert load_config(_write(tmp_path, HEAD + "dataDir: d\nstore: sqlite\n")).store_dsn == ""
+    uri = (
+        "postgresql://sidecar@db.example.org:5432/sidecar"
+        "?sslmode=verify-full&sslrootcert=/etc/sidecar/db-ca.pem&target_session_attrs=read-write"
+    )
+    cfg = load_config(_write(tmp_path, HEAD + f"dataDir: d\nstore: '{uri}'\nstoreConnections: 8\n"))
+    assert cfg.store_dsn == uri
+    assert cfg.store_connections == 8
+
+
+def test_a_password_in_the_store_uri_never_reaches_an_error_message(tmp_path: Path) -> None:
+    from sidecar.collector.config import redact_dsn
+
+    assert redact_dsn("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    assert redact_dsn("postgresql://u@h/db?sslmode=require&password=s3cret") == (
+        "postgresql://u@h/db?sslmode=require&password=***"
+    )
+    assert redact_dsn("postgresql://h/db?password=s3cret") == "postgresql://h/db?password=***"
+    path = _write(tmp_path, HEAD + "dataDir: d\nstore: 'postgres://u:s3cret@h/db?bad=1'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "s3cret" not in str(info.value)

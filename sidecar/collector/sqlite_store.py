@@ -1,0 +1,326 @@
+"""The collector's embedded store (the default): SQLite in WAL mode.
+
+Why SQLite: one file, transactions, and a unique index on (host, boot, sequence) that
+makes a retried batch a no-op, so "stored exactly once" is the database's job, not
+ours.  ``synchronous=FULL`` makes a committed batch durable before it is acknowledged.
+
+The row id is the cursor that subscribers and queries resume from: it grows with
+every insert, so "after cursor N" never skips or repeats a row.
+
+All methods block; the server calls them from one worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sidecar.api.v1 import collector_pb2, event_pb2
+from sidecar.collector.store import (
+    HostState,
+    NewEvent,
+    Plan,
+    StoreError,
+    filter_columns,
+    verdict_of,
+)
+
+_logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq INTEGER,
+    time_ns INTEGER NOT NULL,
+    identity TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    verdict INTEGER NOT NULL,
+    verification INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    UNIQUE (host, boot, seq)
+);
+CREATE INDEX IF NOT EXISTS events_time ON events (time_ns);
+CREATE INDEX IF NOT EXISTS events_host_seq ON events (host, seq);
+CREATE TABLE IF NOT EXISTS hosts (
+    host TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_chain BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    batch BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    expires_ns INTEGER NOT NULL,
+    used_ns INTEGER
+);
+"""
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int):
+        raise StoreError(f"store: expected an integer, found {type(value).__name__}")
+    return value
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, bytes):
+        raise StoreError(f"store: expected bytes, found {type(value).__name__}")
+    return value
+
+
+class SqliteStore:
+    """Events, per-host chain state and join tokens in one SQLite database."""
+
+    threads = 1  # one connection, one writer
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def check_root(self, trust_domain: str, certificate_der: bytes) -> None:
+        """Nothing to check: the CA and this file live in the same data folder."""
+
+    def notify_on_change(self, wake: Callable[[], None]) -> bool:
+        return False  # this process is the only writer: the server publishes itself
+
+    # ---- ingest ----------------------------------------------------------------------
+
+    def host_state(self, host: str) -> HostState:
+        with self._lock:
+            row = self._q("SELECT last_seq, last_chain FROM hosts WHERE host = ?", (host,))
+        return HostState(_int(row[0][0]), _bytes(row[0][1])) if row else HostState()
+
+    def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
+        """Keep a batch that failed verification aside, whole, as evidence.
+
+        It never enters the event table nor moves the host's chain: the
+        genuine batch of the same sequences is still stored when it comes.
+        """
+        with self._lock:
+            try:
+                self._quarantine(host, batch, reason)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot quarantine a batch of {host}: {exc}") from exc
+
+    def _quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
+        self._db.execute(
+            "INSERT INTO quarantine (host, first_seq, last_seq, received_ns, reason, batch)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                host,
+                batch.first_sequence,
+                batch.last_sequence,
+                time.time_ns(),
+                reason,
+                batch.SerializeToString(),
+            ),
+        )
+
+    def quarantined(self, host: str) -> list[tuple[int, int, str, collector_pb2.Batch]]:
+        """(first, last, reason, batch) of each batch of ``host`` kept aside, oldest first."""
+        with self._lock:
+            rows = self._q(
+                "SELECT first_seq, last_seq, reason, batch FROM quarantine WHERE host = ?"
+                " ORDER BY id",
+                (host,),
+            )
+        return [
+            (_int(a), _int(b), str(r), collector_pb2.Batch.FromString(_bytes(raw)))
+            for a, b, r, raw in rows
+        ]
+
+    def ingest(
+        self, host: str, events: Sequence[NewEvent], state: HostState | None
+    ) -> list[collector_pb2.StoredEvent]:
+        """Store ``events`` (duplicates ignored) and the host's new chain state, atomically.
+
+        Returns what was actually inserted, with cursors, in insert order.
+        """
+        with self._lock:
+            return self._transaction(host, lambda: (events, state, None))
+
+    def ingest_checked(
+        self, host: str, decide: Callable[[HostState], Plan]
+    ) -> list[collector_pb2.StoredEvent]:
+        """Read the host's state, decide and store, in one write transaction.
+
+        ``BEGIN IMMEDIATE`` takes SQLite's write lock first, so no other writer of
+        the file can move the host's chain between the read and the write.
+        """
+
+        def planned() -> tuple[Sequence[NewEvent], HostState | None, Plan | None]:
+            row = self._q("SELECT last_seq, last_chain FROM hosts WHERE host = ?", (host,))
+            plan = decide(HostState(_int(row[0][0]), _bytes(row[0][1])) if row else HostState())
+            return plan.rows, plan.state, plan
+
+        with self._lock:
+            return self._transaction(host, planned)
+
+    def _transaction(
+        self,
+        host: str,
+        planned: Callable[[], tuple[Sequence[NewEvent], HostState | None, Plan | None]],
+    ) -> list[collector_pb2.StoredEvent]:
+        out: list[collector_pb2.StoredEvent] = []
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                events, state, plan = planned()
+                if plan is not None and plan.quarantine is not None:
+                    self._quarantine(host, *plan.quarantine)
+                for ne in events:
+                    ev = ne.event
+                    cur = self._db.execute(
+                        "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
+                        " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            ev.host,
+                            ev.boot_id,
+                            ev.sequence or None,
+                            ev.time_ns,
+                            ev.identity,
+                            ev.WhichOneof("body") or "",
+                            verdict_of(ev),
+                            ne.verification,
+                            ne.payload,
+                        ),
+                    )
+                    if cur.rowcount == 1 and cur.lastrowid is not None:
+                        out.append(
+                            collector_pb2.StoredEvent(
+                                cursor=cur.lastrowid, event=ev, verification=ne.verification
+                            )
+                        )
+                if state is not None:
+                    self._db.execute(
+                        "INSERT INTO hosts (host, last_seq, last_chain) VALUES (?, ?, ?)"
+                        " ON CONFLICT (host) DO UPDATE SET last_seq = excluded.last_seq,"
+                        " last_chain = excluded.last_chain WHERE excluded.last_seq > last_seq",
+                        (host, state.last_sequence, state.last_chain),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        return out
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def query(
+        self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
+    ) -> list[collector_pb2.StoredEvent]:
+        """Stored events matching ``flt`` after ``after_cursor``, in cursor order."""
+        where, args = filter_sql(flt)
+        where.append("id > ?")
+        args.append(after_cursor)
+        sql = (
+            "SELECT id, verification, data FROM events WHERE "
+            + " AND ".join(where)
+            + " ORDER BY id LIMIT ?"
+        )
+        args.append(limit)
+        with self._lock:
+            rows = self._q(sql, tuple(args))
+        return [
+            collector_pb2.StoredEvent(
+                cursor=_int(r[0]),
+                verification=collector_pb2.Verification.ValueType(_int(r[1])),
+                event=event_pb2.Event.FromString(_bytes(r[2])),
+            )
+            for r in rows
+        ]
+
+    def first_cursor_since(self, time_ns: int) -> int:
+        """The cursor just before the first event at or after ``time_ns``."""
+        with self._lock:
+            row = self._q("SELECT MIN(id) FROM events WHERE time_ns >= ?", (time_ns,))
+            if row and row[0][0] is not None:
+                return _int(row[0][0]) - 1
+            return self._last_cursor()
+
+    def last_cursor(self) -> int:
+        with self._lock:
+            return self._last_cursor()
+
+    def _last_cursor(self) -> int:
+        row = self._q("SELECT MAX(id) FROM events", ())
+        return _int(row[0][0]) if row and row[0][0] is not None else 0
+
+    def count(self, host: str | None = None) -> int:
+        with self._lock:
+            if host is None:
+                return _int(self._q("SELECT COUNT(*) FROM events", ())[0][0])
+            return _int(self._q("SELECT COUNT(*) FROM events WHERE host = ?", (host,))[0][0])
+
+    # ---- join tokens -----------------------------------------------------------------
+
+    def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None:
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO join_tokens (token_hash, host, expires_ns) VALUES (?, ?, ?)",
+                    (token_hash, host, expires_ns),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot store join token: {exc}") from exc
+
+    def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
+        """Spend a join token: the host it names, or None when unknown, used or expired."""
+        with self._lock:
+            rows = self._q(
+                "UPDATE join_tokens SET used_ns = ? WHERE token_hash = ? AND used_ns IS NULL"
+                " AND expires_ns > ? RETURNING host",
+                (now_ns, token_hash, now_ns),
+            )
+        return str(rows[0][0]) if rows else None
+
+    def _q(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+        try:
+            return list(self._db.execute(sql, args).fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from exc
+
+
+def filter_sql(flt: collector_pb2.EventFilter) -> tuple[list[str], list[object]]:
+    """SQL conditions for an EventFilter (same meaning as :func:`matches`)."""
+    where: list[str] = []
+    args: list[object] = []
+    for column, values in filter_columns(flt):
+        where.append(f"{column} IN ({', '.join('?' * len(values))})")
+        args.extend(values)
+    if flt.start_time_ns:
+        where.append("time_ns >= ?")
+        args.append(flt.start_time_ns)
+    if flt.end_time_ns:
+        where.append("time_ns <= ?")
+        args.append(flt.end_time_ns)
+    return where or ["1"], args

@@ -1,0 +1,679 @@
+"""Collectors on a shared PostgreSQL store: one replica, and two on one database.
+
+Real PostgreSQL (a throwaway cluster, see tests/conftest.py), real gRPC with
+mTLS on loopback, real signed and chained batches; nothing mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from sidecar.api.v1 import collector_pb2 as pb
+from sidecar.api.v1 import collector_pb2_grpc as pbg
+from sidecar.api.v1 import event_pb2 as ev
+from sidecar.collector.config import CollectorConfig
+from sidecar.collector.migrations import APPEND_LOCK, LATEST, LOCK_CLASS
+from sidecar.collector.postgres_store import PostgresStore
+from sidecar.collector.server import CollectorServer, create_join_token
+from sidecar.collector.store import HostState, NewEvent, Plan, StoreError
+from sidecar.collector.tls import roots_pem
+from sidecar.export.chain import CHAIN_SEED, chain_over
+from sidecar.identity.spiffeid import parse_spiffe_id
+from sidecar.identity.x509 import CertificateAuthority
+from sidecar.testing.hosts import SimulatedHost, channel, host_identity, publish
+
+pytestmark = pytest.mark.timeout(60)  # each test takes seconds; a hang fails fast
+
+TD = "example.org"
+ALICE = "spiffe://example.org/ops/alice"
+
+
+def replica_config(tmp_path: Path, name: str, dsn: str, **kw: object) -> CollectorConfig:
+    """A replica's config: its own data folder holding a copy of the one shared CA."""
+    shared_ca = tmp_path / "shared-ca"
+    if not shared_ca.exists():
+        CertificateAuthority.load_or_generate(shared_ca, TD)
+    data = tmp_path / name
+    if not data.exists():
+        data.mkdir(mode=0o700)
+        shutil.copytree(shared_ca, data / "ca")
+    cfg = CollectorConfig(
+        trust_domain=TD,
+        data_dir=data,
+        listen="127.0.0.1:0",
+        enrollment_listen="127.0.0.1:0",
+        subscribers=frozenset({parse_spiffe_id(ALICE)}),
+        grace_s=0.5,
+        store_dsn=dsn,
+        store_connections=3,
+    )
+    return replace(cfg, **kw)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def replicas(tmp_path: Path, dsn: str, n: int) -> AsyncIterator[list[CollectorServer]]:
+    """``n`` collector replicas on one database, started at once, stopped at the end."""
+    async with AsyncExitStack() as stack:
+        servers = [CollectorServer(replica_config(tmp_path, f"r{i}", dsn)) for i in range(n)]
+        for s in servers:
+            stack.push_async_callback(s.stop, 0.2)
+        await asyncio.gather(*(s.start() for s in servers))
+        yield servers
+
+
+def connect_event(i: int, identity: str = "spiffe://example.org/agent/a") -> ev.Event:
+    return ev.Event(
+        time_ns=1_000_000 + i,
+        identity=identity,
+        process=ev.ProcessInstance(pid=100 + i, instance_id=f"inst-{i % 3}"),
+        connect=ev.Connect(
+            pid=100 + i,
+            family=ev.ADDRESS_FAMILY_INET,
+            protocol=ev.PROTOCOL_TCP,
+            address="192.0.2.1",
+            port=443,
+            verdict=ev.VERDICT_ALLOW,
+            rule="default",
+        ),
+    )
+
+
+def rows_of(dsn: str, host: str) -> list[tuple[int, int, bytes]]:
+    """(seq, verification, data) of the host's own events, by sequence, read straight from SQL."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT seq, verification, data FROM events WHERE host = %s AND seq IS NOT NULL"
+            " ORDER BY seq",
+            (host,),
+        ).fetchall()
+    return [(int(a), int(b), bytes(c)) for a, b, c in rows]
+
+
+def assert_chain_verifies(dsn: str, sim: SimulatedHost) -> None:
+    """Every event stored once, verified, and the stored bytes re-chain to the host's head."""
+    rows = rows_of(dsn, sim.name)
+    assert [r[0] for r in rows] == list(range(1, sim.next_sequence))
+    assert {r[1] for r in rows} == {pb.VERIFICATION_VERIFIED}
+    assert chain_over(CHAIN_SEED, 1, [r[2] for r in rows])[-1] == sim.head
+
+
+def alerts(server: CollectorServer, host: str) -> list[tuple[int, int, int]]:
+    rows = server.store.query(pb.EventFilter(hosts=[host], kinds=["integrity"]), 0, 100)
+    return [
+        (r.event.integrity.kind, r.event.integrity.first_sequence, r.event.integrity.last_sequence)
+        for r in rows
+    ]
+
+
+# ---- schema -------------------------------------------------------------------------
+
+
+def test_replicas_starting_at_once_apply_each_migration_exactly_once(pg_dsn: str) -> None:
+    n = 6
+    barrier = threading.Barrier(n)
+    opened: list[PostgresStore] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait(5)
+        try:
+            opened.append(PostgresStore(pg_dsn, connections=1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for s in opened:
+        s.close()
+    # The migrations are plain CREATE TABLE: a second run of one would have failed.
+    assert errors == []
+    assert len(opened) == n
+    with psycopg.connect(pg_dsn) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == list(range(1, LATEST + 1))
+    PostgresStore(pg_dsn).close()  # and opening again later changes nothing
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (LATEST,)
+
+
+def test_a_schema_newer_than_the_collector_is_refused(pg_dsn: str) -> None:
+    PostgresStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("INSERT INTO schema_version (version, description) VALUES (999, 'future')")
+    with pytest.raises(StoreError, match="version 999, newer than this collector"):
+        PostgresStore(pg_dsn)
+
+
+def test_a_replica_with_another_root_ca_is_refused(tmp_path: Path, pg_dsn: str) -> None:
+    CollectorServer(replica_config(tmp_path, "r0", pg_dsn)).core.close()
+    stray = tmp_path / "stray"
+    cfg = replace(replica_config(tmp_path, "r1", pg_dsn), data_dir=stray)  # generates its own CA
+    with pytest.raises(StoreError, match="every replica must use the same CA folder"):
+        CollectorServer(cfg)
+
+
+# ---- the store's locks ---------------------------------------------------------------
+
+
+def _rows(host: str, first: int, n: int) -> list[NewEvent]:
+    out = []
+    for i in range(n):
+        e = connect_event(first + i)
+        e.host, e.boot_id, e.sequence = host, "boot-1", first + i
+        out.append(NewEvent(e, e.SerializeToString(), pb.VERIFICATION_VERIFIED))
+    return out
+
+
+def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str) -> None:
+    """Replica 2 decides on the host's state only after replica 1 committed its batch."""
+    one, two = PostgresStore(pg_dsn, connections=1), PostgresStore(pg_dsn, connections=1)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[HostState] = []
+
+    def first(state: HostState) -> Plan:
+        inside.set()
+        assert release.wait(10)
+        return Plan(_rows("h", 6, 5), HostState(10, b"1" * 32))
+
+    def second(state: HostState) -> Plan:
+        seen.append(state)
+        return Plan(_rows("h", 11, 5), HostState(15, b"2" * 32))
+
+    try:
+        # A host seen before (its row exists) and a new one (its row is being made).
+        one.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
+        t1 = threading.Thread(target=one.ingest_checked, args=("h", first))
+        t1.start()
+        assert inside.wait(10)
+        t2 = threading.Thread(target=two.ingest_checked, args=("h", second))
+        t2.start()
+        t2.join(0.5)
+        assert t2.is_alive() and seen == []  # waiting on the host's lock
+        third = PostgresStore(pg_dsn, connections=1)
+        third.ingest("other", _rows("other", 1, 1), HostState(1, b"3" * 32))  # does not wait
+        third.close()
+        release.set()
+        t1.join(10)
+        t2.join(10)
+        assert seen == [HostState(10, b"1" * 32)]
+        assert one.host_state("h") == HostState(15, b"2" * 32)
+        assert one.count("h") == 15
+    finally:
+        release.set()
+        one.close()
+        two.close()
+
+
+def test_inserts_wait_for_the_append_lock_so_cursors_become_visible_in_order(
+    pg_dsn: str,
+) -> None:
+    store = PostgresStore(pg_dsn, connections=1)
+    try:
+        with psycopg.connect(pg_dsn) as holder:
+            holder.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
+            t = threading.Thread(target=store.ingest, args=("h", _rows("h", 1, 3), None))
+            t.start()
+            t.join(0.5)
+            with psycopg.connect(pg_dsn) as conn:
+                assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+            assert t.is_alive()
+            holder.commit()
+        t.join(10)
+        assert store.count() == 3
+    finally:
+        store.close()
+
+
+# ---- exactly once and the chain, across replicas ----------------------------------------
+
+
+def test_one_hosts_batches_alternating_between_two_replicas_store_once_and_chain(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            sim = SimulatedHost(host_identity(ca, "h1"))
+            batches = [sim.batch([connect_event(10 * k + i) for i in range(10)]) for k in range(12)]
+            # One at a time, alternating replicas, each acknowledging the whole chain so far.
+            for k, batch in enumerate(batches[:6]):
+                port = (a, b)[k % 2].port
+                assert await publish(port, ca, sim.ident, [batch]) == [10 * k, 10 * (k + 1)]
+            # After a failover the same batches may reach both replicas at once, and a
+            # host resends what it has no ack for: each batch goes to both, concurrently.
+            for batch in batches[6:]:
+                acks = await asyncio.gather(
+                    publish(a.port, ca, sim.ident, [batch]),
+                    publish(b.port, ca, sim.ident, [batch]),
+                )
+                assert [x[-1] for x in acks] == [batch.last_sequence] * 2
+            # Old batches replayed to either replica store nothing.
+            assert await publish(b.port, ca, sim.ident, batches[:3]) == [120, 120, 120, 120]
+            assert await publish(a.port, ca, sim.ident, [batches[7]]) == [120, 120]
+            assert_chain_verifies(pg_dsn, sim)
+            assert alerts(a, "h1") == []
+            assert a.store.count("h1") == b.store.count("h1") == 120
+            # Each replica's metrics count its own share; together exactly what arrived.
+            stored = sum(
+                s.core.metrics.registry.get_sample_value(
+                    "sidecar_collector_events_stored_total", {"host": "h1"}
+                )
+                or 0
+                for s in (a, b)
+            )
+            assert stored == 120
+
+    asyncio.run(body())
+
+
+def test_many_hosts_racing_on_two_replicas_each_store_once_and_chain(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            sims = [SimulatedHost(host_identity(a.ca, f"h{i}")) for i in range(8)]
+            alice = a.ca.issue_x509_svid(ALICE, timedelta(hours=1))
+            ch = channel(b.port, a.ca, (alice.key_pem(), alice.cert_chain_pem()))
+            live = pbg.CollectorStub(ch).Subscribe(pb.SubscribeRequest())
+            await asyncio.sleep(0.2)  # subscribed from now on
+
+            async def drive(sim: SimulatedHost, i: int) -> None:
+                for k in range(5):
+                    batch = sim.batch([connect_event(20 * k + j) for j in range(20)])
+                    first, second = (a, b) if (i + k) % 2 else (b, a)
+                    await publish(first.port, a.ca, sim.ident, [batch])
+                    await publish(second.port, a.ca, sim.ident, [batch])  # a replay
+
+            await asyncio.gather(*(drive(s, i) for i, s in enumerate(sims)))
+            for sim in sims:
+                assert_chain_verifies(pg_dsn, sim)
+                assert alerts(a, sim.name) == []
+            assert a.store.count() == 8 * 100
+            # A subscriber of replica B saw every row of both, once, in cursor order.
+            got = await _read(live, 800)
+            live.cancel()
+            await ch.close()
+            cursors = [se.cursor for se in got]
+            assert cursors == sorted(set(cursors))
+            assert {(se.event.host, se.event.sequence) for se in got} == {
+                (s.name, q) for s in sims for q in range(1, 101)
+            }
+
+    asyncio.run(body())
+
+
+def test_forged_thinned_and_gapped_batches_are_caught_whichever_replica_gets_them(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            sim = SimulatedHost(host_identity(ca, "h2"))
+            b1 = sim.batch([connect_event(i) for i in range(3)])
+            genuine = sim.batch([connect_event(i) for i in range(3, 6)])
+            assert await publish(a.port, ca, sim.ident, [b1]) == [0, 3]
+            # Forged on the way (an address changed): replica B quarantines it, and the
+            # chain stays at 3 on both replicas.
+            forged = pb.Batch.FromString(genuine.SerializeToString())
+            altered = ev.Event.FromString(forged.events[1])
+            altered.connect.address = "203.0.113.9"
+            forged.events[1] = altered.SerializeToString()
+            assert await publish(b.port, ca, sim.ident, [forged]) == [3, 3]
+            (q,) = a.store.quarantined("h2")
+            assert q[:3] == (4, 6, "bad_signature") and q[3] == forged
+            # Thinned on the way (an event taken out, the rest renumbered): the
+            # signature no longer covers it.
+            thinned = pb.Batch.FromString(genuine.SerializeToString())
+            raws = list(thinned.events)
+            kept = [ev.Event.FromString(raws[0]), ev.Event.FromString(raws[2])]
+            kept[1].sequence = 5
+            del thinned.events[:]
+            thinned.events.extend(e.SerializeToString() for e in kept)
+            thinned.last_sequence = 5
+            assert await publish(a.port, ca, sim.ident, [thinned]) == [3, 3]
+            assert len(b.store.quarantined("h2")) == 2
+            # The genuine batch, on the other replica, continues the chain.
+            assert await publish(b.port, ca, sim.ident, [genuine]) == [3, 6]
+            # The host's own gap (signed, but sequences 7..9 never sent) is reported.
+            sim.batch([connect_event(i) for i in range(6, 9)])  # never arrives
+            after_gap = sim.batch([connect_event(i) for i in range(9, 12)])
+            assert await publish(a.port, ca, sim.ident, [after_gap]) == [6, 12]
+            # A batch chained from somewhere else: a chain break, seen on replica B.
+            sim.head = bytes(32)
+            broken = sim.batch([connect_event(12)])
+            assert await publish(b.port, ca, sim.ident, [broken]) == [12, 13]
+            K = ev.IntegrityAlert
+            assert alerts(b, "h2") == [
+                (K.KIND_BAD_SIGNATURE, 4, 6),
+                (K.KIND_BAD_SIGNATURE, 4, 5),
+                (K.KIND_GAP, 7, 9),
+                (K.KIND_CHAIN_BREAK, 13, 13),
+            ]
+            got = {seq: v for seq, v, _ in rows_of(pg_dsn, "h2")}
+            assert got == {
+                **dict.fromkeys(range(1, 7), pb.VERIFICATION_VERIFIED),
+                **dict.fromkeys(range(10, 13), pb.VERIFICATION_AFTER_GAP),
+                13: pb.VERIFICATION_CHAIN_BREAK,
+            }
+            addresses = [r.event.connect.address for r in a.store.query(pb.EventFilter(), 0, 99)]
+            assert "203.0.113.9" not in addresses
+
+    asyncio.run(body())
+
+
+# ---- subscribers, queries and cursors across replicas --------------------------------
+
+
+async def _read(
+    call: grpc.aio.UnaryStreamCall[pb.SubscribeRequest, pb.StoredEvent], n: int
+) -> list[pb.StoredEvent]:
+    out: list[pb.StoredEvent] = []
+    while len(out) < n:
+        msg = await asyncio.wait_for(call.read(), 10)
+        assert isinstance(msg, pb.StoredEvent), f"stream ended: {msg!r}"
+        out.append(msg)
+    return out
+
+
+def test_a_subscriber_on_one_replica_sees_every_replicas_events_in_cursor_order(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            alice = ca.issue_x509_svid(ALICE, timedelta(hours=1))
+            creds = (alice.key_pem(), alice.cert_chain_pem())
+            h1, h2 = SimulatedHost(host_identity(ca, "h1")), SimulatedHost(host_identity(ca, "h2"))
+            stored_before = h1.batch([connect_event(i) for i in range(5)])
+            await publish(a.port, ca, h1.ident, [stored_before])
+            async with channel(b.port, ca, creds) as ch_b, channel(a.port, ca, creds) as ch_a:
+                live = pbg.CollectorStub(ch_b).Subscribe(pb.SubscribeRequest(after_cursor=0))
+                replayed = await _read(live, 5)
+                # Ingested by A while the subscriber listens on B, and by B, interleaved.
+                for k in range(4):
+                    await publish(a.port, ca, h1.ident, [h1.batch([connect_event(k)])])
+                    await publish(b.port, ca, h2.ident, [h2.batch([connect_event(k)])])
+                got = replayed + await _read(live, 8)
+                live.cancel()
+                cursors = [se.cursor for se in got]
+                assert cursors == sorted(cursors) and len(set(cursors)) == 13
+                seen = [(se.event.host, se.event.sequence) for se in got]
+                assert seen == [("h1", s) for s in range(1, 6)] + [
+                    x for k in range(4) for x in (("h1", 6 + k), ("h2", 1 + k))
+                ]
+                # A cursor from replica B resumes on replica A: nothing skipped or repeated.
+                resumed = pbg.CollectorStub(ch_a).Subscribe(
+                    pb.SubscribeRequest(after_cursor=got[6].cursor)
+                )
+                again = await _read(resumed, len(got) - 7)
+                resumed.cancel()
+                assert [se.cursor for se in again] == cursors[7:]
+
+    asyncio.run(body())
+
+
+def test_query_by_identity_instance_host_kind_and_time_pages_on_either_replica(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            alice = ca.issue_x509_svid(ALICE, timedelta(hours=1))
+            creds = (alice.key_pem(), alice.cert_chain_pem())
+            sims = [SimulatedHost(host_identity(ca, f"q{i}")) for i in range(2)]
+            for k, sim in enumerate(sims):
+                events = [
+                    connect_event(i, f"spiffe://example.org/agent/{'ab'[i % 2]}") for i in range(40)
+                ]
+                events += [ev.Event(time_ns=2_000_000 + i, exit=ev.Exit(pid=i)) for i in range(5)]
+                await publish((a, b)[k].port, ca, sim.ident, [sim.batch(events)])
+            flt = pb.EventFilter(
+                hosts=["q1"],
+                identities=["spiffe://example.org/agent/b"],
+                kinds=["connect"],
+                start_time_ns=1_000_010,
+                end_time_ns=1_000_029,
+            )
+            want = [s for s in range(1, 41) if s % 2 == 0 and 10 <= s - 1 <= 29]
+            got: list[int] = []
+            cursor, port = 0, a.port
+            async with channel(a.port, ca, creds) as ch_a, channel(b.port, ca, creds) as ch_b:
+                stubs = {a.port: pbg.CollectorStub(ch_a), b.port: pbg.CollectorStub(ch_b)}
+                while True:  # pages of 3, alternating replicas
+                    page = await stubs[port].Query(
+                        pb.QueryRequest(filter=flt, after_cursor=cursor, limit=3)
+                    )
+                    got += [se.event.sequence for se in page.events]
+                    cursor = page.next_cursor
+                    port = b.port if port == a.port else a.port
+                    if not page.more:
+                        break
+            assert got == want
+            # The instance column is stored for every event (and indexed, as below).
+            with psycopg.connect(pg_dsn) as conn:
+                n = conn.execute(
+                    "SELECT count(*) FROM events WHERE instance = 'inst-1' AND host = 'q0'"
+                ).fetchone()
+            assert n == (len([i for i in range(40) if i % 3 == 1]),)
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize(
+    ("column", "index"),
+    [
+        ("identity", "events_identity"),
+        ("instance", "events_instance"),
+        ("host", "events_host"),
+        ("kind", "events_kind"),
+    ],
+)
+def test_each_query_column_has_an_index_that_reads_in_cursor_order(
+    pg_dsn: str, column: str, index: str
+) -> None:
+    PostgresStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                f"EXPLAIN SELECT id, data FROM events WHERE {column} = 'x' AND id > 10"
+                " ORDER BY id LIMIT 100"
+            )
+        )
+    assert index in plan and "Sort" not in plan, plan
+
+
+# ---- enrollment ---------------------------------------------------------------------
+
+
+def test_a_join_token_spent_on_one_replica_is_refused_on_the_other(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    from sidecar.export.enroll import enroll
+    from sidecar.util.errors import TransportError
+
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            bundle = roots_pem(a.ca)
+            token = create_join_token(a.store, TD, "web-1", 60)
+            ident = await enroll(f"127.0.0.1:{a.enrollment_port}", token, bundle, tmp_path / "c1")
+            assert ident.host == "web-1"
+            with pytest.raises(TransportError, match="unknown, used or expired"):
+                await enroll(f"127.0.0.1:{b.enrollment_port}", token, bundle, tmp_path / "c2")
+            # The same token at both replicas at the same moment: one enrollment only.
+            token = create_join_token(b.store, TD, "web-2", 60)
+
+            async def attempt(port: int, out: Path) -> bool:
+                try:
+                    await enroll(f"127.0.0.1:{port}", token, bundle, out)
+                except TransportError:
+                    return False
+                return True
+
+            won = await asyncio.gather(
+                *(attempt((a, b)[i % 2].enrollment_port, tmp_path / f"race{i}") for i in range(6))
+            )
+            assert won.count(True) == 1
+            # The credentials from replica A publish to replica B: one CA for all.
+            sim = SimulatedHost(ident)
+            assert await publish(b.port, b.ca, sim.ident, [sim.batch([connect_event(1)])]) == [
+                0,
+                1,
+            ]
+
+    asyncio.run(body())
+
+
+def _with_timeout(fn: Callable[[], None], seconds: float) -> None:
+    t = threading.Thread(target=fn)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive()
+
+
+def test_a_replica_keeps_serving_subscribers_after_the_database_drops_its_listener(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """The LISTEN connection is killed by the server: it reconnects and nothing is missed."""
+
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            alice = ca.issue_x509_svid(ALICE, timedelta(hours=1))
+            sim = SimulatedHost(host_identity(ca, "h9"))
+            async with channel(b.port, ca, (alice.key_pem(), alice.cert_chain_pem())) as ch:
+                live = pbg.CollectorStub(ch).Subscribe(pb.SubscribeRequest(after_cursor=0))
+                await publish(a.port, ca, sim.ident, [sim.batch([connect_event(0)])])
+                assert len(await _read(live, 1)) == 1
+
+                def kill_listeners() -> None:
+                    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                        conn.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE query LIKE 'LISTEN%%' AND datname = current_database()"
+                        )
+
+                _with_timeout(kill_listeners, 5)
+                for k in range(3):
+                    await publish(a.port, ca, sim.ident, [sim.batch([connect_event(k)])])
+                    await asyncio.sleep(0.05)
+                got = await _read(live, 3)
+                live.cancel()
+                assert [se.event.sequence for se in got] == [2, 3, 4]
+
+    asyncio.run(body())
+
+
+# ---- as deployed: `sidecar collector` processes --------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"collector did not listen on {port}: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+
+
+def test_two_collector_processes_started_at_once_share_the_database(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """As deployed: the CLI makes the CA and a token; two replicas start together."""
+    from sidecar.export.enroll import enroll
+
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    uri = (
+        f"postgresql:///{params['dbname']}?host={params['host']}&port={params['port']}"
+        f"&user={params['user']}"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ports = [(_free_port(), _free_port()) for _ in range(2)]
+    configs = []
+    for i, (mtls, enr) in enumerate(ports):
+        cfg = tmp_path / f"r{i}.yaml"
+        cfg.write_text(
+            f"apiVersion: sidecar/v1\nkind: CollectorConfig\ntrustDomain: {TD}\n"
+            f"dataDir: r{i}\nlisten: 127.0.0.1:{mtls}\nenrollmentListen: 127.0.0.1:{enr}\n"
+            f"metrics: ''\nstore: '{uri}'\n"
+        )
+        configs.append(cfg)
+    cli = [sys.executable, "-m", "sidecar.cli", "collector", "--config"]
+    token = subprocess.run(
+        [*cli, str(configs[0]), "--join-token", "web-1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    shutil.copytree(tmp_path / "r0" / "ca", tmp_path / "r1" / "ca")
+    procs = []
+    try:
+        for i, cfg in enumerate(configs):
+            log = tmp_path / f"r{i}.log"
+            with log.open("wb") as out:
+                procs.append(subprocess.Popen([*cli, str(cfg)], env=env, stdout=out, stderr=out))
+        for i, (mtls, enr) in enumerate(ports):
+            _wait_port(mtls, procs[i], tmp_path / f"r{i}.log")
+            _wait_port(enr, procs[i], tmp_path / f"r{i}.log")
+        with psycopg.connect(pg_dsn) as conn:
+            rows = conn.execute("SELECT version FROM schema_version").fetchall()
+        assert rows == [(v,) for v in range(1, LATEST + 1)]
+        bundle = (tmp_path / "r0" / "ca" / "ca.pem").read_bytes()
+
+        async def body() -> SimulatedHost:
+            from sidecar.util.errors import TransportError
+
+            # The token the CLI made through replica 0's config enrolls on replica 1...
+            ident = await enroll(f"127.0.0.1:{ports[1][1]}", token, bundle, tmp_path / "c")
+            # ... and is then spent for both.
+            with pytest.raises(TransportError, match="unknown, used or expired"):
+                await enroll(f"127.0.0.1:{ports[0][1]}", token, bundle, tmp_path / "c2")
+            sim = SimulatedHost(ident)
+            ca = CertificateAuthority.load_or_generate(tmp_path / "r0" / "ca", TD)
+            b1, b2 = sim.batch([connect_event(1)]), sim.batch([connect_event(2)])
+            assert await publish(ports[0][0], ca, ident, [b1]) == [0, 1]
+            assert await publish(ports[1][0], ca, ident, [b1, b2]) == [1, 1, 2]
+            return sim
+
+        assert_chain_verifies(pg_dsn, asyncio.run(body()))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0]
