@@ -13,6 +13,7 @@ the kernel benchmarks.
   bench_hash       cold sha256 of a 50 MB binary, warm cache lookups
   bench_daemon     daemon CPU and RSS at 100 and 1,000 exec/s, 20 identities, 10k rules
   bench_collector  exporter to collector over mTLS: events/s and latency vs raw SQLite
+  bench_stream     daemon CPU at 200 attested exec/s streamed to a collector, vs idle
 
 Run on request only (--only bench_soak), for it takes 30 minutes:
 
@@ -38,6 +39,7 @@ PLAN = [
     ("bench_hash", []),
     ("bench_daemon", ["--seconds", "10"]),
     ("bench_collector", []),
+    ("bench_stream", ["--seconds", "30"]),
 ]
 ON_REQUEST = [("bench_soak", ["--seconds", "1800", "--rate", "200", "--ring-pages", "1024"])]
 

@@ -31,7 +31,13 @@ from sidecar.collector.broker import Broker, StoreFeed
 from sidecar.collector.config import CollectorConfig
 from sidecar.collector.store import HostState, NewEvent, Plan, Store, open_store
 from sidecar.collector.tls import peer_svid, roots_pem, server_credentials
-from sidecar.collector.verify import BatchError, Checked, check_batch
+from sidecar.collector.verify import (
+    BatchError,
+    Checked,
+    Verified,
+    decide_batch,
+    verify_batch,
+)
 from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
 from sidecar.util.errors import CredentialError, TransportError
@@ -110,6 +116,11 @@ class _Core:
     async def ingest_batch(
         self, host: str, batch: collector_pb2.Batch, key: ec.EllipticCurvePublicKey
     ) -> Checked:
+        """Verify and store one batch (see :meth:`ingest_verified`)."""
+        verified = verify_batch(batch, host, key, self.config.max_batch_events)
+        return await self.ingest_verified(host, verified)
+
+    async def ingest_verified(self, host: str, verified: Verified) -> Checked:
         """Verify ``batch`` against the stored chain and store it, in one transaction.
 
         Raises BatchError for a malformed batch (nothing stored).  With a store
@@ -117,13 +128,13 @@ class _Core:
         cursor order.
         """
         loop = asyncio.get_running_loop()
-        max_events = self.config.max_batch_events
+        batch = verified.batch
 
         def write() -> Checked:
             seen: list[Checked] = []
 
             def decide(state: HostState) -> Plan:
-                checked = check_batch(batch, host, key, state, max_events)
+                checked = decide_batch(verified, state)
                 seen.append(checked)
                 rows = [
                     NewEvent(a, a.SerializeToString(), collector_pb2.VERIFICATION_COLLECTOR)
@@ -208,6 +219,12 @@ async def _subscriber_peer(context: Ctx[object, object], core: _Core) -> SpiffeI
     return sid
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Take a dropped future's outcome, so that nothing logs it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class CollectorService(collector_pb2_grpc.CollectorServicer):
     def __init__(self, core: _Core) -> None:
         self.core = core
@@ -221,34 +238,56 @@ class CollectorService(collector_pb2_grpc.CollectorServicer):
         host, key = await _host_peer(context, core)  # type: ignore[arg-type]
         yield collector_pb2.Ack(acked_sequence=(await core.host_state(host)).last_sequence)
         batches = request_iterator.__aiter__()
-        while True:
+        max_events = core.config.max_batch_events
+
+        async def receive() -> Verified | None:
+            """The next batch, decoded and its signature checked (None at the stream's end).
+
+            Runs while the batch before it is being stored: the checks that need
+            no stored state take the other core instead of waiting their turn.
+            """
             try:
                 batch = await batches.__anext__()
             except StopAsyncIteration:
-                return
-            except DecodeError as exc:  # bytes that are no Batch: the client's error
-                _logger.warning("host %s sent bytes that are not a batch: %s", host, exc)
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"the message is not a Batch: {exc}"
-                )
-                return
-            # In-process lock: this replica's streams of one host wait here rather
-            # than in the database; across replicas the store's host lock serialises.
-            async with core.host_lock(host):
+                return None
+            return await asyncio.to_thread(verify_batch, batch, host, key, max_events)
+
+        ahead: asyncio.Future[Verified | None] = asyncio.ensure_future(receive())
+        try:
+            while True:
                 try:
-                    checked = await core.ingest_batch(host, batch, key)
+                    verified = await ahead
+                except DecodeError as exc:  # bytes that are no Batch: the client's error
+                    _logger.warning("host %s sent bytes that are not a batch: %s", host, exc)
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"the message is not a Batch: {exc}"
+                    )
+                    return
                 except BatchError as exc:
                     _logger.warning("host %s sent a malformed batch: %s", host, exc)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
-                for alert in checked.alerts:
-                    _logger.warning("integrity alert for host %s: %s", host, alert.integrity.detail)
-                    core.metrics.record_verification_failure(
-                        event_pb2.IntegrityAlert.Kind.Name(alert.integrity.kind)
-                        .removeprefix("KIND_")
-                        .lower()
-                    )
-            yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)
+                if verified is None:
+                    return
+                ahead = asyncio.ensure_future(receive())
+                # In-process lock: this replica's streams of one host wait here rather
+                # than in the database; across replicas the store's host lock serialises.
+                async with core.host_lock(host):
+                    checked = await core.ingest_verified(host, verified)
+                    for alert in checked.alerts:
+                        _logger.warning(
+                            "integrity alert for host %s: %s", host, alert.integrity.detail
+                        )
+                        core.metrics.record_verification_failure(
+                            event_pb2.IntegrityAlert.Kind.Name(alert.integrity.kind)
+                            .removeprefix("KIND_")
+                            .lower()
+                        )
+                yield collector_pb2.Ack(acked_sequence=checked.state.last_sequence)
+        finally:
+            # A batch read ahead and never acknowledged: the host sends it again.
+            ahead.cancel()
+            ahead.add_done_callback(_retrieved)
 
     async def Subscribe(
         self,

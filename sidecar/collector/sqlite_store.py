@@ -82,6 +82,12 @@ def _bytes(value: object) -> bytes:
     return value
 
 
+_INSERT = (
+    "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
+    " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 class SqliteStore:
     """Events, per-host chain state and join tokens in one SQLite database."""
 
@@ -194,29 +200,7 @@ class SqliteStore:
                 events, state, plan = planned()
                 if plan is not None and plan.quarantine is not None:
                     self._quarantine(host, *plan.quarantine)
-                for ne in events:
-                    ev = ne.event
-                    cur = self._db.execute(
-                        "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
-                        " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            ev.host,
-                            ev.boot_id,
-                            ev.sequence or None,
-                            ev.time_ns,
-                            ev.identity,
-                            ev.WhichOneof("body") or "",
-                            verdict_of(ev),
-                            ne.verification,
-                            ne.payload,
-                        ),
-                    )
-                    if cur.rowcount == 1 and cur.lastrowid is not None:
-                        out.append(
-                            collector_pb2.StoredEvent(
-                                cursor=cur.lastrowid, event=ev, verification=ne.verification
-                            )
-                        )
+                out = self._insert(events)
                 if state is not None:
                     self._db.execute(
                         "INSERT INTO hosts (host, last_seq, last_chain) VALUES (?, ?, ?)"
@@ -231,6 +215,57 @@ class SqliteStore:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        return out
+
+    def _insert(self, events: Sequence[NewEvent]) -> list[collector_pb2.StoredEvent]:
+        """Insert a batch's rows (duplicates ignored); what was inserted, with cursors.
+
+        One executemany for the whole batch: within the write transaction the
+        new rows take consecutive ids after the last one, so when every row
+        went in, their cursors follow from the last id.  A batch with a
+        duplicate (a replay) is inserted row by row instead, to tell which.
+        """
+        rows = [
+            (
+                ev.host,
+                ev.boot_id,
+                ev.sequence or None,
+                ev.time_ns,
+                ev.identity,
+                ev.WhichOneof("body") or "",
+                verdict_of(ev),
+                ne.verification,
+                ne.payload,
+            )
+            for ne in events
+            for ev in (ne.event,)
+        ]
+        if not rows:
+            return []
+        before = self._db.total_changes
+        self._db.execute("SAVEPOINT batch")
+        self._db.executemany(_INSERT, rows)
+        if self._db.total_changes - before == len(rows):
+            self._db.execute("RELEASE batch")
+            last = _int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
+            first = last - len(rows) + 1
+            return [
+                collector_pb2.StoredEvent(
+                    cursor=first + i, event=ne.event, verification=ne.verification
+                )
+                for i, ne in enumerate(events)
+            ]
+        self._db.execute("ROLLBACK TO batch")
+        self._db.execute("RELEASE batch")
+        out = []
+        for ne, row in zip(events, rows, strict=True):
+            cur = self._db.execute(_INSERT, row)
+            if cur.rowcount == 1 and cur.lastrowid is not None:
+                out.append(
+                    collector_pb2.StoredEvent(
+                        cursor=cur.lastrowid, event=ne.event, verification=ne.verification
+                    )
+                )
         return out
 
     # ---- reading ---------------------------------------------------------------------

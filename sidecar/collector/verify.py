@@ -48,14 +48,25 @@ class Checked:
     quarantine: str = ""
 
 
-def check_batch(
-    batch: collector_pb2.Batch,
-    host: str,
-    key: ec.EllipticCurvePublicKey,
-    state: HostState,
-    max_events: int,
-) -> Checked:
-    """Verify ``batch`` from ``host`` (its mTLS identity) against the stored ``state``."""
+@dataclass
+class Verified:
+    """What a batch says and whether its host signed it: all that needs no stored state.
+
+    Made before the batch's transaction (and while the one before it is
+    stored); :func:`decide_batch` then holds it against the host's chain.
+    """
+
+    batch: collector_pb2.Batch
+    host: str
+    events: list[event_pb2.Event]
+    chains: list[bytes]
+    signed: bool
+
+
+def verify_batch(
+    batch: collector_pb2.Batch, host: str, key: ec.EllipticCurvePublicKey, max_events: int
+) -> Verified:
+    """Decode and check ``batch`` from ``host`` (its mTLS identity); BatchError if malformed."""
     if batch.host != host:
         raise BatchError(f"batch names host '{batch.host}' but the client is host '{host}'")
     n = len(batch.events)
@@ -73,10 +84,27 @@ def check_batch(
     payload = batch_payload(
         host, batch.first_sequence, batch.last_sequence, batch.prev_chain, chains[-1]
     )
+    return Verified(batch, host, events, chains, verify(key, payload, batch.signature))
+
+
+def check_batch(
+    batch: collector_pb2.Batch,
+    host: str,
+    key: ec.EllipticCurvePublicKey,
+    state: HostState,
+    max_events: int,
+) -> Checked:
+    """Verify ``batch`` from ``host`` (its mTLS identity) against the stored ``state``."""
+    return decide_batch(verify_batch(batch, host, key, max_events), state)
+
+
+def decide_batch(verified: Verified, state: HostState) -> Checked:
+    """A verified batch held against the host's stored chain: what to store, and alerts."""
+    batch, host, events, chains = verified.batch, verified.host, verified.events, verified.chains
     out = Checked()
     first, last = batch.first_sequence, batch.last_sequence
     new_from = max(first, state.last_sequence + 1)
-    if not verify(key, payload, batch.signature):
+    if not verified.signed:
         # Not the host's: it must not take the place of the genuine batch, so
         # it is kept aside whole, with the alert, and the chain stays put.
         out.alerts.append(
