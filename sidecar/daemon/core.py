@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from sidecar.daemon import sdnotify
 from sidecar.daemon.config import DaemonConfig
@@ -65,14 +65,21 @@ from sidecar.util.redact import Redactor
 if TYPE_CHECKING:
     from sidecar.attest.attestor import Attestor
     from sidecar.export.enroll import Renewer
-    from sidecar.export.exporter import Exporter
+    from sidecar.export.exporter import Exporter, HostIdentity
     from sidecar.identity.instances import InstanceRegistry
     from sidecar.identity.manager import CredentialManager
+    from sidecar.identity.spiffeid import SpiffeId
     from sidecar.kernel.maps import KernelMaps
     from sidecar.metrics import DaemonMetrics
     from sidecar.policy.compiled import CompiledPolicy
 
 _logger = logging.getLogger(__name__)
+
+
+class Stoppable(Protocol):
+    """A server the daemon started (Workload API, admin socket, metrics, exporter)."""
+
+    async def stop(self) -> None: ...
 
 
 def _notify(send: Callable[..., bool], *args: str) -> None:
@@ -344,7 +351,7 @@ class Daemon:
             self.outputs, kernel.ring, kernel.set_delivered, exporting=bool(self.config.collector)
         )
         self.delivery.adopt(kernel.delivered())
-        servers: list[Any] = []
+        servers: list[Stoppable] = []
         signals = threading.current_thread() is threading.main_thread()
         try:
             self.enforcer = Enforcer(kernel, self.numbers)
@@ -422,12 +429,12 @@ class Daemon:
                 self.outputs.emit(event, to_sink, to_export)
         delivery.delivered(batch.cursor)
 
-    async def _start_exporter(self) -> Any:
+    async def _start_exporter(self) -> _ExporterStopper | None:
         if not self.config.collector:
             return None
         from sidecar.attest import boot_id
         from sidecar.export.enroll import Renewer, load_host_identity
-        from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
+        from sidecar.export.exporter import Exporter, ExporterConfig
 
         cred_dir = self.config.collector_credentials
 
@@ -458,7 +465,7 @@ class Daemon:
         _logger.info("streaming events to the collector at %s", self.config.collector)
         return _ExporterStopper(self)
 
-    def _host_renewed(self, ident: Any) -> None:
+    def _host_renewed(self, ident: HostIdentity) -> None:
         """New host credentials: sign workload SVIDs with the new intermediate from now on."""
         _logger.info("host credentials renewed: %s", ident.host)
         if self.manager is not None:
@@ -472,8 +479,8 @@ class Daemon:
         except SidecarError as exc:
             _logger.error("event export stopped: %s; events stay in the spool", exc)
 
-    async def _start_servers(self) -> list[Any]:
-        servers: list[Any] = []
+    async def _start_servers(self) -> list[Stoppable]:
+        servers: list[Stoppable] = []
         stopper = await self._start_exporter()
         if stopper is not None:
             servers.append(stopper)
@@ -617,12 +624,12 @@ class Daemon:
 
     # -- credentials and losses ------------------------------------------------------
 
-    def _on_jwt(self, instance_id: str, spiffe_id: Any) -> None:
+    def _on_jwt(self, instance_id: str, spiffe_id: SpiffeId) -> None:
         if self.metrics is not None:
             self.metrics.record_credential_issued(str(spiffe_id), "jwt")
 
     def _on_credential(
-        self, kind: str, instance_id: str, spiffe_id: Any, serial: int, not_after: datetime
+        self, kind: str, instance_id: str, spiffe_id: SpiffeId, serial: int, not_after: datetime
     ) -> None:
         issued = kind == "credential_issued"
         if self.metrics is not None:
