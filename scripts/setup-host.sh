@@ -38,6 +38,27 @@ apt_install python3-bpfcc libbpf1 bpftool python3-venv python3-dev gcc make syst
 apt_install clang libbpf-dev linux-libc-dev
 # The collector's PostgreSQL store is tested against a real server (tests/conftest.py).
 apt_install postgresql
+# promtool checks the shipped alert rules and a metrics scrape
+# (tests/unit/test_observability.py). Debian ships it only inside the
+# Prometheus server package (about 19 MB, JavaScript libraries for its web UI
+# as the only other dependencies); the server itself is not wanted on a build
+# host, so the install neither starts it nor enables it at boot.
+if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed"; then
+  if [ -d /run/systemd/system ]; then
+    systemctl mask prometheus.service >/dev/null
+  fi
+  made_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    # Debian's standard switch for "do not start services while installing".
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  rc=0
+  apt_install prometheus || rc=$?
+  if [ $made_policy -eq 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
+  [ $rc -eq 0 ] || exit $rc
+fi
 
 # Kernel headers for BCC.
 build=/lib/modules/$release/build
