@@ -9,6 +9,12 @@ the host signed that does not continue its chain (or follows a gap) is stored
 with that verdict next to every event, with an alert: it is the host's word,
 and an operator sees both what arrived and that the record has a break.
 
+A batch that arrives after later sequences of its host were stored (replicas
+raced its batches) is chain-checked when it ends at the stored head, and when
+it runs past it (its chain at the head must be the stored one).  Ending before
+the head, nothing stored tells what its chain should be there: the events the
+store lacks are stored as ``VERIFICATION_LATE``, never as verified.
+
 A malformed batch (wrong counts, undecodable events, events of another host) is not
 evidence of anything; it is refused as a protocol error.
 """
@@ -120,7 +126,25 @@ def decide_batch(verified: Verified, state: HostState) -> Checked:
         out.quarantine = "bad_signature"
         return out
     if new_from > last:
-        verdict = V.VERIFICATION_VERIFIED  # a resend of stored events: nothing new
+        # Nothing past the head.  Ending at the head, it must produce the stored
+        # head.  Ending before it, it arrived after later sequences were stored
+        # (replicas raced the host's batches): its events the store lacks cannot
+        # be checked against the head, and are stored saying so.
+        if last < state.last_sequence:
+            verdict = V.VERIFICATION_LATE
+        elif chains[-1] == state.last_chain:
+            verdict = V.VERIFICATION_VERIFIED  # a resend of what is stored
+        else:
+            verdict = V.VERIFICATION_CHAIN_BREAK
+            out.alerts.append(
+                _alert(
+                    host,
+                    Alert.KIND_CHAIN_BREAK,
+                    first,
+                    last,
+                    f"sequences {first}..{last} do not chain to the head stored at {last}",
+                )
+            )
     elif first > state.last_sequence + 1:
         verdict = V.VERIFICATION_AFTER_GAP
         out.alerts.append(

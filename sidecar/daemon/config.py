@@ -17,7 +17,7 @@ from pathlib import Path
 from sidecar.kernel import limits
 from sidecar.util.errors import ConfigError
 from sidecar.util.inputs import source_name
-from sidecar.util.yamlsrc import Fields, check_header, load_file
+from sidecar.util.yamlsrc import Document, Fields, Path_, check_header, load_file
 
 API_VERSION = "sidecar/v1"
 KIND = "DaemonConfig"
@@ -50,7 +50,9 @@ class DaemonConfig:
     reload_interval: float = 1.0  # seconds between checks of the policy and entries files
     admin_socket: Path | None = Path("/run/sidecar/admin.sock")
     metrics: str = "127.0.0.1:9464"  # "" turns the endpoint off
-    collector: str = ""  # host:port of a collector's mTLS port; "" keeps events local
+    # host:port of each collector replica's mTLS port, tried in turn (the exporter
+    # moves to the next on failure); empty keeps events local.
+    collector: tuple[str, ...] = ()
     collector_credentials: Path = Path("/var/lib/sidecar/host")  # from 'sidecar enroll'
     collector_server_name: str | None = None
     spool_dir: Path = Path("/var/lib/sidecar/spool")
@@ -108,6 +110,36 @@ def _address(value: object) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"must be HOST:PORT with a port from 1 to 65535, not {value!r}")
     return value
+
+
+def _addresses(doc: Document, where: Path_, value: object) -> tuple[str, ...]:
+    """``collector.address``: one HOST:PORT, a comma-separated string, or a YAML list.
+
+    An error names the entry (``collector.address[1]``) and its line.
+    """
+    if value is None or value == "" or value is False:
+        return ()
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        items: list[tuple[Path_, object]] = [(where, p) for p in parts]
+    elif isinstance(value, list):
+        if not value:
+            raise doc.error(where, "must list at least one HOST:PORT, or be '' (off)")
+        items = [((*where, k), v) for k, v in enumerate(value)]
+    else:
+        raise doc.error(where, f"must be HOST:PORT, a list of them, or '' (off), not {value!r}")
+    out: list[str] = []
+    for at, item in items:
+        try:
+            address = _address(item)
+        except ValueError as exc:
+            raise doc.error(at, str(exc)) from exc
+        if not address:
+            raise doc.error(at, "an empty address in the list")
+        if address in out:
+            raise doc.error(at, f"{address} is listed twice")
+        out.append(address)
+    return tuple(out)
 
 
 def _power_of_two(value: object) -> int:
@@ -179,7 +211,7 @@ def _from_file(cfg: DaemonConfig, path: Path) -> DaemonConfig:
     if "collector" in doc.data:
         col = Fields(doc, ("collector",), top.optional("collector", dict, {}))
         collector = (
-            col.parse("address", _address, "") or "",
+            _addresses(doc, ("collector", "address"), col.optional("address", object, None)),
             col.parse("credentials", _abs_path, collector[1]) or collector[1],
             col.optional("serverName", str, collector[2] or "") or None,
             col.parse("spoolDir", _abs_path, collector[3]) or collector[3],

@@ -462,7 +462,7 @@ class Daemon:
         self._renew_task = asyncio.create_task(self.renewer.run(), name="host-renewal")
         self.outputs.start_exporting(exporter)  # policy_loaded and all else from start-up
         self._export_task = asyncio.create_task(self._export(exporter), name="exporter")
-        _logger.info("streaming events to the collector at %s", self.config.collector)
+        _logger.info("streaming events to the collector at %s", ", ".join(self.config.collector))
         return _ExporterStopper(self)
 
     def _host_renewed(self, ident: HostIdentity) -> None:

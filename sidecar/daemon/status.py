@@ -28,7 +28,12 @@ def render_status(s: dict[str, Any]) -> str:
     kernel = ", ".join(f"{k} {v}" for k, v in losses["kernel"].items()) or "none"
     lines.append(f"losses        kernel: {kernel}; decode errors: {losses['decode_errors']}")
     col = s["collector"]
-    lines.append(f"collector     {col['state']}   spool depth {col['spool_depth']}")
+    where = ""
+    if col.get("address"):
+        # Which replica it streams to, when several are configured.
+        n = len(col.get("addresses") or [col["address"]])
+        where = f" {col['address']}" + (f" (of {n} replicas)" if n > 1 else "")
+    lines.append(f"collector     {col['state']}{where}   spool depth {col['spool_depth']}")
     events = ", ".join(f"{k} {v}" for k, v in sorted(s["events"].items())) or "none yet"
     lines.append(f"events        {events}")
     return "\n".join(lines)

@@ -65,7 +65,10 @@ def _collector_status(d: Daemon) -> dict[str, Any]:
     state = {"streaming": "connected", "backoff": "reconnecting"}.get(d.stream_state(), "stopped")
     return {
         "state": state,
-        "address": d.config.collector,
+        # The replica streamed to now (or tried next), of all those configured.
+        "address": d.exporter.address,
+        "addresses": list(d.config.collector),
+        "failovers": d.exporter.failovers,
         "spool_depth": spool.pending(),
         "acked_sequence": spool.acked,
         "dropped": sum(d.exporter.dropped.values()),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -167,6 +167,8 @@ def credential_expiry(cred_dir: Path) -> dict[str, datetime | None]:
 class Renewer:
     """Keeps a host's credentials renewed at half-life, with capped backoff on failure.
 
+    ``target`` is one collector address or each replica's: a failed try moves
+    to the next address at once, and backs off only once every one has failed.
     ``on_renewed`` is told of each renewal (the daemon then signs workload
     SVIDs with the new intermediate); ``last_error`` says why the last try
     failed, for ``sidecar status``.
@@ -174,13 +176,17 @@ class Renewer:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         cred_dir: Path,
         server_name: str | None,
         on_renewed: Callable[[HostIdentity], None],
         backoff_max: float = 60.0,
     ) -> None:
-        self.target, self.cred_dir, self.server_name = target, cred_dir, server_name
+        self.targets = (target,) if isinstance(target, str) else tuple(target)
+        if not self.targets:
+            raise ValueError("renewal needs at least one collector address")
+        self._index = 0
+        self.cred_dir, self.server_name = cred_dir, server_name
         self.on_renewed = on_renewed
         self.backoff_max = backoff_max
         self.renewals = 0
@@ -195,21 +201,40 @@ class Renewer:
         due = start + (end - start) / 2
         return max(0.0, (due - datetime.now(timezone.utc)).total_seconds())
 
+    @property
+    def target(self) -> str:
+        """The collector address the next renewal is asked of."""
+        return self.targets[self._index]
+
     async def run(self) -> None:
         backoff = 0.5
+        failed_in_round = 0
         while True:
             wait = self._seconds_until_due()
             if wait > 0:
                 await asyncio.sleep(min(wait, 60.0))
                 continue
+            target = self.target
             try:
-                ident = await renew(self.target, self.cred_dir, self.server_name)
+                ident = await renew(target, self.cred_dir, self.server_name)
             except (TransportError, CredentialError, OSError, ValueError) as exc:
                 self.last_error = str(exc)
+                self._index = (self._index + 1) % len(self.targets)
+                failed_in_round += 1
+                if failed_in_round < len(self.targets):
+                    _logger.warning(
+                        "host credentials not renewed at %s, trying %s: %s",
+                        target,
+                        self.target,
+                        exc,
+                    )
+                    continue
+                failed_in_round = 0
                 _logger.warning("host credentials not renewed (retry in %.1fs): %s", backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max)
                 continue
+            failed_in_round = 0
             self.renewals += 1
             self.last_error = None
             backoff = 0.5

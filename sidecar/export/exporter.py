@@ -8,6 +8,11 @@ records to the collector and frees the spool as acks come back; on any failure i
 reconnects with capped exponential backoff and resumes after the last ack, so a
 collector outage, a network cut or a daemon restart loses nothing and the collector's
 deduplication absorbs what is sent twice.
+
+Failover: ``target`` may name several collector replicas (one database behind them).
+After a failure the sender moves to the next address, round-robin, with the same
+backoff.  It resumes from what the database holds: each replica's first ack on a
+new stream is the host's stored head, and the spool resends from there.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ class HostIdentity:
 
 @dataclass(frozen=True)
 class ExporterConfig:
-    target: str
+    #: host:port of the collector, or of each replica in the order to try them.
+    target: str | tuple[str, ...]
     spool_dir: Path
     spool_max_bytes: int = 256 * 1024 * 1024
     queue_size: int = 10_000
@@ -112,6 +118,15 @@ class ExporterConfig:
     #: TLS name to check in the collector's certificate, when not the target's host.
     server_name: str | None = None
     non_retryable: frozenset[grpc.StatusCode] = field(default=NON_RETRYABLE)
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("an exporter needs at least one collector address")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Every collector address, in the order they are tried."""
+        return (self.target,) if isinstance(self.target, str) else tuple(self.target)
 
 
 _STOP = object()
@@ -129,7 +144,8 @@ class _StreamEnded(Exception):
 
 
 class Exporter:
-    """Sequenced, spooled, resumable event export to one collector."""
+    """Sequenced, spooled, resumable event export to a collector, failing over between
+    its replicas."""
 
     def __init__(
         self,
@@ -156,6 +172,25 @@ class Exporter:
         # Why the collector last refused this host, when it can be told here (status)
         self.last_error: str | None = None
         self._late_marks: deque[_Mark] = deque()
+        # Which of config.targets the sender uses now (event loop only).
+        self._target_index = 0
+        #: How many times the sender moved to another replica.
+        self.failovers = 0
+
+    @property
+    def address(self) -> str:
+        """The collector address streamed to now (or tried next, while reconnecting)."""
+        return self.config.targets[self._target_index]
+
+    def _next_address(self) -> None:
+        """After a failure: the next replica, round-robin (a lone address stays)."""
+        targets = self.config.targets
+        if len(targets) < 2:
+            return
+        before = self.address
+        self._target_index = (self._target_index + 1) % len(targets)
+        self.failovers += 1
+        _logger.warning("collector %s failed: failing over to %s", before, self.address)
 
     # ---- producers ----------------------------------------------------------------------
 
@@ -317,8 +352,9 @@ class Exporter:
         backoff = self.config.backoff_initial
         while not self._stopping:
             self._stream_acked = False
+            address = self.address
             try:
-                await self._stream_once()
+                await self._stream_once(address)
             except grpc.aio.AioRpcError as exc:
                 self.connected = False
                 if not self._stream_acked and exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -326,28 +362,27 @@ class Exporter:
                     problem = self._identity().problem()
                     if problem is not None:
                         self.last_error = problem
-                        _logger.error(
-                            "collector %s refuses this host: %s", self.config.target, problem
-                        )
+                        _logger.error("collector %s refuses this host: %s", address, problem)
                 if exc.code() in self.config.non_retryable:
                     raise TransportError(
-                        f"collector {self.config.target} refused the stream: "
+                        f"collector {address} refused the stream: "
                         f"{exc.code().name}: {exc.details()}"
                     ) from exc
                 _logger.warning(
                     "collector %s: %s: %s; retrying in %.1fs",
-                    self.config.target,
+                    address,
                     exc.code().name,
                     exc.details(),
                     backoff,
                 )
             except _StreamEnded as exc:
                 self.connected = False
-                _logger.warning("collector %s: %s", self.config.target, exc)
+                _logger.warning("collector %s: %s", address, exc)
             if self._writer_error is not None:
                 raise TransportError(f"spool writer failed: {self._writer_error}")
             if self._stopping:
                 break
+            self._next_address()
             if self._stream_acked:
                 backoff = self.config.backoff_initial
             await self._sleep(backoff * random.uniform(0.5, 1.0))
@@ -359,19 +394,19 @@ class Exporter:
         while not self._stopping and time.monotonic() < end:
             await asyncio.sleep(min(0.05, end - time.monotonic()))
 
-    def _channel(self, ident: HostIdentity) -> grpc.aio.Channel:
+    def _channel(self, ident: HostIdentity, address: str) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(ident.roots_pem, ident.key_pem(), ident.cert_chain_pem)
         options: list[tuple[str, str | int]] = [
             ("grpc.max_send_message_length", self.config.batch_max_bytes + 64 * 1024),
         ]
         if self.config.server_name:
             options.append(("grpc.ssl_target_name_override", self.config.server_name))
-        return grpc.aio.secure_channel(self.config.target, creds, options=options)
+        return grpc.aio.secure_channel(address, creds, options=options)
 
-    async def _stream_once(self) -> None:
-        """One Publish stream until it fails or we stop."""
+    async def _stream_once(self, address: str) -> None:
+        """One Publish stream to ``address`` until it fails or we stop."""
         ident = self._identity()
-        async with self._channel(ident) as channel:
+        async with self._channel(ident, address) as channel:
             # grpc.aio allows a stream without a request iterator (written with write());
             # grpc-stubs does not know that.
             call = collector_pb2_grpc.CollectorStub(channel).Publish()  # type: ignore[call-arg]
@@ -384,7 +419,10 @@ class Exporter:
             # What the cap removed after an earlier stream sent it is now known.
             await asyncio.to_thread(self.spool.settle, first.acked_sequence)
             _logger.info(
-                "streaming to %s from sequence %d", self.config.target, self.spool.acked + 1
+                "streaming to %s from sequence %d (the collector holds up to %d)",
+                address,
+                self.spool.acked + 1,
+                first.acked_sequence,
             )
             reader = asyncio.create_task(self._read_acks(call))
             try:

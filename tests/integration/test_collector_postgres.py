@@ -382,6 +382,30 @@ def test_forged_thinned_and_gapped_batches_are_caught_whichever_replica_gets_the
     asyncio.run(body())
 
 
+def test_a_batch_stored_after_a_later_one_by_a_racing_replica_is_marked_late(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Replicas race a host's batches: 4..6 lands first, 1..3 after it, elsewhere."""
+
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            sim = SimulatedHost(host_identity(a.ca, "h3"))
+            early = sim.batch([connect_event(i) for i in range(3)])
+            later = sim.batch([connect_event(i) for i in range(3, 6)])
+            assert await publish(b.port, a.ca, sim.ident, [later]) == [0, 6]
+            assert await publish(a.port, a.ca, sim.ident, [early]) == [6, 6]
+            got = {seq: v for seq, v, _ in rows_of(pg_dsn, "h3")}
+            # Not checked against 4..6 (nothing stored says what 3 chains to): late,
+            # never "verified".
+            assert got == {
+                **dict.fromkeys(range(1, 4), pb.VERIFICATION_LATE),
+                **dict.fromkeys(range(4, 7), pb.VERIFICATION_AFTER_GAP),
+            }
+            assert alerts(a, "h3") == [(ev.IntegrityAlert.KIND_GAP, 1, 3)]
+
+    asyncio.run(body())
+
+
 # ---- subscribers, queries and cursors across replicas --------------------------------
 
 

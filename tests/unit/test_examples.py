@@ -22,7 +22,7 @@ def test_the_daemon_example_loads_and_matches_the_defaults_it_documents() -> Non
     assert cfg.entries == Path("/etc/sidecar/entries.yaml")
     assert cfg.policy == Path("/etc/sidecar/policy.yaml")
     assert cfg.svid_ttl == 600
-    assert cfg.collector == ""
+    assert cfg.collector == ()
 
 
 def test_the_collector_example_loads() -> None:

@@ -45,7 +45,7 @@ def test_a_full_config_file_loads_as_the_daemon_reads_it(tmp_path: Path) -> None
         "",
     )
     assert (cfg.collector, cfg.collector_credentials, cfg.spool_dir) == (
-        "127.0.0.1:4433",
+        ("127.0.0.1:4433",),
         tmp_path / "host",
         tmp_path / "spool",
     )
@@ -62,7 +62,7 @@ def test_a_minimal_config_file_keeps_the_daemon_defaults(tmp_path: Path) -> None
         default.admin_socket,
         default.metrics,
     )
-    assert cfg.entries is None and cfg.policy is None and cfg.collector == ""
+    assert cfg.entries is None and cfg.policy is None and cfg.collector == ()
 
 
 def test_a_daemon_that_exits_early_is_reported_with_its_log(tmp_path: Path) -> None:

@@ -42,6 +42,11 @@ class _VerificationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Verifica
     """Signature good, but the chain does not continue the stored one."""
     VERIFICATION_COLLECTOR: _Verification.ValueType  # 5
     """Raised by the collector itself."""
+    VERIFICATION_LATE: _Verification.ValueType  # 6
+    """Signature good, but it arrived after later sequences of its host were
+    stored (replicas raced its batches), so its chain could not be checked
+    against what was stored around it.
+    """
 
 class Verification(_Verification, metaclass=_VerificationEnumTypeWrapper): ...
 
@@ -56,6 +61,11 @@ VERIFICATION_CHAIN_BREAK: Verification.ValueType  # 4
 """Signature good, but the chain does not continue the stored one."""
 VERIFICATION_COLLECTOR: Verification.ValueType  # 5
 """Raised by the collector itself."""
+VERIFICATION_LATE: Verification.ValueType  # 6
+"""Signature good, but it arrived after later sequences of its host were
+stored (replicas raced its batches), so its chain could not be checked
+against what was stored around it.
+"""
 Global___Verification: _TypeAlias = Verification  # noqa: Y015
 
 @_typing.final
