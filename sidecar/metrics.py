@@ -16,10 +16,11 @@ Never pass per-process or per-connection values as labels.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Final, Literal
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,10 +29,12 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from sidecar.health import Health
 from sidecar.util.errors import ConfigError
 
 _logger = logging.getLogger(__name__)
@@ -269,9 +272,40 @@ class CollectorMetrics:
         self._subscribers.set(n)
 
 
+class _Server(ThreadingWSGIServer):
+    """One per endpoint: its address family is set to the host's."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Probes and scrapes arrive every few seconds: no access log line for each."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _app(registry: CollectorRegistry, health: Health | None) -> Any:
+    """``/metrics`` (and any other path, as prometheus_client does), ``/healthz``, ``/readyz``."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        path = environ.get("PATH_INFO", "")
+        if health is not None and path in ("/healthz", "/readyz"):
+            verdict = health.live() if path == "/healthz" else health.ready()
+            body = verdict.text().encode()
+            status = "200 OK" if verdict.ok else "503 Service Unavailable"
+            start_response(
+                status,
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
 @dataclass(frozen=True)
 class MetricsEndpoint:
-    """A running ``/metrics`` HTTP endpoint; ``stop()`` frees its port."""
+    """A running ``/metrics``, ``/healthz``, ``/readyz`` endpoint; ``stop()`` frees its port."""
 
     host: str
     port: int
@@ -279,10 +313,15 @@ class MetricsEndpoint:
     _thread: threading.Thread
 
     @property
-    def url(self) -> str:
-        """The scrape URL, with IPv6 hosts bracketed."""
+    def base(self) -> str:
+        """``http://host:port``, with IPv6 hosts bracketed."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The scrape URL."""
+        return f"{self.base}/metrics"
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving, close the socket and wait for the serving thread."""
@@ -292,18 +331,33 @@ class MetricsEndpoint:
         _logger.info("metrics endpoint %s stopped", self.url)
 
 
-def serve(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint:
+def serve(
+    registry: CollectorRegistry, host: str, port: int, health: Health | None = None
+) -> MetricsEndpoint:
     """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
 
+    With ``health``, the same endpoint answers ``/healthz`` (liveness) and
+    ``/readyz`` (readiness): 200 and ``ok``, or 503 and one reason a line.
     Use ``DAEMON_METRICS_*`` or ``COLLECTOR_METRICS_*`` as defaults; loopback
     keeps metrics off the network unless the operator says otherwise.  Port 0
     picks a free port (see ``MetricsEndpoint.port``).  A host or port that
     cannot be bound raises ``ConfigError``: the operator has to pick another.
     """
+
+    class Server(_Server):
+        pass
+
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        Server.address_family = family
+        server = make_server(
+            str(sockaddr[0]), port, _app(registry, health), Server, handler_class=_QuietHandler
+        )
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
     bound_port = int(server.server_address[1])
     endpoint = MetricsEndpoint(host=host, port=bound_port, _server=server, _thread=thread)
     _logger.info("serving metrics at %s", endpoint.url)
