@@ -239,6 +239,8 @@ class Daemon:
         report = done.report
         self.kernel = KernelMaps(options.pin_dir / options.abi_dir)
         self.kernel.unix_problem = done.unix_problem
+        if self.metrics is not None:
+            self.metrics.set_attached_programs(len(report.created) + len(report.adopted))
         took = time.monotonic() - began
         _logger.info(
             "programs attached to %s in %.2f s (compile %.2f s); links created %s, taken over %s,"
@@ -379,6 +381,9 @@ class Daemon:
             )
             self._loop_beat = self.health.heartbeat("event loop")
             self.reader.heartbeat = self.health.heartbeat("ring buffer reader")
+            if self.metrics is not None:
+                self.metrics.watch_heartbeats(self.health.ages)
+                self.metrics.watch_ring(kernel.ring.fill)
             self.reader.start(loop)
             servers = await self._start_servers()
             # Everything loaded so far lives as long as the daemon: keep it out of
@@ -635,6 +640,11 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.set_policy_version(policy.version)
             self.metrics.record_policy_reload(True)
+            self.metrics.declare_verdicts(
+                (sid, rule, ("allow", "would_deny") if ident.mode == "audit" else ("allow", "deny"))
+                for sid, ident in policy.identities.items()
+                for rule in (*ident.rule_names, "default")
+            )
         self.outputs.emit(
             m.PolicyLoaded(
                 time_ns=self._now(),
@@ -666,8 +676,10 @@ class Daemon:
         if self.metrics is not None:
             if issued:
                 self.metrics.record_credential_issued(str(spiffe_id), "x509")
+                self.metrics.set_svid_expiry(instance_id, not_after.timestamp())
             else:
                 self.metrics.record_credential_revoked(str(spiffe_id))
+                self.metrics.set_svid_expiry(instance_id, None)
         cls = m.CredentialIssued if issued else m.CredentialRevoked
         self.outputs.emit(
             cls(

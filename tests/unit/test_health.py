@@ -219,3 +219,43 @@ def test_the_daemon_is_ready_only_once_attached_with_its_policy_in_force(tmp_pat
     assert "no policy in force" in d.health.ready().reasons[0]
     d.enforcer = SimpleNamespace(active=object())  # type: ignore[assignment]
     assert d.health.ready().ok
+
+
+def test_a_policy_put_in_force_declares_its_verdicts_and_stamps_the_reload_time() -> None:
+    from types import SimpleNamespace
+
+    from sidecar.policy import load_policy_text
+
+    metrics = DaemonMetrics()
+    d = Daemon(config.load(None), _Sink(), metrics)
+    d.enforcer = SimpleNamespace(load=lambda policy: SimpleNamespace(entries=1))  # type: ignore[assignment]
+    policy = load_policy_text(
+        """apiVersion: sidecar/v1
+kind: Policy
+identities:
+  - id: spiffe://example.org/agent/a
+    egress:
+      - name: api
+        cidrs: [10.0.0.0/8]
+        ports: [443]
+  - id: spiffe://example.org/agent/b
+    mode: audit
+""",
+        "p.yaml",
+    )
+    before = time.time()
+    d._apply_policy(policy)
+    sample = metrics.registry.get_sample_value
+    a, b = "spiffe://example.org/agent/a", "spiffe://example.org/agent/b"
+    assert sample("sidecar_verdicts_total", {"identity": a, "rule": "api", "verdict": "deny"}) == 0
+    assert (
+        sample("sidecar_verdicts_total", {"identity": a, "rule": "default", "verdict": "deny"}) == 0
+    )
+    assert (
+        sample(
+            "sidecar_verdicts_total", {"identity": b, "rule": "default", "verdict": "would_deny"}
+        )
+        == 0
+    )
+    stamp = sample("sidecar_policy_last_reload_success_timestamp_seconds")
+    assert stamp is not None and before <= stamp <= time.time()
