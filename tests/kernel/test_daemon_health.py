@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import write_entries_file
+from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.kernel.checks import cgroup2_root
 from sidecar.testing.daemon_process import DaemonConfigFile, launch_daemon
@@ -83,6 +84,16 @@ def test_a_running_daemon_is_ready_and_live_on_loopback(
         assert get(base + "/healthz") == (200, "ok\n")
         status, body = get(base + "/metrics")
         assert status == 200 and "sidecar_events_lost_total" in body
+        samples = {
+            (x.name, tuple(sorted(x.labels.items()))): x.value
+            for family in text_string_to_metric_families(body)
+            for x in family.samples
+        }
+        assert samples[("sidecar_attached_programs", ())] > 0
+        assert 0 <= samples[("sidecar_ringbuf_fill_ratio", ())] <= 1
+        reader_age = samples[("sidecar_heartbeat_age_seconds", (("thread", "ring buffer reader"),))]
+        assert reader_age < 15
+        assert samples[("sidecar_policy_last_reload_success_timestamp_seconds", ())] > 0
         # Control: the answers come from this daemon; once it stops, nothing answers.
         assert d.stop() == 0
         try:
