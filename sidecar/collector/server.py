@@ -40,7 +40,7 @@ from sidecar.collector.verify import (
 )
 from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
-from sidecar.util.errors import CredentialError, TransportError
+from sidecar.util.errors import CredentialError, SidecarError, TransportError
 
 _logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +129,7 @@ class _Core:
         """
         loop = asyncio.get_running_loop()
         batch = verified.batch
+        began = time.monotonic()
 
         def write() -> Checked:
             seen: list[Checked] = []
@@ -152,6 +153,7 @@ class _Core:
             self.metrics.record_stored(host, len(stored))
             if offered > len(stored):
                 self.metrics.record_duplicates(host, offered - len(stored))
+            self.metrics.record_ingest(host, time.monotonic() - began, time.time())
             return checked
 
         return await self.db(write)
@@ -530,17 +532,89 @@ def _bind(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials) 
     return port
 
 
+# How often the health task asks the store for its newest cursor (readiness,
+# store size), and how long an answer may take before the store counts as
+# unreachable.
+STORE_PROBE_S = 5.0
+STORE_PROBE_TIMEOUT_S = 5.0
+
+
+class CollectorHealth:
+    """Live while the event loop ticks; ready while the store answers.
+
+    One task on the loop beats the heartbeat, probes the store through the
+    store's own threads, publishes its size, and feeds systemd's watchdog
+    only while the loop is live.
+    """
+
+    def __init__(self, core: _Core) -> None:
+        from sidecar.health import Health
+
+        self.core = core
+        self.health = Health()
+        self.beat = self.health.heartbeat("event loop")
+        self.store_problem: str | None = "not ready: the store has not answered yet"
+        self.health.require(lambda: self.store_problem)
+
+    async def probe_store(self) -> None:
+        core = self.core
+        try:
+            last = await asyncio.wait_for(core.db(core.store.last_cursor), STORE_PROBE_TIMEOUT_S)
+        except asyncio.TimeoutError:  # not TimeoutError before 3.11
+            self.store_problem = f"not ready: the store did not answer in {STORE_PROBE_TIMEOUT_S} s"
+            return
+        except SidecarError as exc:
+            self.store_problem = f"not ready: the store does not answer: {exc}"
+            return
+        self.store_problem = None
+        size = None
+        if not core.config.store_dsn:
+            db = core.config.db_path
+            size = sum(f.stat().st_size for f in (db, db.with_name(db.name + "-wal")) if f.exists())
+        core.metrics.set_store_size(last, size)
+
+    async def run(self) -> None:
+        from sidecar.daemon import sdnotify
+
+        watchdog = sdnotify.watchdog_interval()
+        tick = min((watchdog or 2.0) / 2, 1.0)
+        next_probe = 0.0
+        while True:
+            self.beat.beat()
+            if time.monotonic() >= next_probe:
+                await self.probe_store()
+                next_probe = time.monotonic() + STORE_PROBE_S
+                self.beat.beat()
+            if watchdog and self.health.live().ok:
+                _notify_systemd(sdnotify.watchdog)
+            await asyncio.sleep(tick)
+
+
+def _notify_systemd(send: Callable[[], bool]) -> None:
+    """Tell systemd; a service manager that stopped listening never stops the collector."""
+    try:
+        send()
+    except SidecarError as exc:
+        _logger.warning("%s", exc)
+
+
 async def serve(config: CollectorConfig) -> None:
     """Run the collector until SIGTERM or SIGINT, then shut down gracefully."""
+    from sidecar.daemon import sdnotify
+
     server = CollectorServer(config)
     await server.start()
+    health = CollectorHealth(server.core)
+    health_task = asyncio.create_task(health.run(), name="collector-health")
     endpoint = None
     if config.metrics:
         from sidecar.metrics import serve as serve_metrics
 
         host, _, port = config.metrics.rpartition(":")
-        endpoint = serve_metrics(server.core.metrics.registry, host, int(port))
-        _logger.info("metrics on %s", endpoint.url)
+        endpoint = serve_metrics(server.core.metrics.registry, host, int(port), health.health)
+        _logger.info("metrics and health on %s", endpoint.base)
+    # The unit is Type=notify: started once the store is open and the ports listen.
+    _notify_systemd(sdnotify.ready)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -549,6 +623,10 @@ async def serve(config: CollectorConfig) -> None:
         await stop.wait()
         _logger.info("stopping: letting running calls finish for %.1fs", config.grace_s)
     finally:
+        _notify_systemd(sdnotify.stopping)
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)

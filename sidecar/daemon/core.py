@@ -49,6 +49,7 @@ from sidecar.daemon.settle import Settler
 from sidecar.daemon.table import Process, ProcessTable
 from sidecar.enforce.enforcer import Enforcer, IdentityNumbers
 from sidecar.events import model as m
+from sidecar.health import Health, Heartbeat
 from sidecar.kernel import abi
 from sidecar.kernel.checks import Mounts, preflight
 from sidecar.proc.cgroups import CgroupNames
@@ -144,6 +145,13 @@ class Daemon:
         self.policy_error: str | None = None
         self.started_ns = 0
         self.attach_seconds = 0.0
+        # Live while the event loop and the reader thread make progress; ready
+        # once the programs are attached and the policy is in force.
+        self.health = Health()
+        self.health.require(self._readiness)
+        self._serving = False
+        self._loop_beat: Heartbeat | None = None
+        self._watchdog_starved = False
 
     @property
     def sink(self) -> EventSink:
@@ -238,6 +246,8 @@ class Daemon:
         report = done.report
         self.kernel = KernelMaps(options.pin_dir / options.abi_dir)
         self.kernel.unix_problem = done.unix_problem
+        if self.metrics is not None:
+            self.metrics.set_attached_programs(len(report.created) + len(report.adopted))
         took = time.monotonic() - began
         _logger.info(
             "programs attached to %s in %.2f s (compile %.2f s); links created %s, taken over %s,"
@@ -376,6 +386,11 @@ class Daemon:
             self.reader = RingReader(
                 kernel.ring, self.settler, self.delivery.replay_until, self.handle_batch
             )
+            self._loop_beat = self.health.heartbeat("event loop")
+            self.reader.heartbeat = self.health.heartbeat("ring buffer reader")
+            if self.metrics is not None:
+                self.metrics.watch_heartbeats(self.health.ages)
+                self.metrics.watch_ring(kernel.ring.fill)
             self.reader.start(loop)
             servers = await self._start_servers()
             # Everything loaded so far lives as long as the daemon: keep it out of
@@ -384,11 +399,15 @@ class Daemon:
             gc.freeze()
             gc.set_threshold(10_000, 20, 20)
             _notify(sdnotify.ready, f"attached to {self.scope} in {self.attach_seconds:.2f}s")
+            self._serving = True
             if on_ready is not None:
                 on_ready()
             await self._main_loop()
         finally:
             _notify(sdnotify.stopping)
+            self._serving = False
+            self.health.forget("ring buffer reader")
+            self.health.forget("event loop")
             if self.reader is not None:
                 self.reader.stop()
                 await loop.run_in_executor(None, self.reader.join, 5.0)
@@ -512,7 +531,7 @@ class Daemon:
             from sidecar.metrics import serve
 
             host, _, port = self.config.metrics.rpartition(":")
-            endpoint = serve(self.metrics.registry, host, int(port))
+            endpoint = serve(self.metrics.registry, host, int(port), self.health)
             servers.append(_SyncStopper(endpoint.stop))
             _logger.info("metrics on %s", endpoint.url)
         return servers
@@ -525,6 +544,8 @@ class Daemon:
         while not self._stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):  # not TimeoutError before 3.11
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
+            if self._loop_beat is not None:
+                self._loop_beat.beat()
             self.kernel.heartbeat()
             if self.exporter is not None and self.exporter.failed:
                 self.delivery.release()  # the spool takes nothing more
@@ -532,7 +553,7 @@ class Daemon:
             self.export_metrics()
             self.sink.flush()
             if watchdog:
-                _notify(sdnotify.watchdog)
+                self._feed_watchdog()
             now = time.monotonic()
             if self._reload.is_set() or now - last_check >= self.config.reload_interval:
                 forced = self._reload.is_set()
@@ -542,6 +563,28 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _feed_watchdog(self) -> None:
+        """Feed systemd's watchdog only while every heartbeat is recent (as /healthz)."""
+        live = self.health.live()
+        if live.ok:
+            self._watchdog_starved = False
+            _notify(sdnotify.watchdog)
+        elif not self._watchdog_starved:
+            self._watchdog_starved = True
+            _logger.error("not feeding the watchdog: %s", "; ".join(live.reasons))
+
+    def _readiness(self) -> str | None:
+        """Ready: programs attached and, when a policy is configured, a policy in force.
+
+        Runs on the HTTP server's thread: it reads flags the loop sets, nothing more.
+        """
+        if not self._serving or self.kernel is None:
+            return "not ready: programs not attached yet (or shutting down)"
+        enforcer = self.enforcer
+        if self.config.policy is not None and (enforcer is None or enforcer.active is None):
+            return f"not ready: no policy in force ({self.config.policy} configured)"
+        return None
 
     # -- reloads -----------------------------------------------------------------------
 
@@ -604,6 +647,11 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.set_policy_version(policy.version)
             self.metrics.record_policy_reload(True)
+            self.metrics.declare_verdicts(
+                (sid, rule, ("allow", "would_deny") if ident.mode == "audit" else ("allow", "deny"))
+                for sid, ident in policy.identities.items()
+                for rule in (*ident.rule_names, "default")
+            )
         self.outputs.emit(
             m.PolicyLoaded(
                 time_ns=self._now(),
@@ -635,8 +683,10 @@ class Daemon:
         if self.metrics is not None:
             if issued:
                 self.metrics.record_credential_issued(str(spiffe_id), "x509")
+                self.metrics.set_svid_expiry(instance_id, not_after.timestamp())
             else:
                 self.metrics.record_credential_revoked(str(spiffe_id))
+                self.metrics.set_svid_expiry(instance_id, None)
         cls = m.CredentialIssued if issued else m.CredentialRevoked
         self.outputs.emit(
             cls(

@@ -29,6 +29,7 @@ from sidecar.util.errors import KernelError
 if TYPE_CHECKING:
     from sidecar.daemon.settle import Settled, Settler
     from sidecar.daemon.stages import RingBuffer
+    from sidecar.health import Heartbeat
 
 _logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class RingReader:
         self.handoff = handoff
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Beaten once per turn (at least every POLL_MS when idle): the
+        #: daemon is live only while it is recent (sidecar/health.py).
+        self.heartbeat: Heartbeat | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._thread = threading.Thread(
@@ -99,7 +103,10 @@ class RingReader:
         held: list[Batch] = []
         held_records = 0
         due = 0.0
+        beat = self.heartbeat
         while not self._stop.is_set():
+            if beat is not None:
+                beat.beat()
             timeout = POLL_MS
             if held:
                 timeout = max(0, int((due - time.monotonic()) * 1000))

@@ -49,6 +49,7 @@ class Ring:
         except OSError as exc:
             raise KernelError(f"cannot map the ring buffer: {exc}") from exc
         self._lock = threading.Lock()
+        self.size = size  # bytes of data area: producer - consumer <= size
 
     def read(self, timeout_ms: int) -> RingRead:
         """Wait up to ``timeout_ms``, then take what is there; nothing is consumed."""
@@ -74,6 +75,13 @@ class Ring:
     def producer(self) -> int:
         ring = self._ring
         return ring.producer if ring is not None else 0
+
+    def fill(self) -> float:
+        """Share of the ring written and not yet consumed (0-1); 0 once closed."""
+        ring = self._ring
+        if ring is None or self.size <= 0:
+            return 0.0
+        return min(1.0, max(0, ring.producer - ring.consumer) / self.size)
 
     def close(self) -> None:
         with self._lock:

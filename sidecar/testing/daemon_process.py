@@ -33,8 +33,9 @@ class DaemonConfigFile:
     """A ``DaemonConfig`` for a daemon confined to a scratch cgroup and pin directory.
 
     With ``work``, the daemon's state, admin and Workload API sockets live in
-    that folder and its metrics endpoint is off; without it, those keep the
-    daemon's defaults.  Where the events go is :func:`launch_daemon`'s choice.
+    that folder and its metrics endpoint is off (unless ``metrics`` names
+    one); without it, those keep the daemon's defaults.  Where the events
+    go is :func:`launch_daemon`'s choice.
     """
 
     pin_dir: Path
@@ -49,6 +50,9 @@ class DaemonConfigFile:
     collector: str | None = None  # host:port of the collector's mTLS port
     credentials: Path | None = None  # from ``sidecar enroll``
     spool_dir: Path | None = None
+    #: host:port of the metrics and health endpoint; None: the daemon's
+    #: default, or off with ``work``.
+    metrics: str | None = None
 
     def document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"apiVersion": "sidecar/v1", "kind": "DaemonConfig"}
@@ -82,6 +86,8 @@ class DaemonConfigFile:
         if w is not None:
             doc["adminSocket"] = str(w / "admin.sock")
             doc["metrics"] = ""
+        if self.metrics is not None:
+            doc["metrics"] = self.metrics
         return doc
 
     def text(self) -> str:

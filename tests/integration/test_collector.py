@@ -434,6 +434,10 @@ def test_missing_sequence_range_and_broken_chain_are_reported(tmp_path: Path) ->
             sample = server.core.metrics.registry.get_sample_value
             assert sample("sidecar_collector_events_stored_total", {"host": "h4"}) == 23
             assert sample("sidecar_collector_events_duplicate_total", {"host": "h4"}) == 10
+            seen = sample("sidecar_collector_host_last_seen_timestamp_seconds", {"host": "h4"})
+            assert seen is not None and time.time() - 60 < seen <= time.time()
+            ingests = sample("sidecar_collector_ingest_seconds_count")
+            assert ingests is not None and ingests >= 3  # one per batch, retries too
             for kind in ("gap", "chain_break"):
                 got = sample("sidecar_collector_verification_failures_total", {"reason": kind})
                 assert got == 1, kind

@@ -259,3 +259,102 @@ def test_configmap_files_load_with_the_products_own_loaders(tmp_path: Path) -> N
     service = find("Service", "sidecar-collector")
     dns = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
     assert dns in loaded.server_names
+
+
+def metrics_address(config_name: str) -> tuple[str, int]:
+    text = generated(config_name)["data"]
+    (doc,) = text.values()
+    host, _, port = yaml.safe_load(doc)["metrics"].rpartition(":")
+    return host, int(port)
+
+
+def test_daemon_metrics_stay_on_the_nodes_loopback_unless_the_operator_opts_in(
+    tmp_path: Path,
+) -> None:
+    settings = tmp_path / "config.yaml"
+    settings.write_text(generated("sidecar-config")["data"]["config.yaml"])
+    assert daemon_config.load(settings).metrics == "127.0.0.1:9464"
+    # hostNetwork: the pod's 127.0.0.1 is the node's.
+    assert pod_spec("DaemonSet", "sidecar-daemon")["hostNetwork"] is True
+
+
+def test_daemon_probes_dial_the_health_endpoint_where_it_listens() -> None:
+    host, port = metrics_address("sidecar-config")
+    daemon = container("DaemonSet", "sidecar-daemon")
+    paths = {}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = daemon[probe]["httpGet"]
+        assert (get["host"], get["port"]) == (host, port), probe
+        paths[probe] = get["path"]
+    assert paths == {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
+    startup = daemon["startupProbe"]
+    # BCC compiles at start: the start-up budget covers minutes, not seconds.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+
+
+def test_collector_probes_dial_its_health_endpoint_on_the_pods_address() -> None:
+    host, port = metrics_address("sidecar-collector-config")
+    collector = container("Deployment", "sidecar-collector")
+    ports = {p["name"]: p["containerPort"] for p in collector["ports"]}
+    assert host == "0.0.0.0" and ports["metrics"] == port  # its own netns, not the node's
+    assert collector["livenessProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+    assert collector["readinessProbe"]["httpGet"] == {"port": "metrics", "path": "/readyz"}
+    assert collector["startupProbe"]["httpGet"] == {"port": "metrics", "path": "/healthz"}
+
+
+def bpffs_init() -> Obj:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    (init,) = [c for c in spec["initContainers"] if c["name"] == "mount-bpffs"]
+    assert isinstance(init, dict)
+    return init
+
+
+def test_an_init_container_mounts_bpffs_on_the_node_before_the_daemon_starts() -> None:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    init = bpffs_init()
+    (mount,) = init["volumeMounts"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["path"] == "/sys/fs/bpf"
+    assert mount["mountPath"] == "/sys/fs/bpf"
+    # The mount must reach the node (and so the daemon container and later pods).
+    assert mount["mountPropagation"] == "Bidirectional"
+    assert init["securityContext"]["privileged"] is True  # Bidirectional requires it
+    (daemon_mount,) = [
+        m
+        for m in container("DaemonSet", "sidecar-daemon")["volumeMounts"]
+        if m["name"] == mount["name"]
+    ]
+    assert daemon_mount["mountPropagation"] == "HostToContainer"
+
+
+@pytest.mark.parametrize(
+    ("mounts", "mounted"),
+    [
+        ("sysfs /sys sysfs rw 0 0\n", True),
+        ("sysfs /sys sysfs rw 0 0\nbpf /sys/fs/bpf bpf rw,relatime 0 0\n", False),
+        ("sysfs /sys sysfs rw 0 0\nnone /sys/fs/bpf bpf rw 0 0\n", False),
+    ],
+)
+def test_the_bpffs_init_step_mounts_only_when_no_bpffs_is_there(
+    tmp_path: Path, mounts: str, mounted: bool
+) -> None:
+    """Runs the init container's own command, with ``mount`` standing in as a logger."""
+    log = tmp_path / "mount.log"
+    fake = tmp_path / "bin" / "mount"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    table = tmp_path / "mounts"
+    table.write_text(mounts)
+    command = bpffs_init()["command"]
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "MOUNTS": str(table)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    if mounted:
+        assert log.read_text() == "-t bpf bpf /sys/fs/bpf\n"
+    else:
+        assert not log.exists()

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import Counter as PromCounter
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.metrics import CollectorMetrics, DaemonMetrics, MetricsEndpoint, serve
+from sidecar import __version__
+from sidecar.metrics import (
+    LOSS_REASONS,
+    CollectorMetrics,
+    DaemonMetrics,
+    MetricsEndpoint,
+    serve,
+)
 from sidecar.util.errors import ConfigError
 
 AGENT = "spiffe://example.org/agent/summarizer"
@@ -117,12 +126,137 @@ def test_daemon_metrics_reflect_a_known_sequence_exactly(
     assert value(s, "sidecar_credentials_revoked_total", identity=AGENT) == 1
 
 
-def test_daemon_registry_holds_only_sidecar_metrics(
+def test_daemon_registry_holds_only_its_own_metrics(
     daemon: DaemonMetrics, daemon_endpoint: MetricsEndpoint
 ) -> None:
-    # The global registry would add process_* and python_* series; ours must not.
-    daemon.event_counts["exec"] = 1
-    assert all(name.startswith("sidecar_") for name in names(scrape(daemon_endpoint)))
+    # Series in the global registry (python_gc_*, or this test's own) must not
+    # show: the daemon's registry has sidecar_*, and the process and platform
+    # collectors registered on it alone.
+    leftover = PromCounter("leftover_from_elsewhere", "A series of the global registry.")
+    try:
+        leftover.inc()
+        daemon.event_counts["exec"] = 1
+        got = names(scrape(daemon_endpoint))
+    finally:
+        REGISTRY.unregister(leftover)
+    assert all(
+        name.startswith(("sidecar_", "process_")) or name == "python_info" for name in got
+    ), sorted(got)
+    assert "leftover_from_elsewhere_total" not in got
+    assert not any(name.startswith("python_gc") for name in got)
+
+
+def test_build_info_and_process_metrics_are_served_by_both_sides() -> None:
+    for registry, role in (
+        (DaemonMetrics().registry, "daemon"),
+        (CollectorMetrics().registry, "collector"),
+    ):
+        endpoint = serve(registry, "127.0.0.1", 0)
+        try:
+            s = scrape(endpoint)
+        finally:
+            endpoint.stop()
+        build = [labels for name, labels in s if name == "sidecar_build_info"]
+        assert len(build) == 1
+        assert ("version", __version__) in build[0] and ("role", role) in build[0]
+        assert value(s, "process_resident_memory_bytes") > 0
+        assert value(s, "process_open_fds") > 0
+        assert ("process_cpu_seconds_total", frozenset()) in s
+        assert "python_info" in names(s)
+
+
+def test_loss_and_reload_counters_exist_at_zero_from_the_start(
+    daemon: DaemonMetrics, daemon_endpoint: MetricsEndpoint
+) -> None:
+    s = scrape(daemon_endpoint)
+    for reason in LOSS_REASONS:
+        assert value(s, "sidecar_events_lost_total", reason=reason) == 0
+    assert value(s, "sidecar_policy_reloads_total", result="ok") == 0
+    assert value(s, "sidecar_policy_reloads_total", result="rejected") == 0
+    assert value(s, "sidecar_policy_last_reload_success_timestamp_seconds") == 0
+
+
+def test_declared_verdicts_exist_at_zero_and_count_from_there(
+    daemon: DaemonMetrics, daemon_endpoint: MetricsEndpoint
+) -> None:
+    daemon.declare_verdicts(
+        [(AGENT, "allow-search", ("allow", "deny")), (AGENT, "default", ("deny",))]
+    )
+    s = scrape(daemon_endpoint)
+    assert (
+        value(s, "sidecar_verdicts_total", identity=AGENT, rule="allow-search", verdict="allow")
+        == 0
+    )
+    assert value(s, "sidecar_verdicts_total", identity=AGENT, rule="default", verdict="deny") == 0
+    daemon.record_verdict(AGENT, "default", "deny")
+    daemon.declare_verdicts([(AGENT, "default", ("deny",))])  # again, after a reload: kept
+    s = scrape(daemon_endpoint)
+    assert value(s, "sidecar_verdicts_total", identity=AGENT, rule="default", verdict="deny") == 1
+
+
+def test_last_successful_reload_time_moves_only_on_success(
+    daemon: DaemonMetrics, daemon_endpoint: MetricsEndpoint
+) -> None:
+    before = time.time()
+    daemon.record_policy_reload(ok=True)
+    first = value(scrape(daemon_endpoint), "sidecar_policy_last_reload_success_timestamp_seconds")
+    assert before <= first <= time.time()
+    time.sleep(0.01)
+    daemon.record_policy_reload(ok=False)
+    assert (
+        value(scrape(daemon_endpoint), "sidecar_policy_last_reload_success_timestamp_seconds")
+        == first
+    )
+
+
+def test_heartbeat_ages_ring_fill_programs_and_nearest_svid_expiry(
+    daemon: DaemonMetrics, daemon_endpoint: MetricsEndpoint
+) -> None:
+    s = scrape(daemon_endpoint)
+    assert "sidecar_heartbeat_age_seconds" not in names(s)  # not running yet
+    assert "sidecar_svid_nearest_expiry_timestamp_seconds" not in names(s)  # no SVID yet
+    ages = {"event loop": 0.5, "ring buffer reader": 2.0}
+    daemon.watch_heartbeats(lambda: dict(ages))
+    fill = [0.25]
+    daemon.watch_ring(lambda: fill[0])
+    daemon.set_attached_programs(9)
+    daemon.set_svid_expiry("i-1", 2000.0)
+    daemon.set_svid_expiry("i-2", 1500.0)
+    daemon.set_svid_expiry("i-3", 1800.0)
+    s = scrape(daemon_endpoint)
+    assert value(s, "sidecar_heartbeat_age_seconds", thread="event loop") == 0.5
+    assert value(s, "sidecar_heartbeat_age_seconds", thread="ring buffer reader") == 2.0
+    assert value(s, "sidecar_ringbuf_fill_ratio") == 0.25
+    assert value(s, "sidecar_attached_programs") == 9
+    assert value(s, "sidecar_svid_nearest_expiry_timestamp_seconds") == 1500.0
+    ages["ring buffer reader"] = 7.0
+    fill[0] = 0.75
+    daemon.set_svid_expiry("i-2", None)  # revoked: the next one is the nearest
+    s = scrape(daemon_endpoint)
+    assert value(s, "sidecar_heartbeat_age_seconds", thread="ring buffer reader") == 7.0
+    assert value(s, "sidecar_ringbuf_fill_ratio") == 0.75
+    assert value(s, "sidecar_svid_nearest_expiry_timestamp_seconds") == 1800.0
+
+
+def test_collector_last_seen_ingest_latency_and_store_size() -> None:
+    collector = CollectorMetrics()
+    endpoint = serve(collector.registry, "127.0.0.1", 0)
+    try:
+        collector.record_ingest("host-a", 0.003, at=1000.0)
+        collector.record_ingest("host-b", 0.2, at=1001.0)
+        collector.record_ingest("host-a", 0.004, at=1002.0)
+        collector.set_store_size(42, 8192)
+        collector.set_store_size(43, None)  # PostgreSQL: no size on disk to read
+        s = scrape(endpoint)
+    finally:
+        endpoint.stop()
+    last_seen = "sidecar_collector_host_last_seen_timestamp_seconds"
+    assert value(s, last_seen, host="host-a") == 1002.0
+    assert value(s, last_seen, host="host-b") == 1001.0
+    assert value(s, "sidecar_collector_ingest_seconds_count") == 3
+    assert value(s, "sidecar_collector_ingest_seconds_bucket", le="0.005") == 2
+    assert value(s, "sidecar_collector_store_last_cursor") == 43
+    assert value(s, "sidecar_collector_store_bytes") == 8192
 
 
 def test_forgetting_an_identity_removes_its_live_instance_series(
