@@ -111,17 +111,18 @@ class Fleet:
             SimulatedHost(host_identity(ca, f"{prefix}-{i:04d}"), boot_id=boot)
             for i in range(hosts)
         ]
-        self.pending: list[deque[pb.Batch]] = []
         for i, sim in enumerate(self.sims):
-            q: deque[pb.Batch] = deque()
             for b in range(batches):
-                q.append(
-                    sim.batch(
-                        [fleet_event(i, b * events_per_batch + j) for j in range(events_per_batch)]
-                    )
+                sim.batch(
+                    [fleet_event(i, b * events_per_batch + j) for j in range(events_per_batch)]
                 )
-            self.pending.append(q)
+        self.pending: list[deque[pb.Batch]] = []
+        self.rearm()
         self.total_events = hosts * batches * events_per_batch
+
+    def rearm(self) -> None:
+        """Queue every host's batches again, to send the same load to another store."""
+        self.pending = [deque(sim.sent) for sim in self.sims]
         self.acked = 0  # events acknowledged so far, across hosts (a progress gauge)
 
     async def run(self, ports: Sequence[int], timeout_s: float = 120.0) -> FleetResult:
