@@ -14,6 +14,9 @@ the kernel benchmarks.
   bench_daemon     daemon CPU and RSS at 100 and 1,000 exec/s, 20 identities, 10k rules
   bench_collector  exporter to collector over mTLS: events/s and latency vs raw SQLite
   bench_stream     daemon CPU at 200 attested exec/s streamed to a collector, vs idle
+  bench_fleet      200 simulated hosts: events/s stored by SQLite and by 1, 2 and 3
+                   PostgreSQL replicas, submit-to-ack p50/p99, Query by identity
+                   over 1 million stored events (about 2 minutes)
 
 Run on request only (--only bench_soak), for it takes 30 minutes:
 
@@ -40,6 +43,7 @@ PLAN = [
     ("bench_daemon", ["--seconds", "10"]),
     ("bench_collector", []),
     ("bench_stream", ["--seconds", "30"]),
+    ("bench_fleet", ["--hosts", "200", "--query-events", "1000000"]),
 ]
 ON_REQUEST = [("bench_soak", ["--seconds", "1800", "--rate", "200", "--ring-pages", "1024"])]
 
