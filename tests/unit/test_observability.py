@@ -4,8 +4,7 @@ promtool (Debian's ``prometheus`` package, installed by scripts/setup-host.sh)
 checks the rules, runs their unit tests (deploy/observability/alerts_test.yaml),
 parses every dashboard query and lints a real scrape of the metrics endpoints.
 Every metric the rules and the dashboard name must be exported by
-sidecar/metrics.py, or be on ``PENDING``: the names being added there under
-issue 14 item 7, which the rules already use.
+sidecar/metrics.py, with the labels they use.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
-import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -33,13 +31,6 @@ ALERTS_TEST = OBS / "alerts_test.yaml"
 DASHBOARD = OBS / "grafana-dashboard.json"
 MONITORING = REPO / "deploy" / "kubernetes" / "monitoring"
 
-# Metric names the rules and the dashboard use before sidecar/metrics.py
-# exports them (issue 14 item 7, being added at the same time). Remove a name
-# once it is exported; test_pending_metrics_are_exported_yet says which are left.
-PENDING = frozenset(
-    {
-    }
-)
 # Labels that Prometheus adds at scrape time, not the exporter.
 TARGET_LABELS = frozenset({"instance", "job"})
 
@@ -214,22 +205,10 @@ def test_every_alert_is_exercised_by_the_promtool_unit_tests() -> None:
 # Metric names against sidecar/metrics.py
 
 
-def test_every_metric_in_rules_and_dashboard_is_exported_or_pending() -> None:
+def test_every_metric_in_rules_and_dashboard_is_exported() -> None:
     used = set().union(*(metric_names(e) for e in used_exprs()))
-    unknown = used - set(all_exported()) - PENDING
-    assert not unknown, f"not exported by sidecar/metrics.py and not PENDING: {sorted(unknown)}"
-
-
-def test_the_pending_allowlist_names_only_metrics_in_use() -> None:
-    used = set().union(*(metric_names(e) for e in used_exprs()))
-    assert used >= PENDING, f"PENDING names nothing uses: {sorted(PENDING - used)}"
-
-
-def test_pending_metrics_are_exported_yet() -> None:
-    """Passes once sidecar/metrics.py exports every PENDING name; until then, names them."""
-    missing = sorted(PENDING - set(all_exported()))
-    if missing:
-        pytest.skip(f"pending in sidecar/metrics.py (issue 14 item 7): {', '.join(missing)}")
+    unknown = used - set(all_exported())
+    assert not unknown, f"not exported by sidecar/metrics.py: {sorted(unknown)}"
 
 
 def test_the_name_check_catches_a_misspelt_metric() -> None:
@@ -246,8 +225,6 @@ def test_label_matchers_name_labels_the_metric_has() -> None:
     checked = 0
     for expr in used_exprs():
         for name, labels in selectors(expr):
-            if name in PENDING:
-                continue
             extra = labels - known[name] - TARGET_LABELS
             assert not extra, f"{name} has no label {sorted(extra)} (in {expr!r})"
             checked += 1
