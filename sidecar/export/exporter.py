@@ -115,6 +115,11 @@ class ExporterConfig:
     fsync_interval: float = 0.5
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
+    #: The longest a collector may leave us without an answer: its first ack on
+    #: a new stream, an ack while batches are in flight, taking a batch.  A
+    #: replica that is frozen (not dead: its socket stays open) is then left
+    #: for the next one, as a dead one is.
+    ack_timeout: float = 15.0
     #: TLS name to check in the collector's certificate, when not the target's host.
     server_name: str | None = None
     non_retryable: frozenset[grpc.StatusCode] = field(default=NON_RETRYABLE)
@@ -410,7 +415,13 @@ class Exporter:
             # grpc.aio allows a stream without a request iterator (written with write());
             # grpc-stubs does not know that.
             call = collector_pb2_grpc.CollectorStub(channel).Publish()  # type: ignore[call-arg]
-            first = await call.read()
+            try:
+                first = await asyncio.wait_for(call.read(), self.config.ack_timeout)
+            except asyncio.TimeoutError:  # not TimeoutError before 3.11
+                call.cancel()
+                raise _StreamEnded(
+                    f"no answer from the collector in {self.config.ack_timeout:g} s"
+                ) from None
             if not isinstance(first, collector_pb2.Ack):
                 raise _StreamEnded("collector closed the stream before its first ack")
             self.connected = self._stream_acked = True
@@ -443,10 +454,22 @@ class Exporter:
         cfg = self.config
         sent = self.spool.acked
         window = cfg.batch_max_events * cfg.max_in_flight_batches
+        # When the collector last showed it is working: an ack, or nothing owed.
+        answered = time.monotonic()
+        acked = self.spool.acked
         while not self._stopping and self._writer_error is None:
             if reader.done():
                 reader.result()  # re-raise the stream's error
                 raise _StreamEnded("collector closed the stream")
+            now = time.monotonic()
+            if self.spool.acked != acked or sent <= self.spool.acked:
+                answered, acked = now, self.spool.acked
+            elif now - answered > cfg.ack_timeout:
+                call.cancel()
+                raise _StreamEnded(
+                    f"the collector acknowledged nothing for {cfg.ack_timeout:g} s"
+                    f" ({sent - self.spool.acked} events in flight)"
+                )
             sent = max(sent, self.spool.acked)
             records: list[object] = []
             if sent - self.spool.acked < window:
@@ -473,7 +496,13 @@ class Exporter:
                         ident.host, batch.first_sequence, batch.last_sequence, prev, recs[-1].chain
                     )
                     batch.signature = sign(ident.private_key, payload)
-                    await call.write(batch)
+                    try:
+                        await asyncio.wait_for(call.write(batch), cfg.ack_timeout)
+                    except asyncio.TimeoutError:  # not TimeoutError before 3.11
+                        call.cancel()
+                        raise _StreamEnded(
+                            f"the collector took no batch for {cfg.ack_timeout:g} s"
+                        ) from None
                     sent = recs[-1].sequence
                     records = list(recs)
             if not records:

@@ -128,9 +128,12 @@ async def _until(cond: object, timeout: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_a_host_fails_over_to_the_other_replica_when_its_replica_is_killed(
-    tmp_path: Path, pg_dsn: str, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("fault", ["killed", "frozen"])
+def test_a_host_fails_over_to_the_other_replica_when_its_replica_is_killed_or_frozen(
+    tmp_path: Path, pg_dsn: str, caplog: pytest.LogCaptureFixture, fault: str
 ) -> None:
+    """SIGKILL closes the replica's socket; SIGSTOP leaves it open and silent, which
+    only the exporter's ack timeout notices."""
     total, kill_after = 3000, 600
     caplog.set_level(logging.INFO, logger="sidecar.export.exporter")
     with collector_processes(tmp_path, pg_dsn, 2) as reps:
@@ -144,6 +147,7 @@ def test_a_host_fails_over_to_the_other_replica_when_its_replica_is_killed(
                     batch_max_events=50,
                     backoff_initial=0.05,
                     backoff_max=0.5,
+                    ack_timeout=2.0,
                 ),
                 lambda: ident,
                 boot_id="boot-1",
@@ -158,10 +162,13 @@ def test_a_host_fails_over_to_the_other_replica_when_its_replica_is_killed(
                         assert exp.submit(_event(submitted))
                     await asyncio.sleep(0.01)
                     if not killed and exp.spool.acked >= kill_after:
-                        # Mid-run: the replica it streams to dies without a word.
+                        # Mid-run: the replica it streams to dies, or freezes, without a word.
                         assert exp.connected and exp.address == reps.mtls[0]
-                        reps.procs[0].send_signal(signal.SIGKILL)
-                        reps.procs[0].wait(10)
+                        if fault == "killed":
+                            reps.procs[0].send_signal(signal.SIGKILL)
+                            reps.procs[0].wait(10)
+                        else:
+                            reps.procs[0].send_signal(signal.SIGSTOP)
                         killed = True
                 assert killed, "the run ended before the kill"
                 await _until(
@@ -170,6 +177,8 @@ def test_a_host_fails_over_to_the_other_replica_when_its_replica_is_killed(
                 assert exp.address == reps.mtls[1] and exp.connected
                 assert exp.failovers >= 1
             finally:
+                if fault == "frozen":
+                    reps.procs[0].send_signal(signal.SIGCONT)
                 assert await exp.close(timeout=5)
                 await runner
             return exp, ident
