@@ -13,9 +13,11 @@ what to run (``make setup``) where PostgreSQL is not installed.
 from __future__ import annotations
 
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -40,6 +42,16 @@ def kernel_unavailable() -> str | None:
 
 
 _KERNEL_REASON: list[str | None] = []
+
+
+def _interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """SIGTERM (a CI timeout, an operator's kill) ends the run as Ctrl-C does, so the
+    fixtures' teardowns still detach programs, unpin maps and remove scratch cgroups."""
+    signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -29,6 +29,7 @@ from sidecar.collector.tls import roots_pem
 from sidecar.export.exporter import Exporter, ExporterConfig, HostIdentity
 from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
+from sidecar.testing.hosts import channel, host_identity, signed_batch
 
 TD = "example.org"
 ALICE = "spiffe://example.org/ops/alice"
@@ -55,19 +56,6 @@ async def running(cfg: CollectorConfig) -> AsyncIterator[CollectorServer]:
         yield server
     finally:
         await server.stop(0.2)
-
-
-def host_identity(ca: CertificateAuthority, host: str) -> HostIdentity:
-    svid = ca.issue_x509_svid(f"spiffe://{TD}/host/{host}", timedelta(hours=1))
-    return HostIdentity(host, svid.cert_chain_pem(), svid.private_key, roots_pem(ca))
-
-
-def channel(
-    port: int, ca: CertificateAuthority, client: tuple[bytes, bytes] | None
-) -> grpc.aio.Channel:
-    key, chain = client if client else (None, None)
-    creds = grpc.ssl_channel_credentials(roots_pem(ca), key, chain)
-    return grpc.aio.secure_channel(f"127.0.0.1:{port}", creds)
 
 
 def svid_pair(ca: CertificateAuthority, sid: str, ttl: timedelta) -> tuple[bytes, bytes]:
@@ -318,29 +306,6 @@ def test_enrollment_gives_working_credentials_once_per_token(tmp_path: Path) -> 
 # ---- tamper evidence ------------------------------------------------------------------
 
 
-def _batch(
-    ident: HostIdentity, first: int, prev: bytes, events: list[ev.Event]
-) -> tuple[pb.Batch, bytes]:
-    from sidecar.export.chain import batch_payload, chain_over, sign
-
-    raws = []
-    for i, e in enumerate(events):
-        e.host, e.sequence = ident.host, first + i
-        raws.append(e.SerializeToString())
-    chains = chain_over(prev, first, raws)
-    last = first + len(raws) - 1
-    sig = sign(ident.private_key, batch_payload(ident.host, first, last, prev, chains[-1]))
-    batch = pb.Batch(
-        host=ident.host,
-        first_sequence=first,
-        last_sequence=last,
-        prev_chain=prev,
-        events=raws,
-        signature=sig,
-    )
-    return batch, chains[-1]
-
-
 async def _publish(
     port: int, ca: CertificateAuthority, ident: HostIdentity, batches: list[pb.Batch]
 ) -> list[int]:
@@ -378,9 +343,9 @@ def test_a_batch_failing_its_signature_is_quarantined_and_the_genuine_one_stored
     async def body() -> None:
         async with running(make_config(tmp_path)) as server:
             ident = host_identity(server.ca, "h3")
-            good, head = _batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(3)])
-            genuine, head2 = _batch(ident, 4, head, [connect_event(i) for i in range(3, 6)])
-            after, _ = _batch(ident, 7, head2, [connect_event(i) for i in range(6, 9)])
+            good, head = signed_batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(3)])
+            genuine, head2 = signed_batch(ident, 4, head, [connect_event(i) for i in range(3, 6)])
+            after, _ = signed_batch(ident, 7, head2, [connect_event(i) for i in range(6, 9)])
             bad = pb.Batch.FromString(genuine.SerializeToString())
             altered = ev.Event.FromString(bad.events[1])
             altered.connect.verdict = ev.VERDICT_ALLOW if altered.connect.verdict else 2  # type: ignore[assignment]
@@ -410,11 +375,11 @@ def test_missing_sequence_range_and_broken_chain_are_reported(tmp_path: Path) ->
     async def body() -> None:
         async with running(make_config(tmp_path)) as server:
             ident = host_identity(server.ca, "h4")
-            b1, h1 = _batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(10)])
-            _, h2 = _batch(ident, 11, h1, [connect_event(i) for i in range(10, 20)])
-            b3, _ = _batch(ident, 21, h2, [connect_event(i) for i in range(20, 30)])
+            b1, h1 = signed_batch(ident, 1, CHAIN_SEED, [connect_event(i) for i in range(10)])
+            _, h2 = signed_batch(ident, 11, h1, [connect_event(i) for i in range(10, 20)])
+            b3, _ = signed_batch(ident, 21, h2, [connect_event(i) for i in range(20, 30)])
             # A batch that claims to follow 30 but was chained from somewhere else.
-            b4, _ = _batch(ident, 31, bytes(32), [connect_event(30)])
+            b4, _ = signed_batch(ident, 31, bytes(32), [connect_event(30)])
             acks = await _publish(server.port, server.ca, ident, [b1, b3, b4])
             assert acks == [0, 10, 30, 31]
             got = [(a.kind, a.first_sequence, a.last_sequence) for a in _alerts(server)]
@@ -489,7 +454,7 @@ def test_subscribe_filters_return_exactly_the_matching_events_and_resume_after_c
             alice = svid_pair(server.ca, ALICE, timedelta(hours=1))
             h5, h6 = host_identity(server.ca, "h5"), host_identity(server.ca, "h6")
             events = _mixed_events()
-            first_half, _ = _batch(h5, 1, CHAIN_SEED, events[:30])
+            first_half, _ = signed_batch(h5, 1, CHAIN_SEED, events[:30])
             await _publish(server.port, server.ca, h5, [first_half])
             flt = pb.EventFilter(
                 hosts=["h5"],
@@ -510,8 +475,8 @@ def test_subscribe_filters_return_exactly_the_matching_events_and_resume_after_c
                 call = stub.Subscribe(pb.SubscribeRequest(filter=flt, after_cursor=0))
                 replayed = await _collect(call, len([s for s in expected if s <= 30]))
                 # Live: the rest from h5, and h6's events that the filter must exclude.
-                b6, _ = _batch(h6, 1, CHAIN_SEED, _mixed_events())
-                rest, _ = _batch(h5, 31, _chain_head(first_half), events[30:])
+                b6, _ = signed_batch(h6, 1, CHAIN_SEED, _mixed_events())
+                rest, _ = signed_batch(h5, 31, _chain_head(first_half), events[30:])
                 await _publish(server.port, server.ca, h6, [b6])
                 await _publish(server.port, server.ca, h5, [rest])
                 live = await _collect(call, len([s for s in expected if s > 30]))
@@ -552,7 +517,7 @@ def test_slow_subscriber_is_disconnected_with_a_resume_cursor(tmp_path: Path) ->
                 prev = CHAIN_SEED
                 for k in range(10):
                     evs = [ev.Event(time_ns=i, exec=ev.Exec(pid=i, exe=big)) for i in range(100)]
-                    b, prev = _batch(h, 1 + 100 * k, prev, evs)
+                    b, prev = signed_batch(h, 1 + 100 * k, prev, evs)
                     await _publish(server.port, server.ca, h, [b])
                 received: list[pb.StoredEvent] = []
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -579,7 +544,7 @@ def test_malformed_and_oversized_batches_are_refused_and_nothing_acked_is_lost(
         cfg = make_config(tmp_path, max_message_bytes=64 * 1024)
         async with running(cfg) as server:
             h = host_identity(server.ca, "h8")
-            good, _ = _batch(h, 1, CHAIN_SEED, [connect_event(i) for i in range(5)])
+            good, _ = signed_batch(h, 1, CHAIN_SEED, [connect_event(i) for i in range(5)])
             assert await _publish(server.port, server.ca, h, [good]) == [0, 5]
             garbage = pb.Batch(
                 host="h8",
@@ -593,7 +558,9 @@ def test_malformed_and_oversized_batches_are_refused_and_nothing_acked_is_lost(
                 await _publish(server.port, server.ca, h, [garbage])
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "cannot be decoded" in (info.value.details() or "")
-            other, _ = _batch(host_identity(server.ca, "h9"), 6, CHAIN_SEED, [connect_event(1)])
+            other, _ = signed_batch(
+                host_identity(server.ca, "h9"), 6, CHAIN_SEED, [connect_event(1)]
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _publish(server.port, server.ca, h, [other])
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -611,7 +578,7 @@ def test_malformed_and_oversized_batches_are_refused_and_nothing_acked_is_lost(
                     await call.read()
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             huge = [ev.Event(time_ns=1, exec=ev.Exec(exe="y" * 100_000))]
-            big, _ = _batch(h, 6, CHAIN_SEED, huge)
+            big, _ = signed_batch(h, 6, CHAIN_SEED, huge)
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _publish(server.port, server.ca, h, [big])
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -627,7 +594,7 @@ def test_unknown_enum_values_are_stored_and_filterable(tmp_path: Path) -> None:
         async with running(make_config(tmp_path)) as server:
             h = host_identity(server.ca, "h10")
             e = connect_event(1, verdict=42)
-            b, _ = _batch(h, 1, CHAIN_SEED, [e, connect_event(2)])
+            b, _ = signed_batch(h, 1, CHAIN_SEED, [e, connect_event(2)])
             assert await _publish(server.port, server.ca, h, [b]) == [0, 2]
             rows = server.store.query(pb.EventFilter(verdicts=[42]), 0, 10)  # type: ignore[list-item]
             assert [r.event.sequence for r in rows] == [1]

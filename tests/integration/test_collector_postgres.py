@@ -7,15 +7,12 @@ mTLS on loopback, real signed and chained batches; nothing mocked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -39,6 +36,8 @@ from sidecar.export.chain import CHAIN_SEED, chain_over
 from sidecar.identity.spiffeid import parse_spiffe_id
 from sidecar.identity.x509 import CertificateAuthority
 from sidecar.testing.hosts import SimulatedHost, channel, host_identity, publish
+from sidecar.testing.scratch import free_port
+from sidecar.testing.stack import wait_port
 
 pytestmark = pytest.mark.timeout(60)  # each test takes seconds; a hang fails fast
 
@@ -613,22 +612,6 @@ def test_a_replica_keeps_serving_subscribers_after_the_database_drops_its_listen
 # ---- as deployed: `sidecar collector` processes --------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"collector did not listen on {port}: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
-
-
 def test_two_collector_processes_started_at_once_share_the_database(
     tmp_path: Path, pg_dsn: str
 ) -> None:
@@ -641,7 +624,7 @@ def test_two_collector_processes_started_at_once_share_the_database(
         f"&user={params['user']}"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    ports = [(_free_port(), _free_port()) for _ in range(2)]
+    ports = [(free_port(), free_port()) for _ in range(2)]
     configs = []
     for i, (mtls, enr) in enumerate(ports):
         cfg = tmp_path / f"r{i}.yaml"
@@ -668,8 +651,8 @@ def test_two_collector_processes_started_at_once_share_the_database(
             with log.open("wb") as out:
                 procs.append(subprocess.Popen([*cli, str(cfg)], env=env, stdout=out, stderr=out))
         for i, (mtls, enr) in enumerate(ports):
-            _wait_port(mtls, procs[i], tmp_path / f"r{i}.log")
-            _wait_port(enr, procs[i], tmp_path / f"r{i}.log")
+            wait_port(mtls, procs[i], tmp_path / f"r{i}.log")
+            wait_port(enr, procs[i], tmp_path / f"r{i}.log")
         with psycopg.connect(pg_dsn) as conn:
             rows = conn.execute("SELECT version FROM schema_version").fetchall()
         assert rows == [(v,) for v in range(1, LATEST + 1)]
