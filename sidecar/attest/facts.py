@@ -6,7 +6,7 @@ handed out again.  :func:`gather` therefore
 
 1. opens a pidfd first: it refers to one process for good, whatever happens
    to the number;
-2. reads ``stat`` (start time), ``status`` (real uid/gid), ``exe`` (opens it:
+2. reads ``stat`` (start time), ``status`` (real uid/gid, capabilities), ``exe`` (opens it:
    the descriptor is the very image the kernel runs, even if its path was
    renamed or replaced since; then readlink) and ``cgroup``;
 3. checks that the process behind the pidfd is still alive and that
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
 from sidecar.proc.read import (
+    StatusFields,
     parse_cgroup,
     parse_start_time,
-    parse_status_ids,
+    parse_status,
     read_boot_id,
     read_file,
 )
@@ -66,6 +67,10 @@ class ProcessFacts:
     sha256: str | None  # None when no entry asked for it
     cgroup_path: str | None  # cgroup v2 path, None if the process is in none
     parent_identity: str | None
+    #: Effective capabilities in the process's own user namespace (status
+    #: ``CapEff``); :func:`sidecar.proc.read.host_caps` says what they count
+    #: for on the host.
+    cap_eff: int = 0
 
     @property
     def systemd_unit(self) -> str | None:
@@ -131,7 +136,7 @@ def _gather_pinned(
     want_user: bool,
 ) -> ProcessFacts:
     start_time = read_start_time(pid)
-    uid, gid = _ids(pid)
+    status = _status(pid)
     exe_link = f"/proc/{pid}/exe"
     # Open before readlink: if the process execs in between, the final check
     # sees that /proc/PID/exe is no longer the file that was opened.
@@ -145,7 +150,7 @@ def _gather_pinned(
             st = os.fstat(exe_fd)
         except OSError as exc:
             raise _gone(pid, exc) from exc
-        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable")[1] if want_sha256 else None
+        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable", st)[1] if want_sha256 else None
     finally:
         os.close(exe_fd)
     cgroup_path = parse_cgroup(_read_text(pid, "cgroup"))
@@ -158,9 +163,9 @@ def _gather_pinned(
     return ProcessFacts(
         pid=pid,
         start_time=start_time,
-        uid=uid,
-        gid=gid,
-        user=_user_name(uid) if want_user else None,
+        uid=status.uid,
+        gid=status.gid,
+        user=_user_name(status.uid) if want_user else None,
         exe_path=exe_path,
         exe_deleted=deleted,
         exe_dev=st.st_dev,
@@ -170,6 +175,7 @@ def _gather_pinned(
         sha256=sha256,
         cgroup_path=cgroup_path,
         parent_identity=parent_identity,
+        cap_eff=status.cap_eff,
     )
 
 
@@ -202,11 +208,11 @@ def _read_text(pid: int, name: str) -> str:
         raise _gone(pid, exc) from exc
 
 
-def _ids(pid: int) -> tuple[int, int]:
-    ids = parse_status_ids(_read_text(pid, "status"))
-    if ids is None:
-        raise AttestationError(f"pid {pid}: no Uid/Gid in /proc/{pid}/status")
-    return ids[1], ids[2]
+def _status(pid: int) -> StatusFields:
+    fields = parse_status(_read_text(pid, "status"))
+    if fields is None:
+        raise AttestationError(f"pid {pid}: no PPid, Uid, Gid or CapEff in /proc/{pid}/status")
+    return fields
 
 
 def _user_name(uid: int) -> str | None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from sidecar.kernel import abi
 from sidecar.policy import caps
 from sidecar.proc.pidfd import kill
-from sidecar.proc.read import read_host_caps
+from sidecar.proc.read import host_caps
 from sidecar.util.errors import AttestationError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Settler:
                 self.latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-                refused = self.refuse_privileged(pid, result.match.spiffe_id)
+                refused = self.refuse_privileged(pid, result.match.spiffe_id, result.facts.cap_eff)
             out[i] = Settled(result, number, refused)
         return out
 
@@ -106,20 +106,21 @@ class Settler:
             return None
         return self.numbers.name(number)
 
-    def refuse_privileged(self, pid: int, spiffe_id: str) -> int:
+    def refuse_privileged(self, pid: int, spiffe_id: str, cap_eff: int) -> int:
         """An agent attested while it holds capabilities its policy refuses: kill it (enforce).
 
         The kernel refuses such a process at each later exec; this covers the
         exec that made it the agent, which the kernel saw while it was still
-        pending (and so could not connect anywhere).  Returns the refused
-        capabilities it held.
+        pending (and so could not connect anywhere).  ``cap_eff`` is what
+        attestation read in its status.  Returns the refused capabilities it
+        held.
         """
         policies = self._policies()
         active = policies.active if policies is not None else None  # read once
         ci = active.policy.identities.get(spiffe_id) if active and active.policy else None
         if ci is None:
             return 0
-        refused = caps.refused_mask(ci.capabilities) & (read_host_caps(pid) or 0)
+        refused = host_caps(pid, caps.refused_mask(ci.capabilities) & cap_eff) or 0
         if refused and ci.mode == "enforce":
             kill(pid)
             _logger.warning(

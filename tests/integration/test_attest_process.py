@@ -237,6 +237,9 @@ def test_facts_carry_process_instance_keys_and_cgroup(procs: Procs) -> None:
     own = Path(f"/proc/{p.pid}/cgroup").read_text().splitlines()
     assert f.cgroup_path == next(line[3:] for line in own if line.startswith("0::"))
     assert f.parent_identity == "spiffe://example.org/parent"
+    status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
+    capeff = next(x for x in status if x.startswith("CapEff:"))
+    assert f.cap_eff == int(capeff.split()[1], 16)
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", boot_id())
     assert boot_id() == boot_id()
 

@@ -43,7 +43,10 @@ class Attestor:
 
     def attest(self, pid: int, parent_identity: str | None) -> Any:
         sid = self.matches.get(pid)
-        return SimpleNamespace(match=SimpleNamespace(spiffe_id=sid) if sid else None)
+        return SimpleNamespace(
+            match=SimpleNamespace(spiffe_id=sid) if sid else None,
+            facts=SimpleNamespace(cap_eff=0),
+        )
 
 
 def make_daemon(matches: dict[int, str]) -> tuple[Settler, KernelMap]:
