@@ -48,7 +48,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.uses is not None and not args.bootstrap_token:
         raise ConfigError("--uses goes with --bootstrap-token")
-    if args.bootstrap_token or args.revoke_host or args.release_host:
+    if args.bootstrap_token or args.revoke_host or args.release_host or args.expire_bootstrap_token:
         return _manage_enrollments(args, cfg)
     if args.join_token or args.issue_svid or args.bundle:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -78,12 +78,26 @@ def _cmd_collector(args: argparse.Namespace) -> int:
 
 
 def _manage_enrollments(args: argparse.Namespace, cfg: Any) -> int:
-    """--bootstrap-token, --revoke-host, --release-host: each writes to the store."""
-    from sidecar.collector.server import check_node_name, create_bootstrap_token
+    """--bootstrap-token, --expire-bootstrap-token, --revoke-host, --release-host."""
+    from sidecar.collector.server import check_node_name, create_bootstrap_token, token_hash
     from sidecar.collector.store import open_store
 
-    if sum(map(bool, (args.bootstrap_token, args.revoke_host, args.release_host))) > 1:
-        raise ConfigError("give one of --bootstrap-token, --revoke-host, --release-host")
+    chosen = (
+        args.bootstrap_token,
+        args.expire_bootstrap_token,
+        args.revoke_host,
+        args.release_host,
+    )
+    if sum(map(bool, chosen)) > 1:
+        raise ConfigError(
+            "give one of --bootstrap-token, --expire-bootstrap-token, --revoke-host, --release-host"
+        )
+    old = None
+    if args.expire_bootstrap_token:
+        from sidecar.export.enroll import read_token_file
+
+        src = args.expire_bootstrap_token
+        old = read_token_file(Path("/dev/stdin") if src == "-" else Path(src))
     if args.bootstrap_token and args.uses is None:
         raise ConfigError("--bootstrap-token needs --uses N: how many nodes it may enroll")
     cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -92,6 +106,13 @@ def _manage_enrollments(args: argparse.Namespace, cfg: Any) -> int:
         if args.bootstrap_token:
             ttl = int(args.ttl or BOOTSTRAP_TTL_S)
             print(create_bootstrap_token(store, args.uses, ttl))
+            return 0
+        if old is not None:
+            if not store.expire_bootstrap_token(token_hash(old), time.time_ns()):
+                raise CredentialError(
+                    "no unexpired bootstrap token is the one given: nothing changed"
+                )
+            print("the bootstrap token enrolls no more; hosts it enrolled keep their credentials")
             return 0
         host = args.revoke_host or args.release_host
         # Any host name, not only a node name: a join-token host is revoked the same way.
@@ -241,6 +262,11 @@ def register_cli(subparsers: Any) -> None:
         " until --ttl (default 1d)",
     )
     col.add_argument("--uses", type=int, metavar="N", help="enrollments a bootstrap token allows")
+    col.add_argument(
+        "--expire-bootstrap-token",
+        metavar="FILE",
+        help="the bootstrap token in FILE ('-': standard input) enrolls no more, from now on",
+    )
     col.add_argument(
         "--revoke-host",
         metavar="HOST",

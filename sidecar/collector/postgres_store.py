@@ -441,6 +441,14 @@ class PostgresStore:
             except psycopg.Error as exc:
                 raise StoreError(f"cannot spend bootstrap token: {exc}") from exc
 
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
+        rows = self._rows(
+            "UPDATE bootstrap_tokens SET expires_ns = %s WHERE token_hash = %s"
+            " AND expires_ns > %s RETURNING token_hash",
+            (now_ns, token_hash, now_ns),
+        )
+        return bool(rows)
+
     def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
         with self._conn() as conn:
             try:

@@ -430,6 +430,15 @@ class SqliteStore:
         except _NameTaken:
             return BootstrapUse.REFUSED_NAME
 
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
+        with self._lock:
+            rows = self._q(
+                "UPDATE bootstrap_tokens SET expires_ns = ? WHERE token_hash = ?"
+                " AND expires_ns > ? RETURNING token_hash",
+                (now_ns, token_hash, now_ns),
+            )
+        return bool(rows)
+
     def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
         with self._lock:
             self._q(

@@ -160,6 +160,10 @@ class Store(Protocol):
         """
         ...
 
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
+        """End a bootstrap token's life now; False when no such token is unexpired."""
+        ...
+
     def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
         """Refuse ``host``'s certificates issued until ``now_ns``; ``release`` also frees
         its name, so that a bootstrap token may enroll it again."""

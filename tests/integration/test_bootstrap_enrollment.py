@@ -564,3 +564,62 @@ def test_the_init_step_refuses_a_missing_token_file_or_node_name_without_leaking
         _cli(*base, "--bootstrap-token-file", str(wrong), "--node-name", "n")
     assert "deadbeef" not in str(exc.value)
     assert not (tmp_path / "out" / HOST_CERT).exists()
+
+
+def test_rotation_expires_the_old_token_and_leaves_enrolled_nodes_alone(
+    background: tuple[_Background, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sidecar.export.enroll import load_host_identity
+
+    bg, cfg = background
+    assert _cli("collector", "--config", str(cfg), "--bundle") == 0
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(capsys.readouterr().out)
+
+    def mint() -> Path:
+        capsys.readouterr()
+        assert _cli("collector", "--config", str(cfg), "--bootstrap-token", "--uses", "5") == 0
+        path = tmp_path / f"token-{len(list(tmp_path.glob('token-*')))}"
+        path.write_text(capsys.readouterr().out)
+        return path
+
+    def init(node: str, token: Path) -> int:
+        return _cli(
+            "enroll",
+            "--collector",
+            f"127.0.0.1:{bg.server.enrollment_port}",
+            "--bootstrap-token-file",
+            str(token),
+            "--node-name",
+            node,
+            "--bundle",
+            str(bundle),
+            "--out",
+            str(tmp_path / node),
+        )
+
+    old = mint()
+    assert init("node-1", old) == 0
+    new = mint()  # the Secret is updated with this one
+    assert _cli("collector", "--config", str(cfg), "--expire-bootstrap-token", str(old)) == 0
+    assert "enrolls no more" in capsys.readouterr().out
+    with pytest.raises(TransportError, match="PERMISSION_DENIED: bootstrap token"):
+        init("node-2", old)
+    with pytest.raises(CredentialError, match="no unexpired bootstrap token"):
+        _cli("collector", "--config", str(cfg), "--expire-bootstrap-token", str(old))
+    assert init("node-2", new) == 0
+    # node-1 restarts with the new Secret: its credentials stand, nothing is spent.
+    assert init("node-1", new) == 0
+    assert "already enrolled" in capsys.readouterr().out
+    assert _uses(bg.server, new.read_text().strip()) == 1
+    ident = load_host_identity(tmp_path / "node-1")
+    host = SimulatedHost(ident)
+    ca = bg.server.ca
+    run = asyncio.run_coroutine_threadsafe
+    acks = run(publish(bg.server.port, ca, ident, [host.batch([_event(1)])]), bg.loop).result(30)
+    assert acks == [0, 1]
+    # Revoked from the command line: that node's next stream is refused.
+    assert _cli("collector", "--config", str(cfg), "--revoke-host", "node-1") == 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        run(publish(bg.server.port, ca, ident, [host.batch([_event(2)])]), bg.loop).result(30)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
