@@ -13,12 +13,15 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from sidecar.api.v1 import collector_pb2
 from sidecar.util.errors import ConfigError, CredentialError
+
+if TYPE_CHECKING:
+    from sidecar.collector.config import CollectorConfig
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -77,7 +80,7 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manage_enrollments(args: argparse.Namespace, cfg: Any) -> int:
+def _manage_enrollments(args: argparse.Namespace, cfg: CollectorConfig) -> int:
     """--bootstrap-token, --expire-bootstrap-token, --revoke-host, --release-host."""
     from sidecar.collector.server import check_node_name, create_bootstrap_token, token_hash
     from sidecar.collector.store import open_store
@@ -179,7 +182,7 @@ def _enroll_bootstrap(args: argparse.Namespace) -> int:
     bundle = _read(args.bundle)
     held = existing_credentials(args.out, node, bundle)
     if held is not None:
-        expiry = held_expiry(args.out)
+        expiry = _held_expiry(args.out)
         print(
             f"host {held.host}: already enrolled, credentials in {args.out} (valid until {expiry})"
         )
@@ -192,7 +195,7 @@ def _enroll_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def held_expiry(cred_dir: Path) -> str:
+def _held_expiry(cred_dir: Path) -> str:
     from sidecar.export.enroll import credential_expiry
 
     when = credential_expiry(cred_dir)["host_svid"]

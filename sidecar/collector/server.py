@@ -83,7 +83,7 @@ def create_join_token(store: Store, trust_domain: str, host: str, ttl_s: int) ->
 
 #: A node name as Kubernetes spells one (a DNS-1123 subdomain): what a bootstrap
 #: token may enroll, as the host name of the certificate.
-_NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 NODE_NAME_MAX = 253
 BOOTSTRAP_USES_MAX = 100_000
 
@@ -92,7 +92,7 @@ def check_node_name(name: str) -> str | None:
     """Why ``name`` cannot be a bootstrap-enrolled host name, or None when it can."""
     if not name:
         return "a bootstrap enrollment needs a node name"
-    if len(name) > NODE_NAME_MAX or not _NODE_NAME.match(name):
+    if len(name) > NODE_NAME_MAX or not _NODE_NAME.fullmatch(name):
         shown = name[:64] + ("..." if len(name) > 64 else "")
         return (
             f"node name {shown!r} is not a Kubernetes node name (lower-case letters, digits,"

@@ -257,7 +257,18 @@ def test_unknown_forged_and_misused_tokens_are_refused(
             code, _ = await _enroll_raw(port, bundle, join_token=join, node_name="x")
             assert code == grpc.StatusCode.INVALID_ARGUMENT
             # Names that are no node name: refused before the token is looked at.
-            for name in ["", "../web-1", "a/b", "Node-A", "node a", "-x", "x" * 254, "é"]:
+            for name in [
+                "",
+                "../web-1",
+                "a/b",
+                "Node-A",
+                "node a",
+                "-x",
+                "x" * 254,
+                "é",
+                "x\n",
+                "x.",
+            ]:
                 code, details = await _enroll_raw(
                     port, bundle, bootstrap_token=token, node_name=name
                 )

@@ -445,14 +445,18 @@ def test_the_bootstrap_token_reaches_the_enroll_step_only() -> None:
     assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in daemon.get("env", []))
 
 
-def test_the_daemon_streams_to_the_collector_service_as_its_node(tmp_path: Path) -> None:
+def test_the_daemon_streams_to_the_collector_service_as_its_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = tmp_path / "config.yaml"
     settings.write_text(generated("sidecar-config")["data"]["config.yaml"])
     daemon = container("DaemonSet", "sidecar-daemon")
     env = {e["name"]: e for e in daemon["env"]}
     # Events name the node: the host name of the credentials it enrolled with.
     assert env["SIDECAR_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    monkeypatch.setenv("SIDECAR_HOST", "node-7.example.internal")
     cfg = daemon_config.load(settings)
+    assert cfg.host == "node-7.example.internal"  # the file does not override it
     assert cfg.collector == (collector_service_address("grpc"),)
     # The collector's certificate names what the daemon dials.
     collector = tmp_path / "collector.yaml"
