@@ -126,6 +126,20 @@ def revoked_by(leaf: x509.Certificate, revoked_ns: int | None) -> bool:
     return int(issued.timestamp()) * 1_000_000_000 <= revoked_ns
 
 
+async def _after_revocation(core: _Core, host: str) -> None:
+    """Wait, if need be, until a certificate issued now is later than ``host``'s revocation.
+
+    Revocation refuses what was issued up to its second (see :func:`revoked_by`):
+    a host re-admitted within that second waits for the next one, or its new
+    certificate would count as revoked too.
+    """
+    revoked = await core.db(core.store.host_revoked_ns, host)
+    if revoked is not None:
+        wait_ns = (revoked // 1_000_000_000 + 1) * 1_000_000_000 - time.time_ns()
+        if wait_ns > 0:
+            await asyncio.sleep(wait_ns / 1e9)
+
+
 class _Core:
     """State shared by both services: config, CA, store and its database threads.
 
@@ -450,6 +464,7 @@ class EnrollmentService(collector_pb2_grpc.EnrollmentServicer):
                 )
                 raise AssertionError("unreachable")
             host = maybe
+        await _after_revocation(core, host)
         try:
             creds = core.issue(host, request.intermediate_csr, request.host_csr)
         except CredentialError as exc:
