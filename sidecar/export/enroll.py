@@ -200,11 +200,14 @@ def existing_credentials(
     if not (out_dir / HOST_CERT).exists():
         return None
     when = now or datetime.now(timezone.utc)
-    ident = load_host_identity(out_dir)
     recover = (
         f"to enroll again, remove {out_dir}/* on this node and have the operator release"
         f" the name (sidecar collector --config FILE --release-host {node_name})"
     )
+    try:
+        ident = load_host_identity(out_dir)
+    except CredentialError as exc:
+        raise CredentialError(f"{exc}; {recover}") from exc
     if ident.host != node_name:
         raise CredentialError(
             f"{out_dir / HOST_CERT} is the certificate of host '{ident.host}', not of node"

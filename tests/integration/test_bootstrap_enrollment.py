@@ -537,6 +537,11 @@ def test_the_init_step_enrolls_once_and_does_nothing_on_every_later_start(
         (alien / name).write_bytes(data)
     with pytest.raises(CredentialError, match="do not verify against the collector's bundle"):
         init("node-4", alien)
+    # Half a folder (a key lost): refused, not overwritten.
+    (alien / "host.key").unlink()
+    with pytest.raises(CredentialError, match=r"cannot load host credentials.*--release-host"):
+        init("node-4", alien)
+    assert (alien / "host.pem").read_bytes() == svid.cert_chain_pem()
     # Positive control: a fresh folder for node-4 enrolls.
     assert init("node-4", tmp_path / "node-4") == 0
     assert _uses(bg.server, token) == 2
