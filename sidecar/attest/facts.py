@@ -65,7 +65,7 @@ class ProcessFacts:
     exe_size: int
     exe_mtime_ns: int
     sha256: str | None  # None when no entry asked for it
-    cgroup_path: str | None  # cgroup v2 path, None if the process is in none
+    cgroup_path: str | None  # cgroup v2 path; None if in none or it was not asked for
     parent_identity: str | None
     #: Effective capabilities in the process's own user namespace (status
     #: ``CapEff``); :func:`sidecar.proc.read.host_caps` says what they count
@@ -108,12 +108,14 @@ def gather(
     *,
     want_sha256: bool = True,
     want_user: bool = True,
+    want_cgroup: bool = True,
 ) -> ProcessFacts:
     """Read the facts of process ``pid``; :class:`AttestationError` if it is gone or replaced.
 
-    ``want_sha256=False`` skips hashing and ``want_user=False`` the user
-    database lookup (which may go to LDAP); the field is then None.  The
-    attestor asks for each only when some entry has a selector that needs it.
+    ``want_sha256=False`` skips hashing, ``want_user=False`` the user
+    database lookup (which may go to LDAP) and ``want_cgroup=False`` the
+    cgroup; the field is then None.  The attestor asks for each only when
+    some entry has a selector that needs it.
     """
     if pid <= 0:
         raise AttestationError(f"pid {pid}: not a process id")
@@ -122,7 +124,9 @@ def gather(
     except OSError as exc:
         raise _gone(pid, exc) from exc
     try:
-        return _gather_pinned(pid, pidfd, parent_identity, hashes, want_sha256, want_user)
+        return _gather_pinned(
+            pid, pidfd, parent_identity, hashes, want_sha256, want_user, want_cgroup
+        )
     finally:
         os.close(pidfd)
 
@@ -134,6 +138,7 @@ def _gather_pinned(
     hashes: HashCache,
     want_sha256: bool,
     want_user: bool,
+    want_cgroup: bool,
 ) -> ProcessFacts:
     start_time = read_start_time(pid)
     status = _status(pid)
@@ -153,7 +158,7 @@ def _gather_pinned(
         sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable", st)[1] if want_sha256 else None
     finally:
         os.close(exe_fd)
-    cgroup_path = parse_cgroup(_read_text(pid, "cgroup"))
+    cgroup_path = parse_cgroup(_read_text(pid, "cgroup")) if want_cgroup else None
     _check_same_process(pid, pidfd, start_time, st)
     # readlink appends " (deleted)" when the image lost its last name; a file
     # really named so still has links, so the link count decides.
