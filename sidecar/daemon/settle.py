@@ -156,7 +156,9 @@ class Settler:
         number = kernel_identity
         if result.match is not None:
             number = self.numbers.number(result.match.spiffe_id)
-            self.settle(pid, number, create)
+            # The record's ppid is what the kernel's entry holds; a process
+            # found at start-up keeps whatever entry the kernel has.
+            self.settle(pid, number, create, 0 if create else ppid)
         elif kernel_identity == abi.IDENTITY_PENDING:
             number = self.parent_answer(ppid)
             if number == abi.IDENTITY_PENDING:
@@ -166,13 +168,14 @@ class Settler:
                 self.settle(pid, number)
         return result, number
 
-    def settle(self, pid: int, number: int, create: bool = False) -> None:
+    def settle(self, pid: int, number: int, create: bool = False, ppid: int = 0) -> None:
         """Write ``pid``'s identity, then that of its children waiting on it.
 
         A process that has exited meanwhile has no entry, and gets none: the
-        kernel removed it at exit, and the pid may be reused.
+        kernel removed it at exit, and the pid may be reused.  ``ppid``, when
+        the caller knows what the kernel's entry holds, saves a map lookup.
         """
-        self.kernel.set_identity(pid, number, create=create)
+        self.kernel.set_identity(pid, number, ppid, create=create)
         settled = self.settled
         settled.pop(pid, None)  # a reused pid moves to the newest end
         settled[pid] = number
@@ -182,7 +185,7 @@ class Settler:
             state = self.kernel.proc_state(child)
             # Only a child still pending: one attested meanwhile keeps its own answer.
             if state is not None and state[0] == abi.IDENTITY_PENDING:
-                self.settle(child, number)
+                self.settle(child, number, ppid=state[1])
 
     def settle_forked(self, child: int, parent: int) -> None:
         """A child forked while its parent was pending takes the parent's answer, once known."""
@@ -192,7 +195,7 @@ class Settler:
             return
         state = self.kernel.proc_state(child)
         if state is not None and state[0] == abi.IDENTITY_PENDING:
-            self.settle(child, answer)
+            self.settle(child, answer, ppid=state[1])
 
     def wait_for_parent(self, parent: int, child: int) -> None:
         waiting = self.waiting
