@@ -46,7 +46,11 @@ mkdir -p "$work" "$cache"
 mirror=()
 [ -n "${MIRROR:-}" ] && mirror=("$MIRROR")
 
+# The merged-usr hook makes /usr merged the way debootstrap does and installs
+# usr-is-merged, so init-system-helpers' "usrmerge | usr-is-merged" does not
+# bring the usrmerge converter (and Perl with it) into the image.
 mmdebstrap --quiet --variant=essential --include="$deps" \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --aptopt='APT::Install-Recommends "false"' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \

@@ -36,7 +36,9 @@ def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
 
 
-def _run(argv: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+def _run(
+    argv: list[str], what: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> str:
     proc = subprocess.run(
         argv, capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
@@ -85,10 +87,10 @@ def install_into_clean_root(deb: Path, root: Path) -> str:
             "--variant=apt",
             "--include=systemd",
             "--skip=download/empty",
-            "--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives",
+            '--setup-hook=mkdir -p "$1"/var/cache/apt/archives',
             f"--setup-hook=sync-in '{ARCHIVES}' /var/cache/apt/archives",
             f"--customize-hook=copy-in '{deb}' /tmp",
-            "--customize-hook=chroot \"$1\" apt-get install -y --no-install-recommends "
+            '--customize-hook=chroot "$1" apt-get install -y --no-install-recommends '
             f"'/tmp/{deb.name}' >'{log}' 2>&1",
             f"--customize-hook=sync-out /var/cache/apt/archives '{ARCHIVES}'",
             f"--customize-hook=rm -f \"$1\"/tmp/'{deb.name}'",
