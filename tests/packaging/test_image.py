@@ -127,3 +127,20 @@ def test_images_run_the_packaged_command(images: tuple[str, str]) -> None:
     )
     assert leftovers.stdout.strip() == "", leftovers.stdout
     assert Path(image_packages()).is_file()
+
+
+def test_manifests_run_the_images_make_image_builds() -> None:
+    kube = REPO / "deploy" / "kubernetes"
+    used = {
+        (f.name, line.split("image:", 1)[1].strip())
+        for f in kube.glob("*.yaml")
+        for line in f.read_text().splitlines()
+        if line.strip().startswith("image:")
+    }
+    assert used == {
+        ("daemon-daemonset.yaml", f"localhost/sidecar:{__version__}"),
+        ("collector-deployment.yaml", f"localhost/sidecar-collector:{__version__}"),
+    }
+    build = (REPO / "packaging" / "build-image.sh").read_text()
+    assert '"localhost/sidecar:$version"' in build
+    assert '"localhost/sidecar-collector:$version"' in build
