@@ -9,7 +9,7 @@ the test until the list is updated on purpose.  That catches drift across
 time, which two builds back to back would not.  The image holds its own list
 too, and a label with the list's hash.
 
-Running the daemon image against the kernel is tests/kernel/test_image.py.
+Running the daemon image against the kernel is tests/kernel/test_images_in_podman.py.
 """
 
 from __future__ import annotations
