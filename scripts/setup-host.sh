@@ -36,7 +36,8 @@ apt_install() {
 apt_install python3-bpfcc libbpf1 bpftool python3-venv python3-dev gcc make systemd
 # clang and libbpf-dev build the unix-socket hooks (bpf/unix.bpf.c), which BCC cannot.
 apt_install clang libbpf-dev linux-libc-dev
-# `make deb` / `make image` and their tests (tests/packaging, tests/kernel/test_images_in_podman.py):
+# `make deb` / `make image` and their tests (tests/packaging,
+# tests/kernel/test_images_in_podman.py):
 # mmdebstrap makes the clean Debian roots, podman runs the images. The tests
 # run podman as root with runc (crun cannot run on hosts with a hybrid cgroup
 # layout), chosen per command line: the host's container config is left alone.
