@@ -15,7 +15,8 @@ containers, cgroup and pins are removed in teardown even when the test fails.
 
 Against a real collector, the host enrolls with a join token, a process
 started in the scratch cgroup is attested, a send the policy names goes
-through (positive control) and one it does not name gets EPERM, and both
+through (positive control) and one it does not name gets EPERM, the same for
+a unix socket (judged by the object the package ships prebuilt), and the sends
 events reach the collector's store, read back with `sidecar tail
 --no-follow`.  SIGTERM stops each container with status 0 and no program of
 the daemon is left attached or loaded.
@@ -38,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Probe, attached_program_ids, bpftool_json, free_port_pair, hook_program_ids
+from conftest import (
+    Probe,
+    attached_program_ids,
+    bpftool_json,
+    free_port_pair,
+    hook_program_ids,
+    spawn,
+)
 
 from sidecar.kernel.checks import cgroup2_root
 from sidecar.testing.daemon_process import DaemonConfigFile, read_events
@@ -51,6 +59,40 @@ HOST = "image-test-host"
 PYTHON = os.path.realpath(sys.executable)
 # deploy/kubernetes/daemon-daemonset.yaml: securityContext.capabilities.add
 DAEMON_CAPS = ("BPF", "PERFMON", "NET_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH", "KILL")
+
+
+class UnixProbe(Probe):
+    """The kernel tests' probe, plus ``unix PATH``: connect to a unix stream socket."""
+
+    SOURCE = r"""
+import os, socket, sys
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "pid":
+        print(os.getpid(), flush=True); continue
+    s = socket.socket(socket.AF_UNIX if cmd[0] == "unix" else socket.AF_INET,
+                      socket.SOCK_STREAM if cmd[0] == "unix" else socket.SOCK_DGRAM)
+    try:
+        if cmd[0] == "unix":
+            s.connect(cmd[1])
+        else:
+            s.sendto(b"x", (cmd[2], int(cmd[3])))
+        code = 0
+    except OSError as e:
+        code = e.errno or -1
+    s.close()
+    print(code, flush=True)
+"""
+
+    def __init__(self, cgroup: Path) -> None:
+        self.proc = spawn(
+            cgroup,
+            [sys.executable, "-c", self.SOURCE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = int(self.ask("pid"))
 
 
 def seccomp_as_containerd(dest: Path) -> Path:
@@ -251,6 +293,13 @@ def test_daemon_image_attests_enforces_and_streams_to_the_collector_image(
     allowed, refused = free_port_pair(), free_port_pair()
     while refused == allowed:
         refused = free_port_pair()
+    # Unix sockets are judged by the hooks the package ships prebuilt.
+    listeners = []
+    for name in ("ok", "bad"):
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(str(work / f"{name}.sock"))
+        lsock.listen(4)
+        listeners.append(lsock)
     (work / "etc" / "policy.yaml").write_text(
         f"""apiVersion: sidecar/v1
 kind: Policy
@@ -265,6 +314,7 @@ identities:
         cidrs: [127.0.0.1/32]
         ports: [{allowed}]
         protocols: [udp]
+    unix: ["{work}/ok.sock"]
 """
     )
     metrics = free_port()
@@ -332,7 +382,7 @@ identities:
 
     # -- attestation and enforcement in the scratch cgroup ----------------------------
     events = work / "state" / "events.jsonl"
-    probe = Probe(scratch_cgroup)
+    probe = UnixProbe(scratch_cgroup)
     try:
         ev = wait_until(
             lambda: [
@@ -346,8 +396,12 @@ identities:
         assert ev["identity"] == AGENT, ev
         assert probe.ask(f"udp 4 127.0.0.1 {allowed}") == 0  # positive control
         assert probe.ask(f"udp 4 127.0.0.1 {refused}") == errno.EPERM
+        assert probe.ask(f"unix {work}/ok.sock") == 0  # positive control
+        assert probe.ask(f"unix {work}/bad.sock") == errno.EPERM
     finally:
         probe.close()
+        for lsock in listeners:
+            lsock.close()
 
     # -- the events in the collector's store ------------------------------------------
     def probe_rows(kind: str) -> list[dict[str, Any]]:
