@@ -3,7 +3,8 @@
 #
 #   packaging/build-image.sh dist/sidecar_<version>_<arch>.deb
 #
-# mmdebstrap makes a bookworm root of the Essential packages plus the
+# mmdebstrap makes a bookworm root (its default sources for Debian: the suite,
+# its -updates and -security) of the Essential packages plus the
 # package's Depends (python3, python3-bpfcc, libbpf1, ...), without
 # Recommends, without apt; dpkg then installs the .deb itself, so the
 # images hold the same files as a host that installed it.  Documentation,
