@@ -103,6 +103,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     flt = collector_pb2.EventFilter(
         hosts=args.host,
         identities=args.identity,
+        instances=args.instance,
         kinds=args.kind,
         verdicts=[VERDICTS[v] for v in args.verdict],
     )
@@ -163,6 +164,9 @@ def register_cli(subparsers: Any) -> None:
     tl.add_argument("--server-name", help="TLS name to expect")
     tl.add_argument("--host", action="append", default=[], help="only this host (repeatable)")
     tl.add_argument("--identity", action="append", default=[], help="only this SPIFFE ID")
+    tl.add_argument(
+        "--instance", action="append", default=[], help="only this process instance (repeatable)"
+    )
     tl.add_argument("--kind", action="append", default=[], help="exec, connect, lost, integrity…")
     tl.add_argument(
         "--verdict", action="append", default=[], choices=["allow", "deny", "would_deny"]
