@@ -274,6 +274,9 @@ def verify_stored_chain(store: Store, host: str) -> ChainReport:
         for seq in [s for s in window if s < b.from_sequence]:
             del window[seq]
         span = range(b.from_sequence, b.last_sequence + 1)
+        # Checked or not, the sequences up to here are accounted for: a batch after
+        # one that failed is not also blamed for a gap.
+        reached, last_end = last_end, max(last_end, b.last_sequence)
         where = f"batch {b.first_sequence}..{b.last_sequence} (stored {day_name(b.day)})"
         missing = [s for s in span if s not in window]
         if missing:
@@ -296,21 +299,21 @@ def verify_stored_chain(store: Store, host: str) -> ChainReport:
         elif before == 0:
             if b.from_chain != CHAIN_SEED:
                 report.problems.append(f"{where}: sequence 1 does not start from the seed")
-        elif report.batches and before > last_end:
-            report.problems.append(f"{where}: sequences {last_end + 1}..{before} are not stored")
+        elif reached and before > reached:
+            report.problems.append(f"{where}: sequences {reached + 1}..{before} are not stored")
         ends.setdefault(b.last_sequence, chains[-1])
         used.update(span)
         report.batches += 1
         report.events += len(span)
         if not report.first_sequence:
             report.first_sequence = b.from_sequence
-        last_end = max(last_end, b.last_sequence)
-        report.last_sequence = last_end
+        report.last_sequence = max(report.last_sequence, b.last_sequence)
     total += sum(1 for _ in events) + (pending is not None)  # after the last kept batch
     report.unsigned = total - len(used)
     head = store.host_state(host)
-    if report.batches and head.last_sequence == last_end and ends[last_end] != head.last_chain:
-        report.problems.append(f"the chain at {last_end} is not the host's stored head")
+    at_head = ends.get(head.last_sequence)
+    if report.batches and at_head is not None and at_head != head.last_chain:
+        report.problems.append(f"the chain at {head.last_sequence} is not the host's stored head")
     elif report.batches and head.last_sequence > last_end:
         report.problems.append(
             f"the host's stored head is at {head.last_sequence}, the kept batches end at {last_end}"

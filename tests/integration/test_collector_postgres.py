@@ -154,9 +154,7 @@ def test_replicas_starting_at_once_apply_each_migration_exactly_once(pg_dsn: str
     assert versions == sorted(v for v, _, _ in MIGRATIONS)
     PostgresStore(pg_dsn).close()  # and opening again later changes nothing
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (
-            len(MIGRATIONS),
-        )
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (len(MIGRATIONS),)
 
 
 def test_a_schema_newer_than_the_collector_is_refused(pg_dsn: str) -> None:
@@ -523,7 +521,7 @@ def test_each_query_column_has_an_index_that_reads_in_cursor_order(
     # One index scan per day partition, each already in cursor order, merged: no sort.
     scans = [line for line in plan.splitlines() if "Scan" in line]
     assert len(scans) >= 3, plan  # today and the days made ahead
-    assert all(f"Index Scan using events_" in s and f"_{column}_id_idx" in s for s in scans), plan
+    assert all("Index Scan using events_" in s and f"_{column}_id_idx" in s for s in scans), plan
     assert not re.search(r"(^|->  )Sort ", plan, re.M), plan
 
 
