@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -63,10 +65,15 @@ POOL_TIMEOUT_S = 30.0
 #: Server-side limits set on every session (PostgreSQL enforces them even when
 #: this replica is frozen): a transaction left open by a stopped replica ends,
 #: and its host row locks with it, instead of blocking every other replica.
-IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
+IDLE_IN_TRANSACTION_TIMEOUT_S = 30.0
 STATEMENT_TIMEOUT_MS = 60_000
+#: A call that has not returned after this long is cut off by this replica: its
+#: connection's socket is shut, so a database that stopped answering at all (a
+#: frozen server, a vanished host) fails the call instead of hanging it.
+OPERATION_TIMEOUT_S = 90.0
 #: Partitions exist this many days ahead, so that an insert never waits for one.
 DAYS_AHEAD = 2
+WATCHDOG_INTERVAL_S = 0.5
 LISTEN_POLL_S = 0.2  # how soon the listener notices close()
 LISTEN_BACKOFF_MAX_S = 5.0
 
@@ -97,11 +104,19 @@ class PostgresStore:
         connections: int = 4,
         clock: Callable[[], int] = time.time_ns,
         pool_timeout_s: float = POOL_TIMEOUT_S,
+        operation_timeout_s: float = OPERATION_TIMEOUT_S,
+        idle_in_transaction_timeout_s: float = IDLE_IN_TRANSACTION_TIMEOUT_S,
     ) -> None:
         self._dsn = dsn
         self.threads = connections
         self._clock = clock  # the day a row is stored on comes from it
         self._pool_timeout_s = pool_timeout_s
+        self._operation_timeout_s = operation_timeout_s
+        # Connections in use and when each call on them must have returned.
+        self._busy: dict[int, tuple[Conn, float]] = {}
+        self._busy_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        self._cut: set[int] = set()
         given = psycopg.conninfo.conninfo_to_dict(dsn)
         self._extra: dict[str, Any] = {}
         if "application_name" not in given:
@@ -115,15 +130,16 @@ class PostgresStore:
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
             )
         self._extra["options"] = (
-            f"{given.get('options', '')} -c idle_in_transaction_session_timeout="
-            f"{IDLE_IN_TRANSACTION_TIMEOUT_MS} -c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            f"{given.get('options', '')}"
+            f" -c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout_s * 1000)}"
+            f" -c statement_timeout={STATEMENT_TIMEOUT_MS}"
         ).strip()
         self._where = f"{given.get('host', 'localhost')}/{given.get('dbname', '')}"
         self._free: queue.LifoQueue[Conn] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(connections)
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
-        with self._conn() as conn:
+        with self._conn(timeout_s=None) as conn:
             try:
                 conn.execute("SET statement_timeout = 0")  # a migration may rewrite a table
                 migrate(conn)
@@ -141,8 +157,15 @@ class PostgresStore:
             raise StoreError(f"cannot connect to store {self._where}: {exc}") from exc
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[Conn]:
-        """A pooled connection (autocommit; writers open ``conn.transaction()``)."""
+    def _conn(self, timeout_s: float | None = -1.0) -> Iterator[Conn]:
+        """A pooled connection (autocommit; writers open ``conn.transaction()``).
+
+        The caller must be done with it within ``timeout_s`` (default: the store's
+        operation timeout; None: no limit, for migrations and long reads), or the
+        watchdog cuts the connection and the call fails with a StoreError.
+        """
+        if timeout_s is not None and timeout_s < 0:
+            timeout_s = self._operation_timeout_s
         if self._closed.is_set():
             raise StoreError(f"store {self._where} is closed")
         if not self._slots.acquire(timeout=self._pool_timeout_s):
@@ -155,9 +178,19 @@ class PostgresStore:
                 conn = self._free.get_nowait()
             except queue.Empty:
                 conn = self._connect()
+            if timeout_s is not None:
+                self._watch(conn, timeout_s)
             try:
                 yield conn
+            except Exception as exc:  # psycopg's error, or the StoreError made of it
+                if self._was_cut(conn):
+                    raise StoreError(
+                        f"store {self._where}: no answer in {timeout_s:g} s, connection cut"
+                    ) from exc
+                raise
             finally:
+                with self._busy_lock:
+                    self._busy.pop(id(conn), None)
                 if (
                     conn.closed
                     or conn.broken
@@ -169,6 +202,42 @@ class PostgresStore:
                     self._free.put(conn)
         finally:
             self._slots.release()
+
+    def _watch(self, conn: Conn, timeout_s: float) -> None:
+        with self._busy_lock:
+            self._busy[id(conn)] = (conn, time.monotonic() + timeout_s)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._cut_overdue, name="collector-pg-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _cut_overdue(self) -> None:
+        """Shut the socket of each connection whose call is overdue (libpq then fails it).
+
+        Server-side timeouts cannot help when the server itself stopped answering;
+        this works from this side whatever the server does.
+        """
+        while not self._closed.wait(WATCHDOG_INTERVAL_S):
+            now = time.monotonic()
+            with self._busy_lock:
+                overdue = [c for c, deadline in self._busy.values() if deadline <= now]
+                for c in overdue:
+                    self._busy.pop(id(c), None)
+                    self._cut.add(id(c))
+            for c in overdue:
+                _logger.warning("store %s: a call got no answer in time: cutting it", self._where)
+                with contextlib.suppress(OSError, psycopg.Error):
+                    fd = os.dup(c.pgconn.socket)
+                    with socket.socket(fileno=fd) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def _was_cut(self, conn: Conn) -> bool:
+        with self._busy_lock:
+            if id(conn) in self._cut:
+                self._cut.discard(id(conn))
+                return True
+        return False
 
     def _rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._conn() as conn:
@@ -265,10 +334,10 @@ class PostgresStore:
         3. everything else, the commit included: the append lock is held for one
            multi-row INSERT and the commit, with no client round trip inside.
         """
-        with self._conn() as conn, conn.pipeline(), conn.transaction():
-            state = self._lock_host(conn, host)
+        with self._conn() as conn, conn.pipeline() as pipe, conn.transaction():
+            state = self._lock_host(conn, host, pipe)
             plan = decide(state)
-            rows = self._new_rows(conn, host, plan.rows, state.last_sequence)
+            rows = self._new_rows(conn, host, plan.rows, state.last_sequence, pipe)
             if plan.quarantine is not None:
                 self._quarantine(conn, host, *plan.quarantine)
             seqs = [ne.event.sequence for ne in rows if ne.event.sequence]
@@ -285,21 +354,35 @@ class PostgresStore:
         return self.ingest_checked(host, lambda before: Plan(events, state or before))
 
     @staticmethod
-    def _lock_host(conn: Conn, host: str) -> HostState:
-        """The host's chain state, its row locked until the transaction ends."""
+    def _lock_host(conn: Conn, host: str, pipe: psycopg.Pipeline | None = None) -> HostState:
+        """The host's chain state, its row locked until the transaction ends.
+
+        In pipeline mode, a Sync (not only a flush) ends the round trip: only then
+        is the session "idle in transaction" for the server, whose timeout ends the
+        transaction of a replica that froze here, holding the host's lock.
+        """
         conn.execute(
             "INSERT INTO hosts (host, last_seq, last_chain) VALUES (%s, 0, %s)"
             " ON CONFLICT (host) DO NOTHING",
             (host, CHAIN_SEED),
         )
-        row = conn.execute(
+        cur = conn.execute(
             "SELECT last_seq, last_chain FROM hosts WHERE host = %s FOR UPDATE", (host,)
-        ).fetchone()
+        )
+        if pipe is not None:
+            pipe.sync()
+        row = cur.fetchone()
         assert row is not None  # inserted above, and rows of hosts are never deleted
         return HostState(int(row[0]), bytes(row[1]))
 
     @staticmethod
-    def _new_rows(conn: Conn, host: str, rows: Sequence[NewEvent], head: int) -> Sequence[NewEvent]:
+    def _new_rows(
+        conn: Conn,
+        host: str,
+        rows: Sequence[NewEvent],
+        head: int,
+        pipe: psycopg.Pipeline | None = None,
+    ) -> Sequence[NewEvent]:
         """``rows`` without the events already stored, whatever day they were stored on.
 
         Under the host's row lock every stored event of the host has a sequence
@@ -310,7 +393,7 @@ class PostgresStore:
         old = [ne.event for ne in rows if 0 < ne.event.sequence <= head]
         if not old:
             return rows
-        found = conn.execute(
+        cur = conn.execute(
             "SELECT boot, seq FROM events WHERE host = %s AND boot = ANY(%s)"
             " AND seq BETWEEN %s AND %s",
             (
@@ -319,7 +402,10 @@ class PostgresStore:
                 min(e.sequence for e in old),
                 max(e.sequence for e in old),
             ),
-        ).fetchall()
+        )
+        if pipe is not None:
+            pipe.sync()  # as in _lock_host
+        found = cur.fetchall()
         stored = {(str(b), int(q)) for b, q in found}
         return [
             ne
@@ -507,7 +593,7 @@ class PostgresStore:
         ]
 
     def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
-        with self._conn() as conn:
+        with self._conn(timeout_s=None) as conn:  # as long as the caller reads
             try:
                 with conn.transaction(), conn.cursor(name="chain_events") as cur:
                     cur.itersize = 2000
