@@ -40,6 +40,16 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     from sidecar.identity.x509 import CertificateAuthority
 
     cfg = load_config(args.config)
+    if args.verify_chain:
+        from sidecar.collector.verify import verify_stored_chain
+
+        store = open_store(cfg)
+        try:
+            report = verify_stored_chain(store, args.verify_chain)
+        finally:
+            store.close()
+        print(report.summary())
+        return 0 if report.ok else 1
     if args.join_token or args.issue_svid or args.bundle:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca = CertificateAuthority.load_or_generate(cfg.ca_dir, cfg.trust_domain)
@@ -141,6 +151,12 @@ def register_cli(subparsers: Any) -> None:
     col.add_argument("--out", type=Path, help="folder for --issue-svid")
     col.add_argument("--bundle", action="store_true", help="print the trust bundle (PEM)")
     col.add_argument("--ttl", type=parse_duration, help="lifetime of a token or SVID (10m, 1d)")
+    col.add_argument(
+        "--verify-chain",
+        metavar="HOST",
+        help="check HOST's stored events against the signed batches kept with them, again"
+        " (exit 1 on any problem)",
+    )
     col.set_defaults(handler=_cmd_collector)
 
     enr = subparsers.add_parser("enroll", help="enroll this host with a collector")

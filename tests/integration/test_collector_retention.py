@@ -429,3 +429,47 @@ def test_query_and_live_filter_by_process_instance(server: CollectorServer, cloc
         assert not any(matches(flt, r.event) for r in both)
 
     asyncio.run(body())
+
+
+def test_the_verify_chain_command_checks_a_hosts_stored_chain(tmp_path: Path) -> None:
+    """``sidecar collector --verify-chain HOST`` on the store a config names (SQLite here)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg_path = tmp_path / "collector.yaml"
+    cfg_path.write_text(
+        "apiVersion: sidecar/v1\nkind: CollectorConfig\ntrustDomain: example.org\n"
+        "dataDir: data\nretention: 30d\n"
+    )
+    from sidecar.collector.config import load_config
+
+    srv = CollectorServer(load_config(cfg_path))
+
+    async def body() -> None:
+        sim = SimulatedHost(host_identity(srv.ca, "h1"))
+        for k in range(3):
+            await ingest(srv, sim, sim.batch(events(10, 10 * k)))
+
+    try:
+        asyncio.run(body())
+    finally:
+        srv.core.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "sidecar.cli", "collector", "--config", str(cfg_path)]
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cmd, "--verify-chain", "h1"], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    ok = verify()
+    assert ok.returncode == 0, ok.stderr
+    assert "host h1: 3 batches, 30 events (sequences 1..30) re-verified" in ok.stdout
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "data" / "events.db") as db:
+        db.execute("DELETE FROM events WHERE seq = 12")
+    bad = verify()
+    assert bad.returncode == 1
+    assert "problem: batch 11..20" in bad.stdout and "12..12 are not stored" in bad.stdout
