@@ -249,22 +249,23 @@ def main() -> int:
                 f"{row['cpu_available_s']:>7}",
                 flush=True,
             )
-        dsn = create_database(pg, "bench_query")
-        load_s = load_rows(dsn, args.query_events, args.identities)
-        print(
-            f"loaded {args.query_events} events with COPY in {load_s:.0f} s"
-            f" ({args.query_events / load_s:,.0f} rows/s, indexes in place)",
-            flush=True,
-        )
-        q = query_bench(folder, ca_dir, ca, dsn, args)
-        q["load_s"] = round(load_s, 1)
-        out["query"] = q
-        print(
-            f"Query by identity over {q['stored_events']} events ({q['identities']} identities,"
-            f" pages of {q['page']}, {q['queries']} queries): p50 {q['query_p50_ms']} ms,"
-            f" p99 {q['query_p99_ms']} ms",
-            flush=True,
-        )
+        if args.query_events:  # 0: ingest only
+            dsn = create_database(pg, "bench_query")
+            load_s = load_rows(dsn, args.query_events, args.identities)
+            print(
+                f"loaded {args.query_events} events with COPY in {load_s:.0f} s"
+                f" ({args.query_events / load_s:,.0f} rows/s, indexes in place)",
+                flush=True,
+            )
+            q = query_bench(folder, ca_dir, ca, dsn, args)
+            q["load_s"] = round(load_s, 1)
+            out["query"] = q
+            print(
+                f"Query by identity over {q['stored_events']} events ({q['identities']} identities,"
+                f" pages of {q['page']}, {q['queries']} queries): p50 {q['query_p50_ms']} ms,"
+                f" p99 {q['query_p99_ms']} ms",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -125,16 +125,15 @@ class PostgresStore:
         if "connect_timeout" not in given:
             self._extra["connect_timeout"] = CONNECT_TIMEOUT_S
         # TCP keepalives notice a database host that vanished (no effect on a unix
-        # socket); the server-side timeouts go after the DSN's own options.
+        # socket); the server-side timeouts go before the DSN's own options.
         if "keepalives_idle" not in given:
             self._extra.update(
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
             )
         self._extra["options"] = (
-            f"{given.get('options', '')}"
-            f" -c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout_s * 1000)}"
-            f" -c statement_timeout={STATEMENT_TIMEOUT_MS}"
-        ).strip()
+            f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout_s * 1000)}"
+            f" -c statement_timeout={STATEMENT_TIMEOUT_MS} {given.get('options', '')}"
+        ).strip()  # the DSN's own options last: a setting given there wins
         self._where = f"{given.get('host', 'localhost')}/{given.get('dbname', '')}"
         self._free: queue.LifoQueue[Conn] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(connections)

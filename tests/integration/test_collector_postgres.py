@@ -874,3 +874,16 @@ def test_a_replica_frozen_inside_a_transaction_does_not_hold_its_host_lock_for_e
         thaw.set()
         frozen.close()
         other.close()
+
+
+def test_the_dsns_own_session_options_win_over_the_collectors_defaults(pg_dsn: str) -> None:
+    plain = PostgresStore(pg_dsn, connections=1)
+    mine = PostgresStore(f"{pg_dsn} options='-c statement_timeout=5s'", connections=1)
+    try:
+        assert plain._rows("SHOW statement_timeout") == [("1min",)]
+        assert plain._rows("SHOW idle_in_transaction_session_timeout") == [("30s",)]
+        assert mine._rows("SHOW statement_timeout") == [("5s",)]
+        assert mine._rows("SHOW idle_in_transaction_session_timeout") == [("30s",)]
+    finally:
+        plain.close()
+        mine.close()
