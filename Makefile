@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SYSTEM_PYTHON ?= /usr/bin/python3
 STAMP := $(VENV)/.installed
 
-.PHONY: setup host venv lint typecheck proto proto-check test unit kernel demo bench clean uninstall
+.PHONY: setup host venv lint typecheck proto proto-check test unit kernel demo bench clean uninstall deb image
 
 setup: host venv
 
@@ -53,8 +53,22 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/run.py
 
+# The Debian package and the OCI images made from it (packaging/, README "Installing").
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml | head -n 1)
+DEB := dist/sidecar_$(VERSION)_$(shell dpkg --print-architecture 2>/dev/null).deb
+DEB_INPUTS := $(shell find sidecar bpf systemd examples packaging -type f \
+	-not -name '*.pyc' -not -name '*.so') pyproject.toml setup.py
+
+$(DEB): $(STAMP) $(DEB_INPUTS)
+	PYTHON=$(PY) packaging/build-deb.sh
+
+deb: $(DEB)
+
+image: $(DEB)
+	packaging/build-image.sh $(DEB)
+
 uninstall: venv
 	$(VENV)/bin/sidecar uninstall
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build/deb build/image dist

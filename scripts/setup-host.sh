@@ -36,6 +36,12 @@ apt_install() {
 apt_install python3-bpfcc libbpf1 bpftool python3-venv python3-dev gcc make systemd
 # clang and libbpf-dev build the unix-socket hooks (bpf/unix.bpf.c), which BCC cannot.
 apt_install clang libbpf-dev linux-libc-dev
+# `make deb` / `make image` and their tests (tests/packaging,
+# tests/kernel/test_images_in_podman.py):
+# mmdebstrap makes the clean Debian roots, podman runs the images. The tests
+# run podman as root with runc (crun cannot run on hosts with a hybrid cgroup
+# layout), chosen per command line: the host's container config is left alone.
+apt_install mmdebstrap podman runc
 # The collector's PostgreSQL store is tested against a real server (tests/conftest.py).
 apt_install postgresql
 # promtool checks the shipped alert rules and a metrics scrape

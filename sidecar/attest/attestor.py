@@ -58,6 +58,7 @@ class Attestor:
             self._hashes,
             want_sha256=entries.needs_sha256,
             want_user=entries.needs_user,
+            want_cgroup=entries.needs_cgroup,
         )
         match = entries.match(facts)
         _logger.debug(

@@ -98,6 +98,7 @@ class Entries:
         kinds = {s.kind for e in entries for s in e.selectors}
         self.needs_sha256 = sel.SHA256 in kinds
         self.needs_user = sel.USER in kinds
+        self.needs_cgroup = not kinds.isdisjoint(sel.CGROUP_KINDS)
         self.needs_parent = sel.PARENT_ID in kinds
 
     def __len__(self) -> int:

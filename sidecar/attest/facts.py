@@ -6,7 +6,7 @@ handed out again.  :func:`gather` therefore
 
 1. opens a pidfd first: it refers to one process for good, whatever happens
    to the number;
-2. reads ``stat`` (start time), ``status`` (real uid/gid), ``exe`` (opens it:
+2. reads ``stat`` (start time), ``status`` (real uid/gid, capabilities), ``exe`` (opens it:
    the descriptor is the very image the kernel runs, even if its path was
    renamed or replaced since; then readlink) and ``cgroup``;
 3. checks that the process behind the pidfd is still alive and that
@@ -35,9 +35,10 @@ from dataclasses import dataclass
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
 from sidecar.proc.read import (
+    StatusFields,
     parse_cgroup,
     parse_start_time,
-    parse_status_ids,
+    parse_status,
     read_boot_id,
     read_file,
 )
@@ -64,8 +65,12 @@ class ProcessFacts:
     exe_size: int
     exe_mtime_ns: int
     sha256: str | None  # None when no entry asked for it
-    cgroup_path: str | None  # cgroup v2 path, None if the process is in none
+    cgroup_path: str | None  # cgroup v2 path; None if in none or it was not asked for
     parent_identity: str | None
+    #: Effective capabilities in the process's own user namespace (status
+    #: ``CapEff``); :func:`sidecar.proc.read.host_caps` says what they count
+    #: for on the host.
+    cap_eff: int = 0
 
     @property
     def systemd_unit(self) -> str | None:
@@ -103,12 +108,14 @@ def gather(
     *,
     want_sha256: bool = True,
     want_user: bool = True,
+    want_cgroup: bool = True,
 ) -> ProcessFacts:
     """Read the facts of process ``pid``; :class:`AttestationError` if it is gone or replaced.
 
-    ``want_sha256=False`` skips hashing and ``want_user=False`` the user
-    database lookup (which may go to LDAP); the field is then None.  The
-    attestor asks for each only when some entry has a selector that needs it.
+    ``want_sha256=False`` skips hashing, ``want_user=False`` the user
+    database lookup (which may go to LDAP) and ``want_cgroup=False`` the
+    cgroup; the field is then None.  The attestor asks for each only when
+    some entry has a selector that needs it.
     """
     if pid <= 0:
         raise AttestationError(f"pid {pid}: not a process id")
@@ -117,7 +124,9 @@ def gather(
     except OSError as exc:
         raise _gone(pid, exc) from exc
     try:
-        return _gather_pinned(pid, pidfd, parent_identity, hashes, want_sha256, want_user)
+        return _gather_pinned(
+            pid, pidfd, parent_identity, hashes, want_sha256, want_user, want_cgroup
+        )
     finally:
         os.close(pidfd)
 
@@ -129,9 +138,10 @@ def _gather_pinned(
     hashes: HashCache,
     want_sha256: bool,
     want_user: bool,
+    want_cgroup: bool,
 ) -> ProcessFacts:
     start_time = read_start_time(pid)
-    uid, gid = _ids(pid)
+    status = _status(pid)
     exe_link = f"/proc/{pid}/exe"
     # Open before readlink: if the process execs in between, the final check
     # sees that /proc/PID/exe is no longer the file that was opened.
@@ -145,10 +155,10 @@ def _gather_pinned(
             st = os.fstat(exe_fd)
         except OSError as exc:
             raise _gone(pid, exc) from exc
-        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable")[1] if want_sha256 else None
+        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable", st)[1] if want_sha256 else None
     finally:
         os.close(exe_fd)
-    cgroup_path = parse_cgroup(_read_text(pid, "cgroup"))
+    cgroup_path = parse_cgroup(_read_text(pid, "cgroup")) if want_cgroup else None
     _check_same_process(pid, pidfd, start_time, st)
     # readlink appends " (deleted)" when the image lost its last name; a file
     # really named so still has links, so the link count decides.
@@ -158,9 +168,9 @@ def _gather_pinned(
     return ProcessFacts(
         pid=pid,
         start_time=start_time,
-        uid=uid,
-        gid=gid,
-        user=_user_name(uid) if want_user else None,
+        uid=status.uid,
+        gid=status.gid,
+        user=_user_name(status.uid) if want_user else None,
         exe_path=exe_path,
         exe_deleted=deleted,
         exe_dev=st.st_dev,
@@ -170,6 +180,7 @@ def _gather_pinned(
         sha256=sha256,
         cgroup_path=cgroup_path,
         parent_identity=parent_identity,
+        cap_eff=status.cap_eff,
     )
 
 
@@ -202,11 +213,11 @@ def _read_text(pid: int, name: str) -> str:
         raise _gone(pid, exc) from exc
 
 
-def _ids(pid: int) -> tuple[int, int]:
-    ids = parse_status_ids(_read_text(pid, "status"))
-    if ids is None:
-        raise AttestationError(f"pid {pid}: no Uid/Gid in /proc/{pid}/status")
-    return ids[1], ids[2]
+def _status(pid: int) -> StatusFields:
+    fields = parse_status(_read_text(pid, "status"))
+    if fields is None:
+        raise AttestationError(f"pid {pid}: no PPid, Uid, Gid or CapEff in /proc/{pid}/status")
+    return fields
 
 
 def _user_name(uid: int) -> str | None:

@@ -84,15 +84,18 @@ class HashCache:
             while len(self._items) > self._max:
                 self._items.popitem(last=False)
 
-    def digest_fd(self, fd: int, what: str = "file") -> tuple[FileKey, str]:
+    def digest_fd(
+        self, fd: int, what: str = "file", st: os.stat_result | None = None
+    ) -> tuple[FileKey, str]:
         """Key and hex SHA-256 of the regular file open at ``fd``.
 
         The file is stat'ed before and after hashing; if it changed in
         between, the digest describes no single version of it and
-        :class:`AttestationError` is raised instead of caching it.
+        :class:`AttestationError` is raised instead of caching it.  ``st`` is
+        the caller's fstat of ``fd`` when it just made one.
         """
         try:
-            before = os.fstat(fd)
+            before = st if st is not None else os.fstat(fd)
         except OSError as exc:
             raise AttestationError(f"{what}: cannot stat: {exc.strerror or exc}") from exc
         key = FileKey.of(before)

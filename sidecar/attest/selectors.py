@@ -30,6 +30,8 @@ CGROUP_PATH = "cgroup:path"
 SYSTEMD_UNIT = "systemd:unit"
 POD_UID = "k8s:pod-uid"
 CONTAINER_ID = "container:id"
+#: The kinds read from the process's cgroup.
+CGROUP_KINDS = frozenset({CGROUP_PATH, SYSTEMD_UNIT, POD_UID, CONTAINER_ID})
 PARENT_ID = "parent:id"
 
 _MAX_ID = 2**32 - 2  # (uid_t)-1 means "no id"

@@ -13,12 +13,15 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from sidecar.api.v1 import collector_pb2
 from sidecar.util.errors import ConfigError, CredentialError
+
+if TYPE_CHECKING:
+    from sidecar.collector.config import CollectorConfig
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -30,6 +33,12 @@ def parse_duration(text: str) -> float:
     if not m:
         raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 30s, 10m, 2h or 1d")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+#: Lifetime of a bootstrap token without --ttl: long enough to roll out a node
+#: pool, short enough that a leaked copy soon stops working.
+BOOTSTRAP_TTL_S = 86400
+ENV_NODE_NAME = "SIDECAR_NODE_NAME"
 
 
 def _cmd_collector(args: argparse.Namespace) -> int:
@@ -50,6 +59,10 @@ def _cmd_collector(args: argparse.Namespace) -> int:
             store.close()
         print(report.summary())
         return 0 if report.ok else 1
+    if args.uses is not None and not args.bootstrap_token:
+        raise ConfigError("--uses goes with --bootstrap-token")
+    if args.bootstrap_token or args.revoke_host or args.release_host or args.expire_bootstrap_token:
+        return _manage_enrollments(args, cfg)
     if args.join_token or args.issue_svid or args.bundle:
         cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ca = CertificateAuthority.load_or_generate(cfg.ca_dir, cfg.trust_domain)
@@ -77,9 +90,75 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manage_enrollments(args: argparse.Namespace, cfg: CollectorConfig) -> int:
+    """--bootstrap-token, --expire-bootstrap-token, --revoke-host, --release-host."""
+    from sidecar.collector.server import check_node_name, create_bootstrap_token, token_hash
+    from sidecar.collector.store import open_store
+
+    chosen = (
+        args.bootstrap_token,
+        args.expire_bootstrap_token,
+        args.revoke_host,
+        args.release_host,
+    )
+    if sum(map(bool, chosen)) > 1:
+        raise ConfigError(
+            "give one of --bootstrap-token, --expire-bootstrap-token, --revoke-host, --release-host"
+        )
+    old = None
+    if args.expire_bootstrap_token:
+        from sidecar.export.enroll import read_token_file
+
+        src = args.expire_bootstrap_token
+        old = read_token_file(Path("/dev/stdin") if src == "-" else Path(src))
+    if args.bootstrap_token and args.uses is None:
+        raise ConfigError("--bootstrap-token needs --uses N: how many nodes it may enroll")
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    store = open_store(cfg)
+    try:
+        if args.bootstrap_token:
+            ttl = int(args.ttl or BOOTSTRAP_TTL_S)
+            print(create_bootstrap_token(store, args.uses, ttl))
+            return 0
+        if old is not None:
+            if not store.expire_bootstrap_token(token_hash(old), time.time_ns()):
+                raise CredentialError(
+                    "no unexpired bootstrap token is the one given: nothing changed"
+                )
+            print("the bootstrap token enrolls no more; hosts it enrolled keep their credentials")
+            return 0
+        host = args.revoke_host or args.release_host
+        # Any host name, not only a node name: a join-token host is revoked the same way.
+        if not host or "/" in host:
+            raise ConfigError(f"'{host}' is not a host name")
+        store.revoke_host(host, time.time_ns(), release=bool(args.release_host))
+    finally:
+        store.close()
+    if args.release_host:
+        note = (
+            ""
+            if check_node_name(host) is None
+            else " (not a node name: only a join token enrolls it)"
+        )
+        print(
+            f"host {host}: certificates issued until now are refused; the name may enroll"
+            f" again with a bootstrap token{note}"
+        )
+    else:
+        print(
+            f"host {host}: certificates issued until now are refused (at its next connection"
+            " or renewal); it enrolls again only with a join token"
+        )
+    return 0
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
     from sidecar.export.enroll import enroll, renew
 
+    if args.bootstrap_token_file is not None:
+        return _enroll_bootstrap(args)
+    if args.node_name:
+        raise ConfigError("--node-name goes with --bootstrap-token-file")
     if args.renew:
         ident = asyncio.run(renew(args.collector, args.out, args.server_name))
     else:
@@ -92,6 +171,45 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
         ident = asyncio.run(enroll(args.collector, args.token, bundle, args.out, args.server_name))
     print(f"host {ident.host}: credentials in {args.out}")
     return 0
+
+
+def _enroll_bootstrap(args: argparse.Namespace) -> int:
+    """Enroll this node once; later runs find its credentials and do nothing (exit 0)."""
+    import os
+
+    from sidecar.export.enroll import enroll_bootstrap, existing_credentials, read_token_file
+
+    if args.renew or args.token:
+        raise ConfigError("--bootstrap-token-file goes without --token and --renew")
+    node = args.node_name or os.environ.get(ENV_NODE_NAME, "")
+    if not node:
+        raise ConfigError(f"--bootstrap-token-file needs --node-name NAME (or {ENV_NODE_NAME})")
+    if args.bundle is None:
+        raise ConfigError(
+            "--bootstrap-token-file needs --bundle: the collector's CA bundle, obtained from"
+            " the operator (sidecar collector --bundle), never from the network unchecked"
+        )
+    bundle = _read(args.bundle)
+    held = existing_credentials(args.out, node, bundle)
+    if held is not None:
+        expiry = _held_expiry(args.out)
+        print(
+            f"host {held.host}: already enrolled, credentials in {args.out} (valid until {expiry})"
+        )
+        return 0
+    token = read_token_file(args.bootstrap_token_file)
+    ident = asyncio.run(
+        enroll_bootstrap(args.collector, token, node, bundle, args.out, args.server_name)
+    )
+    print(f"host {ident.host}: enrolled, credentials in {args.out}")
+    return 0
+
+
+def _held_expiry(cred_dir: Path) -> str:
+    from sidecar.export.enroll import credential_expiry
+
+    when = credential_expiry(cred_dir)["host_svid"]
+    return when.isoformat() if when else "unknown"
 
 
 def _read(path: Path) -> bytes:
@@ -152,6 +270,28 @@ def register_cli(subparsers: Any) -> None:
     col.add_argument("--bundle", action="store_true", help="print the trust bundle (PEM)")
     col.add_argument("--ttl", type=parse_duration, help="lifetime of a token or SVID (10m, 1d)")
     col.add_argument(
+        "--bootstrap-token",
+        action="store_true",
+        help="print a bootstrap token that enrolls up to --uses node names, each once,"
+        " until --ttl (default 1d)",
+    )
+    col.add_argument("--uses", type=int, metavar="N", help="enrollments a bootstrap token allows")
+    col.add_argument(
+        "--expire-bootstrap-token",
+        metavar="FILE",
+        help="the bootstrap token in FILE ('-': standard input) enrolls no more, from now on",
+    )
+    col.add_argument(
+        "--revoke-host",
+        metavar="HOST",
+        help="refuse HOST's certificates issued until now (it re-enrolls only by join token)",
+    )
+    col.add_argument(
+        "--release-host",
+        metavar="HOST",
+        help="as --revoke-host, and let a bootstrap token enroll the name HOST again",
+    )
+    col.add_argument(
         "--verify-chain",
         metavar="HOST",
         help="check HOST's stored events against the signed batches kept with them, again"
@@ -166,6 +306,17 @@ def register_cli(subparsers: Any) -> None:
         help="host:port: enrollment port, or the mTLS port with --renew",
     )
     enr.add_argument("--token", help="single-use join token")
+    enr.add_argument(
+        "--bootstrap-token-file",
+        type=Path,
+        metavar="FILE",
+        help="enroll as --node-name with the bootstrap token in FILE; does nothing when"
+        " --out already holds this node's valid credentials",
+    )
+    enr.add_argument(
+        "--node-name",
+        help=f"host name to enroll with a bootstrap token (default: ${ENV_NODE_NAME})",
+    )
     enr.add_argument("--bundle", type=Path, help="the collector's trust bundle (PEM)")
     enr.add_argument("--out", type=Path, required=True, help="credential folder")
     enr.add_argument("--renew", action="store_true", help="renew over mTLS instead")

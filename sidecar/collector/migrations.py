@@ -83,6 +83,39 @@ CREATE TABLE trust_root (
 """,
     ),
     (
+        2,
+        "bootstrap tokens, and the host names enrollments took",
+        """
+-- A bootstrap token enrolls at most max_uses hosts until expires_ns.  The
+-- CHECK holds the count even against a broken caller.
+CREATE TABLE bootstrap_tokens (
+    token_hash TEXT PRIMARY KEY,
+    max_uses INTEGER NOT NULL CHECK (max_uses > 0),
+    uses INTEGER NOT NULL DEFAULT 0 CHECK (uses >= 0 AND uses <= max_uses),
+    expires_ns BIGINT NOT NULL,
+    created_ns BIGINT NOT NULL
+);
+-- One row per host name an enrollment took: a bootstrap token enrolls only a
+-- name not in here (or one the operator released), so a node holding the
+-- bootstrap token cannot take the name of a host already enrolled.  Unique on
+-- the name alone, hence on (token, name) too.  Certificates of a host issued
+-- before revoked_ns are refused.
+CREATE TABLE host_enrollments (
+    host TEXT PRIMARY KEY,
+    via TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    enrolled_ns BIGINT NOT NULL,
+    revoked_ns BIGINT
+);
+-- Hosts enrolled or streaming before this version keep their names.
+INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)
+SELECT DISTINCT ON (host) host, 'join', token_hash, used_ns
+FROM join_tokens WHERE used_ns IS NOT NULL ORDER BY host, used_ns DESC;
+INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)
+SELECT host, 'seen', '', 0 FROM hosts ON CONFLICT (host) DO NOTHING;
+""",
+    ),
+    (
         3,
         "events and the signed batches partitioned by day, for retention",
         # The events of version 1 move into the partition of the day of this

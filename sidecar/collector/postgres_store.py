@@ -40,6 +40,7 @@ import psycopg.sql
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, MAINTENANCE_LOCK, migrate
 from sidecar.collector.store import (
+    BootstrapUse,
     HostState,
     NewEvent,
     Plan,
@@ -79,8 +80,9 @@ LISTEN_BACKOFF_MAX_S = 5.0
 
 # One statement for a batch's rows, in their order (WITH ORDINALITY ... ORDER BY:
 # ids are drawn in that order).  The arrays travel in binary: dumping them as
-# text (quoting every element in Python) cost more than a millisecond a batch.  ON CONFLICT only ever meets a replay within one
-# day: _new_rows has taken out what any day holds.
+# text (quoting every element in Python) cost more than a millisecond a batch.
+# ON CONFLICT only ever meets a replay within one day: _new_rows has taken out
+# what any day holds.
 _INSERT = (
     "INSERT INTO events (day, host, boot, seq, time_ns, identity, instance, kind, verdict,"
     " verification, data) SELECT %s, u.host, u.boot, u.seq, u.time_ns, u.identity,"
@@ -696,13 +698,106 @@ class PostgresStore:
                 raise StoreError(f"cannot store join token: {exc}") from exc
 
     def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
-        """One UPDATE: of two replicas spending the same token at once, one gets the row."""
+        """One UPDATE: of two replicas spending the same token at once, one gets the row.
+
+        The host's name is recorded as enrolled in the same transaction.
+        """
+        with self._conn() as conn:
+            try:
+                with conn.transaction():
+                    row = conn.execute(
+                        "UPDATE join_tokens SET used_ns = %s WHERE token_hash = %s"
+                        " AND used_ns IS NULL AND expires_ns > %s RETURNING host",
+                        (now_ns, token_hash, now_ns),
+                    ).fetchone()
+                    if row is None:
+                        return None
+                    host = str(row[0])
+                    # An operator's join token is their word for this host: it
+                    # takes the name whoever held it (a released name included).
+                    conn.execute(
+                        "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)"
+                        " VALUES (%s, 'join', %s, %s) ON CONFLICT (host) DO UPDATE SET"
+                        " via = 'join', token_hash = excluded.token_hash,"
+                        " enrolled_ns = excluded.enrolled_ns",
+                        (host, token_hash, now_ns),
+                    )
+                    return host
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot spend join token: {exc}") from exc
+
+    # ---- bootstrap tokens and host enrollments ---------------------------------------
+
+    def add_bootstrap_token(
+        self, token_hash: str, max_uses: int, expires_ns: int, now_ns: int
+    ) -> None:
+        with self._conn() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO bootstrap_tokens (token_hash, max_uses, expires_ns, created_ns)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (token_hash, max_uses, expires_ns, now_ns),
+                )
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot store bootstrap token: {exc}") from exc
+
+    def use_bootstrap_token(self, token_hash: str, host: str, now_ns: int) -> BootstrapUse:
+        """One transaction: count the use, then bind the name; a taken name undoes the count.
+
+        Replicas racing for a token's last use: the UPDATE of the second waits on
+        the first's row lock, then re-reads ``uses`` and matches nothing.  Two
+        racing for one name: the second INSERT waits on the first's key, then
+        conflicts.
+        """
+        with self._conn() as conn:
+            try:
+                with conn.transaction():
+                    counted = conn.execute(
+                        "UPDATE bootstrap_tokens SET uses = uses + 1 WHERE token_hash = %s"
+                        " AND uses < max_uses AND expires_ns > %s RETURNING uses",
+                        (token_hash, now_ns),
+                    ).fetchone()
+                    if counted is None:
+                        return BootstrapUse.REFUSED_TOKEN
+                    bound = conn.execute(
+                        "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)"
+                        " VALUES (%s, 'bootstrap', %s, %s) ON CONFLICT (host) DO UPDATE SET"
+                        " via = 'bootstrap', token_hash = excluded.token_hash,"
+                        " enrolled_ns = excluded.enrolled_ns"
+                        " WHERE host_enrollments.via = 'released' RETURNING host",
+                        (host, token_hash, now_ns),
+                    ).fetchone()
+                    if bound is not None:
+                        return BootstrapUse.ENROLLED
+                    raise psycopg.Rollback()  # the use is not counted
+                return BootstrapUse.REFUSED_NAME
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot spend bootstrap token: {exc}") from exc
+
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
         rows = self._rows(
-            "UPDATE join_tokens SET used_ns = %s WHERE token_hash = %s AND used_ns IS NULL"
-            " AND expires_ns > %s RETURNING host",
+            "UPDATE bootstrap_tokens SET expires_ns = %s WHERE token_hash = %s"
+            " AND expires_ns > %s RETURNING token_hash",
             (now_ns, token_hash, now_ns),
         )
-        return str(rows[0][0]) if rows else None
+        return bool(rows)
+
+    def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
+        with self._conn() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns, revoked_ns)"
+                    " VALUES (%s, %s, '', 0, %s) ON CONFLICT (host) DO UPDATE SET"
+                    " revoked_ns = excluded.revoked_ns, via = CASE WHEN %s THEN 'released'"
+                    " ELSE host_enrollments.via END",
+                    (host, "released" if release else "revoked", now_ns, release),
+                )
+            except psycopg.Error as exc:
+                raise StoreError(f"cannot revoke host {host}: {exc}") from exc
+
+    def host_revoked_ns(self, host: str) -> int | None:
+        rows = self._rows("SELECT revoked_ns FROM host_enrollments WHERE host = %s", (host,))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
 
 def filter_sql(flt: collector_pb2.EventFilter) -> tuple[list[str], list[object]]:

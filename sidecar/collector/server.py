@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import secrets
 import signal
 import time
@@ -29,7 +30,15 @@ from google.protobuf.message import DecodeError
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc, event_pb2
 from sidecar.collector.broker import Broker, StoreFeed
 from sidecar.collector.config import CollectorConfig
-from sidecar.collector.store import HostState, NewEvent, Plan, SignedBatch, Store, open_store
+from sidecar.collector.store import (
+    BootstrapUse,
+    HostState,
+    NewEvent,
+    Plan,
+    SignedBatch,
+    Store,
+    open_store,
+)
 from sidecar.collector.tls import peer_svid, roots_pem, server_credentials
 from sidecar.collector.verify import (
     BatchError,
@@ -39,7 +48,7 @@ from sidecar.collector.verify import (
     verify_batch,
 )
 from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
-from sidecar.identity.x509 import CertificateAuthority
+from sidecar.identity.x509 import BACKDATE, CertificateAuthority
 from sidecar.util.errors import CredentialError, SidecarError, TransportError
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +82,65 @@ def create_join_token(store: Store, trust_domain: str, host: str, ttl_s: int) ->
     token = secrets.token_hex(24)  # hex: never starts with "-", which a CLI would misread
     store.add_join_token(token_hash(token), host, time.time_ns() + ttl_s * 1_000_000_000)
     return token
+
+
+#: A node name as Kubernetes spells one (a DNS-1123 subdomain): what a bootstrap
+#: token may enroll, as the host name of the certificate.
+_NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+NODE_NAME_MAX = 253
+BOOTSTRAP_USES_MAX = 100_000
+
+
+def check_node_name(name: str) -> str | None:
+    """Why ``name`` cannot be a bootstrap-enrolled host name, or None when it can."""
+    if not name:
+        return "a bootstrap enrollment needs a node name"
+    if len(name) > NODE_NAME_MAX or not _NODE_NAME.fullmatch(name):
+        shown = name[:64] + ("..." if len(name) > 64 else "")
+        return (
+            f"node name {shown!r} is not a Kubernetes node name (lower-case letters, digits,"
+            f" '-' and '.', at most {NODE_NAME_MAX} characters)"
+        )
+    return None
+
+
+def create_bootstrap_token(store: Store, uses: int, ttl_s: int) -> str:
+    """A token that enrolls at most ``uses`` node names, each once, within ``ttl_s`` seconds."""
+    if not 0 < uses <= BOOTSTRAP_USES_MAX:
+        raise CredentialError(f"--uses must be from 1 to {BOOTSTRAP_USES_MAX}, not {uses}")
+    if ttl_s <= 0:
+        raise CredentialError(f"a bootstrap token's lifetime must be positive, not {ttl_s}")
+    token = secrets.token_hex(24)  # hex: never starts with "-", which a CLI would misread
+    now = time.time_ns()
+    store.add_bootstrap_token(token_hash(token), uses, now + ttl_s * 1_000_000_000, now)
+    return token
+
+
+def revoked_by(leaf: x509.Certificate, revoked_ns: int | None) -> bool:
+    """Whether ``leaf`` was issued no later than the host's revocation.
+
+    Certificates are backdated by a fixed margin: adding it back gives the
+    second of issue.  One issued in the very second of the revocation counts
+    as revoked.
+    """
+    if revoked_ns is None:
+        return False
+    issued = leaf.not_valid_before_utc + BACKDATE
+    return int(issued.timestamp()) * 1_000_000_000 <= revoked_ns
+
+
+async def _after_revocation(core: _Core, host: str) -> None:
+    """Wait, if need be, until a certificate issued now is later than ``host``'s revocation.
+
+    Revocation refuses what was issued up to its second (see :func:`revoked_by`):
+    a host re-admitted within that second waits for the next one, or its new
+    certificate would count as revoked too.
+    """
+    revoked = await core.db(core.store.host_revoked_ns, host)
+    if revoked is not None:
+        wait_ns = (revoked // 1_000_000_000 + 1) * 1_000_000_000 - time.time_ns()
+        if wait_ns > 0:
+            await asyncio.sleep(wait_ns / 1e9)
 
 
 class _Core:
@@ -221,6 +289,12 @@ async def _host_peer(
     key = leaf.public_key()
     if host is None or not isinstance(key, ec.EllipticCurvePublicKey):
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{sid} is not a host SVID")
+        raise AssertionError("unreachable")
+    if revoked_by(leaf, await core.db(core.store.host_revoked_ns, host)):
+        _logger.warning("refused host %s: its certificate was revoked", host)
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED, f"the certificate of host {host} was revoked"
+        )
         raise AssertionError("unreachable")
     return host, key
 
@@ -391,15 +465,20 @@ class EnrollmentService(collector_pb2_grpc.EnrollmentServicer):
         context: Ctx[collector_pb2.EnrollRequest, collector_pb2.HostCredentials],
     ) -> collector_pb2.HostCredentials:
         core = self.core
-        host = await core.db(
-            core.store.use_join_token, token_hash(request.join_token), time.time_ns()
-        )
-        if host is None:
-            _logger.warning("refused an enrollment with an unknown, used or expired join token")
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "join token is unknown, used or expired"
+        if request.bootstrap_token or request.node_name:
+            host = await self._bootstrap(request, context)
+        else:
+            maybe = await core.db(
+                core.store.use_join_token, token_hash(request.join_token), time.time_ns()
             )
-            raise AssertionError("unreachable")
+            if maybe is None:
+                _logger.warning("refused an enrollment with an unknown, used or expired join token")
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED, "join token is unknown, used or expired"
+                )
+                raise AssertionError("unreachable")
+            host = maybe
+        await _after_revocation(core, host)
         try:
             creds = core.issue(host, request.intermediate_csr, request.host_csr)
         except CredentialError as exc:
@@ -407,6 +486,55 @@ class EnrollmentService(collector_pb2_grpc.EnrollmentServicer):
             raise
         _logger.info("enrolled host %s", host)
         return creds
+
+    async def _bootstrap(
+        self,
+        request: collector_pb2.EnrollRequest,
+        context: Ctx[collector_pb2.EnrollRequest, collector_pb2.HostCredentials],
+    ) -> str:
+        """The node name a bootstrap token was just spent on; aborts the call otherwise.
+
+        The token never reaches a log line: only what was refused and why.
+        """
+        core = self.core
+        node = request.node_name
+        problem = None
+        if request.join_token:
+            problem = "an enrollment carries a join token or a bootstrap token, not both"
+        elif not request.bootstrap_token:
+            problem = "a node name comes with a bootstrap token"
+        else:
+            problem = check_node_name(node)
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            raise AssertionError("unreachable")
+        use = await core.db(
+            core.store.use_bootstrap_token,
+            token_hash(request.bootstrap_token),
+            node,
+            time.time_ns(),
+        )
+        if use is BootstrapUse.REFUSED_TOKEN:
+            _logger.warning(
+                "refused enrolling node %s: bootstrap token unknown, used up or expired", node
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "bootstrap token is unknown, used up or expired",
+            )
+            raise AssertionError("unreachable")
+        if use is BootstrapUse.REFUSED_NAME:
+            _logger.warning("refused enrolling node %s: the name is enrolled already", node)
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"node name {node} is enrolled already: its credentials live on that node;"
+                " if they were lost, the operator releases the name"
+                " (sidecar collector --release-host NAME) or mints a join token for it",
+            )
+            raise AssertionError("unreachable")
+        assert use is BootstrapUse.ENROLLED
+        _logger.info("node %s enrolled with a bootstrap token", node)
+        return node
 
     async def GetTrustBundle(
         self,

@@ -18,9 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.store import (
+    BootstrapUse,
     HostState,
     NewEvent,
     Plan,
@@ -34,6 +36,7 @@ from sidecar.collector.store import (
 )
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -71,6 +74,30 @@ CREATE TABLE IF NOT EXISTS join_tokens (
     expires_ns INTEGER NOT NULL,
     used_ns INTEGER
 );
+"""
+
+# Bootstrap tokens and the host names enrollments took (as PostgreSQL's
+# migration 2, which says why).  Made once, with the names already known.
+_ENROLLMENT_SCHEMA = """
+CREATE TABLE bootstrap_tokens (
+    token_hash TEXT PRIMARY KEY,
+    max_uses INTEGER NOT NULL CHECK (max_uses > 0),
+    uses INTEGER NOT NULL DEFAULT 0 CHECK (uses >= 0 AND uses <= max_uses),
+    expires_ns INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL
+);
+CREATE TABLE host_enrollments (
+    host TEXT PRIMARY KEY,
+    via TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    enrolled_ns INTEGER NOT NULL,
+    revoked_ns INTEGER
+);
+INSERT OR IGNORE INTO host_enrollments (host, via, token_hash, enrolled_ns)
+SELECT host, 'join', token_hash, MAX(used_ns) FROM join_tokens
+WHERE used_ns IS NOT NULL GROUP BY host;
+INSERT OR IGNORE INTO host_enrollments (host, via, token_hash, enrolled_ns)
+SELECT host, 'seen', '', 0 FROM hosts;
 """
 
 # Versions of the file's schema after _SCHEMA (PRAGMA user_version), each applied once.
@@ -139,6 +166,7 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
+            self._create_enrollment_tables()
             self._upgrade()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
@@ -181,6 +209,14 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def _create_enrollment_tables(self) -> None:
+        """Once per file: a later open must not take back names the operator released."""
+        found = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'host_enrollments'"
+        ).fetchone()
+        if found is None:
+            self._db.executescript(f"BEGIN IMMEDIATE; {_ENROLLMENT_SCHEMA} COMMIT;")
 
     def check_root(self, trust_domain: str, certificate_der: bytes) -> None:
         """Nothing to check: the CA and this file live in the same data folder."""
@@ -507,20 +543,117 @@ class SqliteStore:
                 raise StoreError(f"cannot store join token: {exc}") from exc
 
     def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
-        """Spend a join token: the host it names, or None when unknown, used or expired."""
-        with self._lock:
+        """Spend a join token: the host it names, or None when unknown, used or expired.
+
+        The host's name is recorded as enrolled in the same transaction.
+        """
+
+        def spend() -> str | None:
             rows = self._q(
                 "UPDATE join_tokens SET used_ns = ? WHERE token_hash = ? AND used_ns IS NULL"
                 " AND expires_ns > ? RETURNING host",
                 (now_ns, token_hash, now_ns),
             )
-        return str(rows[0][0]) if rows else None
+            if not rows:
+                return None
+            host = str(rows[0][0])
+            # An operator's join token is their word for this host: it takes the
+            # name whoever held it (a released name included).
+            self._q(
+                "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)"
+                " VALUES (?, 'join', ?, ?) ON CONFLICT (host) DO UPDATE SET via = 'join',"
+                " token_hash = excluded.token_hash, enrolled_ns = excluded.enrolled_ns",
+                (host, token_hash, now_ns),
+            )
+            return host
+
+        return self._write(spend)
+
+    # ---- bootstrap tokens and host enrollments ---------------------------------------
+
+    def add_bootstrap_token(
+        self, token_hash: str, max_uses: int, expires_ns: int, now_ns: int
+    ) -> None:
+        with self._lock:
+            self._q(
+                "INSERT INTO bootstrap_tokens (token_hash, max_uses, expires_ns, created_ns)"
+                " VALUES (?, ?, ?, ?)",
+                (token_hash, max_uses, expires_ns, now_ns),
+            )
+
+    def use_bootstrap_token(self, token_hash: str, host: str, now_ns: int) -> BootstrapUse:
+        """Count the use and bind the name in one write transaction (see the Store)."""
+
+        def spend() -> BootstrapUse:
+            counted = self._q(
+                "UPDATE bootstrap_tokens SET uses = uses + 1 WHERE token_hash = ?"
+                " AND uses < max_uses AND expires_ns > ? RETURNING uses",
+                (token_hash, now_ns),
+            )
+            if not counted:
+                return BootstrapUse.REFUSED_TOKEN
+            bound = self._q(
+                "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)"
+                " VALUES (?, 'bootstrap', ?, ?) ON CONFLICT (host) DO UPDATE SET"
+                " via = 'bootstrap', token_hash = excluded.token_hash,"
+                " enrolled_ns = excluded.enrolled_ns WHERE via = 'released' RETURNING host",
+                (host, token_hash, now_ns),
+            )
+            if not bound:
+                raise _NameTaken  # rolls the count back
+            return BootstrapUse.ENROLLED
+
+        try:
+            return self._write(spend)
+        except _NameTaken:
+            return BootstrapUse.REFUSED_NAME
+
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
+        with self._lock:
+            rows = self._q(
+                "UPDATE bootstrap_tokens SET expires_ns = ? WHERE token_hash = ?"
+                " AND expires_ns > ? RETURNING token_hash",
+                (now_ns, token_hash, now_ns),
+            )
+        return bool(rows)
+
+    def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
+        with self._lock:
+            self._q(
+                "INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns, revoked_ns)"
+                " VALUES (?, ?, '', 0, ?) ON CONFLICT (host) DO UPDATE SET"
+                " revoked_ns = excluded.revoked_ns,"
+                " via = CASE WHEN ? THEN 'released' ELSE via END",
+                (host, "released" if release else "revoked", now_ns, release),
+            )
+
+    def host_revoked_ns(self, host: str) -> int | None:
+        with self._lock:
+            rows = self._q("SELECT revoked_ns FROM host_enrollments WHERE host = ?", (host,))
+        return _int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    def _write(self, fn: Callable[[], T]) -> T:
+        """``fn`` in one write transaction (``BEGIN IMMEDIATE``), rolled back if it raises."""
+        with self._lock:
+            self._q("BEGIN IMMEDIATE", ())
+            try:
+                out = fn()
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._q("COMMIT", ())
+            return out
 
     def _q(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         try:
             return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path}: {exc}") from exc
+
+
+class _NameTaken(Exception):
+    """A bootstrap use whose name is taken: raised to roll its count back."""
 
 
 def filter_sql(flt: collector_pb2.EventFilter) -> tuple[list[str], list[object]]:

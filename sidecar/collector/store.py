@@ -13,7 +13,9 @@ What both promise, and the server relies on:
   stores that, all under the host's lock in one transaction;
 - the cursor is the global row id: it grows with every committed insert, so
   "after cursor N" never skips nor repeats a row, on any replica;
-- a join token is spent once (one atomic update).
+- a join token is spent once (one atomic update); a bootstrap token is spent at
+  most its number of uses, each for a host name no enrollment has taken yet
+  (one atomic update and one insert, in one transaction).
 
 All methods block; the server calls them from its database worker threads
 (:attr:`Store.threads` of them).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.api.v1 import collector_pb2, event_pb2
@@ -125,6 +128,14 @@ def day_name(day: int) -> str:
     return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day)).strftime("%Y%m%d")
 
 
+class BootstrapUse(Enum):
+    """What spending a bootstrap token for a node name came to."""
+
+    ENROLLED = "enrolled"  # one use counted, the name bound to this enrollment
+    REFUSED_TOKEN = "token"  # unknown, every use spent, or expired: nothing changed
+    REFUSED_NAME = "name"  # the token is good but the name is taken: no use counted
+
+
 class Store(Protocol):
     """Events, per-host chain state, quarantined batches and join tokens."""
 
@@ -208,7 +219,36 @@ class Store(Protocol):
     def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None: ...
 
     def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
-        """Spend a join token: the host it names, or None when unknown, used or expired."""
+        """Spend a join token: the host it names, or None when unknown, used or expired.
+
+        The host's name is recorded as enrolled, so no bootstrap token can take it.
+        """
+        ...
+
+    def add_bootstrap_token(
+        self, token_hash: str, max_uses: int, expires_ns: int, now_ns: int
+    ) -> None: ...
+
+    def use_bootstrap_token(self, token_hash: str, host: str, now_ns: int) -> BootstrapUse:
+        """Spend one use of a bootstrap token on ``host``, atomically across replicas.
+
+        In one transaction: count the use (only while uses are left and the token
+        has not expired) and bind ``host`` to it (only when no enrollment took the
+        name before, or the operator released it).  Either both happen or neither.
+        """
+        ...
+
+    def expire_bootstrap_token(self, token_hash: str, now_ns: int) -> bool:
+        """End a bootstrap token's life now; False when no such token is unexpired."""
+        ...
+
+    def revoke_host(self, host: str, now_ns: int, release: bool) -> None:
+        """Refuse ``host``'s certificates issued until ``now_ns``; ``release`` also frees
+        its name, so that a bootstrap token may enroll it again."""
+        ...
+
+    def host_revoked_ns(self, host: str) -> int | None:
+        """When ``host`` was last revoked (its certificates issued before are refused)."""
         ...
 
 

@@ -26,6 +26,7 @@ KIND = "DaemonConfig"
 ENV_CGROUP = "SIDECAR_CGROUP"
 ENV_OUTPUT = "SIDECAR_OUTPUT"
 ENV_PIN_DIR = "SIDECAR_PIN_DIR"
+ENV_HOST = "SIDECAR_HOST"  # a DaemonSet sets it to the node's name
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ def _from_env(cfg: DaemonConfig) -> DaemonConfig:
         cfg = replace(cfg, output=env[ENV_OUTPUT])
     if env.get(ENV_PIN_DIR):
         cfg = replace(cfg, pin_dir=Path(env[ENV_PIN_DIR]))
+    if env.get(ENV_HOST):
+        cfg = replace(cfg, host=env[ENV_HOST])
     return cfg
 
 

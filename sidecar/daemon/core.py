@@ -57,6 +57,7 @@ from sidecar.proc.read import read_argv, read_cgroup, read_exe, read_status_ids
 from sidecar.util.errors import (
     AttestationError,
     ConfigError,
+    CredentialError,
     KernelError,
     PolicyError,
     SidecarError,
@@ -460,7 +461,15 @@ class Daemon:
         def identity() -> HostIdentity:
             return load_host_identity(cred_dir)
 
-        identity()  # not enrolled: fail now, with the error naming the folder
+        enrolled = identity()  # not enrolled: fail now, with the error naming the folder
+        if enrolled.host != self.config.host:
+            # The collector refuses every event naming another host than the
+            # certificate: say so now rather than fail each batch later.
+            raise CredentialError(
+                f"the credentials in {cred_dir} are for host '{enrolled.host}', but events"
+                f" name host '{self.config.host}': set `host: {enrolled.host}` in"
+                f" {self.config.source} (or SIDECAR_HOST)"
+            )
         exporter = Exporter(
             ExporterConfig(
                 target=self.config.collector,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -109,7 +110,9 @@ class RingReader:
                 beat.beat()
             timeout = POLL_MS
             if held:
-                timeout = max(0, int((due - time.monotonic()) * 1000))
+                # Rounded up: a wait rounded down to 0 ms returns at once, and
+                # the loop would spin through the last millisecond before ``due``.
+                timeout = max(0, math.ceil((due - time.monotonic()) * 1000))
             try:
                 got = ring.read(timeout)
             except KernelError:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from sidecar.kernel import abi
 from sidecar.policy import caps
 from sidecar.proc.pidfd import kill
-from sidecar.proc.read import read_host_caps
+from sidecar.proc.read import host_caps
 from sidecar.util.errors import AttestationError
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Settler:
                 self.latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-                refused = self.refuse_privileged(pid, result.match.spiffe_id)
+                refused = self.refuse_privileged(pid, result.match.spiffe_id, result.facts.cap_eff)
             out[i] = Settled(result, number, refused)
         return out
 
@@ -106,20 +106,21 @@ class Settler:
             return None
         return self.numbers.name(number)
 
-    def refuse_privileged(self, pid: int, spiffe_id: str) -> int:
+    def refuse_privileged(self, pid: int, spiffe_id: str, cap_eff: int) -> int:
         """An agent attested while it holds capabilities its policy refuses: kill it (enforce).
 
         The kernel refuses such a process at each later exec; this covers the
         exec that made it the agent, which the kernel saw while it was still
-        pending (and so could not connect anywhere).  Returns the refused
-        capabilities it held.
+        pending (and so could not connect anywhere).  ``cap_eff`` is what
+        attestation read in its status.  Returns the refused capabilities it
+        held.
         """
         policies = self._policies()
         active = policies.active if policies is not None else None  # read once
         ci = active.policy.identities.get(spiffe_id) if active and active.policy else None
         if ci is None:
             return 0
-        refused = caps.refused_mask(ci.capabilities) & (read_host_caps(pid) or 0)
+        refused = host_caps(pid, caps.refused_mask(ci.capabilities) & cap_eff) or 0
         if refused and ci.mode == "enforce":
             kill(pid)
             _logger.warning(
@@ -155,7 +156,9 @@ class Settler:
         number = kernel_identity
         if result.match is not None:
             number = self.numbers.number(result.match.spiffe_id)
-            self.settle(pid, number, create)
+            # The record's ppid is what the kernel's entry holds; a process
+            # found at start-up keeps whatever entry the kernel has.
+            self.settle(pid, number, create, 0 if create else ppid)
         elif kernel_identity == abi.IDENTITY_PENDING:
             number = self.parent_answer(ppid)
             if number == abi.IDENTITY_PENDING:
@@ -165,13 +168,14 @@ class Settler:
                 self.settle(pid, number)
         return result, number
 
-    def settle(self, pid: int, number: int, create: bool = False) -> None:
+    def settle(self, pid: int, number: int, create: bool = False, ppid: int = 0) -> None:
         """Write ``pid``'s identity, then that of its children waiting on it.
 
         A process that has exited meanwhile has no entry, and gets none: the
-        kernel removed it at exit, and the pid may be reused.
+        kernel removed it at exit, and the pid may be reused.  ``ppid``, when
+        the caller knows what the kernel's entry holds, saves a map lookup.
         """
-        self.kernel.set_identity(pid, number, create=create)
+        self.kernel.set_identity(pid, number, ppid, create=create)
         settled = self.settled
         settled.pop(pid, None)  # a reused pid moves to the newest end
         settled[pid] = number
@@ -181,7 +185,7 @@ class Settler:
             state = self.kernel.proc_state(child)
             # Only a child still pending: one attested meanwhile keeps its own answer.
             if state is not None and state[0] == abi.IDENTITY_PENDING:
-                self.settle(child, number)
+                self.settle(child, number, ppid=state[1])
 
     def settle_forked(self, child: int, parent: int) -> None:
         """A child forked while its parent was pending takes the parent's answer, once known."""
@@ -191,7 +195,7 @@ class Settler:
             return
         state = self.kernel.proc_state(child)
         if state is not None and state[0] == abi.IDENTITY_PENDING:
-            self.settle(child, answer)
+            self.settle(child, answer, ppid=state[1])
 
     def wait_for_parent(self, parent: int, child: int) -> None:
         waiting = self.waiting

@@ -1,4 +1,8 @@
-"""Host side of enrollment: join token -> host SVID + intermediate CA, and renewal.
+"""Host side of enrollment: a token -> host SVID + intermediate CA, and renewal.
+
+Two tokens enroll: a join token, minted for one host and spent once, and a
+bootstrap token, shared by the nodes of a cluster, that enrolls a node under
+its node name (see :func:`enroll_bootstrap` and :func:`existing_credentials`).
 
 Files written into the host's credential folder (keys mode 0600):
 
@@ -26,7 +30,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.api.v1 import collector_pb2, collector_pb2_grpc
 from sidecar.export.exporter import HostIdentity
-from sidecar.identity.x509 import CertificateAuthority, certs_pem, key_pem, new_csr, new_key
+from sidecar.identity.x509 import (
+    CertificateAuthority,
+    certs_pem,
+    key_pem,
+    new_csr,
+    new_key,
+    verify_svid,
+)
 from sidecar.util.errors import CredentialError, TransportError
 from sidecar.util.fsutil import write_atomic
 
@@ -109,15 +120,38 @@ async def enroll(
     target: str, token: str, bundle_pem: bytes, out_dir: Path, server_name: str | None = None
 ) -> HostIdentity:
     """Enroll once with a join token; ``bundle_pem`` is the root, obtained out of band."""
+    return await _enroll(target, bundle_pem, out_dir, server_name, join_token=token)
+
+
+async def enroll_bootstrap(
+    target: str,
+    token: str,
+    node_name: str,
+    bundle_pem: bytes,
+    out_dir: Path,
+    server_name: str | None = None,
+) -> HostIdentity:
+    """Enroll as ``node_name`` with a bootstrap token shared by many nodes."""
+    ident = await _enroll(
+        target, bundle_pem, out_dir, server_name, bootstrap_token=token, node_name=node_name
+    )
+    if ident.host != node_name:
+        raise CredentialError(f"the collector enrolled host '{ident.host}', not node '{node_name}'")
+    return ident
+
+
+async def _enroll(
+    target: str, bundle_pem: bytes, out_dir: Path, server_name: str | None, **request: str
+) -> HostIdentity:
     inter_key, host_key = new_key(), new_key()
     creds = grpc.ssl_channel_credentials(bundle_pem)
     async with grpc.aio.secure_channel(target, creds, options=_options(server_name)) as ch:
         try:
             reply = await collector_pb2_grpc.EnrollmentStub(ch).Enroll(
                 collector_pb2.EnrollRequest(
-                    join_token=token,
                     intermediate_csr=new_csr(inter_key),
                     host_csr=new_csr(host_key),
+                    **request,
                 ),
                 timeout=30,
             )
@@ -128,6 +162,80 @@ async def enroll(
     save_credentials(out_dir, reply, inter_key, host_key)
     _logger.info("enrolled as %s", reply.spiffe_id)
     return load_host_identity(out_dir)
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (a mounted Secret's key), surrounding white space removed.
+
+    Errors name the file, never its content.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CredentialError(f"cannot read the bootstrap token file {path}: {exc}") from exc
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CredentialError(f"{path}: the bootstrap token is not ASCII text") from None
+    if not token:
+        raise CredentialError(f"{path}: the bootstrap token file is empty")
+    if any(c.isspace() for c in token):
+        raise CredentialError(
+            f"{path}: the bootstrap token holds white space (one token, one line)"
+        )
+    return token
+
+
+def existing_credentials(
+    out_dir: Path, node_name: str, bundle_pem: bytes, now: datetime | None = None
+) -> HostIdentity | None:
+    """The valid credentials of ``node_name`` already in ``out_dir``; None when there are none.
+
+    What makes an init step safe to run at every pod start: credentials from
+    an earlier start are kept (the daemon renews them), never replaced by a
+    second enrollment, which the collector would refuse anyway.  Credentials
+    that are there but cannot serve (expired, another host's, another CA's)
+    raise CredentialError saying how to recover.
+    """
+    if not (out_dir / HOST_CERT).exists():
+        return None
+    when = now or datetime.now(timezone.utc)
+    recover = (
+        f"to enroll again, remove {out_dir}/* on this node and have the operator release"
+        f" the name (sidecar collector --config FILE --release-host {node_name})"
+    )
+    try:
+        ident = load_host_identity(out_dir)
+    except CredentialError as exc:
+        raise CredentialError(f"{exc}; {recover}") from exc
+    if ident.host != node_name:
+        raise CredentialError(
+            f"{out_dir / HOST_CERT} is the certificate of host '{ident.host}', not of node"
+            f" '{node_name}': {recover}"
+        )
+    try:
+        roots = x509.load_pem_x509_certificates(bundle_pem)
+        leaf = x509.load_pem_x509_certificate(ident.cert_chain_pem)
+        inter = x509.load_pem_x509_certificate((out_dir / INTER_CERT).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CredentialError(
+            f"cannot read the credentials in {out_dir}: {exc}; {recover}"
+        ) from exc
+    for what, cert in (("host certificate", leaf), ("intermediate CA", inter)):
+        if when >= cert.not_valid_after_utc:
+            raise CredentialError(
+                f"the {what} in {out_dir} expired at {cert.not_valid_after_utc.isoformat()}:"
+                f" the daemon renews before expiry, and after it only a new enrollment"
+                f" helps; {recover}"
+            )
+    try:
+        verify_svid(leaf, [], roots, at=when)
+    except CredentialError as exc:
+        raise CredentialError(
+            f"the credentials in {out_dir} do not verify against the collector's bundle"
+            f" ({exc}); {recover}"
+        ) from exc
+    return ident
 
 
 async def renew(target: str, cred_dir: Path, server_name: str | None = None) -> HostIdentity:

@@ -8,7 +8,8 @@ descriptor of the map the BCC programs made (procs, settings, policies,
 unix_allow, the ring buffer and the loss counters), so both halves judge
 from one state and report into one ring.
 
-Hosts without clang, or with an older kernel, run without these hooks:
+Hosts without clang (and without the object the Debian package ships
+prebuilt), or with an older kernel, run without these hooks:
 ``UnixHooks.load`` says why, and a policy that lists unix addresses is then
 refused rather than silently unenforced.
 """
@@ -40,6 +41,10 @@ UNIX_HOOKS = (
 )
 # Maps of the object that are the BCC programs' maps.
 SHARED_MAPS = ("procs", "settings", "policies", "unix_allow", "events", "lost")
+# The Debian package ships the object built from the same sources next to
+# them (packaging/build-deb.sh), so hosts need no clang; a checkout has none
+# and compiles it at load time.
+PREBUILT_OBJECT = "unix.bpf.o"
 CLANG_NAMES = ("clang", "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14")
 
 
@@ -105,10 +110,14 @@ class UnixHooks:
     def load(cls, bpf_dir: Path, map_fds: Mapping[str, int]) -> UnixHooks:
         """Build and load the programs on the shared maps; KernelError says why not."""
         lib = _lib()
-        with tempfile.TemporaryDirectory(prefix="sidecar-unix-") as tmp:
-            obj_path = Path(tmp) / "unix.bpf.o"
-            compile_object(bpf_dir / "unix.bpf.c", bpf_dir / "include", obj_path)
-            obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
+        prebuilt = bpf_dir / PREBUILT_OBJECT
+        if prebuilt.is_file():
+            obj = lib.bpf_object__open_file(str(prebuilt).encode(), None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sidecar-unix-") as tmp:
+                obj_path = Path(tmp) / "unix.bpf.o"
+                compile_object(bpf_dir / "unix.bpf.c", bpf_dir / "include", obj_path)
+                obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
         if not obj or lib.libbpf_get_error(obj):
             raise KernelError("libbpf cannot open the unix-socket object")
         try:

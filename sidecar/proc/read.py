@@ -9,8 +9,10 @@ must fail loudly instead (:mod:`sidecar.attest.facts` turns a None into an
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 PROC = Path("/proc")
 
@@ -29,18 +31,50 @@ def parse_start_time(stat: str | bytes) -> int | None:
         return None
 
 
+class StatusFields(NamedTuple):
+    """The fields of ``/proc/PID/status`` the product uses."""
+
+    ppid: int
+    uid: int  # real
+    gid: int  # real, primary group only
+    cap_eff: int  # effective capabilities, in the process's own user namespace
+
+
+def _status_number(status: str, key: str, base: int = 10) -> int | None:
+    """The first number after ``key`` (a line start such as ``"\\nUid:"``), None if absent."""
+    at = status.find(key)
+    if at < 0:
+        return None
+    start = at + len(key)
+    end = status.find("\n", start)
+    value = status[start : end if end >= 0 else len(status)].split(None, 1)
+    try:
+        return int(value[0], base) if value else None
+    except ValueError:
+        return None
+
+
+def parse_status(status: str) -> StatusFields | None:
+    """:class:`StatusFields` of ``/proc/PID/status``, None if a field is missing.
+
+    Looks each field up instead of splitting all sixty lines: the daemon
+    parses one status for every exec it attests.  ``Name`` comes first and
+    is the only field a process chooses; a newline in it is shown as
+    ``\\n``, so no line start inside it can pose as a field.
+    """
+    ppid = _status_number(status, "\nPPid:")
+    uid = _status_number(status, "\nUid:")
+    gid = _status_number(status, "\nGid:")
+    cap_eff = _status_number(status, "\nCapEff:", 16)
+    if ppid is None or uid is None or gid is None or cap_eff is None:
+        return None
+    return StatusFields(ppid, uid, gid, cap_eff)
+
+
 def parse_status_ids(status: str) -> tuple[int, int, int] | None:
     """(ppid, real uid, real primary gid) from ``/proc/PID/status``, None if a field is missing."""
-    ids: dict[str, int] = {}
-    for line in status.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("PPid", "Uid", "Gid"):
-            parts = value.split()
-            if parts and parts[0].isdigit():
-                ids[key] = int(parts[0])  # the real id comes first
-    if len(ids) < 3:
-        return None
-    return ids["PPid"], ids["Uid"], ids["Gid"]
+    fields = parse_status(status)
+    return (fields.ppid, fields.uid, fields.gid) if fields is not None else None
 
 
 def parse_cgroup(text: str) -> str | None:
@@ -108,24 +142,39 @@ def read_status_ids(pid: int, proc: Path = PROC) -> tuple[int, int, int] | None:
     return parse_status_ids(text) if text is not None else None
 
 
-def read_host_caps(pid: int, proc: Path = PROC) -> int | None:
-    """Effective capabilities as they count on the host, None if gone.
+@functools.cache
+def _own_user_ns(proc: Path) -> int | None:
+    """Our user namespace (its inode), which never changes for a process."""
+    try:
+        return os.stat(proc / "self/ns/user").st_ino
+    except OSError:
+        return None
+
+
+def host_caps(pid: int, cap_eff: int, proc: Path = PROC) -> int | None:
+    """``cap_eff`` of ``pid`` as it counts on the host, None if the process is gone.
 
     A process in a user namespace other than ours holds its capabilities
-    there only: they reach nothing of the host's, and count as none.
+    there only: they reach nothing of the host's, and count as none.  No
+    capability needs no look at the namespace.
     """
+    if not cap_eff:
+        return 0
     try:
-        if os.stat(proc / str(pid) / "ns" / "user").st_ino != os.stat(proc / "self/ns/user").st_ino:
+        if os.stat(proc / str(pid) / "ns" / "user").st_ino != _own_user_ns(proc):
             return 0
     except OSError:
         return None
+    return cap_eff
+
+
+def read_host_caps(pid: int, proc: Path = PROC) -> int | None:
+    """Effective capabilities as they count on the host (:func:`host_caps`), None if gone."""
     text = read_text(pid, "status", proc)
-    if text is None:
+    fields = parse_status(text) if text is not None else None
+    if fields is None:
         return None
-    for line in text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return None
+    return host_caps(pid, fields.cap_eff, proc)
 
 
 def read_argv(pid: int, proc: Path = PROC) -> tuple[str, ...] | None:

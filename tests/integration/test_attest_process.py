@@ -237,6 +237,9 @@ def test_facts_carry_process_instance_keys_and_cgroup(procs: Procs) -> None:
     own = Path(f"/proc/{p.pid}/cgroup").read_text().splitlines()
     assert f.cgroup_path == next(line[3:] for line in own if line.startswith("0::"))
     assert f.parent_identity == "spiffe://example.org/parent"
+    status = Path(f"/proc/{p.pid}/status").read_text().splitlines()
+    capeff = next(x for x in status if x.startswith("CapEff:"))
+    assert f.cap_eff == int(capeff.split()[1], 16)
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", boot_id())
     assert boot_id() == boot_id()
 
@@ -325,3 +328,33 @@ def test_exec_while_being_attested_is_refused(
     monkeypatch.setattr(os, "readlink", readlink_then_exec)
     with pytest.raises(AttestationError, match="exec'd another program"):
         gather(p.pid, None, HashCache())
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ["cgroup:path:/", "systemd:unit:nothing.service", "k8s:pod-uid:{u}", "container:id:{c}"],
+)
+def test_the_cgroup_is_read_when_a_selector_needs_it_and_only_then(
+    procs: Procs, selector: str
+) -> None:
+    p = procs.start(["sleep", "60"])
+    own = Path(f"/proc/{p.pid}/cgroup").read_text().splitlines()
+    path = next(line[3:] for line in own if line.startswith("0::"))
+    sel = selector.format(u="0" * 8 + "-0000-0000-0000-" + "0" * 12, c="0" * 64)
+    with_cgroup = Attestor(
+        entries(
+            ("spiffe://example.org/a", f"[unix:uid:{UID}, {sel}]"),
+            ("spiffe://example.org/b", f"[unix:uid:{UID}]"),
+        )
+    )
+    assert with_cgroup.entries.needs_cgroup
+    result = with_cgroup.attest(p.pid)
+    assert result.facts.cgroup_path == path
+    # Every process is under "/"; none is in that unit, pod or container.
+    want = "a" if selector.startswith("cgroup:path") else "b"
+    assert result.spiffe_id == f"spiffe://example.org/{want}"
+    without = Attestor(entries(("spiffe://example.org/b", f"[unix:uid:{UID}]")))
+    assert not without.entries.needs_cgroup
+    result = without.attest(p.pid)
+    assert result.facts.cgroup_path is None
+    assert result.spiffe_id == "spiffe://example.org/b"

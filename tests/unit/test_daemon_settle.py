@@ -28,11 +28,12 @@ class KernelMap:
     def proc_state(self, pid: int) -> tuple[int, int] | None:
         return self.procs.get(pid)
 
-    def set_identity(self, pid: int, identity: int, *, create: bool = False) -> bool:
-        # As the kernel map: only an entry that is there is updated (BPF_EXIST).
+    def set_identity(self, pid: int, identity: int, ppid: int = 0, *, create: bool = False) -> bool:
+        # As the kernel map: only an entry that is there is updated (BPF_EXIST),
+        # and a ppid of 0 keeps the one the entry has.
         if pid not in self.procs and not create:
             return False
-        self.procs[pid] = (identity, self.procs.get(pid, (0, 0))[1])
+        self.procs[pid] = (identity, ppid or self.procs.get(pid, (0, 0))[1])
         return True
 
 
@@ -43,7 +44,10 @@ class Attestor:
 
     def attest(self, pid: int, parent_identity: str | None) -> Any:
         sid = self.matches.get(pid)
-        return SimpleNamespace(match=SimpleNamespace(spiffe_id=sid) if sid else None)
+        return SimpleNamespace(
+            match=SimpleNamespace(spiffe_id=sid) if sid else None,
+            facts=SimpleNamespace(cap_eff=0),
+        )
 
 
 def make_daemon(matches: dict[int, str]) -> tuple[Settler, KernelMap]:
@@ -81,6 +85,8 @@ def test_a_pending_child_of_a_pending_parent_waits_for_the_parent_answer() -> No
     d.attest_into_kernel(300, 1, None, abi.IDENTITY_PENDING)
     agent = d.numbers.number(AGENT)
     assert [kernel.procs[p][0] for p in (300, 301, 302)] == [agent, agent, agent]
+    # Each entry keeps the parent the kernel gave it.
+    assert [kernel.procs[p][1] for p in (300, 301, 302)] == [1, 300, 301]
 
 
 def test_a_fork_settle_never_overwrites_a_child_attested_since() -> None:

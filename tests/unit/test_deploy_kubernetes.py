@@ -358,3 +358,119 @@ def test_the_bpffs_init_step_mounts_only_when_no_bpffs_is_there(
         assert log.read_text() == "-t bpf bpf /sys/fs/bpf\n"
     else:
         assert not log.exists()
+
+
+# ---- enrollment: each node gets its credentials from the bootstrap Secret ----------
+
+
+def init_container(name: str) -> Obj:
+    (init,) = [
+        c for c in pod_spec("DaemonSet", "sidecar-daemon")["initContainers"] if c["name"] == name
+    ]
+    assert isinstance(init, dict)
+    return init
+
+
+def volume_of(mounts: list[Obj], path: str) -> tuple[Obj, Obj]:
+    """(volumeMount, volume) of the DaemonSet volume mounted at the folder holding ``path``."""
+    (mount,) = [
+        m for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")
+    ]
+    (volume,) = [
+        v for v in pod_spec("DaemonSet", "sidecar-daemon")["volumes"] if v["name"] == mount["name"]
+    ]
+    return mount, volume
+
+
+def expanded(command: list[str], env: list[Obj]) -> list[str]:
+    """``$(VAR)`` replaced as the kubelet does, by a placeholder naming the variable's source."""
+    sources = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in env if "valueFrom" in e}
+    return [sources.get(a[2:-1], a) if a.startswith("$(") else a for a in command]
+
+
+def collector_service_address(port_name: str) -> str:
+    service = find("Service", "sidecar-collector")
+    (port,) = [p["port"] for p in service["spec"]["ports"] if p["name"] == port_name]
+    return f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{port}"
+
+
+def test_each_node_enrolls_in_an_init_step_with_the_bootstrap_secret_and_its_node_name() -> None:
+    from sidecar.cli import build_parser
+
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names.index("enroll") > names.index("mount-bpffs")
+    init = init_container("enroll")
+    # The command is one the product's own parser accepts, with these meanings.
+    command = expanded(init["command"], init["env"])
+    assert command[0] == "sidecar"
+    args = build_parser().parse_args(command[1:])
+    assert args.handler.__name__ == "_cmd_enroll"
+    assert args.node_name == "spec.nodeName"  # $(NODE_NAME), from the downward API
+    assert args.token is None and not args.renew
+    assert args.collector == collector_service_address("enroll")
+    mounts = init["volumeMounts"]
+    # The token: the Secret sidecar-bootstrap's key `token`, read-only.
+    mount, volume = volume_of(mounts, str(args.bootstrap_token_file))
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "sidecar-bootstrap"
+    items = {i["key"]: i["path"] for i in volume["secret"]["items"]}
+    assert f"{mount['mountPath']}/{items['token']}" == str(args.bootstrap_token_file)
+    # The CA bundle: published by the operator in a ConfigMap, never fetched unchecked.
+    mount, volume = volume_of(mounts, str(args.bundle))
+    assert mount["readOnly"] is True
+    assert volume["configMap"]["name"] == "sidecar-collector-bundle"
+    assert volume["configMap"].get("optional") is not True
+    # The credentials: on the node, where the daemon finds and renews them.
+    mount, volume = volume_of(mounts, str(args.out))
+    assert volume["hostPath"]["path"] == "/var/lib/sidecar/host"
+    assert mount.get("readOnly", False) is False
+    # Nothing more than writing a root-owned folder of the node.
+    security = init["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert not security.get("privileged")
+
+
+def test_the_bootstrap_token_reaches_the_enroll_step_only() -> None:
+    spec = pod_spec("DaemonSet", "sidecar-daemon")
+    (secret,) = [v for v in spec["volumes"] if "secret" in v]
+    users = [
+        c["name"]
+        for c in spec["initContainers"] + spec["containers"]
+        if any(m["name"] == secret["name"] for m in c.get("volumeMounts", []))
+    ]
+    assert users == ["enroll"]
+    daemon = container("DaemonSet", "sidecar-daemon")
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in daemon.get("env", []))
+
+
+def test_the_daemon_streams_to_the_collector_service_as_its_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = tmp_path / "config.yaml"
+    settings.write_text(generated("sidecar-config")["data"]["config.yaml"])
+    daemon = container("DaemonSet", "sidecar-daemon")
+    env = {e["name"]: e for e in daemon["env"]}
+    # Events name the node: the host name of the credentials it enrolled with.
+    assert env["SIDECAR_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    monkeypatch.setenv("SIDECAR_HOST", "node-7.example.internal")
+    cfg = daemon_config.load(settings)
+    assert cfg.host == "node-7.example.internal"  # the file does not override it
+    assert cfg.collector == (collector_service_address("grpc"),)
+    # The collector's certificate names what the daemon dials.
+    collector = tmp_path / "collector.yaml"
+    collector.write_text(generated("sidecar-collector-config")["data"]["collector.yaml"])
+    server_names = load_collector_config(collector).server_names
+    assert cfg.collector[0].rpartition(":")[0] in server_names
+    # The daemon reads the credentials where the enroll step wrote them: the same
+    # node folder, through the daemon's own mount.
+    mount, volume = volume_of(daemon["volumeMounts"], str(cfg.collector_credentials))
+    node_path = (
+        volume["hostPath"]["path"] + str(cfg.collector_credentials)[len(mount["mountPath"]) :]
+    )
+    init = init_container("enroll")
+    out = init["command"][init["command"].index("--out") + 1]
+    _, init_volume = volume_of(init["volumeMounts"], out)
+    assert node_path == init_volume["hostPath"]["path"]
+    assert mount.get("readOnly", False) is False  # renewal rewrites them

@@ -1,9 +1,10 @@
 """The shipped systemd units, checked by systemd's own tools offline.
 
 ``systemd-analyze verify`` insists that ExecStart names an existing
-executable, and /opt/sidecar/venv is not installed here, so each test copies
-the unit into tmp_path with that one path pointing at a launcher of this
-checkout; every other byte is the shipped unit.
+executable, and the Debian package's /usr/bin/sidecar is not installed here,
+so each test copies the unit into tmp_path with that one path pointing at a
+launcher of this checkout; every other byte is the shipped unit.  The units
+as the package installs them are verified in tests/packaging/test_deb.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
-INSTALLED_BINARY = "/opt/sidecar/venv/bin/sidecar"
+INSTALLED_BINARY = "/usr/bin/sidecar"  # the Debian package's launcher
 
 DAEMON_CAPABILITIES = {
     "CAP_BPF",

@@ -402,12 +402,25 @@ class EnrollRequest(_message.Message):
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
     INTERMEDIATE_CSR_FIELD_NUMBER: _builtins.int
     HOST_CSR_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
+    """Exactly one of join_token (minted for one host, which it names) and
+    bootstrap_token (shared by many nodes, with node_name) is set.
+    """
     intermediate_csr: _builtins.bytes
     """PKCS#10 (DER) for the key of the host's intermediate CA."""
     host_csr: _builtins.bytes
     """Certificate request for the host's mTLS key (PKCS#10, DER): the key
     never leaves the host.
+    """
+    bootstrap_token: _builtins.str
+    """A bootstrap token: good for a bounded number of enrollments until it
+    expires, each for a node name that no enrollment has taken yet.
+    """
+    node_name: _builtins.str
+    """With bootstrap_token: the host name to enroll (a Kubernetes node name);
+    the host SVID is spiffe://<td>/host/<node_name>.
     """
     def __init__(
         self,
@@ -415,10 +428,12 @@ class EnrollRequest(_message.Message):
         join_token: _builtins.str = ...,
         intermediate_csr: _builtins.bytes = ...,
         host_csr: _builtins.bytes = ...,
+        bootstrap_token: _builtins.str = ...,
+        node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_csr", b"host_csr", "intermediate_csr", b"intermediate_csr", "join_token", b"join_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_token", b"bootstrap_token", "host_csr", b"host_csr", "intermediate_csr", b"intermediate_csr", "join_token", b"join_token", "node_name", b"node_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

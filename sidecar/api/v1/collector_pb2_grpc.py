@@ -234,7 +234,7 @@ class Collector:
 
 class EnrollmentStub:
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     def __init__(self, channel):
@@ -257,7 +257,7 @@ class EnrollmentStub:
 
 class EnrollmentServicer:
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     def Enroll(self, request, context):
@@ -295,7 +295,7 @@ def add_EnrollmentServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Enrollment:
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     @staticmethod

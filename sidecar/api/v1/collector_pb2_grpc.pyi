@@ -97,7 +97,7 @@ def add_CollectorServicer_to_server(servicer: CollectorServicer, server: _typing
 
 class EnrollmentStub:
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     @_typing.overload
@@ -110,7 +110,7 @@ class EnrollmentStub:
 @_typing.type_check_only
 class EnrollmentAsyncStub(EnrollmentStub):
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -119,7 +119,7 @@ class EnrollmentAsyncStub(EnrollmentStub):
 
 class EnrollmentServicer(metaclass=_abc_1.ABCMeta):
     """Served over server-authenticated TLS: a host without credentials yet
-    proves itself with a single-use join token.
+    proves itself with a single-use join token or a bootstrap token.
     """
 
     @_abc_1.abstractmethod
