@@ -2,8 +2,13 @@
 
 How the store's promises (see :mod:`sidecar.collector.store`) hold across replicas:
 
-- exactly once: the unique index on ``(host, boot, seq)`` and ``ON CONFLICT DO
-  NOTHING``; whichever replica a replayed batch reaches, it inserts nothing twice;
+- exactly once: whichever replica a replayed batch reaches, on whatever day, it
+  inserts nothing twice.  ``events`` is partitioned by day and its unique index
+  ``(host, boot, seq, day)`` only sees one day; under the host's row lock every
+  stored sequence of the host is at or below its stored head, so the sequences
+  at or below it are looked up in every partition before the insert;
+- retention drops whole day partitions of ``events`` and ``batches`` (each
+  batch's signed facts, kept as long as its events) with ``DROP TABLE``;
 - one chain writer per host: :meth:`PostgresStore.ingest_checked` locks the
   host's row in ``hosts`` (``SELECT … FOR UPDATE``) before it reads the chain
   state, and holds it until commit, so a second replica with a batch of the same

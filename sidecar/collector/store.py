@@ -7,7 +7,11 @@
 
 What both promise, and the server relies on:
 
-- exactly once: ``(host, boot, seq)`` is unique, a replayed event is a no-op;
+- exactly once: a replayed ``(host, boot, seq)`` is a no-op, on whatever day it
+  comes (PostgreSQL's unique index holds the day partition, so there the host's
+  stored head, read under its lock, says which sequences to look up first);
+- each stored batch's signed facts are kept as long as the events it stored,
+  and whole days are dropped together (:meth:`Store.maintain`);
 - a host's chain is extended by one writer at a time: :meth:`Store.ingest_checked`
   reads the host's chain state, lets the caller decide what to store from it, and
   stores that, all under the host's lock in one transaction;
