@@ -473,3 +473,37 @@ def test_the_verify_chain_command_checks_a_hosts_stored_chain(tmp_path: Path) ->
     bad = verify()
     assert bad.returncode == 1
     assert "problem: batch 11..20" in bad.stdout and "12..12 are not stored" in bad.stdout
+
+
+def test_an_sqlite_store_of_an_earlier_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A file made before retention and the instance column: its events get their
+    instance (read from their stored bytes) and count as stored on the upgrade day."""
+    import sqlite3
+
+    from sidecar.collector.sqlite_store import _SCHEMA
+
+    path = tmp_path / "events.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA)  # the first schema, user_version 0
+        for i in range(1, 7):
+            e = connect_event(i)
+            e.host, e.boot_id, e.sequence = "h", "boot-1", i
+            db.execute(
+                "INSERT INTO events (host, boot, seq, time_ns, identity, kind, verdict,"
+                " verification, data) VALUES ('h', 'boot-1', ?, ?, ?, 'connect', 1, 1, ?)",
+                (i, e.time_ns, e.identity, e.SerializeToString()),
+            )
+    clock = Clock(D)
+    store = SqliteStore(path, clock=clock)
+    try:
+        got = store.query(pb.EventFilter(instances=["inst-2"]), 0, 100)
+        assert [r.event.sequence for r in got] == [2, 5]
+        clock.day = D + 2
+        store.ingest("h", _rows("h", 7, 3), HostState(9, b"9" * 32))
+        assert store.maintain(1) == [D]  # the old events went with the upgrade day
+        assert [r.event.sequence for r in store.query(pb.EventFilter(), 0, 100)] == [7, 8, 9]
+    finally:
+        store.close()
+    SqliteStore(path).close()  # opened again: nothing left to upgrade
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
