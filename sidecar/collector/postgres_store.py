@@ -315,12 +315,15 @@ class PostgresStore:
         return HostState(int(rows[0][0]), bytes(rows[0][1])) if rows else HostState()
 
     def ingest_checked(
-        self, host: str, decide: Callable[[HostState], Plan]
+        self, host: str, decide: Callable[[HostState], Plan], head_holds: bool = True
     ) -> list[collector_pb2.StoredEvent]:
+        """See :meth:`Store.ingest_checked`.  ``head_holds`` False: the caller stores
+        events without moving the host's head past them, so none is taken as new
+        for being above the head (every sequence is looked up)."""
         day = day_of(self._clock())
         for attempt in (1, 2):
             try:
-                return self._ingest_once(host, decide, day)
+                return self._ingest_once(host, decide, day, head_holds)
             except psycopg.errors.CheckViolation as exc:
                 # "no partition of relation ... found for row": the day's partition
                 # is made ahead of need, so only a clock that jumped gets here.
@@ -332,7 +335,7 @@ class PostgresStore:
         raise AssertionError("unreachable")
 
     def _ingest_once(
-        self, host: str, decide: Callable[[HostState], Plan], day: int
+        self, host: str, decide: Callable[[HostState], Plan], day: int, head_holds: bool
     ) -> list[collector_pb2.StoredEvent]:
         """One transaction, in three round trips at most (pipeline mode).
 
@@ -344,7 +347,8 @@ class PostgresStore:
         with self._conn() as conn, conn.pipeline() as pipe, conn.transaction():
             state = self._lock_host(conn, host, pipe)
             plan = decide(state)
-            rows = self._new_rows(conn, host, plan.rows, state.last_sequence, pipe)
+            head = state.last_sequence if head_holds else 1 << 62
+            rows = self._new_rows(conn, host, plan.rows, head, pipe)
             if plan.quarantine is not None:
                 self._quarantine(conn, host, *plan.quarantine)
             seqs = [ne.event.sequence for ne in rows if ne.event.sequence]
@@ -358,7 +362,9 @@ class PostgresStore:
     def ingest(
         self, host: str, events: Sequence[NewEvent], state: HostState | None
     ) -> list[collector_pb2.StoredEvent]:
-        return self.ingest_checked(host, lambda before: Plan(events, state or before))
+        return self.ingest_checked(
+            host, lambda before: Plan(events, state or before), head_holds=state is not None
+        )
 
     @staticmethod
     def _lock_host(conn: Conn, host: str, pipe: psycopg.Pipeline | None = None) -> HostState:

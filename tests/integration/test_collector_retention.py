@@ -507,3 +507,20 @@ def test_an_sqlite_store_of_an_earlier_version_is_upgraded_in_place(tmp_path: Pa
     SqliteStore(path).close()  # opened again: nothing left to upgrade
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (1,)
+
+
+def test_events_stored_without_a_chain_state_are_still_stored_once_across_days(
+    pg_dsn: str,
+) -> None:
+    """``ingest(…, state=None)`` does not move the host's head: the next day's copy of
+    the same events is found by looking each one up, not taken as new."""
+    clock = Clock(D)
+    store = PostgresStore(pg_dsn, connections=1, clock=clock)
+    try:
+        assert len(store.ingest("h", _rows("h", 1, 5), None)) == 5
+        clock.day = D + 1
+        assert store.ingest("h", _rows("h", 1, 5), None) == []
+        assert len(store.ingest("h", _rows("h", 4, 4), None)) == 2  # 6 and 7 are new
+        assert store.count("h") == 7
+    finally:
+        store.close()
