@@ -629,7 +629,10 @@ class PostgresStore:
             " WHERE p.relname IN ('events', 'batches')"
             " AND p.relnamespace = 'public'::regnamespace"
         ).fetchall():
-            # "FOR VALUES FROM (20786) TO (20787)": one day each, as made below
+            # "FOR VALUES FROM (20786) TO (20787)": one day each, as made below.
+            # A partition another replica is dropping right now has no bound any more.
+            if bound is None or "(" not in str(bound):
+                continue
             low = str(bound).split("(", 1)[1].split(")", 1)[0]
             out[str(parent)].append(int(low))
         return out
@@ -682,14 +685,24 @@ class PostgresStore:
                         ).fetchone()
                         if not got or not got[0]:
                             return dropped  # another replica is at it
-                        # DROP waits for running queries of the table; not for long.
-                        conn.execute("SET LOCAL lock_timeout = '10s'")
+                        # DROP waits for running queries of the table; not for long
+                        # (holding back every insert meanwhile): else the next round.
+                        conn.execute("SET LOCAL lock_timeout = '2s'")
+                        gone = 0
                         for table in ("events", "batches"):
+                            name = f"{table}_{day_name(day)}"
+                            # Another replica may have dropped it since the list was read.
+                            there = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+                            if there is None or there[0] is None:
+                                continue
                             conn.execute(
-                                psycopg.sql.SQL("DROP TABLE IF EXISTS {}").format(
-                                    psycopg.sql.Identifier(f"{table}_{day_name(day)}")
+                                psycopg.sql.SQL("DROP TABLE {}").format(
+                                    psycopg.sql.Identifier(name)
                                 )
                             )
+                            gone += 1
+                    if not gone:
+                        continue
                     dropped.append(day)
                     _logger.info("store: dropped the events of %s (retention)", day_name(day))
             return dropped
