@@ -47,6 +47,7 @@ import psycopg
 from sidecar.api.v1 import collector_pb2 as pb
 from sidecar.api.v1 import collector_pb2_grpc as pbg
 from sidecar.collector.postgres_store import PostgresStore
+from sidecar.collector.store import day_of
 from sidecar.identity.x509 import CertificateAuthority
 from sidecar.testing.fleet import CollectorProcess, Fleet, fleet_event, postgres_uri
 from sidecar.testing.hosts import channel
@@ -133,13 +134,17 @@ def load_rows(dsn: str, n: int, identities: int, hosts: int = 1000) -> float:
         payloads.append(e.SerializeToString())
     began = time.perf_counter()
     now = time.time_ns()
+    today = day_of(now)  # today's partition, made by the collector at start
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
-        cols = "host, boot, seq, time_ns, identity, instance, kind, verdict, verification, data"
+        cols = (
+            "day, host, boot, seq, time_ns, identity, instance, kind, verdict, verification, data"
+        )
         with cur.copy(f"COPY events ({cols}) FROM STDIN") as copy:
             for i in range(n):
                 k = i % identities
                 copy.write_row(
                     (
+                        today,
                         f"h{i % hosts}",
                         "boot-1",
                         i // hosts + 1,
@@ -209,6 +214,9 @@ def main() -> int:
     ap.add_argument("--identities", type=int, default=1000)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--page", type=int, default=100)
+    ap.add_argument(
+        "--stores", default="sqlite,pg1,pg2,pg3", help="which of sqlite,pg1,pg2,pg3 to run"
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     out: dict[str, Any] = {"args": vars(args) | {"json": None}, "ingest": []}
@@ -230,7 +238,8 @@ def main() -> int:
         )
         print(header, flush=True)
         stores = [("sqlite", 1, False), ("pg1", 1, True), ("pg2", 2, True), ("pg3", 3, True)]
-        for label, n, use_pg in stores:
+        wanted = args.stores.split(",")
+        for label, n, use_pg in [s for s in stores if s[0] in wanted]:
             row = run_store(folder, ca_dir, ca, fleet, label, n, pg if use_pg else None)
             out["ingest"].append(row)
             print(
@@ -240,22 +249,23 @@ def main() -> int:
                 f"{row['cpu_available_s']:>7}",
                 flush=True,
             )
-        dsn = create_database(pg, "bench_query")
-        load_s = load_rows(dsn, args.query_events, args.identities)
-        print(
-            f"loaded {args.query_events} events with COPY in {load_s:.0f} s"
-            f" ({args.query_events / load_s:,.0f} rows/s, indexes in place)",
-            flush=True,
-        )
-        q = query_bench(folder, ca_dir, ca, dsn, args)
-        q["load_s"] = round(load_s, 1)
-        out["query"] = q
-        print(
-            f"Query by identity over {q['stored_events']} events ({q['identities']} identities,"
-            f" pages of {q['page']}, {q['queries']} queries): p50 {q['query_p50_ms']} ms,"
-            f" p99 {q['query_p99_ms']} ms",
-            flush=True,
-        )
+        if args.query_events:  # 0: ingest only
+            dsn = create_database(pg, "bench_query")
+            load_s = load_rows(dsn, args.query_events, args.identities)
+            print(
+                f"loaded {args.query_events} events with COPY in {load_s:.0f} s"
+                f" ({args.query_events / load_s:,.0f} rows/s, indexes in place)",
+                flush=True,
+            )
+            q = query_bench(folder, ca_dir, ca, dsn, args)
+            q["load_s"] = round(load_s, 1)
+            out["query"] = q
+            print(
+                f"Query by identity over {q['stored_events']} events ({q['identities']} identities,"
+                f" pages of {q['page']}, {q['queries']} queries): p50 {q['query_p50_ms']} ms,"
+                f" p99 {q['query_p99_ms']} ms",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -49,6 +49,16 @@ def _cmd_collector(args: argparse.Namespace) -> int:
     from sidecar.identity.x509 import CertificateAuthority
 
     cfg = load_config(args.config)
+    if args.verify_chain:
+        from sidecar.collector.verify import verify_stored_chain
+
+        store = open_store(cfg)
+        try:
+            report = verify_stored_chain(store, args.verify_chain)
+        finally:
+            store.close()
+        print(report.summary())
+        return 0 if report.ok else 1
     if args.uses is not None and not args.bootstrap_token:
         raise ConfigError("--uses goes with --bootstrap-token")
     if args.bootstrap_token or args.revoke_host or args.release_host or args.expire_bootstrap_token:
@@ -221,6 +231,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
     flt = collector_pb2.EventFilter(
         hosts=args.host,
         identities=args.identity,
+        instances=args.instance,
         kinds=args.kind,
         verdicts=[VERDICTS[v] for v in args.verdict],
     )
@@ -280,6 +291,12 @@ def register_cli(subparsers: Any) -> None:
         metavar="HOST",
         help="as --revoke-host, and let a bootstrap token enroll the name HOST again",
     )
+    col.add_argument(
+        "--verify-chain",
+        metavar="HOST",
+        help="check HOST's stored events against the signed batches kept with them, again"
+        " (exit 1 on any problem)",
+    )
     col.set_defaults(handler=_cmd_collector)
 
     enr = subparsers.add_parser("enroll", help="enroll this host with a collector")
@@ -314,6 +331,9 @@ def register_cli(subparsers: Any) -> None:
     tl.add_argument("--server-name", help="TLS name to expect")
     tl.add_argument("--host", action="append", default=[], help="only this host (repeatable)")
     tl.add_argument("--identity", action="append", default=[], help="only this SPIFFE ID")
+    tl.add_argument(
+        "--instance", action="append", default=[], help="only this process instance (repeatable)"
+    )
     tl.add_argument("--kind", action="append", default=[], help="exec, connect, lost, integrity…")
     tl.add_argument(
         "--verdict", action="append", default=[], choices=["allow", "deny", "would_deny"]

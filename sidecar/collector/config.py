@@ -11,6 +11,7 @@ Example::
     serverNames: [localhost, 127.0.0.1]
     subscribers: [spiffe://example.org/ops/alice]
     # store: postgresql://sidecar@db.example.org/sidecar?sslmode=verify-full
+    # retention: 30d                  # drop events (and their batches) after 30 days
 
 Relative paths are relative to the file's folder.  Without ``store`` the events go to
 SQLite in ``dataDir``; with a ``postgresql://`` URI (any libpq connection parameter,
@@ -20,6 +21,7 @@ collector replicas may share (docs/collector-postgresql.md).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,9 @@ class CollectorConfig:
     # libpq URI of a PostgreSQL database; "" keeps events in SQLite (db_path).
     store_dsn: str = ""
     store_connections: int = 4  # PostgreSQL connections (and database threads) per replica
+    # Events (and the batches they came in) older than this many whole days are
+    # dropped, a day at a time; None keeps everything.
+    retention_days: int | None = None
 
     @property
     def db_path(self) -> Path:
@@ -80,6 +85,21 @@ def _address(value: object) -> str:
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+_RETENTION = re.compile(r"^([0-9]+)([dw])$")
+
+
+def _retention(value: object) -> int:
+    """``30d`` or ``4w`` -> whole days (the store drops a whole day at a time)."""
+    m = _RETENTION.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(
+            f"{value!r} is not a number of days or weeks such as 30d or 4w"
+            " (events are kept and dropped by whole days)"
+        )
+    days = int(m.group(1)) * (7 if m.group(2) == "w" else 1)
+    if days < 1:
+        raise ValueError("must be at least 1d")
+    return days
 
 
 def _store(value: object) -> str:
@@ -183,6 +203,7 @@ def load_config(path: str | Path) -> CollectorConfig:
         grace_s=float(top.optional("shutdownGraceSeconds", (int, float), 5.0)),
         store_dsn=top.parse("store", _store, "") or "",
         store_connections=_positive(top, "storeConnections", 4),
+        retention_days=top.parse("retention", _retention, None),
     )
     top.done()
     return cfg

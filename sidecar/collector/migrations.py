@@ -24,6 +24,7 @@ _logger = logging.getLogger(__name__)
 LOCK_CLASS = 0x51DECA
 MIGRATION_LOCK = 1
 APPEND_LOCK = 2
+MAINTENANCE_LOCK = 3  # creating and dropping day partitions
 
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (
@@ -114,14 +115,92 @@ INSERT INTO host_enrollments (host, via, token_hash, enrolled_ns)
 SELECT host, 'seen', '', 0 FROM hosts ON CONFLICT (host) DO NOTHING;
 """,
     ),
+    (
+        3,
+        "events and the signed batches partitioned by day, for retention",
+        # The events of version 1 move into the partition of the day of this
+        # migration: they count as stored today.  They have no kept batch (the
+        # signatures were not kept before this version).
+        """
+ALTER TABLE events RENAME TO events_v1;
+CREATE SEQUENCE events_cursor AS BIGINT;
+SELECT setval('events_cursor', coalesce((SELECT max(id) FROM events_v1), 0) + 1, false);
+-- day: days since 1970-01-01 (UTC) on which the collector stored the row; a
+-- batch and the events it stored share it, so they expire together.
+CREATE TABLE events (
+    id BIGINT NOT NULL DEFAULT nextval('events_cursor'),
+    day INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    boot TEXT NOT NULL,
+    seq BIGINT,
+    time_ns BIGINT NOT NULL,
+    identity TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    verdict INTEGER NOT NULL,
+    verification SMALLINT NOT NULL,
+    data BYTEA NOT NULL
+) PARTITION BY RANGE (day);
+ALTER SEQUENCE events_cursor OWNED BY events.id;
+CREATE SEQUENCE batches_id AS BIGINT;
+CREATE TABLE batches (
+    id BIGINT NOT NULL DEFAULT nextval('batches_id'),
+    day INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    first_seq BIGINT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    prev_chain BYTEA NOT NULL,
+    signature BYTEA NOT NULL,
+    signer BYTEA NOT NULL,
+    from_seq BIGINT NOT NULL,
+    from_chain BYTEA NOT NULL
+) PARTITION BY RANGE (day);
+DO $$
+DECLARE
+    d INTEGER := floor(extract(epoch FROM now()) / 86400);
+    name TEXT := to_char(date '1970-01-01' + d, 'YYYYMMDD');
+BEGIN
+    EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%s) TO (%s)',
+                   'events_' || name, d, d + 1);
+    EXECUTE format('CREATE TABLE %I PARTITION OF batches FOR VALUES FROM (%s) TO (%s)',
+                   'batches_' || name, d, d + 1);
+    EXECUTE format('INSERT INTO events (id, day, host, boot, seq, time_ns, identity, instance,'
+                   ' kind, verdict, verification, data) SELECT id, %s, host, boot, seq, time_ns,'
+                   ' identity, instance, kind, verdict, verification, data FROM events_v1', d);
+END $$;
+DROP TABLE events_v1;
+-- Exactly once: a unique index of a partitioned table must hold the partition
+-- key, so this one only catches a replay within one day.  What makes it hold
+-- across days is the host's chain state, read under its row lock: the store
+-- looks up the sequences at or below the host's head before it inserts.
+CREATE UNIQUE INDEX events_host_boot_seq ON events (host, boot, seq, day);
+CREATE INDEX events_id ON events (id);
+CREATE INDEX events_identity ON events (identity, id);
+CREATE INDEX events_instance ON events (instance, id);
+CREATE INDEX events_host ON events (host, id);
+CREATE INDEX events_kind ON events (kind, id);
+CREATE INDEX events_time ON events (time_ns) INCLUDE (id);
+CREATE INDEX batches_host ON batches (host, from_seq);
+ALTER SEQUENCE batches_id OWNED BY batches.id;
+""",
+    ),
 )
 
-LATEST = MIGRATIONS[-1][0]
+LATEST = max(version for version, _, _ in MIGRATIONS)
 
 
-def migrate(conn: psycopg.Connection[Any]) -> list[int]:
-    """Bring the schema to :data:`LATEST` on ``conn`` (autocommit); versions applied here."""
+def migrate(
+    conn: psycopg.Connection[Any], steps: tuple[tuple[int, str, str], ...] = MIGRATIONS
+) -> list[int]:
+    """Bring the schema to :data:`LATEST` on ``conn`` (autocommit); versions applied here.
+
+    Versions need not be consecutive (branches of work take numbers apart); each
+    missing one is applied, in increasing order.  A version in the database that
+    this collector does not know is refused, as a newer schema is.
+    """
     applied_now: list[int] = []
+    known = {version for version, _, _ in steps}
+    latest = max(known)
     conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, MIGRATION_LOCK))
     try:
         conn.execute(
@@ -131,12 +210,17 @@ def migrate(conn: psycopg.Connection[Any]) -> list[int]:
             " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
         done = {int(r[0]) for r in conn.execute("SELECT version FROM schema_version")}
-        if done and max(done) > LATEST:
+        if done and max(done) > latest:
             raise StoreError(
                 f"the database schema is at version {max(done)}, newer than this collector"
-                f" knows ({LATEST}): upgrade this collector"
+                f" knows ({latest}): upgrade this collector"
             )
-        for version, description, ddl in MIGRATIONS:
+        if done - known:
+            raise StoreError(
+                f"the database schema has version(s) {sorted(done - known)} that this collector"
+                " does not know: upgrade this collector"
+            )
+        for version, description, ddl in sorted(steps):
             if version in done:
                 continue
             with conn.transaction():

@@ -2,8 +2,13 @@
 
 How the store's promises (see :mod:`sidecar.collector.store`) hold across replicas:
 
-- exactly once: the unique index on ``(host, boot, seq)`` and ``ON CONFLICT DO
-  NOTHING``; whichever replica a replayed batch reaches, it inserts nothing twice;
+- exactly once: whichever replica a replayed batch reaches, on whatever day, it
+  inserts nothing twice.  ``events`` is partitioned by day and its unique index
+  ``(host, boot, seq, day)`` only sees one day; under the host's row lock every
+  stored sequence of the host is at or below its stored head, so the sequences
+  at or below it are looked up in every partition before the insert;
+- retention drops whole day partitions of ``events`` and ``batches`` (each
+  batch's signed facts, kept as long as its events) with ``DROP TABLE``;
 - one chain writer per host: :meth:`PostgresStore.ingest_checked` locks the
   host's row in ``hosts`` (``SELECT … FOR UPDATE``) before it reads the chain
   state, and holds it until commit, so a second replica with a batch of the same
@@ -26,22 +31,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.sql
 
 from sidecar.api.v1 import collector_pb2, event_pb2
-from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, migrate
+from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, MAINTENANCE_LOCK, migrate
 from sidecar.collector.store import (
     BootstrapUse,
     HostState,
     NewEvent,
     Plan,
+    SignedBatch,
+    StoredBatch,
     StoreError,
+    day_name,
+    day_of,
     filter_columns,
     verdict_of,
 )
@@ -54,13 +66,36 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 #: LISTEN/NOTIFY channel on which every insert of events is announced.
 CHANNEL = "sidecar_events"
 CONNECT_TIMEOUT_S = 10
+#: How long a caller waits for a free connection before the store says it is stuck.
+POOL_TIMEOUT_S = 30.0
+#: Server-side limits set on every session (PostgreSQL enforces them even when
+#: this replica is frozen): a transaction left open by a stopped replica ends,
+#: and its host row locks with it, instead of blocking every other replica.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 30.0
+STATEMENT_TIMEOUT_MS = 60_000
+#: A call that has not returned after this long is cut off by this replica: its
+#: connection's socket is shut, so a database that stopped answering at all (a
+#: frozen server, a vanished host) fails the call instead of hanging it.
+OPERATION_TIMEOUT_S = 90.0
+#: Partitions exist this many days ahead, so that an insert never waits for one.
+DAYS_AHEAD = 2
+WATCHDOG_INTERVAL_S = 0.5
 LISTEN_POLL_S = 0.2  # how soon the listener notices close()
 LISTEN_BACKOFF_MAX_S = 5.0
 
+# One statement for a batch's rows, in their order (WITH ORDINALITY ... ORDER BY:
+# ids are drawn in that order).  The arrays travel in binary: dumping them as
+# text (quoting every element in Python) cost more than a millisecond a batch.
+# ON CONFLICT only ever meets a replay within one day: _new_rows has taken out
+# what any day holds.
 _INSERT = (
-    "INSERT INTO events (host, boot, seq, time_ns, identity, instance, kind, verdict,"
-    " verification, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-    " ON CONFLICT (host, boot, seq) DO NOTHING RETURNING id"
+    "INSERT INTO events (day, host, boot, seq, time_ns, identity, instance, kind, verdict,"
+    " verification, data) SELECT %s, u.host, u.boot, u.seq, u.time_ns, u.identity,"
+    " u.instance, u.kind, u.verdict, u.verification, u.data FROM unnest(%b::text[],"
+    " %b::text[], %b::bigint[], %b::bigint[], %b::text[], %b::text[], %b::text[],"
+    " %b::integer[], %b::smallint[], %b::bytea[]) WITH ORDINALITY AS u(host, boot, seq,"
+    " time_ns, identity, instance, kind, verdict, verification, data, n) ORDER BY u.n"
+    " ON CONFLICT (host, boot, seq, day) DO NOTHING RETURNING id, seq"
 )
 
 
@@ -71,25 +106,54 @@ def _fingerprint(der: bytes) -> str:
 class PostgresStore:
     """Events, chain state, quarantine and join tokens in a shared PostgreSQL database."""
 
-    def __init__(self, dsn: str, connections: int = 4) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        connections: int = 4,
+        clock: Callable[[], int] = time.time_ns,
+        pool_timeout_s: float = POOL_TIMEOUT_S,
+        operation_timeout_s: float = OPERATION_TIMEOUT_S,
+        idle_in_transaction_timeout_s: float = IDLE_IN_TRANSACTION_TIMEOUT_S,
+    ) -> None:
         self._dsn = dsn
         self.threads = connections
+        self._clock = clock  # the day a row is stored on comes from it
+        self._pool_timeout_s = pool_timeout_s
+        self._operation_timeout_s = operation_timeout_s
+        # Connections in use and when each call on them must have returned.
+        self._busy: dict[int, tuple[Conn, float]] = {}
+        self._busy_lock = threading.Lock()
+        self._watchdog: threading.Thread | None = None
+        self._cut: set[int] = set()
         given = psycopg.conninfo.conninfo_to_dict(dsn)
         self._extra: dict[str, Any] = {}
         if "application_name" not in given:
             self._extra["application_name"] = "sidecar-collector"
         if "connect_timeout" not in given:
             self._extra["connect_timeout"] = CONNECT_TIMEOUT_S
+        # TCP keepalives notice a database host that vanished (no effect on a unix
+        # socket); the server-side timeouts go before the DSN's own options.
+        if "keepalives_idle" not in given:
+            self._extra.update(
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3
+            )
+        self._extra["options"] = (
+            f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout_s * 1000)}"
+            f" -c statement_timeout={STATEMENT_TIMEOUT_MS} {given.get('options', '')}"
+        ).strip()  # the DSN's own options last: a setting given there wins
         self._where = f"{given.get('host', 'localhost')}/{given.get('dbname', '')}"
         self._free: queue.LifoQueue[Conn] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(connections)
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
-        with self._conn() as conn:
+        with self._conn(timeout_s=None) as conn:
             try:
+                conn.execute("SET statement_timeout = 0")  # a migration may rewrite a table
                 migrate(conn)
+                conn.execute("RESET statement_timeout")
             except psycopg.Error as exc:
                 raise StoreError(f"cannot migrate store {self._where}: {exc}") from exc
+        self.maintain(None)
 
     # ---- connections -----------------------------------------------------------------
 
@@ -100,18 +164,40 @@ class PostgresStore:
             raise StoreError(f"cannot connect to store {self._where}: {exc}") from exc
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator[Conn]:
-        """A pooled connection (autocommit; writers open ``conn.transaction()``)."""
+    def _conn(self, timeout_s: float | None = -1.0) -> Iterator[Conn]:
+        """A pooled connection (autocommit; writers open ``conn.transaction()``).
+
+        The caller must be done with it within ``timeout_s`` (default: the store's
+        operation timeout; None: no limit, for migrations and long reads), or the
+        watchdog cuts the connection and the call fails with a StoreError.
+        """
+        if timeout_s is not None and timeout_s < 0:
+            timeout_s = self._operation_timeout_s
         if self._closed.is_set():
             raise StoreError(f"store {self._where} is closed")
-        with self._slots:
+        if not self._slots.acquire(timeout=self._pool_timeout_s):
+            raise StoreError(
+                f"store {self._where}: no database connection came free in"
+                f" {self._pool_timeout_s:g} s (is the database stuck?)"
+            )
+        try:
             try:
                 conn = self._free.get_nowait()
             except queue.Empty:
                 conn = self._connect()
+            if timeout_s is not None:
+                self._watch(conn, timeout_s)
             try:
                 yield conn
+            except Exception as exc:  # psycopg's error, or the StoreError made of it
+                if self._was_cut(conn):
+                    raise StoreError(
+                        f"store {self._where}: no answer in {timeout_s:g} s, connection cut"
+                    ) from exc
+                raise
             finally:
+                with self._busy_lock:
+                    self._busy.pop(id(conn), None)
                 if (
                     conn.closed
                     or conn.broken
@@ -121,6 +207,44 @@ class PostgresStore:
                     conn.close()
                 else:
                     self._free.put(conn)
+        finally:
+            self._slots.release()
+
+    def _watch(self, conn: Conn, timeout_s: float) -> None:
+        with self._busy_lock:
+            self._busy[id(conn)] = (conn, time.monotonic() + timeout_s)
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._cut_overdue, name="collector-pg-watchdog", daemon=True
+                )
+                self._watchdog.start()
+
+    def _cut_overdue(self) -> None:
+        """Shut the socket of each connection whose call is overdue (libpq then fails it).
+
+        Server-side timeouts cannot help when the server itself stopped answering;
+        this works from this side whatever the server does.
+        """
+        while not self._closed.wait(WATCHDOG_INTERVAL_S):
+            now = time.monotonic()
+            with self._busy_lock:
+                overdue = [c for c, deadline in self._busy.values() if deadline <= now]
+                for c in overdue:
+                    self._busy.pop(id(c), None)
+                    self._cut.add(id(c))
+            for c in overdue:
+                _logger.warning("store %s: a call got no answer in time: cutting it", self._where)
+                with contextlib.suppress(OSError, psycopg.Error):
+                    fd = os.dup(c.pgconn.socket)
+                    with socket.socket(fileno=fd) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def _was_cut(self, conn: Conn) -> bool:
+        with self._busy_lock:
+            if id(conn) in self._cut:
+                self._cut.discard(id(conn))
+                return True
+        return False
 
     def _rows(self, sql: str, args: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with self._conn() as conn:
@@ -191,49 +315,134 @@ class PostgresStore:
         return HostState(int(rows[0][0]), bytes(rows[0][1])) if rows else HostState()
 
     def ingest_checked(
-        self, host: str, decide: Callable[[HostState], Plan]
+        self, host: str, decide: Callable[[HostState], Plan], head_holds: bool = True
     ) -> list[collector_pb2.StoredEvent]:
-        with self._conn() as conn:
+        """See :meth:`Store.ingest_checked`.  ``head_holds`` False: the caller stores
+        events without moving the host's head past them, so none is taken as new
+        for being above the head (every sequence is looked up)."""
+        day = day_of(self._clock())
+        for attempt in (1, 2):
             try:
-                with conn.transaction():
-                    state = self._lock_host(conn, host)
-                    plan = decide(state)
-                    if plan.quarantine is not None:
-                        self._quarantine(conn, host, *plan.quarantine)
-                    out = self._insert(conn, plan.rows)
-                    if plan.state.last_sequence > state.last_sequence:
-                        self._save_state(conn, host, plan.state)
-                    return out
+                return self._ingest_once(host, decide, day, head_holds)
+            except psycopg.errors.CheckViolation as exc:
+                # "no partition of relation ... found for row": the day's partition
+                # is made ahead of need, so only a clock that jumped gets here.
+                if attempt == 2 or "no partition" not in str(exc):
+                    raise StoreError(f"cannot store events of {host}: {exc}") from exc
+                self._ensure_days([day])
             except psycopg.Error as exc:
                 raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _ingest_once(
+        self, host: str, decide: Callable[[HostState], Plan], day: int, head_holds: bool
+    ) -> list[collector_pb2.StoredEvent]:
+        """One transaction, in three round trips at most (pipeline mode).
+
+        1. lock the host's row and read its chain state;
+        2. only for a resend overlapping what is stored: which of its sequences are;
+        3. everything else, the commit included: the append lock is held for one
+           multi-row INSERT and the commit, with no client round trip inside.
+        """
+        with self._conn() as conn, conn.pipeline() as pipe, conn.transaction():
+            state = self._lock_host(conn, host, pipe)
+            plan = decide(state)
+            head = state.last_sequence if head_holds else 1 << 62
+            rows = self._new_rows(conn, host, plan.rows, head, pipe)
+            if plan.quarantine is not None:
+                self._quarantine(conn, host, *plan.quarantine)
+            seqs = [ne.event.sequence for ne in rows if ne.event.sequence]
+            if plan.signed is not None and seqs:
+                self._keep_batch(conn, plan.signed, min(seqs), day)
+            if plan.state.last_sequence > state.last_sequence:
+                self._save_state(conn, host, plan.state)
+            cur = self._insert(conn, rows, day)
+        return self._inserted(cur, rows)
 
     def ingest(
         self, host: str, events: Sequence[NewEvent], state: HostState | None
     ) -> list[collector_pb2.StoredEvent]:
-        with self._conn() as conn:
-            try:
-                with conn.transaction():
-                    before = self._lock_host(conn, host) if state is not None else None
-                    out = self._insert(conn, events)
-                    if state and before and state.last_sequence > before.last_sequence:
-                        self._save_state(conn, host, state)
-                    return out
-            except psycopg.Error as exc:
-                raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        return self.ingest_checked(
+            host, lambda before: Plan(events, state or before), head_holds=state is not None
+        )
 
     @staticmethod
-    def _lock_host(conn: Conn, host: str) -> HostState:
-        """The host's chain state, its row locked until the transaction ends."""
+    def _lock_host(conn: Conn, host: str, pipe: psycopg.Pipeline | None = None) -> HostState:
+        """The host's chain state, its row locked until the transaction ends.
+
+        In pipeline mode, a Sync (not only a flush) ends the round trip: only then
+        is the session "idle in transaction" for the server, whose timeout ends the
+        transaction of a replica that froze here, holding the host's lock.
+        """
         conn.execute(
             "INSERT INTO hosts (host, last_seq, last_chain) VALUES (%s, 0, %s)"
             " ON CONFLICT (host) DO NOTHING",
             (host, CHAIN_SEED),
         )
-        row = conn.execute(
+        cur = conn.execute(
             "SELECT last_seq, last_chain FROM hosts WHERE host = %s FOR UPDATE", (host,)
-        ).fetchone()
+        )
+        if pipe is not None:
+            pipe.sync()
+        row = cur.fetchone()
         assert row is not None  # inserted above, and rows of hosts are never deleted
         return HostState(int(row[0]), bytes(row[1]))
+
+    @staticmethod
+    def _new_rows(
+        conn: Conn,
+        host: str,
+        rows: Sequence[NewEvent],
+        head: int,
+        pipe: psycopg.Pipeline | None = None,
+    ) -> Sequence[NewEvent]:
+        """``rows`` without the events already stored, whatever day they were stored on.
+
+        Under the host's row lock every stored event of the host has a sequence
+        at or below ``head``: those above it are new without asking.  Those at or
+        below (a resend after a failover, a late batch) are looked up in every
+        day's partition, as the unique index, which must hold the day, cannot.
+        """
+        old = [ne.event for ne in rows if 0 < ne.event.sequence <= head]
+        if not old:
+            return rows
+        cur = conn.execute(
+            "SELECT boot, seq FROM events WHERE host = %s AND boot = ANY(%s)"
+            " AND seq BETWEEN %s AND %s",
+            (
+                host,
+                sorted({e.boot_id for e in old}),
+                min(e.sequence for e in old),
+                max(e.sequence for e in old),
+            ),
+        )
+        if pipe is not None:
+            pipe.sync()  # as in _lock_host
+        found = cur.fetchall()
+        stored = {(str(b), int(q)) for b, q in found}
+        return [
+            ne
+            for ne in rows
+            if not ne.event.sequence or (ne.event.boot_id, ne.event.sequence) not in stored
+        ]
+
+    @staticmethod
+    def _keep_batch(conn: Conn, signed: SignedBatch, from_seq: int, day: int) -> None:
+        conn.execute(
+            "INSERT INTO batches (day, host, first_seq, last_seq, prev_chain, signature, signer,"
+            " from_seq, from_chain) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                day,
+                signed.host,
+                signed.first_sequence,
+                signed.last_sequence,
+                signed.prev_chain,
+                signed.signature,
+                signed.signer,
+                from_seq,
+                signed.chain_before(from_seq),
+            ),
+        )
 
     @staticmethod
     def _save_state(conn: Conn, host: str, state: HostState) -> None:
@@ -243,15 +452,17 @@ class PostgresStore:
         )
 
     @staticmethod
-    def _insert(conn: Conn, events: Sequence[NewEvent]) -> list[collector_pb2.StoredEvent]:
-        """Insert under the append lock (held to commit: ids become visible in order)."""
+    def _insert(conn: Conn, events: Sequence[NewEvent], day: int) -> psycopg.Cursor[Any] | None:
+        """Queue the insert under the append lock (held to commit: ids become visible
+        in order); its cursor, to read the new ids from once the pipeline synced."""
         if not events:
-            return []
+            return None
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
-        params = []
+        cols: list[list[object]] = [[] for _ in range(10)]
         for ne in events:
             ev = ne.event
-            params.append(
+            for col, value in zip(
+                cols,
                 (
                     ev.host,
                     ev.boot_id,
@@ -263,22 +474,34 @@ class PostgresStore:
                     verdict_of(ev),
                     int(ne.verification),
                     ne.payload,
-                )
-            )
+                ),
+                strict=True,
+            ):
+                col.append(value)
+        cur = conn.cursor()
+        cur.execute(_INSERT, (day, *cols))
+        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        return cur
+
+    @staticmethod
+    def _inserted(
+        cur: psycopg.Cursor[Any] | None, events: Sequence[NewEvent]
+    ) -> list[collector_pb2.StoredEvent]:
+        """What went in, with cursors, in insert order (a same-day duplicate is skipped)."""
+        if cur is None:
+            return []
+        got = cur.fetchall()
+        cur.close()
         out: list[collector_pb2.StoredEvent] = []
-        with conn.cursor() as cur:
-            cur.executemany(_INSERT, params, returning=True)
-            for ne in events:  # one result per row: its id, or nothing for a duplicate
-                row = cur.fetchone()
-                if row is not None:
-                    out.append(
-                        collector_pb2.StoredEvent(
-                            cursor=int(row[0]), event=ne.event, verification=ne.verification
-                        )
+        k = 0
+        for ne in events:  # the returned rows are the inserted ones, in input order
+            if k < len(got) and (got[k][1] or 0) == ne.event.sequence:
+                out.append(
+                    collector_pb2.StoredEvent(
+                        cursor=int(got[k][0]), event=ne.event, verification=ne.verification
                     )
-                cur.nextset()
-        if out:
-            conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+                )
+                k += 1
         return out
 
     def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
@@ -338,7 +561,14 @@ class PostgresStore:
         ]
 
     def first_cursor_since(self, time_ns: int) -> int:
-        rows = self._rows("SELECT min(id) FROM events WHERE time_ns >= %s", (time_ns,))
+        # The subquery is a fence: without it the planner may answer min(id) by
+        # walking the id index from the oldest row until one is recent enough,
+        # which reads nearly the whole table when time_ns is recent.  This reads
+        # the events at or after time_ns only, from the (time_ns) INCLUDE (id) index.
+        rows = self._rows(
+            "SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= %s OFFSET 0) AS since",
+            (time_ns,),
+        )
         if rows[0][0] is not None:
             return int(rows[0][0]) - 1
         return self.last_cursor()
@@ -351,6 +581,133 @@ class PostgresStore:
         if host is None:
             return int(self._rows("SELECT count(*) FROM events")[0][0])
         return int(self._rows("SELECT count(*) FROM events WHERE host = %s", (host,))[0][0])
+
+    # ---- kept batches and retention --------------------------------------------------
+
+    def stored_batches(self, host: str) -> list[StoredBatch]:
+        rows = self._rows(
+            "SELECT first_seq, last_seq, prev_chain, signature, signer, from_seq, from_chain, day"
+            " FROM batches WHERE host = %s ORDER BY from_seq, id",
+            (host,),
+        )
+        return [
+            StoredBatch(
+                host=host,
+                first_sequence=int(r[0]),
+                last_sequence=int(r[1]),
+                prev_chain=bytes(r[2]),
+                signature=bytes(r[3]),
+                signer=bytes(r[4]),
+                from_sequence=int(r[5]),
+                from_chain=bytes(r[6]),
+                day=int(r[7]),
+            )
+            for r in rows
+        ]
+
+    def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
+        with self._conn(timeout_s=None) as conn:  # as long as the caller reads
+            try:
+                with conn.transaction(), conn.cursor(name="chain_events") as cur:
+                    cur.itersize = 2000
+                    cur.execute(
+                        "SELECT seq, boot, data FROM events WHERE host = %s AND seq IS NOT NULL"
+                        " ORDER BY seq, id",
+                        (host,),
+                    )
+                    for seq, boot, data in cur:
+                        yield int(seq), str(boot), bytes(data)
+            except psycopg.Error as exc:
+                raise StoreError(f"store {self._where}: {exc}") from exc
+
+    def _partitions(self, conn: Conn) -> dict[str, list[int]]:
+        """Days that have a partition, by table (events, batches)."""
+        out: dict[str, list[int]] = {"events": [], "batches": []}
+        for parent, bound in conn.execute(
+            "SELECT p.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent"
+            " WHERE p.relname IN ('events', 'batches')"
+            " AND p.relnamespace = 'public'::regnamespace"
+        ).fetchall():
+            # "FOR VALUES FROM (20786) TO (20787)": one day each, as made below.
+            # A partition another replica is dropping right now has no bound any more.
+            if bound is None or "(" not in str(bound):
+                continue
+            low = str(bound).split("(", 1)[1].split(")", 1)[0]
+            out[str(parent)].append(int(low))
+        return out
+
+    def _ensure_days(self, days: Sequence[int]) -> None:
+        """Make the partitions of ``days`` that do not exist yet (any replica may, at once)."""
+        with self._conn() as conn, conn.transaction():
+            # Replicas doing this at once take turns; each makes only what is missing.
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, MAINTENANCE_LOCK))
+            conn.execute("SET LOCAL lock_timeout = '10s'")
+            have = self._partitions(conn)
+            for table in ("events", "batches"):
+                for day in sorted(set(days) - set(have[table])):
+                    conn.execute(
+                        psycopg.sql.SQL(
+                            "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                        ).format(
+                            psycopg.sql.Identifier(f"{table}_{day_name(day)}"),
+                            psycopg.sql.Identifier(table),
+                            psycopg.sql.Literal(day),
+                            psycopg.sql.Literal(day + 1),
+                        )
+                    )
+                    _logger.info("store: made partition %s_%s", table, day_name(day))
+
+    def maintain(self, keep_days: int | None) -> list[int]:
+        """Make the partitions of today and the next days; drop days past ``keep_days``.
+
+        Dropping takes the maintenance lock without waiting: when another
+        replica holds it, it is doing this very work, and this one skips.  Each
+        day goes in its own transaction, its events and batches together, as
+        whole tables (DROP TABLE), never row by row.
+        """
+        today = day_of(self._clock())
+        try:
+            self._ensure_days(range(today, today + DAYS_AHEAD + 1))
+            if keep_days is None:
+                return []
+            dropped: list[int] = []
+            with self._conn() as conn:
+                have = self._partitions(conn)
+                expired = sorted(
+                    {d for days in have.values() for d in days if d < today - keep_days}
+                )
+                for day in expired:
+                    with conn.transaction():
+                        got = conn.execute(
+                            "SELECT pg_try_advisory_xact_lock(%s, %s)",
+                            (LOCK_CLASS, MAINTENANCE_LOCK),
+                        ).fetchone()
+                        if not got or not got[0]:
+                            return dropped  # another replica is at it
+                        # DROP waits for running queries of the table; not for long
+                        # (holding back every insert meanwhile): else the next round.
+                        conn.execute("SET LOCAL lock_timeout = '2s'")
+                        gone = 0
+                        for table in ("events", "batches"):
+                            name = f"{table}_{day_name(day)}"
+                            # Another replica may have dropped it since the list was read.
+                            there = conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()
+                            if there is None or there[0] is None:
+                                continue
+                            conn.execute(
+                                psycopg.sql.SQL("DROP TABLE {}").format(
+                                    psycopg.sql.Identifier(name)
+                                )
+                            )
+                            gone += 1
+                    if not gone:
+                        continue
+                    dropped.append(day)
+                    _logger.info("store: dropped the events of %s (retention)", day_name(day))
+            return dropped
+        except psycopg.Error as exc:
+            raise StoreError(f"store {self._where}: partition maintenance failed: {exc}") from exc
 
     # ---- join tokens -----------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from sidecar.collector.store import (
     HostState,
     NewEvent,
     Plan,
+    SignedBatch,
     Store,
     open_store,
 )
@@ -54,6 +55,8 @@ _logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Ctx = grpc.aio.ServicerContext
 HOST_PREFIX = "/host/"
+#: How often a collector prepares the store's coming days and drops expired ones.
+MAINTENANCE_INTERVAL_S = 3600.0
 
 
 def token_hash(token: str) -> str:
@@ -210,7 +213,18 @@ class _Core:
                 ]
                 rows.extend(checked.events)
                 held = (batch, checked.quarantine) if checked.quarantine else None
-                return Plan(rows, checked.state, held)
+                signed = None
+                if not held:  # kept with its events, to check the chain again later
+                    signed = SignedBatch(
+                        host,
+                        batch.first_sequence,
+                        batch.last_sequence,
+                        batch.prev_chain,
+                        verified.chains,
+                        batch.signature,
+                        verified.signer,
+                    )
+                return Plan(rows, checked.state, held, signed)
 
             stored = self.store.ingest_checked(host, decide)
             checked = seen[-1]
@@ -547,6 +561,7 @@ class CollectorServer:
         self._cert_renew_at = 0.0
         self.cert_rotations = 0  # certificates made so far (the first one included)
         self._feed: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> Store:
@@ -614,9 +629,23 @@ class CollectorServer:
             core.publish_own = False
             self._feed = asyncio.create_task(feed.run(), name="collector-feed")
 
+    async def maintain(self) -> list[int]:
+        """Prepare the store's coming days and drop the expired ones (``retention``)."""
+        return await self.core.db(self.core.store.maintain, self.config.retention_days)
+
+    async def _maintain_forever(self) -> None:
+        """Hourly: days are whole, so an hour late at worst keeps a day an hour longer."""
+        while True:
+            try:
+                await self.maintain()
+            except SidecarError as exc:  # the next round tries again
+                _logger.warning("store maintenance failed: %s", exc)
+            await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+
     async def start(self) -> None:
         core = self.core
         self._start_feed()
+        self._maintenance = asyncio.create_task(self._maintain_forever(), name="store-maintenance")
         main = grpc.aio.server(options=self._options())
         collector_pb2_grpc.add_CollectorServicer_to_server(CollectorService(core), main)
         self.port = _bind(main, self.config.listen, self._dynamic_credentials(True))
@@ -641,6 +670,11 @@ class CollectorServer:
         g = self.config.grace_s if grace is None else grace
         await asyncio.gather(*(s.stop(g) for s in self._servers))
         self._servers.clear()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
         if self._feed is not None:
             self._feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):

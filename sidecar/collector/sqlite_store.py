@@ -16,7 +16,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,7 +26,11 @@ from sidecar.collector.store import (
     HostState,
     NewEvent,
     Plan,
+    SignedBatch,
+    StoredBatch,
     StoreError,
+    day_name,
+    day_of,
     filter_columns,
     verdict_of,
 )
@@ -96,6 +100,38 @@ INSERT OR IGNORE INTO host_enrollments (host, via, token_hash, enrolled_ns)
 SELECT host, 'seen', '', 0 FROM hosts;
 """
 
+# Versions of the file's schema after _SCHEMA (PRAGMA user_version), each applied once.
+_UPGRADES: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+ALTER TABLE events ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+CREATE INDEX events_instance ON events (instance);
+-- Retention: the cursor range each day's events took (one writer, and a day that
+-- never goes back, so the ranges follow each other).
+CREATE TABLE days (
+    day INTEGER PRIMARY KEY,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL
+);
+CREATE TABLE batches (
+    id INTEGER PRIMARY KEY,
+    day INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    prev_chain BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    signer BLOB NOT NULL,
+    from_seq INTEGER NOT NULL,
+    from_chain BLOB NOT NULL
+);
+CREATE INDEX batches_host ON batches (host, from_seq);
+CREATE INDEX batches_day ON batches (day);
+""",
+    ),
+)
+
 
 def _int(value: object) -> int:
     if not isinstance(value, int):
@@ -110,8 +146,8 @@ def _bytes(value: object) -> bytes:
 
 
 _INSERT = (
-    "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, kind,"
-    " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO events (host, boot, seq, time_ns, identity, instance, kind,"
+    " verdict, verification, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -120,9 +156,10 @@ class SqliteStore:
 
     threads = 1  # one connection, one writer
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], int] = time.time_ns) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._clock = clock  # the day a row is stored on comes from it
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -130,8 +167,44 @@ class SqliteStore:
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(_SCHEMA)
             self._create_enrollment_tables()
+            self._upgrade()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
+        row = self._db.execute("SELECT max(day) FROM days").fetchone()
+        self._last_day = int(row[0]) if row and row[0] is not None else 0
+
+    def _upgrade(self) -> None:
+        """Apply the schema versions the file lacks, each in one transaction."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        for number, script in _UPGRADES:
+            if number <= version:
+                continue
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                if number == 1:
+                    self._backfill_v1()
+                self._db.execute(f"PRAGMA user_version = {number}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            _logger.info("store %s: schema upgraded to version %d", self.path, number)
+
+    def _backfill_v1(self) -> None:
+        """Events stored before version 1: their instance, and today as their day."""
+        rows = self._db.execute("SELECT id, data FROM events").fetchall()
+        self._db.executemany(
+            "UPDATE events SET instance = ? WHERE id = ?",
+            [(event_pb2.Event.FromString(data).process.instance_id, i) for i, data in rows],
+        )
+        if rows:
+            self._db.execute(
+                "INSERT INTO days (day, first_id, last_id) SELECT ?, min(id), max(id) FROM events",
+                (day_of(self._clock()),),
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -230,6 +303,8 @@ class SqliteStore:
         planned: Callable[[], tuple[Sequence[NewEvent], HostState | None, Plan | None]],
     ) -> list[collector_pb2.StoredEvent]:
         out: list[collector_pb2.StoredEvent] = []
+        # A day never goes back here, so each day's cursors follow the last one's.
+        day = max(day_of(self._clock()), self._last_day)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -237,6 +312,15 @@ class SqliteStore:
                 if plan is not None and plan.quarantine is not None:
                     self._quarantine(host, *plan.quarantine)
                 out = self._insert(events)
+                if out:
+                    self._db.execute(
+                        "INSERT INTO days (day, first_id, last_id) VALUES (?, ?, ?)"
+                        " ON CONFLICT (day) DO UPDATE SET last_id = excluded.last_id",
+                        (day, out[0].cursor, out[-1].cursor),
+                    )
+                seqs = [se.event.sequence for se in out if se.event.sequence]
+                if plan is not None and plan.signed is not None and seqs:
+                    self._keep_batch(plan.signed, min(seqs), day)
                 if state is not None:
                     self._db.execute(
                         "INSERT INTO hosts (host, last_seq, last_chain) VALUES (?, ?, ?)"
@@ -251,7 +335,25 @@ class SqliteStore:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot store events of {host}: {exc}") from exc
+        self._last_day = day
         return out
+
+    def _keep_batch(self, signed: SignedBatch, from_seq: int, day: int) -> None:
+        self._db.execute(
+            "INSERT INTO batches (day, host, first_seq, last_seq, prev_chain, signature, signer,"
+            " from_seq, from_chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                day,
+                signed.host,
+                signed.first_sequence,
+                signed.last_sequence,
+                signed.prev_chain,
+                signed.signature,
+                signed.signer,
+                from_seq,
+                signed.chain_before(from_seq),
+            ),
+        )
 
     def _insert(self, events: Sequence[NewEvent]) -> list[collector_pb2.StoredEvent]:
         """Insert a batch's rows (duplicates ignored); what was inserted, with cursors.
@@ -268,6 +370,7 @@ class SqliteStore:
                 ev.sequence or None,
                 ev.time_ns,
                 ev.identity,
+                ev.process.instance_id,
                 ev.WhichOneof("body") or "",
                 verdict_of(ev),
                 ne.verification,
@@ -351,6 +454,81 @@ class SqliteStore:
             if host is None:
                 return _int(self._q("SELECT COUNT(*) FROM events", ())[0][0])
             return _int(self._q("SELECT COUNT(*) FROM events WHERE host = ?", (host,))[0][0])
+
+    # ---- kept batches and retention --------------------------------------------------
+
+    def stored_batches(self, host: str) -> list[StoredBatch]:
+        with self._lock:
+            rows = self._q(
+                "SELECT first_seq, last_seq, prev_chain, signature, signer, from_seq,"
+                " from_chain, day FROM batches WHERE host = ? ORDER BY from_seq, id",
+                (host,),
+            )
+        return [
+            StoredBatch(
+                host=host,
+                first_sequence=_int(r[0]),
+                last_sequence=_int(r[1]),
+                prev_chain=_bytes(r[2]),
+                signature=_bytes(r[3]),
+                signer=_bytes(r[4]),
+                from_sequence=_int(r[5]),
+                from_chain=_bytes(r[6]),
+                day=_int(r[7]),
+            )
+            for r in rows
+        ]
+
+    def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
+        after = (0, 0)  # (seq, id): read in pages, not holding the lock between them
+        while True:
+            with self._lock:
+                rows = self._q(
+                    "SELECT seq, id, boot, data FROM events WHERE host = ? AND seq IS NOT NULL"
+                    " AND (seq > ? OR (seq = ? AND id > ?)) ORDER BY seq, id LIMIT 2000",
+                    (host, after[0], after[0], after[1]),
+                )
+            for seq, i, boot, data in rows:
+                yield _int(seq), str(boot), _bytes(data)
+                after = (_int(seq), _int(i))
+            if len(rows) < 2000:
+                return
+
+    def maintain(self, keep_days: int | None) -> list[int]:
+        """Drop each expired day: its events by their cursor range, its batches by day.
+
+        SQLite has no partitions: a day goes as one ``DELETE`` of a range of
+        row ids (the primary key), one transaction per day, never by scanning
+        for old rows.  The file does not shrink; SQLite reuses the pages.
+        """
+        if keep_days is None:
+            return []
+        today = day_of(self._clock())
+        dropped: list[int] = []
+        with self._lock:
+            expired = self._q(
+                "SELECT day, first_id, last_id FROM days WHERE day < ? ORDER BY day",
+                (today - keep_days,),
+            )
+            try:
+                for day, first, last in expired:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.execute(
+                            "DELETE FROM events WHERE id BETWEEN ? AND ?", (first, last)
+                        )
+                        self._db.execute("DELETE FROM batches WHERE day = ?", (day,))
+                        self._db.execute("DELETE FROM days WHERE day = ?", (day,))
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
+                        raise
+                    dropped.append(_int(day))
+                    _logger.info("store: dropped the events of %s (retention)", day_name(_int(day)))
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: retention failed: {exc}") from exc
+        return dropped
 
     # ---- join tokens -----------------------------------------------------------------
 

@@ -7,7 +7,11 @@
 
 What both promise, and the server relies on:
 
-- exactly once: ``(host, boot, seq)`` is unique, a replayed event is a no-op;
+- exactly once: a replayed ``(host, boot, seq)`` is a no-op, on whatever day it
+  comes (PostgreSQL's unique index holds the day partition, so there the host's
+  stored head, read under its lock, says which sequences to look up first);
+- each stored batch's signed facts are kept as long as the events it stored,
+  and whole days are dropped together (:meth:`Store.maintain`);
 - a host's chain is extended by one writer at a time: :meth:`Store.ingest_checked`
   reads the host's chain state, lets the caller decide what to store from it, and
   stores that, all under the host's lock in one transaction;
@@ -23,7 +27,7 @@ All methods block; the server calls them from its database worker threads
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
@@ -58,6 +62,50 @@ class NewEvent:
 
 
 @dataclass(frozen=True)
+class SignedBatch:
+    """What a host signed for one batch, kept as long as the events it stored.
+
+    With the events' stored bytes this is enough to check the batch again
+    later: re-chain the events from the hash before the first one this batch
+    stored, and check the signature over the result (see
+    :func:`sidecar.collector.verify.verify_stored_chain`).
+    """
+
+    host: str
+    first_sequence: int
+    last_sequence: int
+    prev_chain: bytes
+    #: The chain hash after each of the batch's events (computed when it arrived).
+    chains: Sequence[bytes]
+    signature: bytes
+    #: The signing key (SubjectPublicKeyInfo, DER): host keys change at renewal.
+    signer: bytes
+
+    def chain_before(self, sequence: int) -> bytes:
+        """The chain hash just before ``sequence`` (one of this batch's)."""
+        if sequence == self.first_sequence:
+            return self.prev_chain
+        return self.chains[sequence - self.first_sequence - 1]
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A batch as kept: its signed facts and where its own new events start."""
+
+    host: str
+    first_sequence: int
+    last_sequence: int
+    prev_chain: bytes
+    signature: bytes
+    signer: bytes
+    #: The first sequence this batch stored (later than first_sequence when a
+    #: resend overlapped what was stored), and the chain hash just before it.
+    from_sequence: int
+    from_chain: bytes
+    day: int
+
+
+@dataclass(frozen=True)
 class Plan:
     """What to store for one batch, decided from the host's current chain state."""
 
@@ -65,6 +113,23 @@ class Plan:
     state: HostState
     # A batch kept aside whole (as evidence), and why; None for none.
     quarantine: tuple[collector_pb2.Batch, str] | None = None
+    # The signed batch the rows come from, kept with them while any was new.
+    signed: SignedBatch | None = None
+
+
+DAY_NS = 86_400 * 1_000_000_000
+
+
+def day_of(time_ns: int) -> int:
+    """Days since 1970-01-01 (UTC): the unit of retention."""
+    return time_ns // DAY_NS
+
+
+def day_name(day: int) -> str:
+    """``20261129`` for the day ``day`` (partition and report names)."""
+    import datetime
+
+    return (datetime.date(1970, 1, 1) + datetime.timedelta(days=day)).strftime("%Y%m%d")
 
 
 class BootstrapUse(Enum):
@@ -138,6 +203,23 @@ class Store(Protocol):
 
     def count(self, host: str | None = None) -> int: ...
 
+    def stored_batches(self, host: str) -> list[StoredBatch]:
+        """The signed batches kept for ``host``, in the order their events were stored."""
+        ...
+
+    def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
+        """(sequence, boot, stored bytes) of ``host``'s sequenced events, by sequence."""
+        ...
+
+    def maintain(self, keep_days: int | None) -> list[int]:
+        """Prepare the coming days; drop every day older than the last ``keep_days``.
+
+        Returns the days dropped (days since 1970-01-01, UTC).  Today counts as
+        day 0: with ``keep_days`` 2 on day D, days D-2, D-1 and D stay and what
+        was stored before D-2 goes, with the batches it came in.  None keeps all.
+        """
+        ...
+
     def add_join_token(self, token_hash: str, host: str, expires_ns: int) -> None: ...
 
     def use_join_token(self, token_hash: str, now_ns: int) -> str | None:
@@ -202,6 +284,8 @@ def matches(flt: collector_pb2.EventFilter, event: event_pb2.Event) -> bool:
         return False
     if flt.identities and event.identity not in flt.identities:
         return False
+    if flt.instances and event.process.instance_id not in flt.instances:
+        return False
     if flt.kinds and (event.WhichOneof("body") or "") not in flt.kinds:
         return False
     if flt.verdicts and verdict_of(event) not in flt.verdicts:
@@ -217,6 +301,7 @@ def filter_columns(flt: collector_pb2.EventFilter) -> list[tuple[str, list[objec
     lists: tuple[tuple[str, list[object]], ...] = (
         ("host", list(flt.hosts)),
         ("identity", list(flt.identities)),
+        ("instance", list(flt.instances)),
         ("kind", list(flt.kinds)),
         ("verdict", [int(v) for v in flt.verdicts]),
     )

@@ -25,11 +25,16 @@ import time
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 from google.protobuf.message import DecodeError
 
 from sidecar.api.v1 import collector_pb2, event_pb2
-from sidecar.collector.store import HostState, NewEvent
-from sidecar.export.chain import batch_payload, chain_over, verify
+from sidecar.collector.store import HostState, NewEvent, Store, StoredBatch, day_name
+from sidecar.export.chain import CHAIN_SEED, batch_payload, chain_over, verify
 from sidecar.util.errors import SidecarError
 
 V = collector_pb2.Verification
@@ -67,6 +72,8 @@ class Verified:
     events: list[event_pb2.Event]
     chains: list[bytes]
     signed: bool
+    #: The key that signed it (SubjectPublicKeyInfo, DER), kept with the batch.
+    signer: bytes = b""
 
 
 def verify_batch(
@@ -90,7 +97,8 @@ def verify_batch(
     payload = batch_payload(
         host, batch.first_sequence, batch.last_sequence, batch.prev_chain, chains[-1]
     )
-    return Verified(batch, host, events, chains, verify(key, payload, batch.signature))
+    signer = key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return Verified(batch, host, events, chains, verify(key, payload, batch.signature), signer)
 
 
 def check_batch(
@@ -205,3 +213,120 @@ def _alert(
         time_ns=time.time_ns(),
         integrity=Alert(kind=kind, first_sequence=first, last_sequence=last, detail=detail),
     )
+
+
+# ---- re-verifying what is stored -------------------------------------------------------
+
+
+@dataclass
+class ChainReport:
+    """What re-verifying a host's stored chain found (see :func:`verify_stored_chain`)."""
+
+    host: str
+    batches: int = 0  # kept batches whose events re-chained to their signature
+    events: int = 0  # stored events those batches cover
+    first_sequence: int = 0  # first and last sequence so covered (0: none)
+    last_sequence: int = 0
+    unsigned: int = 0  # stored events no kept batch covers (stored before batches were kept)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        span = f"{self.first_sequence}..{self.last_sequence}" if self.batches else "none"
+        head = (
+            f"host {self.host}: {self.batches} batches, {self.events} events"
+            f" (sequences {span}) re-verified"
+        )
+        if self.unsigned:
+            head += f"; {self.unsigned} events without a kept batch"
+        return "\n".join([head, *(f"  problem: {p}" for p in self.problems)])
+
+
+def verify_stored_chain(store: Store, host: str) -> ChainReport:
+    """Check ``host``'s stored events against the batches kept with them, again.
+
+    For each kept batch: its events are all stored, re-chained from the hash
+    before the first one it stored they give the chain hash its signature
+    covers, and the signature is the host key's.  Between batches: each one
+    starts from the hash the previous one ended with (a break or a gap is a
+    problem).  The earliest kept batch may start anywhere: retention dropped
+    what came before it.  At the end, the last batch must end at the host's
+    stored head.  Memory holds the kept batches and a window of events, not
+    the host's whole history.
+    """
+    report = ChainReport(host)
+    batches = sorted(store.stored_batches(host), key=lambda b: (b.from_sequence, b.last_sequence))
+    events = store.chain_events(host)
+    window: dict[int, list[bytes]] = {}
+    pending = next(events, None)
+    ends: dict[int, bytes] = {}  # chain hash at the last sequence of each verified batch
+    last_end = 0
+    used: set[int] = set()
+    total = 0
+    for b in batches:
+        while pending is not None and pending[0] <= b.last_sequence:
+            window.setdefault(pending[0], []).append(pending[2])
+            total += 1
+            pending = next(events, None)
+        for seq in [s for s in window if s < b.from_sequence]:
+            del window[seq]
+        span = range(b.from_sequence, b.last_sequence + 1)
+        # Checked or not, the sequences up to here are accounted for: a batch after
+        # one that failed is not also blamed for a gap.
+        reached, last_end = last_end, max(last_end, b.last_sequence)
+        where = f"batch {b.first_sequence}..{b.last_sequence} (stored {day_name(b.day)})"
+        missing = [s for s in span if s not in window]
+        if missing:
+            report.problems.append(
+                f"{where}: sequences {missing[0]}..{missing[-1]} are not stored"
+                f" ({len(missing)} missing)"
+            )
+            continue
+        if any(len(window[s]) > 1 for s in span):
+            report.problems.append(f"{where}: a sequence is stored more than once (two boots)")
+            continue
+        chains = chain_over(b.from_chain, b.from_sequence, [window[s][0] for s in span])
+        if not _signed(b, chains[-1]):
+            report.problems.append(f"{where}: the stored events do not match the batch signature")
+            continue
+        before = b.from_sequence - 1
+        if before in ends:
+            if ends[before] != b.from_chain:
+                report.problems.append(f"{where}: does not continue the chain at {before}")
+        elif before == 0:
+            if b.from_chain != CHAIN_SEED:
+                report.problems.append(f"{where}: sequence 1 does not start from the seed")
+        elif reached and before > reached:
+            report.problems.append(f"{where}: sequences {reached + 1}..{before} are not stored")
+        ends.setdefault(b.last_sequence, chains[-1])
+        used.update(span)
+        report.batches += 1
+        report.events += len(span)
+        if not report.first_sequence:
+            report.first_sequence = b.from_sequence
+        report.last_sequence = max(report.last_sequence, b.last_sequence)
+    total += sum(1 for _ in events) + (pending is not None)  # after the last kept batch
+    report.unsigned = total - len(used)
+    head = store.host_state(host)
+    at_head = ends.get(head.last_sequence)
+    if report.batches and at_head is not None and at_head != head.last_chain:
+        report.problems.append(f"the chain at {head.last_sequence} is not the host's stored head")
+    elif report.batches and head.last_sequence > last_end:
+        report.problems.append(
+            f"the host's stored head is at {head.last_sequence}, the kept batches end at {last_end}"
+        )
+    return report
+
+
+def _signed(b: StoredBatch, last_chain: bytes) -> bool:
+    try:
+        key = load_der_public_key(b.signer)
+    except ValueError:
+        return False
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        return False
+    payload = batch_payload(b.host, b.first_sequence, b.last_sequence, b.prev_chain, last_chain)
+    return verify(key, payload, b.signature)

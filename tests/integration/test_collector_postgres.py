@@ -7,12 +7,15 @@ mTLS on loopback, real signed and chained batches; nothing mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -27,7 +30,7 @@ from sidecar.api.v1 import collector_pb2 as pb
 from sidecar.api.v1 import collector_pb2_grpc as pbg
 from sidecar.api.v1 import event_pb2 as ev
 from sidecar.collector.config import CollectorConfig
-from sidecar.collector.migrations import APPEND_LOCK, LATEST, LOCK_CLASS
+from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, MIGRATIONS, migrate
 from sidecar.collector.postgres_store import PostgresStore
 from sidecar.collector.server import CollectorServer, create_join_token
 from sidecar.collector.store import HostState, NewEvent, Plan, StoreError
@@ -150,10 +153,10 @@ def test_replicas_starting_at_once_apply_each_migration_exactly_once(pg_dsn: str
     assert len(opened) == n
     with psycopg.connect(pg_dsn) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == list(range(1, LATEST + 1))
+    assert versions == sorted(v for v, _, _ in MIGRATIONS)
     PostgresStore(pg_dsn).close()  # and opening again later changes nothing
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (LATEST,)
+        assert conn.execute("SELECT count(*) FROM schema_version").fetchone() == (len(MIGRATIONS),)
 
 
 def test_a_schema_newer_than_the_collector_is_refused(pg_dsn: str) -> None:
@@ -503,17 +506,9 @@ def test_query_by_identity_instance_host_kind_and_time_pages_on_either_replica(
     asyncio.run(body())
 
 
-@pytest.mark.parametrize(
-    ("column", "index"),
-    [
-        ("identity", "events_identity"),
-        ("instance", "events_instance"),
-        ("host", "events_host"),
-        ("kind", "events_kind"),
-    ],
-)
+@pytest.mark.parametrize("column", ["identity", "instance", "host", "kind"])
 def test_each_query_column_has_an_index_that_reads_in_cursor_order(
-    pg_dsn: str, column: str, index: str
+    pg_dsn: str, column: str
 ) -> None:
     PostgresStore(pg_dsn).close()
     with psycopg.connect(pg_dsn) as conn:
@@ -525,7 +520,11 @@ def test_each_query_column_has_an_index_that_reads_in_cursor_order(
                 " ORDER BY id LIMIT 100"
             )
         )
-    assert index in plan and "Sort" not in plan, plan
+    # One index scan per day partition, each already in cursor order, merged: no sort.
+    scans = [line for line in plan.splitlines() if "Scan" in line]
+    assert len(scans) >= 3, plan  # today and the days made ahead
+    assert all("Index Scan using events_" in s and f"_{column}_id_idx" in s for s in scans), plan
+    assert not re.search(r"(^|->  )Sort ", plan, re.M), plan
 
 
 # ---- enrollment ---------------------------------------------------------------------
@@ -654,8 +653,8 @@ def test_two_collector_processes_started_at_once_share_the_database(
             wait_port(mtls, procs[i], tmp_path / f"r{i}.log")
             wait_port(enr, procs[i], tmp_path / f"r{i}.log")
         with psycopg.connect(pg_dsn) as conn:
-            rows = conn.execute("SELECT version FROM schema_version").fetchall()
-        assert rows == [(v,) for v in range(1, LATEST + 1)]
+            rows = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+        assert rows == [(v,) for v, _, _ in sorted(MIGRATIONS)]
         bundle = (tmp_path / "r0" / "ca" / "ca.pem").read_bytes()
 
         async def body() -> SimulatedHost:
@@ -684,3 +683,207 @@ def test_two_collector_processes_started_at_once_share_the_database(
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0]
+
+
+# ---- migrations with gaps, and the upgrade to day partitions -----------------------------
+
+
+def test_migrations_apply_each_missing_version_even_with_gaps_and_refuse_unknown_ones(
+    pg_dsn: str,
+) -> None:
+    """Versions are numbered apart by separate lines of work: 1 and 3 first, 2 later."""
+    one = (1, "one", "CREATE TABLE m1 (x INTEGER)")
+    two = (2, "two", "CREATE TABLE m2 (x INTEGER)")
+    three = (3, "three", "CREATE TABLE m3 (x INTEGER)")
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert migrate(conn, (one, three)) == [1, 3]
+        assert migrate(conn, (one, two, three)) == [2]  # the gap, filled later
+        assert migrate(conn, (three, one, two)) == []
+        # A database that has a version this collector lacks (2) is refused.
+        with pytest.raises(StoreError, match=r"version\(s\) \[2\] that this collector"):
+            migrate(conn, (one, three))
+        tables = conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('m1', 'm2', 'm3')"
+        ).fetchone()
+    assert tables == (3,)
+
+
+def test_schema_3_moves_earlier_events_into_a_day_partition_keeping_their_cursors(
+    pg_dsn: str,
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        migrate(conn, MIGRATIONS[:1])  # a database of the first release
+        for i in range(1, 6):
+            e = connect_event(i)
+            e.host, e.boot_id, e.sequence = "h", "boot-1", i
+            conn.execute(
+                "INSERT INTO events (host, boot, seq, time_ns, identity, instance, kind,"
+                " verdict, verification, data) VALUES ('h', 'boot-1', %s, %s, %s, %s,"
+                " 'connect', 1, 1, %s)",
+                (i, e.time_ns, e.identity, e.process.instance_id, e.SerializeToString()),
+            )
+        conn.execute("INSERT INTO hosts VALUES ('h', 5, %s)", (b"5" * 32,))
+        old = conn.execute("SELECT id, seq FROM events ORDER BY id").fetchall()
+    store = PostgresStore(pg_dsn, connections=1)
+    try:
+        got = store.query(pb.EventFilter(hosts=["h"]), 0, 100)
+        assert [(r.cursor, r.event.sequence) for r in got] == old
+        assert store.query(pb.EventFilter(instances=["inst-1"]), 0, 100)[0].event.sequence == 1
+        # New events take cursors after them, and a resend of old ones is still a duplicate.
+        assert store.ingest("h", _rows("h", 4, 4), HostState(7, b"7" * 32))[0].cursor == (
+            old[-1][0] + 1
+        )
+        assert store.count("h") == 7
+        # The old events have no kept batch: re-verification says so, and nothing else.
+        from sidecar.collector.verify import verify_stored_chain
+
+        report = verify_stored_chain(store, "h")
+        assert (report.batches, report.unsigned, report.problems) == (0, 7, [])
+    finally:
+        store.close()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT to_regclass('events_v1')").fetchone() == (None,)
+
+
+# ---- reading from a time on --------------------------------------------------------------
+
+
+def test_first_cursor_since_is_exact_and_reads_only_the_recent_rows(pg_dsn: str) -> None:
+    store = PostgresStore(pg_dsn, connections=1)
+    try:
+        rows = _rows("h", 1, 400)
+        for i, ne in enumerate(rows):
+            ne.event.time_ns = 1_000_000 + i
+        rows[99].event.time_ns = 5_000_000  # a host clock ahead: stored early, time late
+        stored = store.ingest(
+            "h",
+            [NewEvent(n.event, n.event.SerializeToString(), n.verification) for n in rows],
+            HostState(400, b"4" * 32),
+        )
+        cursor = {se.event.sequence: se.cursor for se in stored}
+        assert store.first_cursor_since(1_000_000) == cursor[1] - 1
+        assert store.first_cursor_since(1_000_300) == cursor[100] - 1  # the early-stored one
+        assert store.first_cursor_since(4_000_000) == cursor[100] - 1
+        assert store.first_cursor_since(6_000_000) == store.last_cursor()
+    finally:
+        store.close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("ANALYZE events")
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                "EXPLAIN SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= 1000300"
+                " OFFSET 0) AS since"
+            )
+        )
+    # Not a walk of the id index from the oldest row: the time index, from the time on.
+    assert "id IS NOT NULL" not in plan and "_id_idx on" not in plan.replace("time_ns_id", ""), plan
+    assert "time_ns_id_idx" in plan and "Index Cond: (time_ns >= " in plan, plan
+
+
+# ---- a database that stops answering -------------------------------------------------------
+
+
+def _freeze(c: object, sig: int) -> None:
+    import psutil
+
+    root = c.root  # type: ignore[attr-defined]
+    pid = int((root / "data" / "postmaster.pid").read_text().split()[0])
+    post = psutil.Process(pid)
+    for p in [post, *post.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def test_a_frozen_database_fails_calls_in_time_instead_of_hanging_them(tmp_path: Path) -> None:
+    """A database server that stops answering (SIGSTOP) must not hang the replica: the
+    call on a connection fails after the operation timeout, and a caller waiting for a
+    connection fails after the pool timeout; both work again once it answers."""
+    from sidecar.testing.postgres import cluster, create_database
+
+    with cluster() as c:
+        dsn = create_database(c, "frozen")
+        store = PostgresStore(dsn, connections=1, pool_timeout_s=1.0, operation_timeout_s=3.0)
+        try:
+            assert store.count() == 0  # positive control, and a pooled connection
+            _freeze(c, signal.SIGSTOP)
+            failed: list[tuple[float, BaseException]] = []
+            began = time.monotonic()
+
+            def call() -> None:
+                try:
+                    store.count()
+                except BaseException as exc:
+                    failed.append((time.monotonic() - began, exc))
+
+            t = threading.Thread(target=call)
+            t.start()
+            time.sleep(0.3)
+            with pytest.raises(StoreError, match="no database connection came free in 1 s"):
+                store.last_cursor()
+            assert time.monotonic() - began < 2.5
+            t.join(10)
+            assert not t.is_alive()
+            [(took, exc)] = failed
+            assert isinstance(exc, StoreError) and "no answer in 3 s" in str(exc)
+            assert 2.5 < took < 6
+        finally:
+            _freeze(c, signal.SIGCONT)
+        try:
+            assert store.count() == 0  # a new connection, once the server answers
+        finally:
+            store.close()
+
+
+def test_a_replica_frozen_inside_a_transaction_does_not_hold_its_host_lock_for_ever(
+    pg_dsn: str,
+) -> None:
+    """The server ends a session idle inside a transaction (a frozen replica holding a
+    host's row lock), so the other replicas go on with that host."""
+    frozen = PostgresStore(pg_dsn, connections=1, idle_in_transaction_timeout_s=1.0)
+    other = PostgresStore(pg_dsn, connections=1)
+    inside, thaw = threading.Event(), threading.Event()
+    outcome: list[BaseException | None] = []
+
+    def stuck(state: HostState) -> Plan:
+        inside.set()
+        thaw.wait(20)  # frozen with the host's row locked
+        return Plan(_rows("h", 1, 5), HostState(5, b"f" * 32))
+
+    def run() -> None:
+        try:
+            frozen.ingest_checked("h", stuck)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        assert inside.wait(10)
+        began = time.monotonic()
+        other.ingest("h", _rows("h", 1, 5), HostState(5, b"o" * 32))  # waits, then goes on
+        assert 0.5 < time.monotonic() - began < 10
+        assert other.host_state("h") == HostState(5, b"o" * 32)
+        thaw.set()
+        t.join(10)
+        assert isinstance(outcome[0], StoreError)  # its transaction is gone: nothing stored
+        assert other.count("h") == 5
+    finally:
+        thaw.set()
+        frozen.close()
+        other.close()
+
+
+def test_the_dsns_own_session_options_win_over_the_collectors_defaults(pg_dsn: str) -> None:
+    plain = PostgresStore(pg_dsn, connections=1)
+    mine = PostgresStore(f"{pg_dsn} options='-c statement_timeout=5s'", connections=1)
+    try:
+        assert plain._rows("SHOW statement_timeout") == [("1min",)]
+        assert plain._rows("SHOW idle_in_transaction_session_timeout") == [("30s",)]
+        assert mine._rows("SHOW statement_timeout") == [("5s",)]
+        assert mine._rows("SHOW idle_in_transaction_session_timeout") == [("30s",)]
+    finally:
+        plain.close()
+        mine.close()

@@ -43,6 +43,10 @@ def test_a_minimal_config_gets_defaults_and_resolves_data_dir_next_to_the_file(
         ("dataDir: d\nstore: postgresql://db/x?nosuch=1\n", ":5: store: not a valid libpq URI"),
         ("dataDir: d\nstore: 5\n", ":5: store: must be 'sqlite' or a postgresql:// URI"),
         ("dataDir: d\nstoreConnections: 0\n", ":5: storeConnections: must be positive"),
+        ("dataDir: d\nretention: 30\n", ":5: retention: 30 is not a number of days or weeks"),
+        ("dataDir: d\nretention: 12h\n", ":5: retention: '12h' is not a number of days"),
+        ("dataDir: d\nretention: 0d\n", ":5: retention: must be at least 1d"),
+        ("dataDir: d\nretention: -3d\n", ":5: retention: '-3d' is not a number"),
     ],
 )
 def test_invalid_configs_name_file_line_and_field(tmp_path: Path, extra: str, message: str) -> None:
@@ -85,3 +89,13 @@ def test_a_password_in_the_store_uri_never_reaches_an_error_message(tmp_path: Pa
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "days"), [("30d", 30), ("1d", 1), ("4w", 28)])
+def test_retention_is_a_whole_number_of_days(tmp_path: Path, text: str, days: int) -> None:
+    cfg = load_config(_write(tmp_path, HEAD + f"dataDir: d\nretention: {text}\n"))
+    assert cfg.retention_days == days
+
+
+def test_without_retention_everything_is_kept(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, HEAD + "dataDir: d\n")).retention_days is None

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from sidecar.api.v1 import event_pb2 as sidecar_dot_api_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/api/v1/collector.proto\x12\x0esidecar.api.v1\x1a\x1asidecar/api/v1/event.proto\"{\n\x05\x42\x61tch\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x12\n\nprev_chain\x18\x04 \x01(\x0c\x12\x0e\n\x06\x65vents\x18\x05 \x03(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x1d\n\x03\x41\x63k\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x04\"\x96\x01\n\x0b\x45ventFilter\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x12\n\nidentities\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12)\n\x08verdicts\x18\x04 \x03(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x15\n\rstart_time_ns\x18\x05 \x01(\x03\x12\x13\n\x0b\x65nd_time_ns\x18\x06 \x01(\x03\"w\n\x0bStoredEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x15.sidecar.api.v1.Event\x12\x32\n\x0cverification\x18\x03 \x01(\x0e\x32\x1c.sidecar.api.v1.Verification\"y\n\x10SubscribeRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.sidecar.api.v1.EventFilter\x12\x16\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04H\x00\x12\x17\n\rsince_time_ns\x18\x03 \x01(\x03H\x00\x42\x07\n\x05start\"`\n\x0cQueryRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.sidecar.api.v1.EventFilter\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"_\n\rQueryResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.sidecar.api.v1.StoredEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\":\n\x0cRenewRequest\x12\x18\n\x10intermediate_csr\x18\x01 \x01(\x0c\x12\x10\n\x08host_csr\x18\x02 \x01(\x0c\"l\n\x0fHostCredentials\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\thost_svid\x18\x02 \x01(\x0c\x12\x17\n\x0fintermediate_ca\x18\x04 \x01(\x0c\x12\x14\n\x0ctrust_bundle\x18\x05 \x03(\x0cJ\x04\x08\x03\x10\x04\"\x14\n\x12TrustBundleRequest\"9\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c\"{\n\rEnrollRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x18\n\x10intermediate_csr\x18\x02 \x01(\x0c\x12\x10\n\x08host_csr\x18\x03 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t*\xd4\x01\n\x0cVerification\x12\x1c\n\x18VERIFICATION_UNSPECIFIED\x10\x00\x12\x19\n\x15VERIFICATION_VERIFIED\x10\x01\x12\x1a\n\x16VERIFICATION_AFTER_GAP\x10\x02\x12\x1e\n\x1aVERIFICATION_BAD_SIGNATURE\x10\x03\x12\x1c\n\x18VERIFICATION_CHAIN_BREAK\x10\x04\x12\x1a\n\x16VERIFICATION_COLLECTOR\x10\x05\x12\x15\n\x11VERIFICATION_LATE\x10\x06\x32\xa2\x02\n\tCollector\x12\x39\n\x07Publish\x12\x15.sidecar.api.v1.Batch\x1a\x13.sidecar.api.v1.Ack(\x01\x30\x01\x12L\n\tSubscribe\x12 .sidecar.api.v1.SubscribeRequest\x1a\x1b.sidecar.api.v1.StoredEvent0\x01\x12\x44\n\x05Query\x12\x1c.sidecar.api.v1.QueryRequest\x1a\x1d.sidecar.api.v1.QueryResponse\x12\x46\n\x05Renew\x12\x1c.sidecar.api.v1.RenewRequest\x1a\x1f.sidecar.api.v1.HostCredentials2\xa9\x01\n\nEnrollment\x12H\n\x06\x45nroll\x12\x1d.sidecar.api.v1.EnrollRequest\x1a\x1f.sidecar.api.v1.HostCredentials\x12Q\n\x0eGetTrustBundle\x12\".sidecar.api.v1.TrustBundleRequest\x1a\x1b.sidecar.api.v1.TrustBundleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/api/v1/collector.proto\x12\x0esidecar.api.v1\x1a\x1asidecar/api/v1/event.proto\"{\n\x05\x42\x61tch\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_sequence\x18\x02 \x01(\x04\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x12\n\nprev_chain\x18\x04 \x01(\x0c\x12\x0e\n\x06\x65vents\x18\x05 \x03(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x1d\n\x03\x41\x63k\x12\x16\n\x0e\x61\x63ked_sequence\x18\x01 \x01(\x04\"\xa9\x01\n\x0b\x45ventFilter\x12\r\n\x05hosts\x18\x01 \x03(\t\x12\x12\n\nidentities\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12)\n\x08verdicts\x18\x04 \x03(\x0e\x32\x17.sidecar.api.v1.Verdict\x12\x15\n\rstart_time_ns\x18\x05 \x01(\x03\x12\x13\n\x0b\x65nd_time_ns\x18\x06 \x01(\x03\x12\x11\n\tinstances\x18\x07 \x03(\t\"w\n\x0bStoredEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\x04\x12$\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x15.sidecar.api.v1.Event\x12\x32\n\x0cverification\x18\x03 \x01(\x0e\x32\x1c.sidecar.api.v1.Verification\"y\n\x10SubscribeRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.sidecar.api.v1.EventFilter\x12\x16\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04H\x00\x12\x17\n\rsince_time_ns\x18\x03 \x01(\x03H\x00\x42\x07\n\x05start\"`\n\x0cQueryRequest\x12+\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1b.sidecar.api.v1.EventFilter\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\r\"_\n\rQueryResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.sidecar.api.v1.StoredEvent\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x08\":\n\x0cRenewRequest\x12\x18\n\x10intermediate_csr\x18\x01 \x01(\x0c\x12\x10\n\x08host_csr\x18\x02 \x01(\x0c\"l\n\x0fHostCredentials\x12\x11\n\tspiffe_id\x18\x01 \x01(\t\x12\x11\n\thost_svid\x18\x02 \x01(\x0c\x12\x17\n\x0fintermediate_ca\x18\x04 \x01(\x0c\x12\x14\n\x0ctrust_bundle\x18\x05 \x03(\x0cJ\x04\x08\x03\x10\x04\"\x14\n\x12TrustBundleRequest\"9\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x65rtificates\x18\x02 \x03(\x0c\"{\n\rEnrollRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x18\n\x10intermediate_csr\x18\x02 \x01(\x0c\x12\x10\n\x08host_csr\x18\x03 \x01(\x0c\x12\x17\n\x0f\x62ootstrap_token\x18\x04 \x01(\t\x12\x11\n\tnode_name\x18\x05 \x01(\t*\xd4\x01\n\x0cVerification\x12\x1c\n\x18VERIFICATION_UNSPECIFIED\x10\x00\x12\x19\n\x15VERIFICATION_VERIFIED\x10\x01\x12\x1a\n\x16VERIFICATION_AFTER_GAP\x10\x02\x12\x1e\n\x1aVERIFICATION_BAD_SIGNATURE\x10\x03\x12\x1c\n\x18VERIFICATION_CHAIN_BREAK\x10\x04\x12\x1a\n\x16VERIFICATION_COLLECTOR\x10\x05\x12\x15\n\x11VERIFICATION_LATE\x10\x06\x32\xa2\x02\n\tCollector\x12\x39\n\x07Publish\x12\x15.sidecar.api.v1.Batch\x1a\x13.sidecar.api.v1.Ack(\x01\x30\x01\x12L\n\tSubscribe\x12 .sidecar.api.v1.SubscribeRequest\x1a\x1b.sidecar.api.v1.StoredEvent0\x01\x12\x44\n\x05Query\x12\x1c.sidecar.api.v1.QueryRequest\x1a\x1d.sidecar.api.v1.QueryResponse\x12\x46\n\x05Renew\x12\x1c.sidecar.api.v1.RenewRequest\x1a\x1f.sidecar.api.v1.HostCredentials2\xa9\x01\n\nEnrollment\x12H\n\x06\x45nroll\x12\x1d.sidecar.api.v1.EnrollRequest\x1a\x1f.sidecar.api.v1.HostCredentials\x12Q\n\x0eGetTrustBundle\x12\".sidecar.api.v1.TrustBundleRequest\x1a\x1b.sidecar.api.v1.TrustBundleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.api.v1.collector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VERIFICATION']._serialized_start=1203
-  _globals['_VERIFICATION']._serialized_end=1415
+  _globals['_VERIFICATION']._serialized_start=1222
+  _globals['_VERIFICATION']._serialized_end=1434
   _globals['_BATCH']._serialized_start=78
   _globals['_BATCH']._serialized_end=201
   _globals['_ACK']._serialized_start=203
   _globals['_ACK']._serialized_end=232
   _globals['_EVENTFILTER']._serialized_start=235
-  _globals['_EVENTFILTER']._serialized_end=385
-  _globals['_STOREDEVENT']._serialized_start=387
-  _globals['_STOREDEVENT']._serialized_end=506
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=508
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=629
-  _globals['_QUERYREQUEST']._serialized_start=631
-  _globals['_QUERYREQUEST']._serialized_end=727
-  _globals['_QUERYRESPONSE']._serialized_start=729
-  _globals['_QUERYRESPONSE']._serialized_end=824
-  _globals['_RENEWREQUEST']._serialized_start=826
-  _globals['_RENEWREQUEST']._serialized_end=884
-  _globals['_HOSTCREDENTIALS']._serialized_start=886
-  _globals['_HOSTCREDENTIALS']._serialized_end=994
-  _globals['_TRUSTBUNDLEREQUEST']._serialized_start=996
-  _globals['_TRUSTBUNDLEREQUEST']._serialized_end=1016
-  _globals['_TRUSTBUNDLE']._serialized_start=1018
-  _globals['_TRUSTBUNDLE']._serialized_end=1075
-  _globals['_ENROLLREQUEST']._serialized_start=1077
-  _globals['_ENROLLREQUEST']._serialized_end=1200
-  _globals['_COLLECTOR']._serialized_start=1418
-  _globals['_COLLECTOR']._serialized_end=1708
-  _globals['_ENROLLMENT']._serialized_start=1711
-  _globals['_ENROLLMENT']._serialized_end=1880
+  _globals['_EVENTFILTER']._serialized_end=404
+  _globals['_STOREDEVENT']._serialized_start=406
+  _globals['_STOREDEVENT']._serialized_end=525
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=527
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=648
+  _globals['_QUERYREQUEST']._serialized_start=650
+  _globals['_QUERYREQUEST']._serialized_end=746
+  _globals['_QUERYRESPONSE']._serialized_start=748
+  _globals['_QUERYRESPONSE']._serialized_end=843
+  _globals['_RENEWREQUEST']._serialized_start=845
+  _globals['_RENEWREQUEST']._serialized_end=903
+  _globals['_HOSTCREDENTIALS']._serialized_start=905
+  _globals['_HOSTCREDENTIALS']._serialized_end=1013
+  _globals['_TRUSTBUNDLEREQUEST']._serialized_start=1015
+  _globals['_TRUSTBUNDLEREQUEST']._serialized_end=1035
+  _globals['_TRUSTBUNDLE']._serialized_start=1037
+  _globals['_TRUSTBUNDLE']._serialized_end=1094
+  _globals['_ENROLLREQUEST']._serialized_start=1096
+  _globals['_ENROLLREQUEST']._serialized_end=1219
+  _globals['_COLLECTOR']._serialized_start=1437
+  _globals['_COLLECTOR']._serialized_end=1727
+  _globals['_ENROLLMENT']._serialized_start=1730
+  _globals['_ENROLLMENT']._serialized_end=1899
 # @@protoc_insertion_point(module_scope)

@@ -149,6 +149,7 @@ class EventFilter(_message.Message):
     VERDICTS_FIELD_NUMBER: _builtins.int
     START_TIME_NS_FIELD_NUMBER: _builtins.int
     END_TIME_NS_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     start_time_ns: _builtins.int
     end_time_ns: _builtins.int
     @_builtins.property
@@ -161,6 +162,10 @@ class EventFilter(_message.Message):
 
     @_builtins.property
     def verdicts(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.Verdict.ValueType]: ...
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Process instances (Event.process.instance_id): one run of one program."""
+
     def __init__(
         self,
         *,
@@ -170,10 +175,11 @@ class EventFilter(_message.Message):
         verdicts: _abc.Iterable[_event_pb2.Verdict.ValueType] | None = ...,
         start_time_ns: _builtins.int = ...,
         end_time_ns: _builtins.int = ...,
+        instances: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_ns", b"end_time_ns", "hosts", b"hosts", "identities", b"identities", "kinds", b"kinds", "start_time_ns", b"start_time_ns", "verdicts", b"verdicts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_ns", b"end_time_ns", "hosts", b"hosts", "identities", b"identities", "instances", b"instances", "kinds", b"kinds", "start_time_ns", b"start_time_ns", "verdicts", b"verdicts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
