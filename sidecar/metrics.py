@@ -81,7 +81,14 @@ _ATTESTATION_BUCKETS: Final = (
 
 # Every reason the daemon counts a loss under: each series exists at 0 from
 # the start, so the first loss shows in increase() and rate().
-LOSS_REASONS: Final = ("ringbuf_full", "decode_error", "before_export", "queue_full", "spool_full")
+LOSS_REASONS: Final = (
+    "ringbuf_full",
+    "decode_error",
+    "before_export",
+    "queue_full",
+    "spool_full",
+    "collector_ahead",
+)
 
 # Ingest (verify + store one batch): a few milliseconds on SQLite, more for a
 # large batch or a remote PostgreSQL.

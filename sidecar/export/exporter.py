@@ -344,7 +344,8 @@ class Exporter:
         if spooled is not None:
             for (kind, reason), n in sorted(spooled.kinds.items()):
                 lost.counts.add(kind=kind, reason=reason, count=n)
-                if reason == "spool_full":  # carried-over reports were counted when made
+                # Carried-over reports were counted when made.
+                if reason in ("spool_full", "collector_ahead"):
                     with self._drop_lock:
                         self.dropped[(kind, reason)] += n
             lost.first_sequence = spooled.first_sequence

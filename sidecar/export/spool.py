@@ -70,7 +70,9 @@ class Record:
 class Dropped:
     """Events lost to the spool's size cap, by (kind, reason).
 
-    Mostly ("exec", "spool_full"); a lost-events report that the cap removed
+    Mostly ("exec", "spool_full"); ("exec", "collector_ahead") for unsent
+    events a collector that holds later sequences made obsolete (see
+    :meth:`Spool.skip_to`); a lost-events report that the cap removed
     is not counted as one event of kind "lost": its own counts (with their
     reasons, "queue_full" say) are carried into this one, so no loss report
     is lost with it.
@@ -485,15 +487,34 @@ class Spool:
         For a collector that already holds sequences we never wrote (the spool and its
         state were lost): reusing them would make the collector drop new events as
         duplicates.  The chain continues from our last hash, so the collector reports a
-        chain break there, which is the truth.
+        chain break there, which is the truth.  What we wrote and the collector never
+        acknowledged was numbered in its past: it is reported lost (``collector_ahead``).
         """
         with self._lock:
             if sequence <= self.last_sequence:
                 return
+            # What we hold unacknowledged was numbered in the collector's past:
+            # it would be taken for duplicates, so it is lost, and counted so.
+            discarded = 0
+            for seg in self._segments:
+                try:
+                    with seg.path.open("rb") as fh:
+                        fh.seek(_SEG_HEADER.size)
+                        while (rec := _read_record(fh)) is not None:
+                            if rec.sequence > self.acked:
+                                self._dropped.add(
+                                    rec.sequence, _loss_counts(rec.payload, "collector_ahead")
+                                )
+                                discarded += 1
+                except OSError as exc:
+                    raise TransportError(f"cannot read spool {self.directory}: {exc}") from exc
+            self._in_doubt = []
             _logger.warning(
-                "collector holds sequences up to %d, beyond our last %d: skipping ahead",
+                "collector holds sequences up to %d, beyond our last %d (this host's spool"
+                " was lost or replaced): skipping ahead, %d unsent events reported lost",
                 sequence,
                 self.last_sequence,
+                discarded,
             )
             self.last_sequence = self.durable_sequence = self.acked = sequence
             self.acked_chain = self.last_chain
@@ -543,17 +564,17 @@ def _read_record(fh: BinaryIO) -> Record | None:
     return Record(seq, chain, payload)
 
 
-def _loss_counts(payload: bytes) -> Counter[tuple[str, str]]:
+def _loss_counts(payload: bytes, reason: str = "spool_full") -> Counter[tuple[str, str]]:
     """What removing this record loses: one event of its kind, or a loss report's counts."""
     try:
         event = event_pb2.Event.FromString(payload)
     except DecodeError:
-        return Counter({("unknown", "spool_full"): 1})
+        return Counter({("unknown", reason): 1})
     kind = event.WhichOneof("body") or "unknown"
     out: Counter[tuple[str, str]] = Counter()
     if kind == "lost" and event.lost.counts:
         for c in event.lost.counts:
             out[(c.kind, c.reason)] += c.count
     else:
-        out[(kind, "spool_full")] += 1
+        out[(kind, reason)] += 1
     return out

@@ -320,3 +320,27 @@ def test_records_read_for_sending_are_in_doubt_at_once_not_dropped(tmp_path: Pat
     _fill(sp2, 300)
     control = sp2.take_dropped()
     assert control is not None and control.first_sequence == 1
+
+
+def test_skipping_ahead_of_a_collector_reports_what_was_never_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """This host's spool was lost: the collector holds later sequences than ours."""
+    sp = Spool(tmp_path, 1 << 20, segment_bytes=1024)
+    for i in range(40):
+        sp.append(_exit(i))
+    sp.sync()
+    sp.ack(15)
+    sp.skip_to(1000)
+    dropped = sp.take_dropped()
+    assert dropped is not None
+    assert dropped.kinds == Counter({("exit", "collector_ahead"): 25})
+    assert (dropped.first_sequence, dropped.last_sequence) == (16, 40)
+    assert sp.pending() == 0 and sp.acked == 1000
+    assert sp.append(_exit(99)) == 1001
+    sp.sync()
+    assert [r.sequence for r in sp.read(0, 10, 1 << 20)[1]] == [1001]
+    # Nothing left to report, and nothing when the collector is not ahead.
+    assert sp.take_dropped() is None
+    sp.skip_to(500)
+    assert sp.take_dropped() is None
