@@ -85,6 +85,9 @@ def _child_prepare(began: float, pin_dir: str, scope: str) -> None:
 
     loader._make_module_class = module_class
     patch(unix, "compile_object", "clang unix.bpf.c")
+    if hasattr(unix, "ObjectBuild"):
+        patch(unix.ObjectBuild, "__init__", "start clang unix.bpf.c")
+        patch(unix.ObjectBuild, "wait", "wait for clang")
     patch(unix.UnixHooks, "load", "unix object (build + load)")
     for attr, name in (("_verify_programs", "load all programs"), ("attach", "attach + pin")):
         patch(loader.KernelPrograms, attr, name)
@@ -158,8 +161,7 @@ def main() -> int:
     imports = {
         "python -c pass": "pass",
         "python: daemon imports": (
-            "import sidecar.cli, sidecar.daemon.core, sidecar.daemon.config, "
-            "sidecar.daemon.outputs"
+            "import sidecar.cli, sidecar.daemon.core, sidecar.daemon.config, sidecar.daemon.outputs"
         ),
         "python: import bcc": "import bcc",
     }
