@@ -76,6 +76,9 @@ def _child_prepare(began: float, pin_dir: str, scope: str) -> None:
             setattr(owner, attr, timed(name, fn))
 
     patch(loader, "kernel_offset_cflags", "BTF offsets")
+    patch(loader, "build_cflags", "compiler flags")
+    patch(loader, "has_group_dead", "tracefs: group_dead?")
+    patch(loader.KernelPrograms, "_resize_ring", "check the pinned ring")
     patch(loader, "_make_module_class", "import bcc")
     make = loader._make_module_class
 
