@@ -149,14 +149,21 @@ static __always_inline int judge_unix(struct bpf_sock_addr *ctx, __u8 hook)
 	if (len && bpf_probe_read_kernel(k->path, len & 0x7f, sa->uaddr->sun_path) < 0)
 		len = 0;
 	if (k->path[0]) {
-		/* A file system path is a C string: what follows its NUL is not part of it. */
-		int i, end = 0;
+		/*
+		 * A file system path is a C string: what follows its NUL is not
+		 * part of it, so those bytes are cleared.  Without a branch per
+		 * byte: with one, the verifier walked ~158,000 instructions per
+		 * program, a fifth of a second of every start-up.
+		 */
+		__u32 keep = 0xff; /* 0xff up to the first NUL, 0 past it */
+		int i;
 
 		for (i = 0; i < SIDECAR_UNIX_PATH_LEN; i++) {
-			if (end)
-				k->path[i] = 0;
-			else if (!k->path[i])
-				end = 1;
+			__u32 c = k->path[i];
+
+			asm volatile("" : "+r"(c)); /* the compiler must not turn this into a branch */
+			k->path[i] = c & keep;
+			keep &= -((c + 0xff) >> 8); /* c != 0: unchanged; c == 0: 0 */
 		}
 	}
 	k->prefixlen = SIDECAR_LPM_PREFIX_BASE + SIDECAR_UNIX_PATH_LEN * 8;

@@ -19,7 +19,13 @@ to vmlinux type ids and is not needed here.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import os
+import stat
 import struct
+import tempfile
 import threading
 from pathlib import Path
 
@@ -473,16 +479,129 @@ def kernel_offsets(btf: Btf) -> dict[str, int]:
     return out
 
 
+# ---------------------------------------------------------- offsets cache
+
+#: Where the offsets of the running kernel are kept between start-ups: a
+#: tmpfs, emptied at boot, as a kernel's BTF only changes with a reboot.
+OFFSETS_CACHE_DIR = Path("/run/sidecar/kernel")
+_OFFSETS_FILE = "btf-offsets.json"
+_MAX_OFFSET = 1 << 20  # far past any kernel struct; a larger number is not ours
+
+
+def _offsets_key(data: bytes) -> str:
+    """What the offsets follow from: this reader's code (what is asked, how) and the BTF."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _private_dir(path: Path) -> bool:
+    """A real directory of this user's that nobody else may write into."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _cached_offsets(cache_dir: Path, key: str) -> dict[str, int] | None:
+    """The offsets cached for ``key``, or None: any doubt (owner, mode, content) is a miss."""
+    if not _private_dir(cache_dir):
+        return None
+    try:
+        fd = os.open(cache_dir / _OFFSETS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None
+        raw = json.loads(os.read(fd, 1 << 16))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(raw, dict) or raw.get("key") != key:
+        return None
+    offsets = raw.get("offsets")
+    if not isinstance(offsets, dict) or not offsets:
+        return None
+    for name, value in offsets.items():
+        if (
+            not isinstance(name, str)
+            or not name.startswith("SIDECAR_OFF_")
+            or type(value) is not int
+            or not 0 <= value < _MAX_OFFSET
+        ):
+            return None
+    return offsets
+
+
+def _store_offsets(cache_dir: Path, key: str, offsets: dict[str, int]) -> None:
+    """Keep the offsets for the next start-up; a cache that cannot be written is no error."""
+    try:
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private_dir(cache_dir):
+            return
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".btf-offsets-")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"key": key, "offsets": offsets}, fh)
+            os.replace(tmp, cache_dir / _OFFSETS_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
+        return
+
+
+def cached_kernel_offsets(
+    path: Path = VMLINUX_BTF, cache_dir: Path | None = OFFSETS_CACHE_DIR
+) -> dict[str, int]:
+    """:func:`kernel_offsets` of the BTF at ``path``, kept in ``cache_dir`` between runs.
+
+    Parsing the kernel's BTF takes about 0.08 s of every start-up; hashing
+    it takes 3 ms.  The cache entry is keyed by the SHA-256 of this reader's
+    source and of the BTF itself, so another kernel or another reader never
+    uses it; it is read only from a directory and file of this user's that
+    nobody else may write (root's, for the daemon), and anything unexpected
+    in it is a miss that parses the BTF again.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KernelError(
+            f"BTF is missing: {path} does not exist; the kernel needs CONFIG_DEBUG_INFO_BTF=y"
+        ) from None
+    except OSError as exc:
+        raise KernelError(f"cannot read BTF at {path}: {exc}") from exc
+    key = _offsets_key(data)
+    if cache_dir is not None:
+        cached = _cached_offsets(cache_dir, key)
+        if cached is not None:
+            return cached
+    offsets = kernel_offsets(Btf.from_bytes(data, source=str(path)))
+    if cache_dir is not None:
+        _store_offsets(cache_dir, key, offsets)
+    return offsets
+
+
 def kernel_offset_cflags(btf: Btf | None = None) -> list[str]:
-    """``-DNAME=VALUE`` compiler flags for the offsets, sorted by name."""
-    if btf is None:
-        btf = Btf.load()
-    return [f"-D{name}={value}" for name, value in sorted(kernel_offsets(btf).items())]
+    """``-DNAME=VALUE`` compiler flags for the offsets, sorted by name.
+
+    Without ``btf``: the running kernel's, through the cache
+    (:func:`cached_kernel_offsets`).
+    """
+    offsets = cached_kernel_offsets() if btf is None else kernel_offsets(btf)
+    return [f"-D{name}={value}" for name, value in sorted(offsets.items())]
 
 
 __all__ = [
+    "OFFSETS_CACHE_DIR",
     "VMLINUX_BTF",
     "Btf",
+    "cached_kernel_offsets",
     "kernel_offset_cflags",
     "kernel_offsets",
 ]

@@ -22,12 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.btf import kernel_offset_cflags
 from sidecar.kernel.maps import DELIVERED, KernelMaps
 from sidecar.util.errors import KernelError
+
+if TYPE_CHECKING:
+    from sidecar.kernel.unix import ObjectBuild
 
 _logger = logging.getLogger(__name__)
 
@@ -235,6 +238,7 @@ class KernelPrograms(KernelMaps):
         self._bpf: Any = None
         self._link_fds: dict[str, int] = {}
         self.unix: Any = None  # sidecar.kernel.unix.UnixHooks once loaded
+        self._unix_build: ObjectBuild | None = None
         self.unix_problem: str | None = "not loaded"
         self.report = AttachReport()
 
@@ -255,6 +259,12 @@ class KernelPrograms(KernelMaps):
         for d in (self.options.pin_dir, self.pin_dir, self.links_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(d, 0o700)
+        from sidecar.kernel.unix import PREBUILT_OBJECT, ObjectBuild
+
+        # clang builds the unix-socket object while BCC compiles the rest,
+        # unless it came built (the Debian package ships it).
+        if not (src / PREBUILT_OBJECT).is_file():
+            self._unix_build = ObjectBuild(src)
         cflags = build_cflags(self.options, self.pin_dir, src, kernel_offset_cflags())
         self._resize_ring()
         module = _make_module_class()
@@ -315,11 +325,20 @@ class KernelPrograms(KernelMaps):
         from sidecar.kernel.unix import SHARED_MAPS, UnixHooks
 
         try:
-            self.unix = UnixHooks.load(src, {name: self.fd(name) for name in SHARED_MAPS})
+            self.unix = UnixHooks.load(
+                src, {name: self.fd(name) for name in SHARED_MAPS}, self._unix_build
+            )
             self.unix_problem = None
         except KernelError as exc:
             self.unix, self.unix_problem = None, str(exc)
             _logger.warning("unix sockets will not be judged on this host: %s", exc)
+        finally:
+            self._close_unix_build()
+
+    def _close_unix_build(self) -> None:
+        if self._unix_build is not None:
+            self._unix_build.close()
+            self._unix_build = None
 
     def _set_scope(self) -> None:
         fd = self._open_scope()
@@ -455,6 +474,7 @@ class KernelPrograms(KernelMaps):
                 os.close(fd)
         self._link_fds.clear()
         self.close_maps()
+        self._close_unix_build()
         if self.unix is not None:
             self.unix.close()
             self.unix = None

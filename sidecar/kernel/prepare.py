@@ -105,4 +105,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is pinned and said: skip tearing down the interpreter and
+    # the compiler (40 ms the daemon would wait for).
+    os._exit(code)

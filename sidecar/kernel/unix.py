@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,13 +76,9 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def compile_object(src: Path, include: Path, out: Path) -> None:
-    """clang -target bpf: a CO-RE object that libbpf relocates for the running kernel."""
-    clang = find_clang()
-    if clang is None:
-        raise KernelError("clang is not installed (apt-get install clang)")
+def _clang_argv(clang: str, src: Path, include: Path, out: Path) -> list[str]:
     arch_inc = Path("/usr/include") / f"{os.uname().machine}-linux-gnu"
-    cmd = [
+    return [
         clang,
         "-g",
         "-O2",
@@ -94,9 +91,68 @@ def compile_object(src: Path, include: Path, out: Path) -> None:
         "-o",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def compile_object(src: Path, include: Path, out: Path) -> None:
+    """clang -target bpf: a CO-RE object that libbpf relocates for the running kernel."""
+    clang = find_clang()
+    if clang is None:
+        raise KernelError("clang is not installed (apt-get install clang)")
+    proc = subprocess.run(
+        _clang_argv(clang, src, include, out), capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         raise KernelError(f"{src} does not compile: {proc.stderr.strip()[-2000:]}")
+
+
+class ObjectBuild:
+    """clang building the object in the background, into a private folder.
+
+    Started before the BCC programs compile (the two compilers then share
+    the CPUs); :meth:`wait` gives the object, or raises what
+    :func:`compile_object` would have.  :meth:`close` stops it and removes
+    the folder.
+    """
+
+    TIMEOUT = 120.0
+
+    def __init__(self, bpf_dir: Path) -> None:
+        self.src = bpf_dir / "unix.bpf.c"
+        self._tmp = tempfile.TemporaryDirectory(prefix="sidecar-unix-")
+        self.out = Path(self._tmp.name) / "unix.bpf.o"
+        self._began = time.monotonic()
+        self._proc: subprocess.Popen[str] | None = None
+        clang = find_clang()
+        if clang is not None:
+            self._proc = subprocess.Popen(
+                _clang_argv(clang, self.src, bpf_dir / "include", self.out),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+    def wait(self) -> Path:
+        if self._proc is None:
+            raise KernelError("clang is not installed (apt-get install clang)")
+        left = max(0.0, self.TIMEOUT - (time.monotonic() - self._began))
+        try:
+            _, err = self._proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+            raise KernelError(
+                f"{self.src} took longer than {self.TIMEOUT:.0f} s to compile"
+            ) from None
+        if self._proc.returncode != 0:
+            raise KernelError(f"{self.src} does not compile: {err.strip()[-2000:]}")
+        return self.out
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._tmp.cleanup()
 
 
 class UnixHooks:
@@ -107,12 +163,19 @@ class UnixHooks:
         self.prog_fds = prog_fds
 
     @classmethod
-    def load(cls, bpf_dir: Path, map_fds: Mapping[str, int]) -> UnixHooks:
-        """Build and load the programs on the shared maps; KernelError says why not."""
+    def load(
+        cls, bpf_dir: Path, map_fds: Mapping[str, int], build: ObjectBuild | None = None
+    ) -> UnixHooks:
+        """Build (or take ``build``'s object) and load the programs on the shared maps.
+
+        KernelError says why not.  ``build`` stays the caller's to close.
+        """
         lib = _lib()
         prebuilt = bpf_dir / PREBUILT_OBJECT
         if prebuilt.is_file():
             obj = lib.bpf_object__open_file(str(prebuilt).encode(), None)
+        elif build is not None:
+            obj = lib.bpf_object__open_file(str(build.wait()).encode(), None)
         else:
             with tempfile.TemporaryDirectory(prefix="sidecar-unix-") as tmp:
                 obj_path = Path(tmp) / "unix.bpf.o"

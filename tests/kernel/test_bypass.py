@@ -920,6 +920,35 @@ def test_unix_socket_addresses_not_listed_are_refused(rig: Rig, listeners: dict[
     assert a.do(f"os.chdir('/'); result = unix_try({rel!r})") == errno.EPERM
 
 
+def test_a_unix_path_is_judged_up_to_its_nul_whatever_follows_it(
+    rig: Rig, listeners: dict[str, str]
+) -> None:
+    # The kernel reaches a path socket by the C string in sun_path; bytes the
+    # caller adds past its NUL (within the address length) are not part of
+    # it, so the program clears them before the lookup.  Each tail is tried
+    # behind an allowed and a refused path (the control), including a tail
+    # that spells an allowed path and one that runs to the end of sun_path.
+    a = rig.agent()
+    a.do(UNIX_HELPERS)
+    p = listeners
+    names = ("ok", "in_dir", "bad", "beside_dir")
+    paths = {name: p[name].encode() for name in names}
+    fill = 107  # sun_path holds 108: the last tail runs to its end (Python keeps one for a NUL)
+    tails = [lambda _: b"junk", lambda _: b"/ok.sock", lambda _: b"\0\0\0x"]
+    tails.append(lambda path: b"y" * (fill - len(path) - 1))
+    for tail in tails:
+        addrs = {name: path + b"\0" + tail(path) for name, path in paths.items()}
+        got = {name: a.do(f"result = unix_try({addr!r})") for name, addr in addrs.items()}
+        assert got == {
+            "ok": 0,
+            "in_dir": 0,
+            "bad": errno.EPERM,
+            "beside_dir": errno.EPERM,
+        }, addrs
+    # And with no tail at all.
+    assert a.do(f"result = unix_try({p['ok'].encode()!r})") == 0
+
+
 def test_unix_sockets_are_judged_in_threads_children_and_unprivileged(
     rig: Rig, listeners: dict[str, str]
 ) -> None:

@@ -189,6 +189,28 @@ def test_a_long_argument_is_cut_to_the_per_argument_limit_and_flagged(
     assert ev["args_truncated"] is True
 
 
+def test_an_argument_that_just_fits_is_whole_and_one_byte_more_is_flagged(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    # 255 bytes and its NUL fill the per-argument limit exactly: the program
+    # then looks at the byte after the copy, which is the argument's own NUL
+    # (not cut) or its 256th byte (cut).  Each case is the other's control,
+    # with the long argument first, last, and among short ones.
+    cases = [
+        (["L" * 255], False),
+        (["L" * 256], True),
+        (["a", "L" * 255, "b"], False),
+        (["a", "L" * 256, "b"], True),
+        (["a", "L" * 254, "b"], False),
+    ]
+    for args, cut in cases:
+        child = spawn(scratch_cgroup, ["/bin/echo", *args], stdout=subprocess.DEVNULL)
+        child.wait(10)
+        ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+        assert ev["args_truncated"] is cut, [len(a) for a in args]
+        assert ev["argv"] == ["/bin/echo", *(a[:255] for a in args)]
+
+
 FEXECVE = r"""
 import os, sys
 fd = os.open("/bin/sleep", os.O_RDONLY)

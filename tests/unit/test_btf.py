@@ -9,9 +9,11 @@ pahole) where one is installed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.kernel.btf import Btf, kernel_offset_cflags, kernel_offsets
+from sidecar.kernel.btf import Btf, cached_kernel_offsets, kernel_offset_cflags, kernel_offsets
 from sidecar.util.errors import KernelError
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -420,6 +422,117 @@ def test_kernel_offsets_refuse_unknown_layouts() -> None:
         kernel_offsets(Btf.from_bytes(fake_kernel("none")))
     with pytest.raises(KernelError, match=r"member 'tgid' is 8 bytes, the BPF programs read 4"):
         kernel_offsets(Btf.from_bytes(fake_kernel("split", tgid_size=8)))
+
+
+# ------------------------------------------------------------ offsets cache
+
+
+def _kernel_file(tmp_path: Path, ctime: str = "split") -> Path:
+    path = tmp_path / f"vmlinux-{ctime}"
+    path.write_bytes(fake_kernel(ctime))
+    return path
+
+
+def _plant(cache: Path, offsets: dict[str, object], key: str | None = None) -> Path:
+    """Rewrite the cache entry's offsets, keeping (or replacing) its key."""
+    entry = cache / "btf-offsets.json"
+    raw = json.loads(entry.read_text())
+    raw["offsets"] = offsets
+    if key is not None:
+        raw["key"] = key
+    entry.write_text(json.dumps(raw))
+    return entry
+
+
+def test_offsets_cache_is_written_and_read_back(tmp_path: Path) -> None:
+    kernel, cache = _kernel_file(tmp_path), tmp_path / "cache"
+    want = kernel_offsets(Btf.from_bytes(kernel.read_bytes()))
+    assert cached_kernel_offsets(kernel, cache) == want
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700
+    # The entry is what the next start-up reads: a planted (valid) value comes back,
+    # which shows the refusals below are the cache's checks and not a cache never read.
+    _plant(cache, {**want, "SIDECAR_OFF_TASK_MM": 8})
+    assert cached_kernel_offsets(kernel, cache)["SIDECAR_OFF_TASK_MM"] == 8
+
+
+def test_offsets_cached_for_another_kernel_are_not_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    split, private = _kernel_file(tmp_path, "split"), _kernel_file(tmp_path, "private")
+    cached_kernel_offsets(split, cache)
+    got = cached_kernel_offsets(private, cache)  # same cache folder, other BTF
+    assert got["SIDECAR_OFF_INODE_CTIME_SEC"] == 96
+    assert got == kernel_offsets(Btf.from_bytes(private.read_bytes()))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"SIDECAR_OFF_TASK_MM": -8},
+        {"SIDECAR_OFF_TASK_MM": 1 << 40},
+        {"SIDECAR_OFF_TASK_MM": "8"},
+        {"SIDECAR_OFF_TASK_MM": 8.0},
+        {"SIDECAR_OFF_TASK_MM": True},
+        {"PIN_DIR": 8},
+        {},
+        [8],
+    ],
+)
+def test_a_cache_entry_with_unexpected_content_is_a_miss(tmp_path: Path, bad: object) -> None:
+    kernel, cache = _kernel_file(tmp_path), tmp_path / "cache"
+    want = cached_kernel_offsets(kernel, cache)
+    _plant(cache, bad)  # type: ignore[arg-type]
+    assert cached_kernel_offsets(kernel, cache) == want
+
+
+def test_a_cache_entry_under_another_key_or_unreadable_is_a_miss(tmp_path: Path) -> None:
+    kernel, cache = _kernel_file(tmp_path), tmp_path / "cache"
+    want = cached_kernel_offsets(kernel, cache)
+    _plant(cache, {**want, "SIDECAR_OFF_TASK_MM": 8}, key="0" * 64)
+    assert cached_kernel_offsets(kernel, cache) == want
+    (cache / "btf-offsets.json").write_text("{not json")
+    assert cached_kernel_offsets(kernel, cache) == want
+
+
+def test_a_cache_others_may_write_is_not_trusted(tmp_path: Path) -> None:
+    kernel, cache = _kernel_file(tmp_path), tmp_path / "cache"
+    want = cached_kernel_offsets(kernel, cache)
+    entry = _plant(cache, {**want, "SIDECAR_OFF_TASK_MM": 8})
+    entry.chmod(0o666)  # the file writable by anyone
+    assert cached_kernel_offsets(kernel, cache) == want
+    entry = _plant(cache, {**want, "SIDECAR_OFF_TASK_MM": 8})  # (the miss rewrote it)
+    cache.chmod(0o777)  # the folder writable by anyone (the file could be swapped)
+    assert cached_kernel_offsets(kernel, cache) == want
+    cache.chmod(0o700)
+    assert cached_kernel_offsets(kernel, cache)["SIDECAR_OFF_TASK_MM"] == 8  # control
+
+
+def test_a_cache_entry_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    kernel, cache = _kernel_file(tmp_path), tmp_path / "cache"
+    want = cached_kernel_offsets(kernel, cache)
+    entry = _plant(cache, {**want, "SIDECAR_OFF_TASK_MM": 8})
+    elsewhere = tmp_path / "elsewhere.json"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+    assert cached_kernel_offsets(kernel, cache) == want
+    # ... and the cache folder itself as a symlink is refused too.
+    real = tmp_path / "real-cache"
+    cache.rename(real)
+    (real / "btf-offsets.json").unlink()
+    elsewhere.rename(real / "btf-offsets.json")
+    cache.symlink_to(real)
+    assert cached_kernel_offsets(kernel, cache) == want
+    assert cached_kernel_offsets(kernel, real)["SIDECAR_OFF_TASK_MM"] == 8  # control
+
+
+def test_offsets_are_computed_when_no_cache_can_be_kept(tmp_path: Path) -> None:
+    kernel = _kernel_file(tmp_path)
+    blocked = tmp_path / "file-in-the-way"
+    blocked.write_text("")
+    want = kernel_offsets(Btf.from_bytes(kernel.read_bytes()))
+    assert cached_kernel_offsets(kernel, blocked / "cache") == want
+    assert cached_kernel_offsets(kernel, None) == want
+    with pytest.raises(KernelError, match=r"BTF is missing"):
+        cached_kernel_offsets(tmp_path / "absent", tmp_path / "cache")
 
 
 # ------------------------------------------------------- the running kernel
