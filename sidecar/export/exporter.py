@@ -3,7 +3,8 @@
 Why three stages: producers (the ring-buffer reader) must never block, so ``submit``
 only puts into a bounded queue and counts what a full queue drops.  A writer thread
 numbers events, chains them and appends them to the spool, fsyncing as soon as the
-queue is drained and at least every ``fsync_interval``.  The sender streams durable
+queue is drained, as soon as a full batch is written (so a burst streams while it
+is still being written) and at least every ``fsync_interval``.  The sender streams durable
 records to the collector and frees the spool as acks come back; on any failure it
 reconnects with capped exponential backoff and resumes after the last ack, so a
 collector outage, a network cut or a daemon restart loses nothing and the collector's
@@ -282,8 +283,12 @@ class Exporter:
     # ---- writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        """Queue -> spool, fsync when drained or every ``fsync_interval`` (thread)."""
+        """Queue -> spool, fsync when drained, every ``fsync_interval`` and every
+        ``batch_max_events`` events (thread)."""
         interval = self.config.fsync_interval
+        # A full batch written is made durable at once: the sender ships it
+        # while the rest of a burst is still being written.
+        batch = self.config.batch_max_events
         stop = False
         try:
             while not stop:
@@ -301,7 +306,9 @@ class Exporter:
                     else:
                         assert isinstance(item, event_pb2.Event)
                         self._append(item)
-                    if self.spool.unsynced_for() >= interval:
+                    if self.spool.unsynced_for() >= interval or (
+                        self.spool.last_sequence - self.spool.durable_sequence >= batch
+                    ):
                         break
                     try:
                         item = self._queue.get_nowait()
