@@ -72,7 +72,15 @@ def baseline(folder: Path, n: int) -> float:
     return n / elapsed
 
 
-async def pipeline(folder: Path, n: int, latency_samples: int) -> tuple[float, list[float]]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def pipeline(
+    folder: Path, n: int, latency_samples: int
+) -> tuple[float, list[float], float, float]:
     """The collector in a process of its own (as deployed); this process is the host."""
     data = folder / "collector"
     data.mkdir(mode=0o700)
@@ -118,12 +126,17 @@ async def pipeline(folder: Path, n: int, latency_samples: int) -> tuple[float, l
         task = asyncio.create_task(exp.run())
         # Throughput: a burst of n events, timed until the collector acknowledged all
         # (an ack names the highest sequence durably stored).
+        # CPU of each side over the burst: this process (the events' making
+        # included, as in the daemon) and the collector's.
+        cpu0 = (_cpu_seconds(os.getpid()), _cpu_seconds(collector.pid))
         start = time.perf_counter()
         for i in range(n):
             exp.submit(_event(i))
         while exp.spool.acked < n:
             await asyncio.sleep(0.005)
         rate = n / (time.perf_counter() - start)
+        host_cpu = _cpu_seconds(os.getpid()) - cpu0[0]
+        collector_cpu = _cpu_seconds(collector.pid) - cpu0[1]
         # Latency: one event at a time, from submit to the ack of its stored row.
         latencies = []
         for i in range(latency_samples):
@@ -137,7 +150,7 @@ async def pipeline(folder: Path, n: int, latency_samples: int) -> tuple[float, l
     finally:
         collector.send_signal(signal.SIGTERM)
         collector.wait(30)
-    return rate, latencies
+    return rate, latencies, host_cpu / n, collector_cpu / n
 
 
 def main() -> None:
@@ -148,7 +161,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         base = baseline(folder, args.events)
-        rate, lat = asyncio.run(pipeline(folder, args.events, args.latency_samples))
+        rate, lat, host_cpu, collector_cpu = asyncio.run(
+            pipeline(folder, args.events, args.latency_samples)
+        )
     lat_ms = sorted(x * 1000 for x in lat)
     p50 = statistics.median(lat_ms)
     p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
@@ -156,6 +171,10 @@ def main() -> None:
     print(f"pipeline  exporter -> collector mTLS:  {rate:10.0f} events/s")
     print(f"ratio     pipeline / baseline:         {rate / base:10.2f}")
     print(f"latency   submit -> ack of stored row:        p50 {p50:.2f} ms   p99 {p99:.2f} ms")
+    print(
+        f"cpu       per event, burst:  host (exporter) {host_cpu * 1e6:.1f} us"
+        f"   collector {collector_cpu * 1e6:.1f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from sidecar.collector.store import (
     Plan,
     SignedBatch,
     StoredBatch,
+    StoredRows,
     StoreError,
     day_name,
     day_of,
@@ -270,9 +271,7 @@ class SqliteStore:
             for a, b, r, raw in rows
         ]
 
-    def ingest(
-        self, host: str, events: Sequence[NewEvent], state: HostState | None
-    ) -> list[collector_pb2.StoredEvent]:
+    def ingest(self, host: str, events: Sequence[NewEvent], state: HostState | None) -> StoredRows:
         """Store ``events`` (duplicates ignored) and the host's new chain state, atomically.
 
         Returns what was actually inserted, with cursors, in insert order.
@@ -280,9 +279,7 @@ class SqliteStore:
         with self._lock:
             return self._transaction(host, lambda: (events, state, None))
 
-    def ingest_checked(
-        self, host: str, decide: Callable[[HostState], Plan]
-    ) -> list[collector_pb2.StoredEvent]:
+    def ingest_checked(self, host: str, decide: Callable[[HostState], Plan]) -> StoredRows:
         """Read the host's state, decide and store, in one write transaction.
 
         ``BEGIN IMMEDIATE`` takes SQLite's write lock first, so no other writer of
@@ -301,8 +298,7 @@ class SqliteStore:
         self,
         host: str,
         planned: Callable[[], tuple[Sequence[NewEvent], HostState | None, Plan | None]],
-    ) -> list[collector_pb2.StoredEvent]:
-        out: list[collector_pb2.StoredEvent] = []
+    ) -> StoredRows:
         # A day never goes back here, so each day's cursors follow the last one's.
         day = max(day_of(self._clock()), self._last_day)
         try:
@@ -316,9 +312,9 @@ class SqliteStore:
                     self._db.execute(
                         "INSERT INTO days (day, first_id, last_id) VALUES (?, ?, ?)"
                         " ON CONFLICT (day) DO UPDATE SET last_id = excluded.last_id",
-                        (day, out[0].cursor, out[-1].cursor),
+                        (day, out.cursors[0], out.cursors[-1]),
                     )
-                seqs = [se.event.sequence for se in out if se.event.sequence]
+                seqs = [ne.event.sequence for ne in out.rows if ne.event.sequence]
                 if plan is not None and plan.signed is not None and seqs:
                     self._keep_batch(plan.signed, min(seqs), day)
                 if state is not None:
@@ -355,7 +351,7 @@ class SqliteStore:
             ),
         )
 
-    def _insert(self, events: Sequence[NewEvent]) -> list[collector_pb2.StoredEvent]:
+    def _insert(self, events: Sequence[NewEvent]) -> StoredRows:
         """Insert a batch's rows (duplicates ignored); what was inserted, with cursors.
 
         One executemany for the whole batch: within the write transaction the
@@ -380,32 +376,24 @@ class SqliteStore:
             for ev in (ne.event,)
         ]
         if not rows:
-            return []
+            return StoredRows((), ())
         before = self._db.total_changes
         self._db.execute("SAVEPOINT batch")
         self._db.executemany(_INSERT, rows)
         if self._db.total_changes - before == len(rows):
             self._db.execute("RELEASE batch")
             last = _int(self._db.execute("SELECT last_insert_rowid()").fetchone()[0])
-            first = last - len(rows) + 1
-            return [
-                collector_pb2.StoredEvent(
-                    cursor=first + i, event=ne.event, verification=ne.verification
-                )
-                for i, ne in enumerate(events)
-            ]
+            return StoredRows(range(last - len(rows) + 1, last + 1), events)
         self._db.execute("ROLLBACK TO batch")
         self._db.execute("RELEASE batch")
-        out = []
+        cursors: list[int] = []
+        inserted: list[NewEvent] = []
         for ne, row in zip(events, rows, strict=True):
             cur = self._db.execute(_INSERT, row)
             if cur.rowcount == 1 and cur.lastrowid is not None:
-                out.append(
-                    collector_pb2.StoredEvent(
-                        cursor=cur.lastrowid, event=ne.event, verification=ne.verification
-                    )
-                )
-        return out
+                cursors.append(cur.lastrowid)
+                inserted.append(ne)
+        return StoredRows(cursors, inserted)
 
     # ---- reading ---------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, overload
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.export.chain import CHAIN_SEED
@@ -59,6 +59,51 @@ class NewEvent:
     event: event_pb2.Event
     payload: bytes
     verification: collector_pb2.Verification.ValueType
+
+
+class StoredRows(Sequence[collector_pb2.StoredEvent]):
+    """What one transaction inserted: each row's cursor and event, read as StoredEvents.
+
+    A StoredEvent holds a copy of its event, which costs more than the row's
+    insert; only live subscribers read them, and most batches have none, so
+    the StoredEvents are made when first read (once, then kept).
+    """
+
+    __slots__ = ("_made", "cursors", "rows")
+
+    def __init__(self, cursors: Sequence[int], rows: Sequence[NewEvent]) -> None:
+        if len(cursors) != len(rows):
+            raise ValueError(f"{len(cursors)} cursors for {len(rows)} rows")
+        self.cursors = cursors
+        self.rows = rows
+        self._made: list[collector_pb2.StoredEvent] | None = None
+
+    def _all(self) -> list[collector_pb2.StoredEvent]:
+        if self._made is None:
+            self._made = [
+                collector_pb2.StoredEvent(
+                    cursor=cursor, event=row.event, verification=row.verification
+                )
+                for cursor, row in zip(self.cursors, self.rows, strict=True)
+            ]
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> collector_pb2.StoredEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[collector_pb2.StoredEvent]: ...
+
+    def __getitem__(
+        self, index: int | slice
+    ) -> collector_pb2.StoredEvent | list[collector_pb2.StoredEvent]:
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[collector_pb2.StoredEvent]:
+        return iter(self._all())
 
 
 @dataclass(frozen=True)
@@ -169,7 +214,7 @@ class Store(Protocol):
 
     def ingest_checked(
         self, host: str, decide: Callable[[HostState], Plan]
-    ) -> list[collector_pb2.StoredEvent]:
+    ) -> Sequence[collector_pb2.StoredEvent]:
         """Under ``host``'s lock, in one transaction: read its state, ``decide``, store.
 
         What ``decide`` raises rolls everything back and is raised again.  Returns
@@ -179,7 +224,7 @@ class Store(Protocol):
 
     def ingest(
         self, host: str, events: Sequence[NewEvent], state: HostState | None
-    ) -> list[collector_pb2.StoredEvent]:
+    ) -> Sequence[collector_pb2.StoredEvent]:
         """Store ``events`` (duplicates ignored) and, unless None, ``state``, atomically."""
         ...
 
