@@ -40,7 +40,7 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return handler(args)
         except SidecarError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"sidecar: error: {exc}", file=sys.stderr)
             return EXIT_ERROR
 
     run.__name__ = handler.__name__

@@ -150,3 +150,19 @@ def test_redaction_rules_come_from_the_config_or_are_turned_off(tmp_path: Path) 
     cfg.write_text("apiVersion: sidecar/v1\nkind: DaemonConfig\nredaction:\n  enabled: false\n")
     assert config.load(cfg).redact_patterns == ()
     assert config.load(None).redact_patterns is None  # the built-in rules
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "validate"],
+        ["entries", "validate"],
+        ["config", "validate"],
+        ["policy", "blast-radius"],
+    ],
+)
+def test_every_command_family_words_its_errors_alike(tmp_path: Path, args: list[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: sidecar/v1\nkind: Nonsense\n")
+    rc, lines = _run([*args, str(bad)])
+    _assert_one_clear_line(rc, lines, str(bad))
