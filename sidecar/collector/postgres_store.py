@@ -45,6 +45,7 @@ import psycopg.sql
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, MAINTENANCE_LOCK, migrate
 from sidecar.collector.store import (
+    STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
     NewEvent,
@@ -54,8 +55,8 @@ from sidecar.collector.store import (
     StoreError,
     day_name,
     day_of,
+    event_row,
     filter_columns,
-    verdict_of,
 )
 from sidecar.export.chain import CHAIN_SEED
 
@@ -460,21 +461,9 @@ class PostgresStore:
         conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
         cols: list[list[object]] = [[] for _ in range(10)]
         for ne in events:
-            ev = ne.event
             for col, value in zip(
                 cols,
-                (
-                    ev.host,
-                    ev.boot_id,
-                    ev.sequence or None,
-                    ev.time_ns,
-                    ev.identity,
-                    ev.process.instance_id,
-                    ev.WhichOneof("body") or "",
-                    verdict_of(ev),
-                    int(ne.verification),
-                    ne.payload,
-                ),
+                event_row(ne),
                 strict=True,
             ):
                 col.append(value)
@@ -586,24 +575,10 @@ class PostgresStore:
 
     def stored_batches(self, host: str) -> list[StoredBatch]:
         rows = self._rows(
-            "SELECT first_seq, last_seq, prev_chain, signature, signer, from_seq, from_chain, day"
-            " FROM batches WHERE host = %s ORDER BY from_seq, id",
+            f"SELECT {STORED_BATCH_COLUMNS} FROM batches WHERE host = %s ORDER BY from_seq, id",
             (host,),
         )
-        return [
-            StoredBatch(
-                host=host,
-                first_sequence=int(r[0]),
-                last_sequence=int(r[1]),
-                prev_chain=bytes(r[2]),
-                signature=bytes(r[3]),
-                signer=bytes(r[4]),
-                from_sequence=int(r[5]),
-                from_chain=bytes(r[6]),
-                day=int(r[7]),
-            )
-            for r in rows
-        ]
+        return [StoredBatch.of_row(host, r) for r in rows]
 
     def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
         with self._conn(timeout_s=None) as conn:  # as long as the caller reads

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.store import (
+    STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
     NewEvent,
@@ -32,8 +33,8 @@ from sidecar.collector.store import (
     StoreError,
     day_name,
     day_of,
+    event_row,
     filter_columns,
-    verdict_of,
 )
 
 _logger = logging.getLogger(__name__)
@@ -359,22 +360,7 @@ class SqliteStore:
         went in, their cursors follow from the last id.  A batch with a
         duplicate (a replay) is inserted row by row instead, to tell which.
         """
-        rows = [
-            (
-                ev.host,
-                ev.boot_id,
-                ev.sequence or None,
-                ev.time_ns,
-                ev.identity,
-                ev.process.instance_id,
-                ev.WhichOneof("body") or "",
-                verdict_of(ev),
-                ne.verification,
-                ne.payload,
-            )
-            for ne in events
-            for ev in (ne.event,)
-        ]
+        rows = [event_row(ne) for ne in events]
         if not rows:
             return StoredRows((), ())
         before = self._db.total_changes
@@ -448,24 +434,10 @@ class SqliteStore:
     def stored_batches(self, host: str) -> list[StoredBatch]:
         with self._lock:
             rows = self._q(
-                "SELECT first_seq, last_seq, prev_chain, signature, signer, from_seq,"
-                " from_chain, day FROM batches WHERE host = ? ORDER BY from_seq, id",
+                f"SELECT {STORED_BATCH_COLUMNS} FROM batches WHERE host = ? ORDER BY from_seq, id",
                 (host,),
             )
-        return [
-            StoredBatch(
-                host=host,
-                first_sequence=_int(r[0]),
-                last_sequence=_int(r[1]),
-                prev_chain=_bytes(r[2]),
-                signature=_bytes(r[3]),
-                signer=_bytes(r[4]),
-                from_sequence=_int(r[5]),
-                from_chain=_bytes(r[6]),
-                day=_int(r[7]),
-            )
-            for r in rows
-        ]
+        return [StoredBatch.of_row(host, r, _int, _bytes) for r in rows]
 
     def chain_events(self, host: str) -> Iterator[tuple[int, str, bytes]]:
         after = (0, 0)  # (seq, id): read in pages, not holding the lock between them

@@ -149,6 +149,34 @@ class StoredBatch:
     from_chain: bytes
     day: int
 
+    @classmethod
+    def of_row(
+        cls,
+        host: str,
+        row: Sequence[object],
+        as_int: Callable[[object], int] = int,  # type: ignore[assignment]
+        as_bytes: Callable[[object], bytes] = bytes,  # type: ignore[assignment]
+    ) -> StoredBatch:
+        """The batch a row of :data:`STORED_BATCH_COLUMNS` holds."""
+        first, last, prev, signature, signer, from_seq, from_chain, day = row
+        return cls(
+            host=host,
+            first_sequence=as_int(first),
+            last_sequence=as_int(last),
+            prev_chain=as_bytes(prev),
+            signature=as_bytes(signature),
+            signer=as_bytes(signer),
+            from_sequence=as_int(from_seq),
+            from_chain=as_bytes(from_chain),
+            day=as_int(day),
+        )
+
+
+#: The columns of a kept batch, in the order :meth:`StoredBatch.of_row` reads them.
+STORED_BATCH_COLUMNS = (
+    "first_seq, last_seq, prev_chain, signature, signer, from_seq, from_chain, day"
+)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -310,6 +338,27 @@ def open_store(config: CollectorConfig) -> Store:
     from sidecar.collector.sqlite_store import SqliteStore
 
     return SqliteStore(config.db_path)
+
+
+def event_row(ne: NewEvent) -> tuple[object, ...]:
+    """The column values of one event, in both stores' insert order.
+
+    (host, boot, seq, time_ns, identity, instance, kind, verdict,
+    verification, data); a collector alert has no sequence (None).
+    """
+    ev = ne.event
+    return (
+        ev.host,
+        ev.boot_id,
+        ev.sequence or None,
+        ev.time_ns,
+        ev.identity,
+        ev.process.instance_id,
+        ev.WhichOneof("body") or "",
+        verdict_of(ev),
+        int(ne.verification),
+        ne.payload,
+    )
 
 
 def verdict_of(event: event_pb2.Event) -> int:
