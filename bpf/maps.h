@@ -10,7 +10,7 @@
  * is not pinned.
  *
  * Build settings come in as -D flags, validated by the loader:
- *   PIN_DIR        "/sys/fs/bpf/sidecar/v2" (a string literal)
+ *   PIN_DIR        "/sys/fs/bpf/sidecar/v3" (a string literal)
  *   PROCS_MAX, RINGBUF_BYTES, POLICIES_MAX, EGRESS_MAX, EXEC_ALLOW_MAX,
  *   SOCKET_ALLOW_MAX, UNIX_ALLOW_MAX, EVENT_TYPE_SLOTS, DELIVERED_SLOTS
  *                  max_entries of the maps (LoadOptions.map_sizes, from
@@ -44,7 +44,8 @@
 	!defined(SIDECAR_OFF_INODE_CTIME_SEC) || !defined(SIDECAR_OFF_INODE_CTIME_NSEC) ||    \
 	!defined(SIDECAR_OFF_TASK_CRED) || !defined(SIDECAR_OFF_CRED_USER_NS) ||              \
 	!defined(SIDECAR_OFF_USER_NS_LEVEL) || !defined(SIDECAR_OFF_CRED_CAP_EFFECTIVE) ||     \
-	!defined(SIDECAR_OFF_TASK_REAL_PARENT) || !defined(SIDECAR_OFF_TASK_TGID)
+	!defined(SIDECAR_OFF_TASK_REAL_PARENT) || !defined(SIDECAR_OFF_TASK_TGID) ||                \
+	!defined(SIDECAR_OFF_TASK_START_BOOTTIME)
 #error "the loader passes the kernel's field offsets (SIDECAR_OFF_*) from its BTF"
 #endif
 

@@ -162,14 +162,14 @@ static __always_inline u64 host_caps(void)
  * whose change time moved since the policy was loaded (written in place,
  * chmod'ed, linked) is refused until a reload trusts it again.
  */
-static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags, u64 *refused)
+static __always_inline u8 judge_exec(u32 identity, const struct exe_file_id *x, int x_read,
+				     u64 caps, u32 *gen_out, u32 *flags, u64 *refused)
 {
 	u32 zero = 0, ruled, gen;
 	struct settings *s = settings.lookup(&zero);
 	struct identity_policy *p;
 	struct exec_key k = {};
 	struct exec_file *allowed;
-	struct exe_file_id x = {};
 	u8 deny;
 
 	*gen_out = 0;
@@ -187,7 +187,7 @@ static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags, u64
 	/* A capability that could switch enforcement off or reach around it
 	 * (CAP_SYS_ADMIN, CAP_BPF, ...) is refused unless the policy accepts it. */
 	if (p->caps_refused) {
-		*refused = host_caps() & p->caps_refused;
+		*refused = caps & p->caps_refused;
 		if (*refused) {
 			*flags |= SIDECAR_EXEC_PRIVILEGED;
 			return deny;
@@ -195,18 +195,16 @@ static __always_inline u8 judge_exec(u32 identity, u32 *gen_out, u32 *flags, u64
 	}
 	if (!(p->flags & SIDECAR_POLICY_EXEC_RESTRICTED))
 		return SIDECAR_VERDICT_ALLOW;
-	if (read_exe_file(&x) < 0) {
-		*flags |= SIDECAR_EXEC_FILE_UNKNOWN;
+	if (!x_read)
 		return deny; /* fail closed: a restricted identity runs only what is known */
-	}
 	k.gen = gen;
 	k.identity = ruled;
-	k.dev = x.dev;
-	k.ino = x.ino;
+	k.dev = x->dev;
+	k.ino = x->ino;
 	allowed = exec_allow.lookup(&k);
 	if (!allowed)
 		return deny;
-	if (allowed->ctime_sec != x.ctime_sec || allowed->ctime_nsec != x.ctime_nsec) {
+	if (allowed->ctime_sec != x->ctime_sec || allowed->ctime_nsec != x->ctime_nsec) {
 		*flags |= SIDECAR_EXEC_FILE_CHANGED;
 		return deny;
 	}
@@ -222,8 +220,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	struct exec_event *e;
 	unsigned short loc = args->data_loc_filename & 0xffff;
 	u32 gen, len, size, zero = 0, flags = 0;
-	u64 refused = 0;
-	int untracked = 0;
+	u64 refused = 0, caps, start_ns = 0;
+	struct exe_file_id x = {};
+	int untracked = 0, x_read;
 	u8 verdict;
 
 	/* A process that holds an identity is judged wherever it runs; the
@@ -260,7 +259,18 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (st->identity == SIDECAR_IDENTITY_NONE && attesting() && in_scope())
 		st->identity = SIDECAR_IDENTITY_PENDING;
 
-	verdict = judge_exec(st->identity, &gen, &flags, &refused);
+	/* Read once, for the verdict and for the record (attestation uses them). */
+	x_read = read_exe_file(&x) == 0;
+	if (!x_read) {
+		x.dev = 0;
+		x.ino = 0;
+		flags |= SIDECAR_EXEC_FILE_UNKNOWN;
+	}
+	caps = host_caps();
+	bpf_probe_read_kernel(&start_ns, sizeof(start_ns),
+			      (void *)(bpf_get_current_task() + SIDECAR_OFF_TASK_START_BOOTTIME));
+
+	verdict = judge_exec(st->identity, &x, x_read, caps, &gen, &flags, &refused);
 	if (untracked) {
 		verdict = SIDECAR_VERDICT_DENY; /* killed above */
 		flags |= SIDECAR_EXEC_UNTRACKED;
@@ -277,8 +287,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->policy_gen = gen;
 	e->verdict = verdict;
 	e->pad = 0;
-	e->pad2 = 0;
+	e->exe_dev = x.dev;
+	e->exe_ino = x.ino;
 	e->caps_refused = refused;
+	e->caps_host = caps;
+	e->start_ns = start_ns;
 	e->filename_len = bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 						    (void *)args + loc);
 	read_argv(e);

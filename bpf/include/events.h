@@ -15,7 +15,7 @@
 
 #include <linux/types.h>
 
-#define SIDECAR_ABI_VERSION 2
+#define SIDECAR_ABI_VERSION 3
 
 /*
  * Limits.  Their Python definitions are in sidecar/kernel/limits.py (abi.py for the rest);
@@ -124,8 +124,19 @@ struct exec_event {
 	__u16 args_count;   /* arguments read */
 	__u8 verdict;       /* enum sidecar_verdict */
 	__u8 pad;
-	__u32 pad2;
+	__u32 exe_dev;      /* the file the new image runs: its device (kernel encoding) */
 	__u64 caps_refused; /* SIDECAR_EXEC_PRIVILEGED: the capabilities held and refused */
+	/*
+	 * What attestation needs of the process, as it was at this exec, so
+	 * that it reads no /proc file for them: the effective capabilities as
+	 * they count on the host (none in a user namespace of its own), the
+	 * start time (task start_boottime, ns since boot; /proc/PID/stat shows
+	 * it in clock ticks) and the running file's inode (0: unread, with
+	 * SIDECAR_EXEC_FILE_UNKNOWN).
+	 */
+	__u64 caps_host;
+	__u64 start_ns;
+	__u64 exe_ino;
 	char filename[SIDECAR_FILENAME_LEN];
 	char args[SIDECAR_ARGS_LEN];
 };

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.attest.entries import Entries, Match, load_entries
-from sidecar.attest.facts import ProcessFacts, gather
+from sidecar.attest.facts import ExecSeen, ProcessFacts, gather
 from sidecar.attest.hashcache import HashCache
 
 _logger = logging.getLogger(__name__)
@@ -49,8 +49,13 @@ class Attestor:
     def hashes(self) -> HashCache:
         return self._hashes
 
-    def attest(self, pid: int, parent_identity: str | None = None) -> AttestationResult:
-        """Gather ``pid``'s facts and match them; AttestationError if it is gone or replaced."""
+    def attest(
+        self, pid: int, parent_identity: str | None = None, seen: ExecSeen | None = None
+    ) -> AttestationResult:
+        """Gather ``pid``'s facts and match them; AttestationError if it is gone or replaced.
+
+        ``seen``: what the kernel recorded of the exec being attested.
+        """
         entries = self._entries  # one consistent set for the whole attestation
         facts = gather(
             pid,
@@ -59,6 +64,7 @@ class Attestor:
             want_sha256=entries.needs_sha256,
             want_user=entries.needs_user,
             want_cgroup=entries.needs_cgroup,
+            seen=seen,
         )
         match = entries.match(facts)
         _logger.debug(

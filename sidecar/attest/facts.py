@@ -21,6 +21,15 @@ and the daemon attests again for it.
 The pidfd is closed before :func:`gather` returns; the daemon keys process
 instances by ``(boot_id(), pid, start_time)``, which :class:`ProcessFacts`
 carries.
+
+For a process the kernel reported an exec of, the exec record already says
+its start time, real uid/gid, capabilities and the file it runs
+(:class:`ExecSeen`), as they were at that exec.  :func:`gather` then reads
+only ``stat`` (the start time, which ties the pidfd to the recorded process)
+and ``exe`` (the path, which the kernel cannot give at that tracepoint),
+checks the file is the recorded one, and checks liveness through the pidfd:
+half the system calls, and facts that describe the exec itself rather than
+whatever the process did since.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ import os
 import pwd
 import signal
 from dataclasses import dataclass
+from functools import cache
 
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
 from sidecar.proc.read import (
     StatusFields,
+    kernel_dev,
     parse_cgroup,
     parse_start_time,
     parse_status,
@@ -71,6 +82,9 @@ class ProcessFacts:
     #: ``CapEff``); :func:`sidecar.proc.read.host_caps` says what they count
     #: for on the host.
     cap_eff: int = 0
+    #: What they count for on the host, when the kernel said so at exec
+    #: (:class:`ExecSeen`); None when only ``cap_eff`` is known.
+    cap_host: int | None = None
 
     @property
     def systemd_unit(self) -> str | None:
@@ -83,6 +97,23 @@ class ProcessFacts:
     @property
     def container_id(self) -> str | None:
         return cgroup.container_id(self.cgroup_path) if self.cgroup_path else None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSeen:
+    """The process as the kernel's exec record describes it, at that exec."""
+
+    start_ns: int  # task start, ns since boot (/proc/PID/stat shows it in ticks)
+    uid: int  # real
+    gid: int  # real
+    cap_host: int  # effective capabilities as they count on the host
+    exe_dev: int  # the running file: device, in the kernel's encoding (MAJOR << 20 | MINOR)
+    exe_ino: int  # ... and inode; 0 when the kernel could not read it
+
+
+@cache
+def _ns_per_tick() -> int:
+    return 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def boot_id() -> str:
@@ -109,13 +140,16 @@ def gather(
     want_sha256: bool = True,
     want_user: bool = True,
     want_cgroup: bool = True,
+    seen: ExecSeen | None = None,
 ) -> ProcessFacts:
     """Read the facts of process ``pid``; :class:`AttestationError` if it is gone or replaced.
 
     ``want_sha256=False`` skips hashing, ``want_user=False`` the user
     database lookup (which may go to LDAP) and ``want_cgroup=False`` the
     cgroup; the field is then None.  The attestor asks for each only when
-    some entry has a selector that needs it.
+    some entry has a selector that needs it.  ``seen``: what the kernel's
+    exec record says of the process; the facts are then those of that exec
+    (AttestationError if ``pid`` is no longer that process).
     """
     if pid <= 0:
         raise AttestationError(f"pid {pid}: not a process id")
@@ -124,11 +158,87 @@ def gather(
     except OSError as exc:
         raise _gone(pid, exc) from exc
     try:
+        if seen is not None and seen.exe_ino and seen.start_ns:  # 0: the kernel could not read it
+            facts = _gather_seen(
+                pid, pidfd, seen, parent_identity, hashes, want_sha256, want_user, want_cgroup
+            )
+            if facts is not None:
+                return facts
         return _gather_pinned(
             pid, pidfd, parent_identity, hashes, want_sha256, want_user, want_cgroup
         )
     finally:
         os.close(pidfd)
+
+
+def _gather_seen(
+    pid: int,
+    pidfd: int,
+    seen: ExecSeen,
+    parent_identity: str | None,
+    hashes: HashCache,
+    want_sha256: bool,
+    want_user: bool,
+    want_cgroup: bool,
+) -> ProcessFacts | None:
+    """The facts of the exec ``seen`` describes; None when its file is not the one running.
+
+    The pidfd was opened after the exec: if ``pid``'s start time is still
+    the recorded one, the pidfd holds the recorded process (a pid is reused
+    only after its process is gone, and this one existed before the pidfd
+    did).  While the pidfd's process is alive at the end, ``/proc/PID`` was
+    its, so the path and the cgroup read in between are too.
+    """
+    start_time = read_start_time(pid)
+    if start_time != seen.start_ns // _ns_per_tick():
+        raise AttestationError(f"pid {pid}: replaced by another process since its exec")
+    exe_link = f"/proc/{pid}/exe"
+    # The name first, then the file: if the process execs in between, the
+    # file opened is not the recorded one.
+    try:
+        exe_path = os.readlink(exe_link)
+        exe_fd = os.open(exe_link, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    try:
+        try:
+            st = os.fstat(exe_fd)
+        except OSError as exc:
+            raise _gone(pid, exc) from exc
+        if (kernel_dev(st.st_dev), st.st_ino) != (seen.exe_dev, seen.exe_ino):
+            # It exec'd again since (a later record attests that image), or
+            # this file system shows stat() another device than the kernel
+            # holds (overlay, btrfs): either way, read it all from /proc.
+            return None
+        sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable", st)[1] if want_sha256 else None
+    finally:
+        os.close(exe_fd)
+    cgroup_path = parse_cgroup(_read_text(pid, "cgroup")) if want_cgroup else None
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except OSError as exc:
+        raise _gone(pid, exc) from exc
+    deleted = st.st_nlink == 0
+    if deleted and exe_path.endswith(_DELETED):
+        exe_path = exe_path[: -len(_DELETED)]
+    return ProcessFacts(
+        pid=pid,
+        start_time=start_time,
+        uid=seen.uid,
+        gid=seen.gid,
+        user=_user_name(seen.uid) if want_user else None,
+        exe_path=exe_path,
+        exe_deleted=deleted,
+        exe_dev=st.st_dev,
+        exe_ino=st.st_ino,
+        exe_size=st.st_size,
+        exe_mtime_ns=st.st_mtime_ns,
+        sha256=sha256,
+        cgroup_path=cgroup_path,
+        parent_identity=parent_identity,
+        cap_eff=seen.cap_host,
+        cap_host=seen.cap_host,
+    )
 
 
 def _gather_pinned(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from sidecar.attest.facts import ExecSeen
 from sidecar.kernel import abi
 from sidecar.policy import caps
 from sidecar.proc.pidfd import kill
@@ -87,7 +88,11 @@ class Settler:
             if needs_parent and ev.task.ppid:  # a map lookup only when a selector asks
                 parent = self.kernel.proc_state(ev.task.ppid)
                 parent_identity = self._name(parent[0]) if parent else None
-            answer = self.attest_into_kernel(pid, ev.task.ppid, parent_identity, kernel_identity)
+            task = ev.task
+            seen = ExecSeen(ev.start_ns, task.uid, task.gid, ev.caps_host, ev.exe_dev, ev.exe_ino)
+            answer = self.attest_into_kernel(
+                pid, task.ppid, parent_identity, kernel_identity, seen=seen
+            )
             if answer is None:
                 continue
             result, number = answer
@@ -97,7 +102,10 @@ class Settler:
                 self.latency_ns.append(now - ev.ts_ns)
                 if self.metrics is not None:
                     self.metrics.observe_attestation((now - ev.ts_ns) / 1e9)
-                refused = self.refuse_privileged(pid, result.match.spiffe_id, result.facts.cap_eff)
+                facts = result.facts
+                refused = self.refuse_privileged(
+                    pid, result.match.spiffe_id, facts.cap_eff, facts.cap_host
+                )
             out[i] = Settled(result, number, refused)
         return out
 
@@ -106,13 +114,16 @@ class Settler:
             return None
         return self.numbers.name(number)
 
-    def refuse_privileged(self, pid: int, spiffe_id: str, cap_eff: int) -> int:
+    def refuse_privileged(
+        self, pid: int, spiffe_id: str, cap_eff: int, cap_host: int | None = None
+    ) -> int:
         """An agent attested while it holds capabilities its policy refuses: kill it (enforce).
 
         The kernel refuses such a process at each later exec; this covers the
         exec that made it the agent, which the kernel saw while it was still
         pending (and so could not connect anywhere).  ``cap_eff`` is what
-        attestation read in its status.  Returns the refused capabilities it
+        attestation found, ``cap_host`` what they count for on the host when
+        the kernel said so at exec.  Returns the refused capabilities it
         held.
         """
         policies = self._policies()
@@ -120,7 +131,9 @@ class Settler:
         ci = active.policy.identities.get(spiffe_id) if active and active.policy else None
         if ci is None:
             return 0
-        refused = host_caps(pid, caps.refused_mask(ci.capabilities) & cap_eff) or 0
+        mask = caps.refused_mask(ci.capabilities)
+        held = cap_host if cap_host is not None else host_caps(pid, mask & cap_eff)
+        refused = mask & (held or 0)
         if refused and ci.mode == "enforce":
             kill(pid)
             _logger.warning(
@@ -138,6 +151,7 @@ class Settler:
         parent_identity: str | None,
         kernel_identity: int,
         create: bool = False,
+        seen: ExecSeen | None = None,
     ) -> tuple[AttestationResult, int] | None:
         """Attest ``pid`` and write the answer into the kernel map.
 
@@ -149,7 +163,7 @@ class Settler:
         from an attested ancestor is left alone.
         """
         try:
-            result = self.attestor.attest(pid, parent_identity)
+            result = self.attestor.attest(pid, parent_identity, seen)
         except AttestationError as exc:
             _logger.debug("pid %d not attested: %s", pid, exc)
             return None

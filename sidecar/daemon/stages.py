@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from sidecar.api.v1 import event_pb2
     from sidecar.attest.attestor import AttestationResult
     from sidecar.attest.entries import Entries
+    from sidecar.attest.facts import ExecSeen
     from sidecar.enforce.enforcer import Generation
     from sidecar.identity.instances import Instance
     from sidecar.identity.x509 import X509Svid
@@ -44,7 +45,9 @@ class RingBuffer(Protocol):
 class Attesting(Protocol):
     @property
     def entries(self) -> Entries: ...
-    def attest(self, pid: int, parent_identity: str | None) -> AttestationResult: ...
+    def attest(
+        self, pid: int, parent_identity: str | None, seen: ExecSeen | None = None
+    ) -> AttestationResult: ...
 
 
 class Policies(Protocol):

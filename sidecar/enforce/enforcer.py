@@ -24,6 +24,7 @@ from typing import Protocol
 
 from sidecar.kernel import abi
 from sidecar.policy import CompiledIdentity, CompiledPolicy, caps
+from sidecar.proc.read import kernel_dev
 from sidecar.util.errors import PolicyError
 
 _logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class ExecFile:
     @classmethod
     def of(cls, path: str) -> ExecFile:
         st = os.stat(path)  # follows symlinks: the kernel sees the file that runs
-        return cls(abi.kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns)
+        return cls(kernel_dev(st.st_dev), st.st_ino, st.st_ctime_ns)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from sidecar.kernel.limits import SOCKET_ALLOW_MAX as SOCKET_ALLOW_MAX
 from sidecar.kernel.limits import UNIX_ALLOW_MAX as UNIX_ALLOW_MAX
 from sidecar.kernel.limits import UNIX_PATH_LEN as UNIX_PATH_LEN
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 IDENTITY_NONE = 0
 IDENTITY_PENDING = 0xFFFFFFFF
@@ -131,8 +131,11 @@ class ExecEvent(ctypes.Structure):
         ("args_count", ctypes.c_uint16),
         ("verdict", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
-        ("pad2", ctypes.c_uint32),
+        ("exe_dev", ctypes.c_uint32),
         ("caps_refused", ctypes.c_uint64),
+        ("caps_host", ctypes.c_uint64),
+        ("start_ns", ctypes.c_uint64),
+        ("exe_ino", ctypes.c_uint64),
         ("filename", ctypes.c_char * FILENAME_LEN),
         ("args", ctypes.c_uint8 * ARGS_LEN),  # NUL-separated: not c_char, which stops at NUL
     )
@@ -338,6 +341,14 @@ class Exec:
     verdict: Verdict
     flags: int = 0  # EXEC_* as the kernel set them
     caps_refused: int = 0  # EXEC_PRIVILEGED: the capabilities held and refused
+    #: The process as the kernel saw it at this exec (attestation reads no
+    #: /proc file for these): effective capabilities as they count on the
+    #: host, start time in ns since boot, and the running file (kernel
+    #: device encoding and inode; 0 when it could not be read).
+    caps_host: int = 0
+    start_ns: int = 0
+    exe_dev: int = 0
+    exe_ino: int = 0
 
 
 @dataclass(slots=True)
@@ -413,8 +424,8 @@ def _text(raw: bytes) -> str:
 _HEADER = struct.Struct("<HHIQ")
 _TASK = struct.Struct(f"<IIIIIIQ{COMM_LEN}s")
 _HEADER_TASK = struct.Struct(f"<HHIQIIIIIIQ{COMM_LEN}s")  # both in one call, on the hot path
-_EXEC_TAIL = struct.Struct(f"<IIIHHHBBIQ{FILENAME_LEN}s")
-_EXEC_FIXED = struct.Struct("<IIIHHHBBIQ")  # the exec tail up to the file name
+_EXEC_TAIL = struct.Struct(f"<IIIHHHBBIQQQQ{FILENAME_LEN}s")
+_EXEC_FIXED = struct.Struct("<IIIHHHBBIQQQQ")  # the exec tail up to the file name
 _FORK_TAIL = struct.Struct("<II")
 _CONNECT_TAIL = struct.Struct(f"<BBBBHH{ADDR_LEN}sII")
 _SOCKET_TAIL = struct.Struct("<HHHBBiiII")
@@ -481,13 +492,6 @@ def pack_egress_rules(rules: list[tuple[int, int, int, int]]) -> bytes:
     return EGRESS_RULES_HEAD.pack(len(rules)) + body.ljust(MAX_PORT_RULES * PORT_RULE.size, b"\0")
 
 
-def kernel_dev(st_dev: int) -> int:
-    """A stat() device number in the kernel's internal form (MAJOR << 20 | MINOR)."""
-    import os
-
-    return (os.major(st_dev) << 20) | os.minor(st_dev)
-
-
 def _address(raw: bytes, family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if family == AF_INET and raw[:12] == b"\0" * 10 + b"\xff\xff":
         return ipaddress.IPv4Address(raw[12:])
@@ -541,9 +545,21 @@ def decode(data: bytes) -> KernelEvent:
     if kind == EventType.EXIT:
         return Exit(ts_ns, task)
     if kind == EventType.EXEC:
-        _old, flags, gen, name_len, args_len, args_count, verdict, _p, _p2, caps = (
-            _EXEC_FIXED.unpack_from(data, _T1)
-        )
+        (
+            _old,
+            flags,
+            gen,
+            name_len,
+            args_len,
+            args_count,
+            verdict,
+            _p,
+            exe_dev,
+            caps,
+            caps_host,
+            start_ns,
+            exe_ino,
+        ) = _EXEC_FIXED.unpack_from(data, _T1)
         # name_len counts the NUL; past the field's end the name was not read whole.
         name_end = _NAME + (name_len - 1 if 0 < name_len <= FILENAME_LEN else 0)
         filename = data[_NAME:name_end].decode("utf-8", "surrogateescape")
@@ -562,6 +578,10 @@ def decode(data: bytes) -> KernelEvent:
             _enum(_VERDICTS, verdict, "verdict"),
             flags,
             caps,
+            caps_host,
+            start_ns,
+            exe_dev,
+            exe_ino,
         )
     if kind == EventType.UNIX:
         hook, verdict, path_len, gen, path, _pad = _UNIX_TAIL.unpack_from(data, _T1)

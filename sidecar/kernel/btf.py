@@ -469,6 +469,8 @@ def kernel_offsets(btf: Btf) -> dict[str, int]:
     out["SIDECAR_OFF_INODE_INO"] = _sized(btf, "inode", "i_ino", (8,))
     out["SIDECAR_OFF_SB_DEV"] = _sized(btf, "super_block", "s_dev", (4,))
     out["SIDECAR_OFF_TASK_TGID"] = _sized(btf, "task_struct", "tgid", (4,))
+    # What /proc/PID/stat shows as the start time (field 22), in ns since boot.
+    out["SIDECAR_OFF_TASK_START_BOOTTIME"] = _sized(btf, "task_struct", "start_boottime", (8,))
     # kernel_cap_t: struct { u64 val; } on 6.3+, struct { u32 cap[2]; } before; 8 bytes both.
     out["SIDECAR_OFF_CRED_CAP_EFFECTIVE"] = _sized(btf, "cred", "cap_effective", (8,))
     # Capabilities count only in the host's user namespace (level 0).

@@ -31,6 +31,11 @@ def parse_start_time(stat: str | bytes) -> int | None:
         return None
 
 
+def kernel_dev(st_dev: int) -> int:
+    """A stat() device number in the kernel's internal form (MAJOR << 20 | MINOR)."""
+    return (os.major(st_dev) << 20) | os.minor(st_dev)
+
+
 class StatusFields(NamedTuple):
     """The fields of ``/proc/PID/status`` the product uses."""
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from sidecar.attest import (
     read_start_time,
 )
 from sidecar.attest import facts as facts_mod
+from sidecar.attest.facts import ExecSeen
+from sidecar.proc.read import kernel_dev
 from sidecar.util.errors import AttestationError
 
 UID = os.getuid()
@@ -358,3 +361,103 @@ def test_the_cgroup_is_read_when_a_selector_needs_it_and_only_then(
     result = without.attest(p.pid)
     assert result.facts.cgroup_path is None
     assert result.spiffe_id == "spiffe://example.org/b"
+
+
+# ------------------------------------------------- facts the exec record gave
+
+
+def seen_from_proc(pid: int, **over: int) -> ExecSeen:
+    """What the kernel's exec record says of ``pid`` (tests/kernel checks the kernel says so)."""
+    st = os.stat(f"/proc/{pid}/exe")
+    fields = {
+        "start_ns": read_start_time(pid) * (10**9 // os.sysconf("SC_CLK_TCK")),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "cap_host": 0,
+        "exe_dev": kernel_dev(st.st_dev),
+        "exe_ino": st.st_ino,
+    }
+    fields.update(over)
+    return ExecSeen(**fields)
+
+
+def test_facts_from_the_exec_record_agree_with_proc(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    from_proc = gather(p.pid, None, HashCache())
+    from_record = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, cap_host=1 << 21))
+    assert replace(from_record, cap_eff=0, cap_host=None) == replace(from_proc, cap_eff=0)
+    # What the record says of the exec wins over what /proc shows now.
+    assert (from_record.cap_eff, from_record.cap_host) == (1 << 21, 1 << 21)
+    assert from_proc.cap_host is None
+
+
+def test_the_exec_record_s_ids_are_those_of_the_exec(procs: Procs) -> None:
+    """A process that changes its ids after exec is attested with those it exec'd under."""
+    p = procs.start(["sleep", "60"])
+    f = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, uid=4242, gid=4343))
+    assert (f.uid, f.gid) == (4242, 4343)
+    assert f.user == _name_of(4242)  # the name of the recorded uid, not of ours
+
+
+def _name_of(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def test_a_pid_that_is_no_longer_the_recorded_process_is_refused(procs: Procs) -> None:
+    """The record's start time differs from the pid's: the pid was reused since the exec."""
+    p = procs.start(["sleep", "60"])
+    tick = 10**9 // os.sysconf("SC_CLK_TCK")
+    for start in (read_start_time(p.pid) - 1, read_start_time(p.pid) + 1):
+        with pytest.raises(AttestationError, match="replaced by another process since its exec"):
+            gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, start_ns=start * tick))
+    # Positive control: any nanosecond of the recorded tick is the same process.
+    last_ns = (read_start_time(p.pid) + 1) * tick - 1
+    assert (
+        gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, start_ns=last_ns)).pid == p.pid
+    )
+
+
+def test_a_process_gone_since_its_exec_is_refused_with_the_record_too(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    seen = seen_from_proc(p.pid)
+    p.kill()
+    os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)  # a zombie keeps its pid and stat
+    with pytest.raises(AttestationError, match="process is gone"):
+        gather(p.pid, None, HashCache(), seen=seen)
+    p.wait()
+    with pytest.raises(AttestationError, match="process is gone"):
+        gather(p.pid, None, HashCache(), seen=seen)
+
+
+def test_a_file_other_than_the_recorded_one_is_read_from_proc(bin_dir: Path, procs: Procs) -> None:
+    """It exec'd again since the record (or the file system shows another device):
+    the facts are then all read from /proc, those of the image that runs."""
+    p = procs.start(["sh", "-c", "read line; exec sleep 60"])
+    seen = seen_from_proc(p.pid, uid=4242)  # the record of the shell's exec
+    assert p.stdin is not None
+    p.stdin.write(b"go\n")
+    p.stdin.flush()
+    shell = os.readlink(f"/proc/{p.pid}/exe")
+    deadline = time.monotonic() + 30  # a guard against hanging, not a timing check
+    while os.readlink(f"/proc/{p.pid}/exe") == shell:
+        if time.monotonic() > deadline:
+            pytest.fail("the child never exec'd sleep")
+        time.sleep(0.01)
+    f = gather(p.pid, None, HashCache(), seen=seen)
+    assert f.exe_path == os.path.realpath(shutil.which("sleep") or "")
+    assert f.uid == UID  # read from /proc, not taken from the shell's record
+    assert f.cap_host is None
+    # The same with a device number that does not match (the stat/kernel mismatch case).
+    q = procs.start(["sleep", "60"])
+    g = gather(q.pid, None, HashCache(), seen=seen_from_proc(q.pid, exe_dev=1, uid=4242))
+    assert (g.uid, g.cap_host) == (UID, None)
+
+
+def test_an_exec_record_without_a_file_or_start_time_falls_back_to_proc(procs: Procs) -> None:
+    p = procs.start(["sleep", "60"])
+    for over in ({"exe_ino": 0}, {"start_ns": 0}):
+        f = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, uid=4242, **over))
+        assert (f.uid, f.cap_host) == (UID, None)

@@ -6,10 +6,16 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from conftest import spawn
 
+from sidecar.attest import HashCache, gather, read_start_time
+from sidecar.attest.facts import ExecSeen
+from sidecar.daemon.reader import Batch
+from sidecar.kernel import abi
+from sidecar.proc.read import kernel_dev
 from sidecar.testing.inprocess import InProcessDaemon
 from sidecar.testing.scratch import wait_until
 
@@ -279,3 +285,74 @@ def test_secrets_on_the_command_line_never_leave_the_daemon(
     plain.wait(10)
     ev = daemon.sink.wait_for(type="exec", pid=plain.pid)
     assert ev["argv"] == ["/bin/echo", "hello"] and "args_redacted" not in ev
+
+
+def _cap_eff(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapEff:")), 16)
+
+
+def test_the_exec_record_carries_start_time_running_file_and_host_capabilities(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    """Attestation takes these from the record instead of /proc: they must be /proc's."""
+    reader = daemon.daemon.reader
+    assert reader is not None
+    records: list[abi.Exec] = []
+    handoff = reader.handoff
+
+    def keep(batch: Batch) -> None:
+        records.extend(r for r in batch.records if isinstance(r, abi.Exec))
+        handoff(batch)
+
+    reader.handoff = keep
+    root = spawn(scratch_cgroup, ["/bin/sleep", "30"])
+    nobody = spawn(scratch_cgroup, ["/bin/sleep", "30"], uid=NOBODY)
+    # Full capabilities, but in a user namespace of its own: none on the host.
+    userns = spawn(
+        scratch_cgroup,
+        ["unshare", "--user", "--map-root-user", "/bin/sleep", "30"],
+        privileged=True,
+    )
+    children = (root, nobody, userns)
+    try:
+
+        def record_of(pid: int) -> abi.Exec | None:
+            mine = [r for r in records if r.task.pid == pid and r.filename == "/bin/sleep"]
+            return mine[-1] if mine else None
+
+        got = wait_until(
+            lambda: (
+                [record_of(c.pid) for c in children]
+                if all(record_of(c.pid) for c in children)
+                else None
+            ),
+            10,
+            "the exec records of the three sleeps",
+        )
+        tick = 10**9 // os.sysconf("SC_CLK_TCK")
+        for child, rec in zip(children, got, strict=True):
+            assert rec is not None
+            st = os.stat(f"/proc/{child.pid}/exe")
+            assert rec.start_ns // tick == read_start_time(child.pid)
+            assert (rec.exe_dev, rec.exe_ino) == (kernel_dev(st.st_dev), st.st_ino)
+            assert not rec.flags & abi.EXEC_FILE_UNKNOWN
+        assert _cap_eff(root.pid) != 0 and got[0].caps_host == _cap_eff(root.pid)
+        assert _cap_eff(nobody.pid) == 0 and got[1].caps_host == 0
+        assert _cap_eff(userns.pid) != 0 and got[2].caps_host == 0
+        assert (got[1].task.uid, got[1].task.gid) == (NOBODY, NOBODY)
+        # The facts attestation builds from the record are those /proc gives.
+        for child, rec in zip(children, got, strict=True):
+            assert rec is not None
+            seen = ExecSeen(
+                rec.start_ns, rec.task.uid, rec.task.gid, rec.caps_host, rec.exe_dev, rec.exe_ino
+            )
+            fast = gather(child.pid, None, HashCache(), seen=seen)
+            slow = gather(child.pid, None, HashCache())
+            assert fast.cap_host == rec.caps_host
+            assert replace(fast, cap_eff=0, cap_host=None) == replace(slow, cap_eff=0)
+    finally:
+        reader.handoff = handoff
+        for c in children:
+            c.kill()
+            c.wait()

@@ -35,10 +35,13 @@ def exec_record(
     flags: int = 0,
     verdict: int = abi.Verdict.ALLOW,
     caps_refused: int = 0,
+    exe: tuple[int, int] = (0, 0),
+    caps_host: int = 0,
+    start_ns: int = 0,
 ) -> bytes:
     packed = b"".join(a + b"\0" for a in args)
     tail = struct.pack(
-        f"<IIIHHHBBIQ{abi.FILENAME_LEN}s",
+        f"<IIIHHHBBIQQQQ{abi.FILENAME_LEN}s",
         42,
         flags,
         1,
@@ -47,8 +50,11 @@ def exec_record(
         len(args),
         verdict,
         0,
-        0,
+        exe[0],
         caps_refused,
+        caps_host,
+        start_ns,
+        exe[1],
         filename,
     )
     return record(abi.EventType.EXEC, task(identity=5) + tail + packed)
@@ -64,6 +70,23 @@ def test_exec_record_decodes_every_field() -> None:
     assert ev.policy_gen == 1
     assert ev.verdict is abi.Verdict.ALLOW
     assert not ev.args_truncated and not ev.args_missing
+
+
+def test_exec_record_carries_what_attestation_takes_from_the_kernel() -> None:
+    ev = abi.decode(
+        exec_record(
+            b"/usr/bin/curl",
+            [b"curl"],
+            exe=(0x0080_0003, 1 << 40 | 77),
+            caps_host=1 << 21,
+            start_ns=123 * 10**9 + 456,
+        )
+    )
+    assert isinstance(ev, abi.Exec)
+    assert (ev.exe_dev, ev.exe_ino) == (0x0080_0003, 1 << 40 | 77)
+    assert ev.caps_host == 1 << 21
+    assert ev.start_ns == 123 * 10**9 + 456
+    assert ev.filename == "/usr/bin/curl"  # the fields before the name did not shift it
 
 
 def test_exec_record_sent_without_its_unused_args_tail() -> None:

@@ -42,6 +42,7 @@ OFFSET_NAMES = {
     "SIDECAR_OFF_CRED_CAP_EFFECTIVE",
     "SIDECAR_OFF_TASK_REAL_PARENT",
     "SIDECAR_OFF_TASK_TGID",
+    "SIDECAR_OFF_TASK_START_BOOTTIME",
     "SIDECAR_OFF_CRED_USER_NS",
     "SIDECAR_OFF_USER_NS_LEVEL",
 }
@@ -363,6 +364,7 @@ def fake_kernel(ctime: str, cap_as_array: bool = False, tgid_size: int = 4) -> b
             ("mm", vp, 8 * 1136),
             ("tgid", pid_t, 8 * 1268),
             ("real_parent", vp, 8 * 1280),
+            ("start_boottime", u64, 8 * 1672),
             ("cred", vp, 8 * 1736),
         ],
     )
@@ -399,6 +401,7 @@ def test_kernel_offsets_on_each_ctime_layout(ctime: str, sec: int, nsec: int) ->
         "SIDECAR_OFF_TASK_CRED": 1736,
         "SIDECAR_OFF_TASK_REAL_PARENT": 1280,
         "SIDECAR_OFF_TASK_TGID": 1268,
+        "SIDECAR_OFF_TASK_START_BOOTTIME": 1672,
         "SIDECAR_OFF_MM_EXE_FILE": 64 + 896,
         "SIDECAR_OFF_FILE_INODE": 32,
         "SIDECAR_OFF_INODE_SB": 40,
@@ -575,6 +578,7 @@ def test_vmlinux_offsets_are_plausible() -> None:
         "SIDECAR_OFF_TASK_CRED",
         "SIDECAR_OFF_TASK_REAL_PARENT",
         "SIDECAR_OFF_TASK_TGID",
+        "SIDECAR_OFF_TASK_START_BOOTTIME",
     ]
     assert len({offsets[n] for n in task_fields}) == len(task_fields)
     for name in task_fields:

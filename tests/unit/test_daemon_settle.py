@@ -42,11 +42,11 @@ class Attestor:
         self.matches = matches
         self.entries: Any = SimpleNamespace(needs_parent=False)
 
-    def attest(self, pid: int, parent_identity: str | None) -> Any:
+    def attest(self, pid: int, parent_identity: str | None, seen: Any = None) -> Any:
         sid = self.matches.get(pid)
         return SimpleNamespace(
             match=SimpleNamespace(spiffe_id=sid) if sid else None,
-            facts=SimpleNamespace(cap_eff=0),
+            facts=SimpleNamespace(cap_eff=0, cap_host=None),
         )
 
 
