@@ -72,6 +72,27 @@ static __always_inline int judged_identity(struct proc_state **stp, u32 *identit
 	return 1;
 }
 
+/*
+ * Did another build's program handle this very event a moment ago, on
+ * this CPU?  Then this one must not (struct handled_mark).  Otherwise
+ * note the event as this build's.  Called before anything is changed.
+ */
+static __always_inline int handled_elsewhere(u32 kind, u64 task, u64 key)
+{
+	u32 zero = 0;
+	struct handled_mark *m = handled.lookup(&zero);
+
+	if (!m)
+		return 0;
+	if (m->kind == kind && m->task == task && m->key == key && m->build != SIDECAR_BUILD_ID)
+		return 1;
+	m->task = task;
+	m->key = key;
+	m->build = SIDECAR_BUILD_ID;
+	m->kind = kind;
+	return 0;
+}
+
 static __always_inline void fill_header(struct event_header *h, u16 type, u32 size)
 {
 	h->type = type;

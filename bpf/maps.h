@@ -18,6 +18,7 @@
  *   SIDECAR_OFF_*  offsets of the few kernel-internal fields read (the file
  *                  an exec runs), from the running kernel's BTF
  *   SIDECAR_HAVE_GROUP_DEAD  sched_process_exit says when a whole process ends
+ *   SIDECAR_BUILD_ID  a number of this load's own, nonzero (struct handled_mark)
  *
  * No size has a default here: a second value could differ from Python's
  * unnoticed, so a build without one stops instead
@@ -47,6 +48,10 @@
 	!defined(SIDECAR_OFF_TASK_REAL_PARENT) || !defined(SIDECAR_OFF_TASK_TGID) ||                \
 	!defined(SIDECAR_OFF_TASK_START_BOOTTIME)
 #error "the loader passes the kernel's field offsets (SIDECAR_OFF_*) from its BTF"
+#endif
+
+#if !defined(SIDECAR_BUILD_ID)
+#error "the loader passes SIDECAR_BUILD_ID, a number of each load's own"
 #endif
 
 #define SIDECAR_AF_INET 2
@@ -121,6 +126,8 @@ __attribute__((section("maps/ringbuf:" PIN_DIR "/events")))
 struct events_table_t events = {.max_entries = RINGBUF_BYTES};
 /* per-CPU scratch to build an exec record, sent without its unused argv tail */
 BPF_PERCPU_ARRAY(exec_scratch, struct exec_event, 1);
+/* the last process event handled on each CPU, by which build (struct handled_mark) */
+BPF_TABLE_PINNED("percpu_array", u32, struct handled_mark, handled, 1, PIN_DIR "/handled");
 /* records that could not be reserved, per CPU, by event type */
 BPF_TABLE_PINNED("percpu_array", u32, u64, lost, EVENT_TYPE_SLOTS, PIN_DIR "/lost");
 /* index: event type; what a daemon has reported lost so far (written by it) */

@@ -213,7 +213,8 @@ static __always_inline u8 judge_exec(u32 identity, const struct exe_file_id *x, 
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-	u32 pid = bpf_get_current_pid_tgid() >> 32;
+	u64 id = bpf_get_current_pid_tgid(), mm = 0;
+	u32 pid = id >> 32;
 	u32 old_pid = args->old_pid;
 	struct proc_state fresh = {};
 	struct proc_state *st;
@@ -225,6 +226,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	int untracked = 0, x_read;
 	u8 verdict;
 
+	/* Each exec makes a new mm: it tells this exec from the task's others. */
+	bpf_probe_read_kernel(&mm, sizeof(mm), (void *)(bpf_get_current_task() + SIDECAR_OFF_TASK_MM));
+	if (handled_elsewhere(SIDECAR_EVENT_EXEC, id, mm))
+		return 0;
 	/* A process that holds an identity is judged wherever it runs; the
 	 * scope only decides which new processes are attested. */
 	st = procs.lookup(&pid);
@@ -328,6 +333,8 @@ TRACEPOINT_PROBE(task, task_newtask)
 
 	if (clone_flags & SIDECAR_CLONE_THREAD)
 		return 0;
+	if (handled_elsewhere(SIDECAR_EVENT_FORK, bpf_get_current_pid_tgid(), child))
+		return 0;
 	pst = procs.lookup(&parent);
 	scoped = in_scope();
 	if (!pst && !scoped) {
@@ -384,6 +391,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	if (pid != tid)
 		return 0;
 #endif
+	if (handled_elsewhere(SIDECAR_EVENT_EXIT, id, 0))
+		return 0;
 	st = procs.lookup(&pid);
 	if (!st && !in_scope())
 		return 0;

@@ -205,6 +205,23 @@ struct proc_state {
 };
 
 /*
+ * The last process event the programs handled, per CPU.  A daemon that
+ * starts while an earlier one's programs are attached attaches its own
+ * before the old ones go, so that no exec goes unjudged; but the kernel
+ * frees an unpinned link later, from a work queue, and for that moment
+ * both builds run on each event, one after the other on the same CPU with
+ * nothing in between.  The one that finds the very event it was called for
+ * noted by another build does nothing: each event is handled, and
+ * recorded, once.
+ */
+struct handled_mark {
+	__u64 task;  /* pid_tgid of the task the event is about */
+	__u64 key;   /* what tells this event from the task's others (see process.bpf.c) */
+	__u32 build; /* SIDECAR_BUILD_ID of the programs that handled it */
+	__u32 kind;  /* SIDECAR_EVENT_* */
+};
+
+/*
  * The daemon writes a heartbeat into settings at least every second.  When
  * it is older than this, the daemon is gone: new execs are no longer marked
  * pending (nobody would attest them) and fall to the policy's default.

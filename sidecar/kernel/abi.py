@@ -212,6 +212,17 @@ class ProcState(ctypes.Structure):
     _fields_ = (("identity", ctypes.c_uint32), ("ppid", ctypes.c_uint32))
 
 
+class HandledMark(ctypes.Structure):
+    """Only the programs use it: mirrored so the layout test covers it."""
+
+    _fields_ = (
+        ("task", ctypes.c_uint64),
+        ("key", ctypes.c_uint64),
+        ("build", ctypes.c_uint32),
+        ("kind", ctypes.c_uint32),
+    )
+
+
 class Settings(ctypes.Structure):
     _fields_ = (
         ("flags", ctypes.c_uint32),
@@ -299,6 +310,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "unix_event": UnixEvent,
     "unix_key": UnixKey,
     "proc_state": ProcState,
+    "handled_mark": HandledMark,
     "settings": Settings,
     "policy_key": PolicyKey,
     "identity_policy": IdentityPolicy,

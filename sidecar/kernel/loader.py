@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -179,7 +180,19 @@ class LoadOptions:
         }
 
 
-def build_cflags(options: LoadOptions, pin_dir: Path, src: Path, offsets: list[str]) -> list[str]:
+def new_build_id() -> int:
+    """A load's own number: tells its programs from an earlier daemon's while both are
+    attached for a moment at start-up (struct handled_mark in bpf/include/events.h)."""
+    return secrets.randbits(31) + 1
+
+
+def build_cflags(
+    options: LoadOptions,
+    pin_dir: Path,
+    src: Path,
+    offsets: list[str],
+    build_id: int | None = None,
+) -> list[str]:
     """The compiler flags of the BCC programs: paths, map sizes, the kernel's offsets."""
     cflags = [
         f"-I{src / 'include'}",
@@ -191,6 +204,7 @@ def build_cflags(options: LoadOptions, pin_dir: Path, src: Path, offsets: list[s
     ]
     if has_group_dead(options.tracefs):
         cflags.append("-DSIDECAR_HAVE_GROUP_DEAD=1")
+    cflags.append(f"-DSIDECAR_BUILD_ID={build_id if build_id is not None else new_build_id()}")
     return cflags
 
 
@@ -241,6 +255,7 @@ class KernelPrograms(KernelMaps):
         self._unix_build: ObjectBuild | None = None
         self.unix_problem: str | None = "not loaded"
         self.report = AttachReport()
+        self.build_id = 0  # set by load()
 
     # -- loading -----------------------------------------------------------
 
@@ -265,7 +280,10 @@ class KernelPrograms(KernelMaps):
         # unless it came built (the Debian package ships it).
         if not (src / PREBUILT_OBJECT).is_file():
             self._unix_build = ObjectBuild(src)
-        cflags = build_cflags(self.options, self.pin_dir, src, kernel_offset_cflags())
+        self.build_id = new_build_id()
+        cflags = build_cflags(
+            self.options, self.pin_dir, src, kernel_offset_cflags(), self.build_id
+        )
         self._resize_ring()
         module = _make_module_class()
         started = time.monotonic()
@@ -500,6 +518,7 @@ _PINNED_NAMES = frozenset(
         "events",
         "lost",
         "lost_reported",
+        "handled",
         "delivered",
     }
 )

@@ -8,6 +8,7 @@ the daemon.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import signal
@@ -419,3 +420,81 @@ def test_an_upgrade_across_abi_versions_never_reads_old_maps_and_leaves_no_gap(
             new.close(detach=True)
         else:
             old.close(detach=True)
+
+
+def test_while_an_earlier_daemon_s_programs_still_run_each_event_is_recorded_once(
+    scratch_cgroup: Path, pin_dir: Path
+) -> None:
+    """At start-up the new programs attach before the old ones go, and the kernel
+    frees an unpinned link later, from a work queue: both builds run on the same
+    events for a moment.  Here the old links are held open, so that moment lasts."""
+    from sidecar.kernel import libbpf
+    from sidecar.kernel.loader import TRACEPOINTS, KernelPrograms, LoadOptions
+
+    tracefs = find_mount("tracefs")
+    assert tracefs is not None
+    options = LoadOptions(pin_dir=pin_dir, scope=scratch_cgroup, tracefs=tracefs)
+    old = KernelPrograms(options)
+    old.load()
+    old.attach()
+    links = pin_dir / f"v{abi.ABI_VERSION}" / "links"
+    held = [libbpf.obj_get(links / pin) for pin, *_ in TRACEPOINTS]
+    old.close(detach=False)  # the old daemon is gone; its programs run on
+    new = KernelPrograms(options)
+    try:
+        new.load()
+        new.attach()
+        assert new.build_id != old.build_id
+        assert all(fd is not None for fd in held)
+
+        def run_tools(n: int) -> list[int]:
+            pids = []
+            for _ in range(n):
+                child = spawn(scratch_cgroup, ["/bin/true"])
+                assert child.wait(10) == 0
+                pids.append(child.pid)
+            return pids
+
+        def records_of(pids: list[int]) -> dict[tuple[str, int], int]:
+            wanted = {("exec", p): 0 for p in pids} | {("exit", p): 0 for p in pids}
+            deadline_reads = 0
+            while deadline_reads < 20 and not all(wanted[("exit", p)] for p in pids):
+                deadline_reads += 1
+                for raw in new.poll(200):
+                    ev = abi.decode(raw)
+                    kind = {abi.Exec: "exec", abi.Exit: "exit"}.get(type(ev))
+                    if kind and (kind, ev.task.pid) in wanted:
+                        wanted[(kind, ev.task.pid)] += 1
+            return wanted
+
+        def marked_builds() -> set[int]:
+            cpus = libbpf.possible_cpus()
+            size = ctypes.sizeof(abi.HandledMark)
+            raw = libbpf.map_lookup(new.fd("handled"), (0).to_bytes(4, "little"), size * cpus)
+            assert raw is not None
+            marks = [abi.HandledMark.from_buffer_copy(raw, i * size) for i in range(cpus)]
+            return {m.build for m in marks if m.kind}
+
+        both = records_of(run_tools(10))
+        assert set(both.values()) == {1}, both
+        # Positive control: the old build was running, and handled those events.
+        assert old.build_id in marked_builds()
+        for fd in held:
+            assert fd is not None
+            os.close(fd)
+        held.clear()
+        # The old build gone (freed from the work queue), the new one handles them all.
+        wait_until(
+            lambda: (
+                set(records_of(run_tools(1)).values()) == {1} and marked_builds() == {new.build_id}
+            ),
+            10,
+            "the new build handling every event alone",
+        )
+        alone = records_of(run_tools(10))
+        assert set(alone.values()) == {1}, alone
+    finally:
+        for fd in held:
+            if fd is not None:
+                os.close(fd)
+        new.close(detach=True)

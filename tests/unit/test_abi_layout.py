@@ -320,6 +320,7 @@ _MAP_SIZED_BY = {
     "unix_allow": "UNIX_ALLOW_MAX",
     "events": "RINGBUF_BYTES",
     "exec_scratch": None,
+    "handled": None,
     "lost": "EVENT_TYPE_SLOTS",
     "lost_reported": "EVENT_TYPE_SLOTS",
     "delivered": "DELIVERED_SLOTS",
