@@ -274,6 +274,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	caps = host_caps();
 	bpf_probe_read_kernel(&start_ns, sizeof(start_ns),
 			      (void *)(bpf_get_current_task() + SIDECAR_OFF_TASK_START_BOOTTIME));
+	st->start_ns = start_ns;
 
 	verdict = judge_exec(st->identity, &x, x_read, caps, &gen, &flags, &refused);
 	if (untracked) {

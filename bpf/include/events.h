@@ -202,6 +202,10 @@ struct unix_event {
 struct proc_state {
 	__u32 identity;
 	__u32 ppid;
+	/* task start_boottime, set at each exec (0 until one is seen): the
+	 * daemon checks it to know the pid still names the process whose exec
+	 * it attests, without a pidfd */
+	__u64 start_ns;
 };
 
 /*

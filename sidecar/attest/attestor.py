@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,11 +51,17 @@ class Attestor:
         return self._hashes
 
     def attest(
-        self, pid: int, parent_identity: str | None = None, seen: ExecSeen | None = None
+        self,
+        pid: int,
+        parent_identity: str | None = None,
+        seen: ExecSeen | None = None,
+        still_running: Callable[[], bool] | None = None,
     ) -> AttestationResult:
         """Gather ``pid``'s facts and match them; AttestationError if it is gone or replaced.
 
-        ``seen``: what the kernel recorded of the exec being attested.
+        ``seen``: what the kernel recorded of the exec being attested;
+        ``still_running``: whether ``pid`` is still that process (see
+        :func:`sidecar.attest.facts.gather`).
         """
         entries = self._entries  # one consistent set for the whole attestation
         facts = gather(
@@ -65,6 +72,7 @@ class Attestor:
             want_user=entries.needs_user,
             want_cgroup=entries.needs_cgroup,
             seen=seen,
+            still_running=still_running,
         )
         match = entries.match(facts)
         _logger.debug(

@@ -25,11 +25,14 @@ carries.
 For a process the kernel reported an exec of, the exec record already says
 its start time, real uid/gid, capabilities and the file it runs
 (:class:`ExecSeen`), as they were at that exec.  :func:`gather` then reads
-only ``stat`` (the start time, which ties the pidfd to the recorded process)
-and ``exe`` (the path, which the kernel cannot give at that tracepoint),
-checks the file is the recorded one, and checks liveness through the pidfd:
-half the system calls, and facts that describe the exec itself rather than
-whatever the process did since.
+only ``exe`` (the path, which the kernel cannot give at that tracepoint) and
+the cgroup if asked, checks the file is the recorded one, and then asks the
+kernel's process map whether the pid still names the recorded process (its
+entry holds the start time, and goes at exit, before the pid can be reused):
+no pidfd, no ``stat`` or ``status`` read, and facts that describe the exec
+itself rather than whatever the process did since.  When the map does not
+confirm it, the pidfd path decides, with ``stat`` tying the pidfd to the
+recorded start time.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ import logging
 import os
 import pwd
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 from sidecar.attest import cgroup
 from sidecar.attest.hashcache import HashCache
@@ -141,6 +146,7 @@ def gather(
     want_user: bool = True,
     want_cgroup: bool = True,
     seen: ExecSeen | None = None,
+    still_running: Callable[[], bool] | None = None,
 ) -> ProcessFacts:
     """Read the facts of process ``pid``; :class:`AttestationError` if it is gone or replaced.
 
@@ -150,20 +156,40 @@ def gather(
     some entry has a selector that needs it.  ``seen``: what the kernel's
     exec record says of the process; the facts are then those of that exec
     (AttestationError if ``pid`` is no longer that process).
+    ``still_running``: asked after the reads, True only if ``pid`` still
+    names the process of ``seen`` (the kernel's process map says so, see
+    :meth:`sidecar.kernel.maps.KernelMaps.holds_process`); it saves the
+    pidfd and the start-time read.  False is no answer: the facts are then
+    read again with a pidfd.
     """
     if pid <= 0:
         raise AttestationError(f"pid {pid}: not a process id")
+    if seen is not None and not (seen.exe_ino and seen.start_ns):
+        seen = None  # 0: the kernel could not read them
+    if seen is not None and still_running is not None:
+        read = _read_recorded_image(pid, seen, hashes, want_sha256, want_cgroup)
+        if read is not None and still_running():
+            return _facts_of_record(pid, seen, read, parent_identity, want_user)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
         raise _gone(pid, exc) from exc
     try:
-        if seen is not None and seen.exe_ino and seen.start_ns:  # 0: the kernel could not read it
-            facts = _gather_seen(
-                pid, pidfd, seen, parent_identity, hashes, want_sha256, want_user, want_cgroup
-            )
-            if facts is not None:
-                return facts
+        if seen is not None:
+            # The pidfd was opened after the exec: if the pid's start time is
+            # still the recorded one, the pidfd holds the recorded process (a
+            # pid is reused only after its process is gone, and this one
+            # existed before the pidfd did).  While it is alive at the end,
+            # /proc/PID was its, so the path and the cgroup read are too.
+            if read_start_time(pid) != seen.start_ns // _ns_per_tick():
+                raise AttestationError(f"pid {pid}: replaced by another process since its exec")
+            read = _read_recorded_image(pid, seen, hashes, want_sha256, want_cgroup)
+            if read is not None:
+                try:
+                    signal.pidfd_send_signal(pidfd, 0)
+                except OSError as exc:
+                    raise _gone(pid, exc) from exc
+                return _facts_of_record(pid, seen, read, parent_identity, want_user)
         return _gather_pinned(
             pid, pidfd, parent_identity, hashes, want_sha256, want_user, want_cgroup
         )
@@ -171,27 +197,24 @@ def gather(
         os.close(pidfd)
 
 
-def _gather_seen(
-    pid: int,
-    pidfd: int,
-    seen: ExecSeen,
-    parent_identity: str | None,
-    hashes: HashCache,
-    want_sha256: bool,
-    want_user: bool,
-    want_cgroup: bool,
-) -> ProcessFacts | None:
-    """The facts of the exec ``seen`` describes; None when its file is not the one running.
+class _Image(NamedTuple):
+    path: str
+    st: os.stat_result
+    sha256: str | None
+    cgroup_path: str | None
 
-    The pidfd was opened after the exec: if ``pid``'s start time is still
-    the recorded one, the pidfd holds the recorded process (a pid is reused
-    only after its process is gone, and this one existed before the pidfd
-    did).  While the pidfd's process is alive at the end, ``/proc/PID`` was
-    its, so the path and the cgroup read in between are too.
+
+def _read_recorded_image(
+    pid: int, seen: ExecSeen, hashes: HashCache, want_sha256: bool, want_cgroup: bool
+) -> _Image | None:
+    """The path, file and cgroup of ``pid``; None when its file is not the recorded one.
+
+    Not the recorded file: it exec'd again since (a later record attests
+    that image), or this file system shows ``stat()`` another device than
+    the kernel holds (overlay, btrfs); either way the caller reads it all
+    from /proc.  The caller checks that ``pid`` was the recorded process
+    throughout.
     """
-    start_time = read_start_time(pid)
-    if start_time != seen.start_ns // _ns_per_tick():
-        raise AttestationError(f"pid {pid}: replaced by another process since its exec")
     exe_link = f"/proc/{pid}/exe"
     # The name first, then the file: if the process execs in between, the
     # file opened is not the recorded one.
@@ -206,24 +229,24 @@ def _gather_seen(
         except OSError as exc:
             raise _gone(pid, exc) from exc
         if (kernel_dev(st.st_dev), st.st_ino) != (seen.exe_dev, seen.exe_ino):
-            # It exec'd again since (a later record attests that image), or
-            # this file system shows stat() another device than the kernel
-            # holds (overlay, btrfs): either way, read it all from /proc.
             return None
         sha256 = hashes.digest_fd(exe_fd, f"pid {pid} executable", st)[1] if want_sha256 else None
     finally:
         os.close(exe_fd)
     cgroup_path = parse_cgroup(_read_text(pid, "cgroup")) if want_cgroup else None
-    try:
-        signal.pidfd_send_signal(pidfd, 0)
-    except OSError as exc:
-        raise _gone(pid, exc) from exc
+    return _Image(exe_path, st, sha256, cgroup_path)
+
+
+def _facts_of_record(
+    pid: int, seen: ExecSeen, image: _Image, parent_identity: str | None, want_user: bool
+) -> ProcessFacts:
+    st, exe_path = image.st, image.path
     deleted = st.st_nlink == 0
     if deleted and exe_path.endswith(_DELETED):
         exe_path = exe_path[: -len(_DELETED)]
     return ProcessFacts(
         pid=pid,
-        start_time=start_time,
+        start_time=seen.start_ns // _ns_per_tick(),
         uid=seen.uid,
         gid=seen.gid,
         user=_user_name(seen.uid) if want_user else None,
@@ -233,8 +256,8 @@ def _gather_seen(
         exe_ino=st.st_ino,
         exe_size=st.st_size,
         exe_mtime_ns=st.st_mtime_ns,
-        sha256=sha256,
-        cgroup_path=cgroup_path,
+        sha256=image.sha256,
+        cgroup_path=image.cgroup_path,
         parent_identity=parent_identity,
         cap_eff=seen.cap_host,
         cap_host=seen.cap_host,

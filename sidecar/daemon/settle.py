@@ -162,17 +162,26 @@ class Settler:
         parent's answer, as it would have at fork.  An identity inherited
         from an attested ancestor is left alone.
         """
+        still_running = None
+        if seen is not None:
+            start_ns, kernel = seen.start_ns, self.kernel
+
+            def still_running() -> bool:
+                return kernel.holds_process(pid, start_ns)
+
         try:
-            result = self.attestor.attest(pid, parent_identity, seen)
+            result = self.attestor.attest(pid, parent_identity, seen, still_running)
         except AttestationError as exc:
             _logger.debug("pid %d not attested: %s", pid, exc)
             return None
         number = kernel_identity
         if result.match is not None:
             number = self.numbers.number(result.match.spiffe_id)
-            # The record's ppid is what the kernel's entry holds; a process
-            # found at start-up keeps whatever entry the kernel has.
-            self.settle(pid, number, create, 0 if create else ppid)
+            # The record's ppid is what the kernel's entry holds, and so is
+            # its start time; a process found at start-up keeps whatever
+            # entry the kernel has.
+            start_ns = seen.start_ns if seen is not None else 0
+            self.settle(pid, number, create, 0 if create else ppid, start_ns)
         elif kernel_identity == abi.IDENTITY_PENDING:
             number = self.parent_answer(ppid)
             if number == abi.IDENTITY_PENDING:
@@ -182,14 +191,17 @@ class Settler:
                 self.settle(pid, number)
         return result, number
 
-    def settle(self, pid: int, number: int, create: bool = False, ppid: int = 0) -> None:
+    def settle(
+        self, pid: int, number: int, create: bool = False, ppid: int = 0, start_ns: int = 0
+    ) -> None:
         """Write ``pid``'s identity, then that of its children waiting on it.
 
         A process that has exited meanwhile has no entry, and gets none: the
-        kernel removed it at exit, and the pid may be reused.  ``ppid``, when
-        the caller knows what the kernel's entry holds, saves a map lookup.
+        kernel removed it at exit, and the pid may be reused.  ``ppid`` and
+        ``start_ns``, when the caller knows what the kernel's entry holds,
+        save a map lookup.
         """
-        self.kernel.set_identity(pid, number, ppid, create=create)
+        self.kernel.set_identity(pid, number, ppid, create=create, start_ns=start_ns)
         settled = self.settled
         settled.pop(pid, None)  # a reused pid moves to the newest end
         settled[pid] = number
@@ -198,8 +210,8 @@ class Settler:
         for child in self.waiting.pop(pid, ()):
             state = self.kernel.proc_state(child)
             # Only a child still pending: one attested meanwhile keeps its own answer.
-            if state is not None and state[0] == abi.IDENTITY_PENDING:
-                self.settle(child, number, ppid=state[1])
+            if state is not None and state.identity == abi.IDENTITY_PENDING:
+                self.settle(child, number, ppid=state.ppid, start_ns=state.start_ns)
 
     def settle_forked(self, child: int, parent: int) -> None:
         """A child forked while its parent was pending takes the parent's answer, once known."""
@@ -208,8 +220,8 @@ class Settler:
             self.wait_for_parent(parent, child)
             return
         state = self.kernel.proc_state(child)
-        if state is not None and state[0] == abi.IDENTITY_PENDING:
-            self.settle(child, answer, ppid=state[1])
+        if state is not None and state.identity == abi.IDENTITY_PENDING:
+            self.settle(child, answer, ppid=state.ppid, start_ns=state.start_ns)
 
     def wait_for_parent(self, parent: int, child: int) -> None:
         waiting = self.waiting

@@ -21,15 +21,17 @@ if TYPE_CHECKING:
     from sidecar.enforce.enforcer import Generation
     from sidecar.identity.instances import Instance
     from sidecar.identity.x509 import X509Svid
+    from sidecar.kernel.maps import ProcEntry
     from sidecar.kernel.ring import RingRead
 
 
 class IdentityMap(Protocol):
     """The kernel's process map, as the reader thread writes identities into it."""
 
-    def proc_state(self, pid: int) -> tuple[int, int] | None: ...
+    def proc_state(self, pid: int) -> ProcEntry | None: ...
+    def holds_process(self, pid: int, start_ns: int) -> bool: ...
     def set_identity(
-        self, pid: int, identity: int, ppid: int = 0, *, create: bool = False
+        self, pid: int, identity: int, ppid: int = 0, *, create: bool = False, start_ns: int = 0
     ) -> bool: ...
 
 
@@ -46,7 +48,11 @@ class Attesting(Protocol):
     @property
     def entries(self) -> Entries: ...
     def attest(
-        self, pid: int, parent_identity: str | None, seen: ExecSeen | None = None
+        self,
+        pid: int,
+        parent_identity: str | None,
+        seen: ExecSeen | None = None,
+        still_running: Callable[[], bool] | None = None,
     ) -> AttestationResult: ...
 
 

@@ -43,8 +43,12 @@ class IdentityNumbers:
 
     def __init__(self) -> None:
         self._by_number: dict[int, str] = {}
+        self._by_name: dict[str, int] = {}  # the hash, once per identity
 
     def number(self, spiffe_id: str) -> int:
+        n = self._by_name.get(spiffe_id)
+        if n is not None:
+            return n
         n = identity_number(spiffe_id)
         other = self._by_number.setdefault(n, spiffe_id)
         if other != spiffe_id:
@@ -52,6 +56,7 @@ class IdentityNumbers:
                 f"identities {other} and {spiffe_id} hash to the same kernel number {n}; "
                 "rename one of them"
             )
+        self._by_name[spiffe_id] = n
         return n
 
     def known(self) -> list[str]:

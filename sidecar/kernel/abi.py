@@ -209,7 +209,11 @@ class UnixKey(ctypes.Structure):
 
 
 class ProcState(ctypes.Structure):
-    _fields_ = (("identity", ctypes.c_uint32), ("ppid", ctypes.c_uint32))
+    _fields_ = (
+        ("identity", ctypes.c_uint32),
+        ("ppid", ctypes.c_uint32),
+        ("start_ns", ctypes.c_uint64),
+    )
 
 
 class HandledMark(ctypes.Structure):

@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import suppress
 from pathlib import Path
+from typing import NamedTuple
 
 from sidecar.kernel import abi, libbpf
 from sidecar.kernel.ring import Ring
@@ -37,6 +38,14 @@ POLICY_MAPS: tuple[tuple[str, type[ctypes.Structure]], ...] = (
 
 def _u32(n: int) -> bytes:
     return bytes(_U32(n))
+
+
+class ProcEntry(NamedTuple):
+    """A process's entry in the kernel's process map."""
+
+    identity: int
+    ppid: int
+    start_ns: int = 0  # task start, ns since boot, as of the last exec the kernel saw; 0: none
 
 
 class KernelMaps:
@@ -128,31 +137,47 @@ class KernelMaps:
 
     # -- process map -------------------------------------------------------------
 
-    def proc_state(self, pid: int) -> tuple[int, int] | None:
-        """(identity, ppid) the kernel holds for a process, or None."""
+    def proc_state(self, pid: int) -> ProcEntry | None:
+        """What the kernel holds for a process, or None."""
         raw = self._lookup("procs", _u32(pid))
         if raw is None:
             return None
         leaf = abi.ProcState.from_buffer_copy(raw)
-        return int(leaf.identity), int(leaf.ppid)
+        return ProcEntry(int(leaf.identity), int(leaf.ppid), int(leaf.start_ns))
 
-    def set_identity(self, pid: int, identity: int, ppid: int = 0, *, create: bool = False) -> bool:
+    def holds_process(self, pid: int, start_ns: int) -> bool:
+        """Does ``pid`` still name the process that started at ``start_ns`` (ns since boot)?
+
+        The kernel writes a process's start time into its entry at each
+        exec and removes the entry when the process ends, before its pid can
+        be reused: while the entry shows that start time, the pid is still
+        that process's.  False also when the entry shows none (0), which
+        says nothing either way.
+        """
+        state = self.proc_state(pid)
+        return state is not None and start_ns != 0 and state.start_ns == start_ns
+
+    def set_identity(
+        self, pid: int, identity: int, ppid: int = 0, *, create: bool = False, start_ns: int = 0
+    ) -> bool:
         """Write ``pid``'s identity; False when it has no entry (it exited) and not ``create``.
 
         Only an entry the kernel made is updated: a write that lands after
         the process exited must not leave an identity behind for the next
         process to get that pid.  ``create``: for processes that ran before
-        the programs were loaded (start-up).
+        the programs were loaded (start-up).  A ``ppid`` of 0 keeps the
+        entry's parent and start time; otherwise ``start_ns`` is written
+        with it (what the caller knows of the entry, 0 for nothing).
         """
         if not ppid:
             current = self.proc_state(pid)
             if current is None and not create:
                 return False
-            ppid = current[1] if current else 0
+            ppid, start_ns = (current.ppid, current.start_ns) if current else (0, start_ns)
         return libbpf.map_update(
             self.fd("procs"),
             _u32(pid),
-            bytes(abi.ProcState(identity, ppid)),
+            bytes(abi.ProcState(identity, ppid, start_ns)),
             libbpf.BPF_ANY if create else libbpf.BPF_EXIST,
         )
 

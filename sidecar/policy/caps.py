@@ -10,6 +10,8 @@ events), not refused: the socket hooks make raw sockets harmless.
 
 from __future__ import annotations
 
+import functools
+
 # include/uapi/linux/capability.h
 NUMBERS: dict[str, int] = {
     "chown": 0,
@@ -87,6 +89,7 @@ def labels(bits: int) -> list[str]:
     return [label(n) for n in range(64) if bits >> n & 1]
 
 
+@functools.cache
 def refused_mask(accepted: frozenset[int]) -> int:
     """The dangerous capabilities an identity may not hold, given what it accepts."""
     return mask({NUMBERS[n] for n in DANGEROUS} - accepted)

@@ -461,3 +461,57 @@ def test_an_exec_record_without_a_file_or_start_time_falls_back_to_proc(procs: P
     for over in ({"exe_ino": 0}, {"start_ns": 0}):
         f = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid, uid=4242, **over))
         assert (f.uid, f.cap_host) == (UID, None)
+
+
+def test_when_the_kernel_confirms_the_process_no_pidfd_is_opened_and_it_is_asked_last(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = procs.start(["sleep", "60"])
+    seen = seen_from_proc(p.pid)
+    calls: list[str] = []
+    real_open, real_pidfd_open = os.open, os.pidfd_open
+
+    def logging_open(path: str, *args: int) -> int:
+        calls.append(f"open {path}")
+        return real_open(path, *args)
+
+    def logging_pidfd_open(pid: int, flags: int = 0) -> int:
+        calls.append("pidfd")
+        return real_pidfd_open(pid, flags)
+
+    def still_running() -> bool:
+        calls.append("asked")
+        return True
+
+    monkeypatch.setattr(os, "open", logging_open)
+    monkeypatch.setattr(os, "pidfd_open", logging_pidfd_open)
+    f = gather(p.pid, None, HashCache(), seen=seen, still_running=still_running)
+    assert "pidfd" not in calls
+    assert calls[-1] == "asked"  # after the last /proc read
+    assert f"open /proc/{p.pid}/exe" in calls and f"open /proc/{p.pid}/cgroup" in calls
+    monkeypatch.undo()
+    assert replace(f, cap_eff=0, cap_host=None) == replace(
+        gather(p.pid, None, HashCache()), cap_eff=0
+    )
+
+
+def test_when_the_kernel_does_not_confirm_the_process_a_pidfd_decides(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """False is no answer (the kernel's entry may show no start time): read again
+    through a pidfd, which still refuses a pid that is no longer the recorded process."""
+    p = procs.start(["sleep", "60"])
+    opened: list[int] = []
+    real_pidfd_open = os.pidfd_open
+
+    def counting_pidfd_open(pid: int, flags: int = 0) -> int:
+        opened.append(pid)
+        return real_pidfd_open(pid, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", counting_pidfd_open)
+    f = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid), still_running=lambda: False)
+    assert opened == [p.pid] and f.pid == p.pid and f.cap_host == 0
+    tick = 10**9 // os.sysconf("SC_CLK_TCK")
+    reused = seen_from_proc(p.pid, start_ns=(read_start_time(p.pid) - 1) * tick)
+    with pytest.raises(AttestationError, match="replaced by another process since its exec"):
+        gather(p.pid, None, HashCache(), seen=reused, still_running=lambda: False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import spawn, write_entries_file
 
+from sidecar.attest import read_start_time
 from sidecar.enforce.enforcer import identity_number
 from sidecar.testing.inprocess import InProcessDaemon, inprocess_config, run_daemon
 from sidecar.testing.scratch import wait_until
@@ -392,3 +393,48 @@ def test_credential_metrics_count_what_the_daemon_issued(
         )
         assert sample("sidecar_credentials_issued_total", {"identity": sid, "kind": "jwt"}) == 1
         assert d.sink.find(type="credential_issued", identity=sid)
+
+
+def test_an_exec_is_attested_from_its_record_without_a_pidfd_and_with_one_in_doubt(
+    agentd: InProcessDaemon,
+    scratch_cgroup: Path,
+    binaries: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel's entry says the pid is still the recorded process: no pidfd is
+    needed.  When it does not say so, the facts are read again through a pidfd."""
+    sleeper = "spiffe://example.org/agent/sleeper"
+    opened: list[int] = []
+    real_pidfd_open = os.pidfd_open
+
+    def counting_pidfd_open(pid: int, flags: int = 0) -> int:
+        opened.append(pid)
+        return real_pidfd_open(pid, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", counting_pidfd_open)
+    kernel = agentd.daemon.kernel
+    tick = 10**9 // os.sysconf("SC_CLK_TCK")
+    procs = [spawn(scratch_cgroup, [str(binaries["sleeper"]), "30"], uid=NOBODY)]
+    try:
+        first = procs[0]
+        assert agentd.sink.wait_for(type="exec", pid=first.pid)["identity"] == sleeper
+        assert first.pid not in opened
+        state = kernel.proc_state(first.pid)
+        assert state is not None
+        assert state.identity == identity_number(sleeper)
+        # The kernel wrote its start time at exec, and the daemon's write kept it.
+        assert state.start_ns // tick == read_start_time(first.pid)
+        assert kernel.holds_process(first.pid, state.start_ns)
+        assert not kernel.holds_process(first.pid, state.start_ns + 1)
+
+        monkeypatch.setattr(kernel, "holds_process", lambda pid, start_ns: False)
+        procs.append(spawn(scratch_cgroup, [str(binaries["sleeper"]), "30"], uid=NOBODY))
+        second = procs[1]
+        assert agentd.sink.wait_for(type="exec", pid=second.pid)["identity"] == sleeper
+        assert second.pid in opened  # read again through a pidfd, with the same answer
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    # The entry goes at exit, before the pid can be reused: nothing holds it any more.
+    wait_until(lambda: kernel.proc_state(first.pid) is None, 10, "the entry removed at exit")

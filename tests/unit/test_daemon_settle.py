@@ -15,20 +15,27 @@ from sidecar.daemon import settle
 from sidecar.daemon.settle import Settler
 from sidecar.enforce.enforcer import IdentityNumbers
 from sidecar.kernel import abi
+from sidecar.kernel.maps import ProcEntry
 
 AGENT = "spiffe://example.org/agent/research-bot"
 
 
 class KernelMap:
-    """The procs map: pid -> (identity, ppid)."""
+    """The procs map: pid -> (identity, ppid); start times are not kept here."""
 
     def __init__(self) -> None:
         self.procs: dict[int, tuple[int, int]] = {}
 
-    def proc_state(self, pid: int) -> tuple[int, int] | None:
-        return self.procs.get(pid)
+    def proc_state(self, pid: int) -> ProcEntry | None:
+        state = self.procs.get(pid)
+        return ProcEntry(*state) if state is not None else None
 
-    def set_identity(self, pid: int, identity: int, ppid: int = 0, *, create: bool = False) -> bool:
+    def holds_process(self, pid: int, start_ns: int) -> bool:
+        return False
+
+    def set_identity(
+        self, pid: int, identity: int, ppid: int = 0, *, create: bool = False, start_ns: int = 0
+    ) -> bool:
         # As the kernel map: only an entry that is there is updated (BPF_EXIST),
         # and a ppid of 0 keeps the one the entry has.
         if pid not in self.procs and not create:
@@ -42,7 +49,9 @@ class Attestor:
         self.matches = matches
         self.entries: Any = SimpleNamespace(needs_parent=False)
 
-    def attest(self, pid: int, parent_identity: str | None, seen: Any = None) -> Any:
+    def attest(
+        self, pid: int, parent_identity: str | None, seen: Any = None, still_running: Any = None
+    ) -> Any:
         sid = self.matches.get(pid)
         return SimpleNamespace(
             match=SimpleNamespace(spiffe_id=sid) if sid else None,
