@@ -188,7 +188,14 @@ def _rows(host: str, first: int, n: int) -> list[NewEvent]:
 
 
 def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str) -> None:
-    """Replica 2 decides on the host's state only after replica 1 committed its batch."""
+    """Replica 2 decides on the host's state only after replica 1 committed its batch.
+
+    Neither replica stored the host's last batch itself, so both read its head
+    under the host's lock (the locked path).
+    """
+    seed = PostgresStore(pg_dsn, connections=1)
+    seed.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
+    seed.close()
     one, two = PostgresStore(pg_dsn, connections=1), PostgresStore(pg_dsn, connections=1)
     inside, release = threading.Event(), threading.Event()
     seen: list[HostState] = []
@@ -204,7 +211,6 @@ def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str
 
     try:
         # A host seen before (its row exists) and a new one (its row is being made).
-        one.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
         t1 = threading.Thread(target=one.ingest_checked, args=("h", first))
         t1.start()
         assert inside.wait(10)
@@ -221,6 +227,52 @@ def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str
         assert seen == [HostState(10, b"1" * 32)]
         assert one.host_state("h") == HostState(15, b"2" * 32)
         assert one.count("h") == 15
+    finally:
+        release.set()
+        one.close()
+        two.close()
+
+
+def test_a_replica_deciding_on_the_head_it_knows_stores_nothing_when_another_moved_it(
+    pg_dsn: str,
+) -> None:
+    """The one-statement path: replica 1 stored the host's last batch, so it decides
+    on the head it remembers, without a lock; replica 2 stores a batch meanwhile.
+    Replica 1's statement then finds the head moved, stores nothing, and replica 1
+    decides again on the head replica 2 left, under the host's lock."""
+    one, two = PostgresStore(pg_dsn, connections=1), PostgresStore(pg_dsn, connections=1)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[HostState] = []
+
+    def first(state: HostState) -> Plan:
+        seen.append(state)
+        if len(seen) == 1:
+            inside.set()
+            assert release.wait(10)
+        n = state.last_sequence
+        return Plan(_rows("h", n + 1, 5), HostState(n + 5, bytes([n + 5]) * 32))
+
+    try:
+        one.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
+        # Positive control: with nobody else writing, the remembered head holds.
+        stored = one.ingest_checked(
+            "h", lambda s: Plan(_rows("h", 6, 5), HostState(10, s.last_chain[:1] * 32))
+        )
+        assert [se.event.sequence for se in stored] == [6, 7, 8, 9, 10]
+        t1 = threading.Thread(target=one.ingest_checked, args=("h", first))
+        t1.start()
+        assert inside.wait(10)
+        # Replica 1 holds no lock while it decides: replica 2 does not wait.
+        two.ingest_checked("h", lambda s: Plan(_rows("h", 11, 5), HostState(15, b"2" * 32)))
+        release.set()
+        t1.join(10)
+        assert not t1.is_alive()
+        assert seen == [HostState(10, b"0" * 32), HostState(15, b"2" * 32)]
+        assert one.host_state("h") == HostState(20, bytes([20]) * 32)
+        # Every sequence once: replica 1's first decision stored nothing.
+        with psycopg.connect(pg_dsn) as conn:
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY id")]
+        assert seqs == list(range(1, 21))
     finally:
         release.set()
         one.close()
