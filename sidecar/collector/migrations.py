@@ -186,7 +186,8 @@ ALTER SEQUENCE batches_id OWNED BY batches.id;
     ),
     (
         4,
-        "one call stores a batch: sidecar_append checks the host's head and inserts",
+        "one call stores a batch (sidecar_append); readers wait for a settled cursor"
+        " (sidecar_horizon)",
         # A replica that knows a host's head (it stored the host's last batch)
         # stores the next batch in one statement, one round trip: the UPDATE of
         # the host's row matches only while the head is still the one the batch
@@ -194,6 +195,13 @@ ALTER SEQUENCE batches_id OWNED BY batches.id;
         # does not match (another replica moved the head) nothing is stored
         # (ids NULL) and the replica takes the locked path, reading the head first.
         # Lock order as everywhere: the host's row, then the append lock.
+        #
+        # Cursor order: writers hold the append lock SHARED from drawing their
+        # ids to their commit, so they insert side by side and may commit out of
+        # id order.  A reader first calls sidecar_horizon, which takes the lock
+        # EXCLUSIVE for an instant: every writer that drew an id by then has
+        # ended, so every id up to the sequence's value is committed or never
+        # will be.  Readers read up to that horizon only, and never skip a row.
         """
 CREATE FUNCTION sidecar_append(
     p_host TEXT, p_expect_seq BIGINT, p_expect_chain BYTEA,
@@ -226,8 +234,9 @@ BEGIN
                 p_b_from, p_b_from_chain);
     END IF;
     IF cardinality(p_data) > 0 THEN
-        -- Ids are drawn in the rows' order and committed under the append lock.
-        PERFORM pg_advisory_xact_lock("""
+        -- Ids are drawn in the rows' order, under the append lock (shared) held to
+        -- the commit.
+        PERFORM pg_advisory_xact_lock_shared("""
         f"{LOCK_CLASS}, {APPEND_LOCK}"
         """);
         IF p_new_only THEN
@@ -259,8 +268,21 @@ BEGIN
                    coalesce(array_agg(seq ORDER BY id), '{}') INTO ids, seqs
             FROM ins;
         END IF;
-        PERFORM pg_notify('sidecar_events', '');
     END IF;
+END
+$fn$;
+-- The highest cursor below which no row can still appear (see above); call it
+-- as a statement of its own, before the read, which then sees every row up to it.
+CREATE FUNCTION sidecar_horizon() RETURNS BIGINT LANGUAGE plpgsql AS $fn$
+DECLARE
+    v BIGINT;
+    called BOOLEAN;
+BEGIN
+    PERFORM pg_advisory_xact_lock("""
+        f"{LOCK_CLASS}, {APPEND_LOCK}"
+        """);
+    SELECT last_value, is_called INTO v, called FROM events_cursor;
+    RETURN CASE WHEN called THEN v ELSE v - 1 END;
 END
 $fn$;
 """,

@@ -83,6 +83,8 @@ OPERATION_TIMEOUT_S = 90.0
 #: Partitions exist this many days ahead, so that an insert never waits for one.
 DAYS_AHEAD = 2
 WATCHDOG_INTERVAL_S = 0.5
+#: New rows are announced (NOTIFY) at once, then at most this often.
+NOTIFY_GAP_S = 0.02
 #: Heads of this many hosts are remembered (see PostgresStore._ingest_known).
 HEADS_KEPT = 100_000
 LISTEN_POLL_S = 0.2  # how soon the listener notices close()
@@ -243,6 +245,8 @@ class PostgresStore:
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
         self._heads: dict[str, HostState] = {}
+        self._notify_wanted = threading.Event()
+        self._notifier: threading.Thread | None = None
         with self._conn(timeout_s=None) as conn:
             try:
                 conn.execute("SET statement_timeout = 0")  # a migration may rewrite a table
@@ -357,6 +361,9 @@ class PostgresStore:
         self._closed.set()
         if self._listener is not None:
             self._listener.join(timeout=LISTEN_POLL_S * 10)
+        if self._notifier is not None:
+            self._notify_wanted.set()
+            self._notifier.join(timeout=LISTEN_POLL_S * 10)
         while True:
             try:
                 self._free.get_nowait().close()
@@ -407,6 +414,36 @@ class PostgresStore:
                 _logger.warning("store %s: listening for new events failed: %s", self._where, exc)
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
+
+    def _announce(self) -> None:
+        """Rows were stored: NOTIFY every replica's listener, at once when none was
+        sent lately, else once at the end of :data:`NOTIFY_GAP_S` for all of them.
+
+        Not from the storing transaction: a NOTIFY there takes a lock, at commit,
+        that every notifying commit of the database waits for in turn, and wakes
+        every listener for every batch.
+        """
+        self._notify_wanted.set()
+        if self._notifier is None:
+            with self._busy_lock:
+                if self._notifier is None:
+                    self._notifier = threading.Thread(
+                        target=self._notify_loop, name="collector-pg-notify", daemon=True
+                    )
+                    self._notifier.start()
+
+    def _notify_loop(self) -> None:
+        while not self._closed.is_set():
+            if not self._notify_wanted.wait(LISTEN_POLL_S):
+                continue
+            self._notify_wanted.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self._rows("SELECT pg_notify(%s, '')", (CHANNEL,))
+            except StoreError as exc:  # listeners read again each second anyway
+                _logger.warning("store %s: announcing new events failed: %s", self._where, exc)
+            self._closed.wait(NOTIFY_GAP_S)
 
     # ---- ingest ----------------------------------------------------------------------
 
@@ -603,13 +640,13 @@ class PostgresStore:
             if not ne.event.sequence or (ne.event.boot_id, ne.event.sequence) not in stored
         ]
 
-    @staticmethod
     def _inserted(
-        ids: Sequence[int], seqs: Sequence[int | None], events: Sequence[NewEvent]
+        self, ids: Sequence[int], seqs: Sequence[int | None], events: Sequence[NewEvent]
     ) -> Sequence[collector_pb2.StoredEvent]:
         """What went in, with cursors, in insert order (a same-day duplicate is skipped)."""
         if not ids:
             return []
+        self._announce()
         if len(ids) == len(events):
             return StoredRows(ids, events)
         kept: list[NewEvent] = []
@@ -654,13 +691,21 @@ class PostgresStore:
 
     # ---- reading ---------------------------------------------------------------------
 
+    def horizon(self) -> int:
+        """The highest cursor below which no row can appear any more.
+
+        Writers insert side by side and may commit out of cursor order (see
+        migration 4); sidecar_horizon waits for every writer that drew a cursor
+        to end.  A read that starts after it sees every row up to it.
+        """
+        return int(self._rows("SELECT sidecar_horizon()")[0][0])
+
     def query(
         self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
     ) -> list[collector_pb2.StoredEvent]:
         where, args = filter_sql(flt)
-        where.append("id > %s")
-        args.append(after_cursor)
-        args.append(limit)
+        where.append("id > %s AND id <= %s")
+        args.extend((after_cursor, self.horizon(), limit))
         rows = self._rows(
             "SELECT id, verification, data FROM events WHERE "
             + " AND ".join(where)
@@ -681,17 +726,20 @@ class PostgresStore:
         # walking the id index from the oldest row until one is recent enough,
         # which reads nearly the whole table when time_ns is recent.  This reads
         # the events at or after time_ns only, from the (time_ns) INCLUDE (id) index.
+        # Rows above the horizon come later to whoever starts below it.
+        settled = self.horizon()
         rows = self._rows(
-            "SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= %s OFFSET 0) AS since",
-            (time_ns,),
+            "SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= %s AND id <= %s"
+            " OFFSET 0) AS since",
+            (time_ns, settled),
         )
         if rows[0][0] is not None:
             return int(rows[0][0]) - 1
-        return self.last_cursor()
+        return settled
 
     def last_cursor(self) -> int:
-        rows = self._rows("SELECT max(id) FROM events")
-        return int(rows[0][0]) if rows[0][0] is not None else 0
+        """The horizon: every row up to it is there, and none will appear below it."""
+        return self.horizon()
 
     def count(self, host: str | None = None) -> int:
         if host is None:

@@ -299,6 +299,106 @@ def test_inserts_wait_for_the_append_lock_so_cursors_become_visible_in_order(
         store.close()
 
 
+def test_a_reader_never_passes_a_cursor_that_a_writer_has_not_committed_yet(
+    pg_dsn: str,
+) -> None:
+    """Writers insert side by side (the append lock is shared) and may commit out of
+    cursor order.  A replica whose insert drew cursors and has not committed yet
+    (a slow commit) holds every reader at the cursors below its own."""
+    from sidecar.collector import postgres_store as ps
+    from sidecar.collector.store import day_of
+
+    store = PostgresStore(pg_dsn, connections=2)
+    slow = psycopg.connect(pg_dsn)  # another replica, between its insert and its commit
+    try:
+        store.ingest("a", _rows("a", 1, 3), HostState(3, b"a" * 32))
+        for cls, dumper in ps._DUMPERS:
+            slow.adapters.register_dumper(cls, dumper)
+        slow.execute("INSERT INTO hosts VALUES ('b', 0, %s)", (CHAIN_SEED,))
+        rows_b = _rows("b", 1, 2)
+        args = PostgresStore._append_args(
+            "b",
+            HostState(),
+            Plan(rows_b, HostState(2, b"b" * 32)),
+            rows_b,
+            day_of(time.time_ns()),
+            True,
+        )
+        ids_b = slow.execute(ps._APPEND, args).fetchone()[0]  # type: ignore[index]
+        # Writers do not wait for each other: this one commits cursors after b's.
+        later = store.ingest("a", _rows("a", 4, 3), HostState(6, b"a" * 32))
+        assert min(se.cursor for se in later) > max(ids_b)
+        with psycopg.connect(pg_dsn) as peek:  # the hazard: a plain read skips b's rows
+            seen = [r[0] for r in peek.execute("SELECT id FROM events WHERE id > 3 ORDER BY id")]
+        assert seen == [se.cursor for se in later]
+        got: list[list[int]] = []
+        reader = threading.Thread(
+            target=lambda: got.append([r.cursor for r in store.query(pb.EventFilter(), 3, 100)])
+        )
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and got == []  # held below b's cursors
+        slow.commit()
+        reader.join(10)
+        assert got == [sorted([*ids_b, *seen])]
+        assert store.last_cursor() == max(seen)
+    finally:
+        slow.close()
+        store.close()
+
+
+def test_readers_racing_three_writing_replicas_see_every_row_once_in_cursor_order(
+    pg_dsn: str,
+) -> None:
+    """Three replicas store batches of many hosts at once while a reader follows
+    "after my last cursor", as a subscriber does: it misses none, repeats none."""
+    writers = [PostgresStore(pg_dsn, connections=2) for _ in range(3)]
+    reader = PostgresStore(pg_dsn, connections=1)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            store = writers[k % 3]
+            host = f"h{k}"
+            for b in range(15):
+                store.ingest(host, _rows(host, 20 * b + 1, 20), HostState(20 * b + 20, b"x" * 32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    followed: list[int] = []
+
+    def follow() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            page = reader.query(pb.EventFilter(), cursor, 500)
+            followed.extend(r.cursor for r in page)
+            if page:
+                cursor = page[-1].cursor
+            elif finished:
+                return
+
+    try:
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(9)]
+        follower = threading.Thread(target=follow)
+        follower.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        follower.join(30)
+        assert errors == [] and not follower.is_alive()
+        with psycopg.connect(pg_dsn) as conn:
+            every = [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+        assert len(every) == 9 * 15 * 20
+        assert followed == every
+    finally:
+        for s in [*writers, reader]:
+            s.close()
+
+
 # ---- exactly once and the chain, across replicas ----------------------------------------
 
 
