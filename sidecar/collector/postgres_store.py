@@ -47,6 +47,7 @@ import psycopg.sql
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.migrations import LOCK_CLASS, MAINTENANCE_LOCK, migrate
 from sidecar.collector.store import (
+    DAY_NS,
     STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
@@ -537,7 +538,7 @@ class PostgresStore:
                 head = state.last_sequence if head_holds else 1 << 62
                 rows = self._new_rows(conn, host, plan.rows, head, pipe)
                 if plan.quarantine is not None:
-                    self._quarantine(conn, host, *plan.quarantine)
+                    self._quarantine(conn, host, *plan.quarantine, self._clock())
                 cur = conn.execute(_APPEND, self._append_args(host, state, plan, rows, day, False))
             ids, seqs = cur.fetchone() or (None, None)
         if ids is None:  # the row was locked and read in this very transaction
@@ -660,12 +661,14 @@ class PostgresStore:
     def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
         with self._conn() as conn:
             try:
-                self._quarantine(conn, host, batch, reason)
+                self._quarantine(conn, host, batch, reason, self._clock())
             except psycopg.Error as exc:
                 raise StoreError(f"cannot quarantine a batch of {host}: {exc}") from exc
 
     @staticmethod
-    def _quarantine(conn: Conn, host: str, batch: collector_pb2.Batch, reason: str) -> None:
+    def _quarantine(
+        conn: Conn, host: str, batch: collector_pb2.Batch, reason: str, now_ns: int
+    ) -> None:
         conn.execute(
             "INSERT INTO quarantine (host, first_seq, last_seq, received_ns, reason, batch)"
             " VALUES (%s, %s, %s, %s, %s, %s)",
@@ -673,7 +676,7 @@ class PostgresStore:
                 host,
                 batch.first_sequence,
                 batch.last_sequence,
-                time.time_ns(),
+                now_ns,
                 reason,
                 batch.SerializeToString(),
             ),
@@ -855,6 +858,12 @@ class PostgresStore:
                         continue
                     dropped.append(day)
                     _logger.info("store: dropped the events of %s (retention)", day_name(day))
+                # Batches kept aside as evidence follow the same days.  They are
+                # few (each is an attack or a fault), so a DELETE is enough.
+                conn.execute(
+                    "DELETE FROM quarantine WHERE received_ns < %s",
+                    ((today - keep_days) * DAY_NS,),
+                )
             return dropped
         except psycopg.Error as exc:
             raise StoreError(f"store {self._where}: partition maintenance failed: {exc}") from exc

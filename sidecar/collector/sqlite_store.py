@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.store import (
+    DAY_NS,
     STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
@@ -253,7 +254,7 @@ class SqliteStore:
                 host,
                 batch.first_sequence,
                 batch.last_sequence,
-                time.time_ns(),
+                self._clock(),
                 reason,
                 batch.SerializeToString(),
             ),
@@ -486,6 +487,10 @@ class SqliteStore:
                         raise
                     dropped.append(_int(day))
                     _logger.info("store: dropped the events of %s (retention)", day_name(_int(day)))
+                # Batches kept aside as evidence follow the same days (few: a DELETE).
+                self._db.execute(
+                    "DELETE FROM quarantine WHERE received_ns < ?", ((today - keep_days) * DAY_NS,)
+                )
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: retention failed: {exc}") from exc
         return dropped

@@ -194,6 +194,43 @@ def test_retention_drops_exactly_the_expired_days(
     asyncio.run(body())
 
 
+def test_quarantined_batches_are_dropped_with_the_events_of_their_day(
+    server: CollectorServer, clock: Clock
+) -> None:
+    """A batch kept aside (its signature failed) is evidence like the events: it stays
+    as long as they do, and goes when its day expires, not before."""
+
+    async def body() -> None:
+        store = server.store
+        sim = SimulatedHost(host_identity(server.ca, "h1"))
+
+        async def forged(start: int) -> None:
+            genuine = sim.batch(events(5, start))
+            bad = pb.Batch()
+            bad.CopyFrom(genuine)
+            bad.signature = bytes(64)
+            assert await ingest(server, sim, bad) == genuine.first_sequence - 1
+            assert await ingest(server, sim, genuine) == genuine.last_sequence  # then the real one
+
+        for day in (D - 3, D - 1):
+            clock.day = day
+            await forged(10 * day)
+        kept = [(a, b, r) for a, b, r, _ in store.quarantined("h1")]
+        assert kept == [(1, 5, "bad_signature"), (6, 10, "bad_signature")]
+        clock.day = D - 1
+        assert await server.maintain() == []  # nothing old enough: both stay
+        assert len(store.quarantined("h1")) == 2
+        clock.day = D  # D-3 is past retention (2 days), D-1 is not
+        assert await server.maintain() == [D - 3]
+        assert [(a, b) for a, b, _, _ in store.quarantined("h1")] == [(6, 10)]
+        assert store.count("h1") == 6  # D-1 keeps its 5 events and the alert about the forgery
+        clock.day = D + 2
+        await server.maintain()
+        assert store.quarantined("h1") == [] and store.count("h1") == 0
+
+    asyncio.run(body())
+
+
 def test_a_replay_across_a_day_boundary_stores_nothing_twice(
     server: CollectorServer, clock: Clock
 ) -> None:
