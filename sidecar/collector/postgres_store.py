@@ -58,6 +58,7 @@ from sidecar.collector.store import (
     StoreError,
     day_name,
     day_of,
+    differing,
     event_row,
     filter_columns,
 )
@@ -536,9 +537,13 @@ class PostgresStore:
                 state = self._lock_host(conn, host, pipe)
                 plan = decide(state)
                 head = state.last_sequence if head_holds else 1 << 62
-                rows = self._new_rows(conn, host, plan.rows, head, pipe)
-                if plan.quarantine is not None:
-                    self._quarantine(conn, host, *plan.quarantine, self._clock())
+                rows, changed = self._new_rows(conn, host, plan.rows, head, pipe)
+                held = plan.quarantine
+                if changed and plan.differs is not None:
+                    alerts, held = plan.differs(changed)
+                    rows = [*alerts, *rows]
+                if held is not None:
+                    self._quarantine(conn, host, *held, self._clock())
                 cur = conn.execute(_APPEND, self._append_args(host, state, plan, rows, day, False))
             ids, seqs = cur.fetchone() or (None, None)
         if ids is None:  # the row was locked and read in this very transaction
@@ -610,8 +615,9 @@ class PostgresStore:
         rows: Sequence[NewEvent],
         head: int,
         pipe: psycopg.Pipeline | None = None,
-    ) -> Sequence[NewEvent]:
-        """``rows`` without the events already stored, whatever day they were stored on.
+    ) -> tuple[Sequence[NewEvent], list[int]]:
+        """``rows`` without the events already stored, whatever day they were stored on;
+        and the sequences among those stored with other bytes than ``rows`` hold.
 
         Under the host's row lock every stored event of the host has a sequence
         at or below ``head``: those above it are new without asking.  Those at or
@@ -620,9 +626,9 @@ class PostgresStore:
         """
         old = [ne.event for ne in rows if 0 < ne.event.sequence <= head]
         if not old:
-            return rows
+            return rows, []
         cur = conn.execute(
-            "SELECT boot, seq FROM events WHERE host = %s AND boot = ANY(%s)"
+            "SELECT boot, seq, data FROM events WHERE host = %s AND boot = ANY(%s)"
             " AND seq BETWEEN %s AND %s",
             (
                 host,
@@ -633,13 +639,13 @@ class PostgresStore:
         )
         if pipe is not None:
             pipe.sync()  # as in _lock_host
-        found = cur.fetchall()
-        stored = {(str(b), int(q)) for b, q in found}
-        return [
+        stored = {(str(b), int(q)): bytes(d) for b, q, d in cur.fetchall()}
+        new = [
             ne
             for ne in rows
             if not ne.event.sequence or (ne.event.boot_id, ne.event.sequence) not in stored
         ]
+        return new, differing(rows, stored)
 
     def _inserted(
         self, ids: Sequence[int], seqs: Sequence[int | None], events: Sequence[NewEvent]

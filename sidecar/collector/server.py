@@ -32,6 +32,7 @@ from sidecar.collector.broker import Broker, StoreFeed
 from sidecar.collector.config import CollectorConfig
 from sidecar.collector.store import (
     BootstrapUse,
+    Differs,
     HostState,
     NewEvent,
     Plan,
@@ -45,6 +46,7 @@ from sidecar.collector.verify import (
     Checked,
     Verified,
     decide_batch,
+    resent_differs,
     verify_batch,
 )
 from sidecar.identity.spiffeid import SpiffeId, parse_spiffe_id
@@ -224,7 +226,16 @@ class _Core:
                         batch.signature,
                         verified.signer,
                     )
-                return Plan(rows, checked.state, held, signed)
+
+                def differs(sequences: list[int]) -> Differs:
+                    alert = resent_differs(host, sequences)
+                    checked.alerts.append(alert)
+                    row = NewEvent(
+                        alert, alert.SerializeToString(), collector_pb2.VERIFICATION_COLLECTOR
+                    )
+                    return [row], (batch, "resent_differs")
+
+                return Plan(rows, checked.state, held, signed, differs)
 
             stored = self.store.ingest_checked(host, decide)
             checked = seen[-1]

@@ -91,6 +91,12 @@ class StoredRows(Sequence[collector_pb2.StoredEvent]):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def joined(self, more: StoredRows) -> StoredRows:
+        """These rows, then ``more`` (inserted after them in the same transaction)."""
+        if not more.rows:
+            return self
+        return StoredRows([*self.cursors, *more.cursors], [*self.rows, *more.rows])
+
     @overload
     def __getitem__(self, index: int) -> collector_pb2.StoredEvent: ...
 
@@ -188,6 +194,28 @@ class Plan:
     quarantine: tuple[collector_pb2.Batch, str] | None = None
     # The signed batch the rows come from, kept with them while any was new.
     signed: SignedBatch | None = None
+    # Called, in the same transaction, with the sequences of ``rows`` that are
+    # stored already with other bytes (the host sent two events for one
+    # sequence): returns the alert rows to store and the batch to keep aside,
+    # with why.  The stored events stay; None: not checked.
+    differs: Callable[[list[int]], Differs] | None = None
+
+
+#: What a batch resent with other bytes is stored as: alert rows, and the batch
+#: kept aside (quarantine) with the reason.
+Differs = tuple[Sequence[NewEvent], tuple[collector_pb2.Batch, str]]
+
+
+def differing(rows: Sequence[NewEvent], stored: dict[tuple[str, int], bytes]) -> list[int]:
+    """Sequences of ``rows`` that ``stored`` ((boot, seq) -> bytes) holds with other bytes."""
+    out = []
+    for ne in rows:
+        seq = ne.event.sequence
+        if seq:
+            have = stored.get((ne.event.boot_id, seq))
+            if have is not None and have != ne.payload:
+                out.append(seq)
+    return out
 
 
 DAY_NS = 86_400 * 1_000_000_000

@@ -441,6 +441,42 @@ def test_one_hosts_batches_alternating_between_two_replicas_store_once_and_chain
     asyncio.run(body())
 
 
+def test_a_resend_with_other_bytes_is_caught_by_whichever_replica_gets_it(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    from tests.integration.test_collector_retention import integrity, resend, resend_altered
+
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            sim = SimulatedHost(host_identity(ca, "h1"))
+            batches = [sim.batch([connect_event(10 * k + i) for i in range(10)]) for k in range(3)]
+            assert await publish(a.port, ca, sim.ident, batches) == [0, 10, 20, 30]
+            # Positive control: the same events resent to the other replica.
+            assert await publish(b.port, ca, sim.ident, [resend(sim, 5, 15)]) == [30, 30]
+            assert a.store.quarantined("h1") == []
+            # Other bytes at 7 to the replica that did not store them, at 30 to the one
+            # that did (and that knows the host's head).
+            assert await publish(b.port, ca, sim.ident, [resend_altered(sim, 5, 15, 7)]) == [
+                30,
+                30,
+            ]
+            assert await publish(a.port, ca, sim.ident, [resend_altered(sim, 21, 30, 30)]) == [
+                30,
+                30,
+            ]
+            for r in (a, b):
+                kept = [(x, y, why) for x, y, why, _ in r.store.quarantined("h1")]
+                assert kept == [(5, 15, "resent_differs"), (21, 30, "resent_differs")]
+            found = integrity(a.store, "h1")
+            assert [(f, t) for _, f, t, d in found if "other bytes" in d] == [(7, 7), (30, 30)]
+            rows = rows_of(pg_dsn, "h1")
+            assert [r[0] for r in rows] == list(range(1, 31))
+            assert chain_over(CHAIN_SEED, 1, [r[2] for r in rows])[-1] == sim.head
+
+    asyncio.run(body())
+
+
 def test_many_hosts_racing_on_two_replicas_each_store_once_and_chain(
     tmp_path: Path, pg_dsn: str
 ) -> None:
