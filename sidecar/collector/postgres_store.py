@@ -9,17 +9,23 @@ How the store's promises (see :mod:`sidecar.collector.store`) hold across replic
   at or below it are looked up in every partition before the insert;
 - retention drops whole day partitions of ``events`` and ``batches`` (each
   batch's signed facts, kept as long as its events) with ``DROP TABLE``;
-- one chain writer per host: :meth:`PostgresStore.ingest_checked` locks the
-  host's row in ``hosts`` (``SELECT … FOR UPDATE``) before it reads the chain
-  state, and holds it until commit, so a second replica with a batch of the same
-  host waits and then verifies against what the first one stored;
+- one chain writer per host: a batch is stored only on the head it was verified
+  against.  A replica that stored the host's previous batch remembers its head
+  and stores the next one in one statement (``sidecar_append``, migration 4),
+  whose conditional UPDATE of the host's row matches only while the head is
+  still that one and holds the row lock to the commit; otherwise (unknown head,
+  moved by another replica, a resend) :meth:`PostgresStore.ingest_checked`
+  locks the row (``SELECT … FOR UPDATE``), reads the head, decides, and stores
+  under that lock;
 - the cursor is the global row id, and a reader that has seen id N has seen every
-  id below N: ids are drawn and committed under one transaction-scoped advisory
-  lock (the *append lock*, taken by the insert and released by the commit), so
-  rows become visible in id order.  Verification, TLS and decoding, the bulk of a
-  replica's work, stay outside it; only the insert and the commit are serialised;
-- new rows are announced with ``NOTIFY`` (delivered at commit) on
-  :data:`CHANNEL`; each replica LISTENs and reads them back by cursor;
+  id below N: writers hold the *append lock* shared from drawing ids to their
+  commit, so they insert side by side; every read first waits for a *horizon*
+  (``sidecar_horizon``: the lock taken exclusively for an instant, then the
+  cursor sequence's value) and reads no further, so a row that commits late
+  below it is never skipped;
+- new rows are announced with ``NOTIFY`` on :data:`CHANNEL`, after the commit,
+  at most every :data:`NOTIFY_GAP_S` per replica; each replica LISTENs and reads
+  them back by cursor;
 - a join token is spent by one ``UPDATE … WHERE used_ns IS NULL … RETURNING``.
 
 Lock order is always host row, then append lock, so two transactions never wait

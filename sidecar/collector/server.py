@@ -149,7 +149,8 @@ class _Core:
     """State shared by both services: config, CA, store and its database threads.
 
     The host's chain state is read from the store inside each batch's transaction,
-    never cached here: with a shared store another replica may have moved it.
+    never cached here: with a shared store another replica may have moved it (the
+    PostgreSQL store remembers heads, and stores only while the remembered one holds).
     """
 
     def __init__(self, config: CollectorConfig) -> None:

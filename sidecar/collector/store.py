@@ -15,8 +15,10 @@ What both promise, and the server relies on:
 - a host's chain is extended by one writer at a time: :meth:`Store.ingest_checked`
   reads the host's chain state, lets the caller decide what to store from it, and
   stores that, all under the host's lock in one transaction;
-- the cursor is the global row id: it grows with every committed insert, so
-  "after cursor N" never skips nor repeats a row, on any replica;
+- the cursor is the global row id, and "after cursor N" never skips nor
+  repeats a row, on any replica: SQLite commits rows in id order (one
+  writer); PostgreSQL's replicas may commit out of id order, so its reads go
+  up to a cursor below which no row can appear any more (its horizon);
 - a join token is spent once (one atomic update); a bootstrap token is spent at
   most its number of uses, each for a host name no enrollment has taken yet
   (one atomic update and one insert, in one transaction).
