@@ -554,7 +554,8 @@ class PostgresStore:
             ids, seqs = cur.fetchone() or (None, None)
         if ids is None:  # the row was locked and read in this very transaction
             raise AssertionError(f"the head of {host} moved under its lock")
-        self._remember(host, _after(state, plan))
+        if head_holds:  # else events above the head may be stored: none is plainly new
+            self._remember(host, _after(state, plan))
         return self._inserted(ids, seqs, rows)
 
     @staticmethod
