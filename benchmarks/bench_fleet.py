@@ -5,11 +5,14 @@ The same simulated load for every store, in the same run: ``--hosts`` hosts
 ``--batches`` signed, hash-chained batches of ``--events`` events, one batch in
 flight per host, all hosts at once.  Every batch is signed before the clock
 starts, and the same batches go to each store (each PostgreSQL run gets a fresh
-database).  Collectors are ``sidecar collector`` processes, as deployed; hosts
-are spread over the replicas round-robin.  Reported: events/s stored (acked),
+database): the figure measures the collectors and the store, not the making and
+signing of batches, which a real host spreads over its own CPU.  Collectors are
+``sidecar collector`` processes, as deployed; hosts are spread over the replicas
+round-robin.  Reported: events/s stored (acked),
 submit-to-ack p50/p99 of a batch, and the CPU seconds of the collectors, of
 PostgreSQL (the postmaster and all its backends) and of this load generator,
-against the wall time x 2 cores of this machine, which says what limits the figure.
+against the wall time x 2 cores of this machine, which says what limits the figure
+(``--cpu-detail``: each replica's, and PostgreSQL's by process role).
 
 Then Query by identity over ``--query-events`` stored events: those rows are
 loaded with COPY straight into the events table (migrated by the collector; all
@@ -68,13 +71,22 @@ def _cpu(p: psutil.Process, children: bool = False) -> float:
 
 def postgres_cpu(c: Cluster) -> float:
     """CPU seconds of the postmaster, its live backends, and the backends it reaped."""
+    return sum(postgres_cpu_by_role(c).values())
+
+
+def postgres_cpu_by_role(c: Cluster) -> dict[str, float]:
+    """The same, by role: client backends (the collectors' connections) and each of
+    PostgreSQL's own processes (WAL writer, checkpointer, autovacuum...)."""
     pid = int((c.root / "data" / "postmaster.pid").read_text().split()[0])
     post = psutil.Process(pid)
-    total = _cpu(post, children=True)
+    out = {"postmaster and exited": _cpu(post, children=True)}
     for child in post.children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile: reaped above
-            total += _cpu(child)
-    return total
+            title = " ".join(child.cmdline()).strip()
+            role = "client backends" if "[local]" in title else title.removeprefix("postgres: ")
+            role = role.strip()
+            out[role] = out.get(role, 0.0) + _cpu(child)
+    return out
 
 
 def run_store(
@@ -99,11 +111,14 @@ def run_store(
         fleet.rearm()
         me = psutil.Process()
         col0 = [p.cpu_seconds() for p in procs]
-        pg0 = postgres_cpu(pg) if pg else 0.0
+        pg0 = postgres_cpu_by_role(pg) if pg else {}
         me0 = _cpu(me)
         result = asyncio.run(fleet.run([p.port for p in procs], timeout_s=1800))
-        col = sum(p.cpu_seconds() - c for p, c in zip(procs, col0, strict=True))
-        pgc = (postgres_cpu(pg) - pg0) if pg else 0.0
+        per_replica = [p.cpu_seconds() - c for p, c in zip(procs, col0, strict=True)]
+        col = sum(per_replica)
+        pg1 = postgres_cpu_by_role(pg) if pg else {}
+        pg_roles = {k: v - pg0.get(k, 0.0) for k, v in pg1.items()}
+        pgc = sum(pg_roles.values())
         mine = _cpu(me) - me0
     finally:
         for p in procs:
@@ -121,6 +136,8 @@ def run_store(
         "cpu_postgres_s": round(pgc, 1),
         "cpu_load_generator_s": round(mine, 1),
         "cpu_available_s": round(wall * CORES, 1),
+        "cpu_per_replica_s": [round(c, 2) for c in per_replica],
+        "cpu_postgres_by_role_s": {k: round(v, 2) for k, v in pg_roles.items() if v >= 0.01},
     }
 
 
@@ -217,6 +234,11 @@ def main() -> int:
     ap.add_argument(
         "--stores", default="sqlite,pg1,pg2,pg3", help="which of sqlite,pg1,pg2,pg3 to run"
     )
+    ap.add_argument(
+        "--cpu-detail",
+        action="store_true",
+        help="also print each replica's CPU and PostgreSQL's by process role",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     out: dict[str, Any] = {"args": vars(args) | {"json": None}, "ingest": []}
@@ -228,7 +250,8 @@ def main() -> int:
         fleet = Fleet(ca, args.hosts, args.batches, args.events)
         print(
             f"{args.hosts} hosts x {args.batches} batches x {args.events} events ="
-            f" {fleet.total_events} events, signed in {time.perf_counter() - began:.1f} s;"
+            f" {fleet.total_events} events, signed in {time.perf_counter() - began:.1f} s"
+            " before any clock starts (the rates measure collectors and store, not hosts);"
             f" {CORES} cores",
             flush=True,
         )
@@ -249,6 +272,13 @@ def main() -> int:
                 f"{row['cpu_available_s']:>7}",
                 flush=True,
             )
+            if args.cpu_detail:
+                roles = ", ".join(f"{k} {v}" for k, v in row["cpu_postgres_by_role_s"].items())
+                print(
+                    f"{'':<12}cpu s: replicas {row['cpu_per_replica_s']}"
+                    + (f"; postgres: {roles}" if roles else ""),
+                    flush=True,
+                )
         if args.query_events:  # 0: ingest only
             dsn = create_database(pg, "bench_query")
             load_s = load_rows(dsn, args.query_events, args.identities)

@@ -27,6 +27,10 @@ _logger = logging.getLogger(__name__)
 
 #: A shared store is read again this often even without a notification.
 FEED_POLL_S = 1.0
+#: And at most this often: each read first waits, for an instant, for every
+#: replica's writes in progress to end (the store's horizon), which holds back
+#: the writers meanwhile; under load notifications come all the time.
+FEED_MIN_GAP_S = 0.05
 
 
 @dataclass(eq=False)
@@ -84,8 +88,8 @@ class StoreFeed:
     It reads only while someone subscribes.  When the first subscription of a
     quiet spell arrives, it starts at that subscription's cursor; the subscriber
     itself replays up to there and drops what it already has, so nothing is
-    skipped or repeated.  Rows become visible in cursor order (the store promises
-    it), so reading "after the last cursor" misses none.
+    skipped or repeated.  The store reads only up to a cursor below which no row
+    can appear any more (its horizon), so reading "after the last cursor" misses none.
     """
 
     def __init__(self, broker: Broker, read: Read, page: int) -> None:
@@ -108,6 +112,8 @@ class StoreFeed:
                 await self._drain()
             except StoreError as exc:  # the database is away: try again on the next wake
                 _logger.warning("reading new events for subscribers failed: %s", exc)
+            if self.broker:
+                await asyncio.sleep(FEED_MIN_GAP_S)
 
     async def _drain(self) -> None:
         while True:

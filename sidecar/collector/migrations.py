@@ -184,6 +184,109 @@ CREATE INDEX batches_host ON batches (host, from_seq);
 ALTER SEQUENCE batches_id OWNED BY batches.id;
 """,
     ),
+    (
+        4,
+        "one call stores a batch (sidecar_append); readers wait for a settled cursor"
+        " (sidecar_horizon)",
+        # A replica that knows a host's head (it stored the host's last batch)
+        # stores the next batch in one statement, one round trip: the UPDATE of
+        # the host's row matches only while the head is still the one the batch
+        # was verified against, and holds the row's lock to the commit.  When it
+        # does not match (another replica moved the head) nothing is stored
+        # (ids NULL) and the replica takes the locked path, reading the head first.
+        # Lock order as everywhere: the host's row, then the append lock.
+        #
+        # Cursor order: writers hold the append lock SHARED from drawing their
+        # ids to their commit, so they insert side by side and may commit out of
+        # id order.  A reader first calls sidecar_horizon, which takes the lock
+        # EXCLUSIVE for an instant: every writer that drew an id by then has
+        # ended, so every id up to the sequence's value is committed or never
+        # will be.  Readers read up to that horizon only, and never skip a row.
+        """
+CREATE FUNCTION sidecar_append(
+    p_host TEXT, p_expect_seq BIGINT, p_expect_chain BYTEA,
+    p_new_seq BIGINT, p_new_chain BYTEA, p_day INTEGER, p_new_only BOOLEAN,
+    p_b_first BIGINT, p_b_last BIGINT, p_b_prev BYTEA, p_b_signature BYTEA,
+    p_b_signer BYTEA, p_b_from BIGINT, p_b_from_chain BYTEA,
+    p_hosts TEXT[], p_boots TEXT[], p_seqs BIGINT[], p_times BIGINT[],
+    p_identities TEXT[], p_instances TEXT[], p_kinds TEXT[], p_verdicts INTEGER[],
+    p_verifications SMALLINT[], p_data BYTEA[],
+    OUT ids BIGINT[], OUT seqs BIGINT[]
+) LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF p_new_seq > p_expect_seq THEN
+        UPDATE hosts SET last_seq = p_new_seq, last_chain = p_new_chain
+        WHERE host = p_host AND last_seq = p_expect_seq AND last_chain = p_expect_chain;
+    ELSE
+        PERFORM FROM hosts
+        WHERE host = p_host AND last_seq = p_expect_seq AND last_chain = p_expect_chain
+        FOR UPDATE;
+    END IF;
+    IF NOT FOUND THEN
+        RETURN;  -- the head moved: nothing stored, ids NULL
+    END IF;
+    ids := '{}';
+    seqs := '{}';
+    IF p_b_first IS NOT NULL THEN
+        INSERT INTO batches (day, host, first_seq, last_seq, prev_chain, signature, signer,
+                             from_seq, from_chain)
+        VALUES (p_day, p_host, p_b_first, p_b_last, p_b_prev, p_b_signature, p_b_signer,
+                p_b_from, p_b_from_chain);
+    END IF;
+    IF cardinality(p_data) > 0 THEN
+        -- Ids are drawn in the rows' order, under the append lock (shared) held to
+        -- the commit.
+        PERFORM pg_advisory_xact_lock_shared("""
+        f"{LOCK_CLASS}, {APPEND_LOCK}"
+        """);
+        IF p_new_only THEN
+            -- Every row is above the head just matched: none can be stored yet.
+            WITH ins AS (
+                INSERT INTO events (day, host, boot, seq, time_ns, identity, instance, kind,
+                                    verdict, verification, data)
+                SELECT p_day, u.h, u.b, u.s, u.t, u.i, u.n, u.k, u.v, u.x, u.d
+                FROM unnest(p_hosts, p_boots, p_seqs, p_times, p_identities, p_instances,
+                            p_kinds, p_verdicts, p_verifications, p_data)
+                     WITH ORDINALITY AS u(h, b, s, t, i, n, k, v, x, d, o)
+                ORDER BY u.o
+                RETURNING id, seq)
+            SELECT array_agg(id ORDER BY id), array_agg(seq ORDER BY id) INTO ids, seqs
+            FROM ins;
+        ELSE
+            -- A same-day replay is skipped (the caller took out what any day holds).
+            WITH ins AS (
+                INSERT INTO events (day, host, boot, seq, time_ns, identity, instance, kind,
+                                    verdict, verification, data)
+                SELECT p_day, u.h, u.b, u.s, u.t, u.i, u.n, u.k, u.v, u.x, u.d
+                FROM unnest(p_hosts, p_boots, p_seqs, p_times, p_identities, p_instances,
+                            p_kinds, p_verdicts, p_verifications, p_data)
+                     WITH ORDINALITY AS u(h, b, s, t, i, n, k, v, x, d, o)
+                ORDER BY u.o
+                ON CONFLICT (host, boot, seq, day) DO NOTHING
+                RETURNING id, seq)
+            SELECT coalesce(array_agg(id ORDER BY id), '{}'),
+                   coalesce(array_agg(seq ORDER BY id), '{}') INTO ids, seqs
+            FROM ins;
+        END IF;
+    END IF;
+END
+$fn$;
+-- The highest cursor below which no row can still appear (see above); call it
+-- as a statement of its own, before the read, which then sees every row up to it.
+CREATE FUNCTION sidecar_horizon() RETURNS BIGINT LANGUAGE plpgsql AS $fn$
+DECLARE
+    v BIGINT;
+    called BOOLEAN;
+BEGIN
+    PERFORM pg_advisory_xact_lock("""
+        f"{LOCK_CLASS}, {APPEND_LOCK}"
+        """);
+    SELECT last_value, is_called INTO v, called FROM events_cursor;
+    RETURN CASE WHEN called THEN v ELSE v - 1 END;
+END
+$fn$;
+""",
+    ),
 )
 
 LATEST = max(version for version, _, _ in MIGRATIONS)

@@ -9,17 +9,23 @@ How the store's promises (see :mod:`sidecar.collector.store`) hold across replic
   at or below it are looked up in every partition before the insert;
 - retention drops whole day partitions of ``events`` and ``batches`` (each
   batch's signed facts, kept as long as its events) with ``DROP TABLE``;
-- one chain writer per host: :meth:`PostgresStore.ingest_checked` locks the
-  host's row in ``hosts`` (``SELECT … FOR UPDATE``) before it reads the chain
-  state, and holds it until commit, so a second replica with a batch of the same
-  host waits and then verifies against what the first one stored;
+- one chain writer per host: a batch is stored only on the head it was verified
+  against.  A replica that stored the host's previous batch remembers its head
+  and stores the next one in one statement (``sidecar_append``, migration 4),
+  whose conditional UPDATE of the host's row matches only while the head is
+  still that one and holds the row lock to the commit; otherwise (unknown head,
+  moved by another replica, a resend) :meth:`PostgresStore.ingest_checked`
+  locks the row (``SELECT … FOR UPDATE``), reads the head, decides, and stores
+  under that lock;
 - the cursor is the global row id, and a reader that has seen id N has seen every
-  id below N: ids are drawn and committed under one transaction-scoped advisory
-  lock (the *append lock*, taken by the insert and released by the commit), so
-  rows become visible in id order.  Verification, TLS and decoding, the bulk of a
-  replica's work, stay outside it; only the insert and the commit are serialised;
-- new rows are announced with ``NOTIFY`` (delivered at commit) on
-  :data:`CHANNEL`; each replica LISTENs and reads them back by cursor;
+  id below N: writers hold the *append lock* shared from drawing ids to their
+  commit, so they insert side by side; every read first waits for a *horizon*
+  (``sidecar_horizon``: the lock taken exclusively for an instant, then the
+  cursor sequence's value) and reads no further, so a row that commits late
+  below it is never skipped;
+- new rows are announced with ``NOTIFY`` on :data:`CHANNEL`, after the commit,
+  at most every :data:`NOTIFY_GAP_S` per replica; each replica LISTENs and reads
+  them back by cursor;
 - a join token is spent by one ``UPDATE … WHERE used_ns IS NULL … RETURNING``.
 
 Lock order is always host row, then append lock, so two transactions never wait
@@ -34,27 +40,31 @@ import logging
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.adapt
 import psycopg.sql
 
 from sidecar.api.v1 import collector_pb2, event_pb2
-from sidecar.collector.migrations import APPEND_LOCK, LOCK_CLASS, MAINTENANCE_LOCK, migrate
+from sidecar.collector.migrations import LOCK_CLASS, MAINTENANCE_LOCK, migrate
 from sidecar.collector.store import (
+    DAY_NS,
     STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
     NewEvent,
     Plan,
-    SignedBatch,
     StoredBatch,
+    StoredRows,
     StoreError,
     day_name,
     day_of,
+    differing,
     event_row,
     filter_columns,
 )
@@ -81,27 +91,122 @@ OPERATION_TIMEOUT_S = 90.0
 #: Partitions exist this many days ahead, so that an insert never waits for one.
 DAYS_AHEAD = 2
 WATCHDOG_INTERVAL_S = 0.5
+#: New rows are announced (NOTIFY) at once, then at most this often.
+NOTIFY_GAP_S = 0.02
+#: Heads of this many hosts are remembered (see PostgresStore._ingest_known).
+HEADS_KEPT = 100_000
 LISTEN_POLL_S = 0.2  # how soon the listener notices close()
 LISTEN_BACKOFF_MAX_S = 5.0
 
-# One statement for a batch's rows, in their order (WITH ORDINALITY ... ORDER BY:
-# ids are drawn in that order).  The arrays travel in binary: dumping them as
-# text (quoting every element in Python) cost more than a millisecond a batch.
-# ON CONFLICT only ever meets a replay within one day: _new_rows has taken out
-# what any day holds.
-_INSERT = (
-    "INSERT INTO events (day, host, boot, seq, time_ns, identity, instance, kind, verdict,"
-    " verification, data) SELECT %s, u.host, u.boot, u.seq, u.time_ns, u.identity,"
-    " u.instance, u.kind, u.verdict, u.verification, u.data FROM unnest(%b::text[],"
-    " %b::text[], %b::bigint[], %b::bigint[], %b::text[], %b::text[], %b::text[],"
-    " %b::integer[], %b::smallint[], %b::bytea[]) WITH ORDINALITY AS u(host, boot, seq,"
-    " time_ns, identity, instance, kind, verdict, verification, data, n) ORDER BY u.n"
-    " ON CONFLICT (host, boot, seq, day) DO NOTHING RETURNING id, seq"
+# One call stores a batch (migration 4): the host's head is checked, the kept
+# batch and the events inserted, in one statement.  The event columns travel as
+# binary arrays, packed here (see _Array): psycopg's own list dumper, element by
+# element in Python, cost more than half a millisecond a batch.
+_APPEND = (
+    "SELECT ids, seqs FROM sidecar_append(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+    " %s, %b, %b, %b, %b, %b, %b, %b, %b, %b, %b)"
 )
+
+_I32 = struct.Struct(">i")
+_ARRAY_HEAD = struct.Struct(">iiiii")  # dimensions, has nulls, element type, length, lower bound
+
+
+class _Array:
+    """A one-dimensional PostgreSQL array in its binary wire format (array_send)."""
+
+    __slots__ = ("data",)
+    oid = 0  # of the array type
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _TextArray(_Array):
+    oid = 1009
+
+
+class _ByteaArray(_Array):
+    oid = 1001
+
+
+class _Int8Array(_Array):
+    oid = 1016
+
+
+class _Int4Array(_Array):
+    oid = 1007
+
+
+class _Int2Array(_Array):
+    oid = 1005
+
+
+class _ArrayDumper(psycopg.adapt.Dumper):
+    format = psycopg.pq.Format.BINARY
+
+    def dump(self, obj: Any) -> bytes:
+        return bytes(obj.data)
+
+
+def _array_dumper(cls: type[_Array]) -> type[_ArrayDumper]:
+    return type(f"{cls.__name__}Dumper", (_ArrayDumper,), {"oid": cls.oid})
+
+
+_DUMPERS = [(cls, _array_dumper(cls)) for cls in _Array.__subclasses__()]
+
+
+def _pack_bytes(element_oid: int, items: Sequence[bytes]) -> bytes:
+    if not items:
+        return _ARRAY_HEAD.pack(0, 0, element_oid, 0, 0)[:12]
+    parts = [_ARRAY_HEAD.pack(1, 0, element_oid, len(items), 1)]
+    for b in items:
+        parts.append(_I32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _pack_ints(element_oid: int, fmt: str, items: Sequence[int | None]) -> bytes:
+    if not items:
+        return _ARRAY_HEAD.pack(0, 0, element_oid, 0, 0)[:12]
+    size = struct.calcsize(fmt)
+    if None not in items:
+        body = struct.pack(">" + ("i" + fmt) * len(items), *[x for v in items for x in (size, v)])
+        return _ARRAY_HEAD.pack(1, 0, element_oid, len(items), 1) + body
+    one = struct.Struct(">i" + fmt)
+    parts = [_ARRAY_HEAD.pack(1, 1, element_oid, len(items), 1)]
+    for v in items:
+        parts.append(_I32.pack(-1) if v is None else one.pack(size, v))
+    return b"".join(parts)
+
+
+def _event_arrays(events: Sequence[NewEvent]) -> list[_Array]:
+    """The ten event columns of :func:`event_row`, as binary arrays."""
+    cols: list[list[Any]] = [[] for _ in range(10)]
+    for ne in events:
+        for col, value in zip(cols, event_row(ne), strict=True):
+            col.append(value)
+    hosts, boots, seqs, times, idents, instances, kinds, verdicts, verifs, data = cols
+    return [
+        _TextArray(_pack_bytes(25, [x.encode() for x in hosts])),
+        _TextArray(_pack_bytes(25, [x.encode() for x in boots])),
+        _Int8Array(_pack_ints(20, "q", seqs)),
+        _Int8Array(_pack_ints(20, "q", times)),
+        _TextArray(_pack_bytes(25, [x.encode() for x in idents])),
+        _TextArray(_pack_bytes(25, [x.encode() for x in instances])),
+        _TextArray(_pack_bytes(25, [x.encode() for x in kinds])),
+        _Int4Array(_pack_ints(23, "i", verdicts)),
+        _Int2Array(_pack_ints(21, "h", verifs)),
+        _ByteaArray(_pack_bytes(17, data)),
+    ]
 
 
 def _fingerprint(der: bytes) -> str:
     return hashlib.sha256(der).hexdigest()[:16]
+
+
+def _after(state: HostState, plan: Plan) -> HostState:
+    """The host's head once ``plan`` is stored on ``state`` (it only moves forward)."""
+    return plan.state if plan.state.last_sequence > state.last_sequence else state
 
 
 class PostgresStore:
@@ -147,6 +252,9 @@ class PostgresStore:
         self._slots = threading.BoundedSemaphore(connections)
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
+        self._heads: dict[str, HostState] = {}
+        self._notify_wanted = threading.Event()
+        self._notifier: threading.Thread | None = None
         with self._conn(timeout_s=None) as conn:
             try:
                 conn.execute("SET statement_timeout = 0")  # a migration may rewrite a table
@@ -160,9 +268,12 @@ class PostgresStore:
 
     def _connect(self) -> Conn:
         try:
-            return psycopg.connect(self._dsn, autocommit=True, **self._extra)
+            conn = psycopg.connect(self._dsn, autocommit=True, **self._extra)
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to store {self._where}: {exc}") from exc
+        for cls, dumper in _DUMPERS:
+            conn.adapters.register_dumper(cls, dumper)
+        return conn
 
     @contextlib.contextmanager
     def _conn(self, timeout_s: float | None = -1.0) -> Iterator[Conn]:
@@ -258,6 +369,9 @@ class PostgresStore:
         self._closed.set()
         if self._listener is not None:
             self._listener.join(timeout=LISTEN_POLL_S * 10)
+        if self._notifier is not None:
+            self._notify_wanted.set()
+            self._notifier.join(timeout=LISTEN_POLL_S * 10)
         while True:
             try:
                 self._free.get_nowait().close()
@@ -309,6 +423,36 @@ class PostgresStore:
                 self._closed.wait(backoff)
                 backoff = min(backoff * 2, LISTEN_BACKOFF_MAX_S)
 
+    def _announce(self) -> None:
+        """Rows were stored: NOTIFY every replica's listener, at once when none was
+        sent lately, else once at the end of :data:`NOTIFY_GAP_S` for all of them.
+
+        Not from the storing transaction: a NOTIFY there takes a lock, at commit,
+        that every notifying commit of the database waits for in turn, and wakes
+        every listener for every batch.
+        """
+        self._notify_wanted.set()
+        if self._notifier is None:
+            with self._busy_lock:
+                if self._notifier is None:
+                    self._notifier = threading.Thread(
+                        target=self._notify_loop, name="collector-pg-notify", daemon=True
+                    )
+                    self._notifier.start()
+
+    def _notify_loop(self) -> None:
+        while not self._closed.is_set():
+            if not self._notify_wanted.wait(LISTEN_POLL_S):
+                continue
+            self._notify_wanted.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self._rows("SELECT pg_notify(%s, '')", (CHANNEL,))
+            except StoreError as exc:  # listeners read again each second anyway
+                _logger.warning("store %s: announcing new events failed: %s", self._where, exc)
+            self._closed.wait(NOTIFY_GAP_S)
+
     # ---- ingest ----------------------------------------------------------------------
 
     def host_state(self, host: str) -> HostState:
@@ -317,13 +461,17 @@ class PostgresStore:
 
     def ingest_checked(
         self, host: str, decide: Callable[[HostState], Plan], head_holds: bool = True
-    ) -> list[collector_pb2.StoredEvent]:
+    ) -> Sequence[collector_pb2.StoredEvent]:
         """See :meth:`Store.ingest_checked`.  ``head_holds`` False: the caller stores
         events without moving the host's head past them, so none is taken as new
         for being above the head (every sequence is looked up)."""
         day = day_of(self._clock())
         for attempt in (1, 2):
             try:
+                if head_holds:
+                    stored = self._ingest_known(host, decide, day)
+                    if stored is not None:
+                        return stored
                 return self._ingest_once(host, decide, day, head_holds)
             except psycopg.errors.CheckViolation as exc:
                 # "no partition of relation ... found for row": the day's partition
@@ -335,34 +483,112 @@ class PostgresStore:
                 raise StoreError(f"cannot store events of {host}: {exc}") from exc
         raise AssertionError("unreachable")
 
+    def _remember(self, host: str, state: HostState | None) -> None:
+        """The host's head as this replica last stored or read it (None: forget it)."""
+        if state is None:
+            self._heads.pop(host, None)
+            return
+        if len(self._heads) >= HEADS_KEPT and host not in self._heads:
+            self._heads.clear()  # a cache: forgetting costs one locked round trip a host
+        self._heads[host] = state
+
+    def _ingest_known(
+        self, host: str, decide: Callable[[HostState], Plan], day: int
+    ) -> Sequence[collector_pb2.StoredEvent] | None:
+        """One round trip, when this replica knows the host's head: decide on it, and
+        store in one statement that first checks, under the host's row lock, that
+        the head is still that one.  None (nothing stored) when it is not known,
+        has moved, or the batch is not plainly new (a resend, a quarantine): the
+        caller then takes the locked path."""
+        known = self._heads.get(host)
+        if known is None:
+            return None
+        plan = decide(known)
+        rows = plan.rows
+        if plan.quarantine is not None or any(
+            0 < ne.event.sequence <= known.last_sequence for ne in rows
+        ):
+            return None
+        try:
+            with self._conn() as conn:
+                got = conn.execute(_APPEND, self._append_args(host, known, plan, rows, day, True))
+                ids, seqs = got.fetchone() or (None, None)
+        except psycopg.errors.UniqueViolation:
+            # Only a head that did not hold its promise gets here (a caller stored
+            # events above it): the locked path looks every sequence up.
+            self._remember(host, None)
+            return None
+        except BaseException:
+            self._remember(host, None)
+            raise
+        if ids is None:  # another replica moved the head
+            self._remember(host, None)
+            return None
+        self._remember(host, _after(known, plan))
+        return self._inserted(ids, seqs, rows)
+
     def _ingest_once(
         self, host: str, decide: Callable[[HostState], Plan], day: int, head_holds: bool
-    ) -> list[collector_pb2.StoredEvent]:
+    ) -> Sequence[collector_pb2.StoredEvent]:
         """One transaction, in three round trips at most (pipeline mode).
 
         1. lock the host's row and read its chain state;
         2. only for a resend overlapping what is stored: which of its sequences are;
-        3. everything else, the commit included: the append lock is held for one
-           multi-row INSERT and the commit, with no client round trip inside.
+        3. everything else, the commit included: sidecar_append holds the append
+           lock for one multi-row INSERT, to the commit, with no client round trip.
         """
-        with self._conn() as conn, conn.pipeline() as pipe, conn.transaction():
-            state = self._lock_host(conn, host, pipe)
-            plan = decide(state)
-            head = state.last_sequence if head_holds else 1 << 62
-            rows = self._new_rows(conn, host, plan.rows, head, pipe)
-            if plan.quarantine is not None:
-                self._quarantine(conn, host, *plan.quarantine)
-            seqs = [ne.event.sequence for ne in rows if ne.event.sequence]
-            if plan.signed is not None and seqs:
-                self._keep_batch(conn, plan.signed, min(seqs), day)
-            if plan.state.last_sequence > state.last_sequence:
-                self._save_state(conn, host, plan.state)
-            cur = self._insert(conn, rows, day)
-        return self._inserted(cur, rows)
+        self._remember(host, None)
+        with self._conn() as conn:
+            with conn.pipeline() as pipe, conn.transaction():
+                state = self._lock_host(conn, host, pipe)
+                plan = decide(state)
+                head = state.last_sequence if head_holds else 1 << 62
+                rows, changed = self._new_rows(conn, host, plan.rows, head, pipe)
+                held = plan.quarantine
+                if changed and plan.differs is not None:
+                    alerts, held = plan.differs(changed)
+                    rows = [*alerts, *rows]
+                if held is not None:
+                    self._quarantine(conn, host, *held, self._clock())
+                cur = conn.execute(_APPEND, self._append_args(host, state, plan, rows, day, False))
+            ids, seqs = cur.fetchone() or (None, None)
+        if ids is None:  # the row was locked and read in this very transaction
+            raise AssertionError(f"the head of {host} moved under its lock")
+        if head_holds:  # else events above the head may be stored: none is plainly new
+            self._remember(host, _after(state, plan))
+        return self._inserted(ids, seqs, rows)
+
+    @staticmethod
+    def _append_args(
+        host: str,
+        state: HostState,
+        plan: Plan,
+        rows: Sequence[NewEvent],
+        day: int,
+        new_only: bool,
+    ) -> tuple[object, ...]:
+        """sidecar_append's arguments: expected and new head, kept batch, event columns."""
+        new = plan.state if plan.state.last_sequence > state.last_sequence else state
+        seqs = [ne.event.sequence for ne in rows if ne.event.sequence]
+        signed = plan.signed if seqs else None
+        batch: tuple[object, ...] = (None,) * 7
+        if signed is not None:
+            from_seq = min(seqs)
+            batch = (
+                signed.first_sequence,
+                signed.last_sequence,
+                signed.prev_chain,
+                signed.signature,
+                signed.signer,
+                from_seq,
+                signed.chain_before(from_seq),
+            )
+        head = (state.last_sequence, state.last_chain, new.last_sequence, new.last_chain)
+        return (host, *head, day, new_only, *batch, *_event_arrays(rows))
 
     def ingest(
         self, host: str, events: Sequence[NewEvent], state: HostState | None
-    ) -> list[collector_pb2.StoredEvent]:
+    ) -> Sequence[collector_pb2.StoredEvent]:
         return self.ingest_checked(
             host, lambda before: Plan(events, state or before), head_holds=state is not None
         )
@@ -396,8 +622,9 @@ class PostgresStore:
         rows: Sequence[NewEvent],
         head: int,
         pipe: psycopg.Pipeline | None = None,
-    ) -> Sequence[NewEvent]:
-        """``rows`` without the events already stored, whatever day they were stored on.
+    ) -> tuple[Sequence[NewEvent], list[int]]:
+        """``rows`` without the events already stored, whatever day they were stored on;
+        and the sequences among those stored with other bytes than ``rows`` hold.
 
         Under the host's row lock every stored event of the host has a sequence
         at or below ``head``: those above it are new without asking.  Those at or
@@ -406,9 +633,9 @@ class PostgresStore:
         """
         old = [ne.event for ne in rows if 0 < ne.event.sequence <= head]
         if not old:
-            return rows
+            return rows, []
         cur = conn.execute(
-            "SELECT boot, seq FROM events WHERE host = %s AND boot = ANY(%s)"
+            "SELECT boot, seq, data FROM events WHERE host = %s AND boot = ANY(%s)"
             " AND seq BETWEEN %s AND %s",
             (
                 host,
@@ -419,89 +646,42 @@ class PostgresStore:
         )
         if pipe is not None:
             pipe.sync()  # as in _lock_host
-        found = cur.fetchall()
-        stored = {(str(b), int(q)) for b, q in found}
-        return [
+        stored = {(str(b), int(q)): bytes(d) for b, q, d in cur.fetchall()}
+        new = [
             ne
             for ne in rows
             if not ne.event.sequence or (ne.event.boot_id, ne.event.sequence) not in stored
         ]
+        return new, differing(rows, stored)
 
-    @staticmethod
-    def _keep_batch(conn: Conn, signed: SignedBatch, from_seq: int, day: int) -> None:
-        conn.execute(
-            "INSERT INTO batches (day, host, first_seq, last_seq, prev_chain, signature, signer,"
-            " from_seq, from_chain) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                day,
-                signed.host,
-                signed.first_sequence,
-                signed.last_sequence,
-                signed.prev_chain,
-                signed.signature,
-                signed.signer,
-                from_seq,
-                signed.chain_before(from_seq),
-            ),
-        )
-
-    @staticmethod
-    def _save_state(conn: Conn, host: str, state: HostState) -> None:
-        conn.execute(
-            "UPDATE hosts SET last_seq = %s, last_chain = %s WHERE host = %s",
-            (state.last_sequence, state.last_chain, host),
-        )
-
-    @staticmethod
-    def _insert(conn: Conn, events: Sequence[NewEvent], day: int) -> psycopg.Cursor[Any] | None:
-        """Queue the insert under the append lock (held to commit: ids become visible
-        in order); its cursor, to read the new ids from once the pipeline synced."""
-        if not events:
-            return None
-        conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (LOCK_CLASS, APPEND_LOCK))
-        cols: list[list[object]] = [[] for _ in range(10)]
-        for ne in events:
-            for col, value in zip(
-                cols,
-                event_row(ne),
-                strict=True,
-            ):
-                col.append(value)
-        cur = conn.cursor()
-        cur.execute(_INSERT, (day, *cols))
-        conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
-        return cur
-
-    @staticmethod
     def _inserted(
-        cur: psycopg.Cursor[Any] | None, events: Sequence[NewEvent]
-    ) -> list[collector_pb2.StoredEvent]:
+        self, ids: Sequence[int], seqs: Sequence[int | None], events: Sequence[NewEvent]
+    ) -> Sequence[collector_pb2.StoredEvent]:
         """What went in, with cursors, in insert order (a same-day duplicate is skipped)."""
-        if cur is None:
+        if not ids:
             return []
-        got = cur.fetchall()
-        cur.close()
-        out: list[collector_pb2.StoredEvent] = []
+        self._announce()
+        if len(ids) == len(events):
+            return StoredRows(ids, events)
+        kept: list[NewEvent] = []
         k = 0
         for ne in events:  # the returned rows are the inserted ones, in input order
-            if k < len(got) and (got[k][1] or 0) == ne.event.sequence:
-                out.append(
-                    collector_pb2.StoredEvent(
-                        cursor=int(got[k][0]), event=ne.event, verification=ne.verification
-                    )
-                )
+            if k < len(ids) and (seqs[k] or 0) == ne.event.sequence:
+                kept.append(ne)
                 k += 1
-        return out
+        return StoredRows(ids, kept)
 
     def quarantine(self, host: str, batch: collector_pb2.Batch, reason: str) -> None:
         with self._conn() as conn:
             try:
-                self._quarantine(conn, host, batch, reason)
+                self._quarantine(conn, host, batch, reason, self._clock())
             except psycopg.Error as exc:
                 raise StoreError(f"cannot quarantine a batch of {host}: {exc}") from exc
 
     @staticmethod
-    def _quarantine(conn: Conn, host: str, batch: collector_pb2.Batch, reason: str) -> None:
+    def _quarantine(
+        conn: Conn, host: str, batch: collector_pb2.Batch, reason: str, now_ns: int
+    ) -> None:
         conn.execute(
             "INSERT INTO quarantine (host, first_seq, last_seq, received_ns, reason, batch)"
             " VALUES (%s, %s, %s, %s, %s, %s)",
@@ -509,7 +689,7 @@ class PostgresStore:
                 host,
                 batch.first_sequence,
                 batch.last_sequence,
-                time.time_ns(),
+                now_ns,
                 reason,
                 batch.SerializeToString(),
             ),
@@ -527,13 +707,21 @@ class PostgresStore:
 
     # ---- reading ---------------------------------------------------------------------
 
+    def horizon(self) -> int:
+        """The highest cursor below which no row can appear any more.
+
+        Writers insert side by side and may commit out of cursor order (see
+        migration 4); sidecar_horizon waits for every writer that drew a cursor
+        to end.  A read that starts after it sees every row up to it.
+        """
+        return int(self._rows("SELECT sidecar_horizon()")[0][0])
+
     def query(
         self, flt: collector_pb2.EventFilter, after_cursor: int, limit: int
     ) -> list[collector_pb2.StoredEvent]:
         where, args = filter_sql(flt)
-        where.append("id > %s")
-        args.append(after_cursor)
-        args.append(limit)
+        where.append("id > %s AND id <= %s")
+        args.extend((after_cursor, self.horizon(), limit))
         rows = self._rows(
             "SELECT id, verification, data FROM events WHERE "
             + " AND ".join(where)
@@ -554,17 +742,20 @@ class PostgresStore:
         # walking the id index from the oldest row until one is recent enough,
         # which reads nearly the whole table when time_ns is recent.  This reads
         # the events at or after time_ns only, from the (time_ns) INCLUDE (id) index.
+        # Rows above the horizon come later to whoever starts below it.
+        settled = self.horizon()
         rows = self._rows(
-            "SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= %s OFFSET 0) AS since",
-            (time_ns,),
+            "SELECT min(id) FROM (SELECT id FROM events WHERE time_ns >= %s AND id <= %s"
+            " OFFSET 0) AS since",
+            (time_ns, settled),
         )
         if rows[0][0] is not None:
             return int(rows[0][0]) - 1
-        return self.last_cursor()
+        return settled
 
     def last_cursor(self) -> int:
-        rows = self._rows("SELECT max(id) FROM events")
-        return int(rows[0][0]) if rows[0][0] is not None else 0
+        """The horizon: every row up to it is there, and none will appear below it."""
+        return self.horizon()
 
     def count(self, host: str | None = None) -> int:
         if host is None:
@@ -680,6 +871,12 @@ class PostgresStore:
                         continue
                     dropped.append(day)
                     _logger.info("store: dropped the events of %s (retention)", day_name(day))
+                # Batches kept aside as evidence follow the same days.  They are
+                # few (each is an attack or a fault), so a DELETE is enough.
+                conn.execute(
+                    "DELETE FROM quarantine WHERE received_ns < %s",
+                    ((today - keep_days) * DAY_NS,),
+                )
             return dropped
         except psycopg.Error as exc:
             raise StoreError(f"store {self._where}: partition maintenance failed: {exc}") from exc

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from sidecar.api.v1 import collector_pb2, event_pb2
 from sidecar.collector.store import (
+    DAY_NS,
     STORED_BATCH_COLUMNS,
     BootstrapUse,
     HostState,
@@ -33,6 +34,7 @@ from sidecar.collector.store import (
     StoreError,
     day_name,
     day_of,
+    differing,
     event_row,
     filter_columns,
 )
@@ -253,7 +255,7 @@ class SqliteStore:
                 host,
                 batch.first_sequence,
                 batch.last_sequence,
-                time.time_ns(),
+                self._clock(),
                 reason,
                 batch.SerializeToString(),
             ),
@@ -306,9 +308,15 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 events, state, plan = planned()
-                if plan is not None and plan.quarantine is not None:
-                    self._quarantine(host, *plan.quarantine)
+                held = plan.quarantine if plan is not None else None
                 out = self._insert(events)
+                if plan is not None and plan.differs is not None and len(out) < len(events):
+                    changed = self._differing(host, events, out.rows)
+                    if changed:
+                        alerts, held = plan.differs(changed)
+                        out = out.joined(self._insert(alerts))
+                if held is not None:
+                    self._quarantine(host, *held)
                 if out:
                     self._db.execute(
                         "INSERT INTO days (day, first_id, last_id) VALUES (?, ?, ?)"
@@ -334,6 +342,22 @@ class SqliteStore:
             raise StoreError(f"cannot store events of {host}: {exc}") from exc
         self._last_day = day
         return out
+
+    def _differing(
+        self, host: str, offered: Sequence[NewEvent], inserted: Sequence[NewEvent]
+    ) -> list[int]:
+        """Sequences of ``offered`` that were not inserted for being stored already,
+        and are stored with other bytes."""
+        went = {id(ne) for ne in inserted}
+        skipped = [ne for ne in offered if ne.event.sequence and id(ne) not in went]
+        if not skipped:
+            return []
+        seqs = [ne.event.sequence for ne in skipped]
+        rows = self._db.execute(
+            "SELECT boot, seq, data FROM events WHERE host = ? AND seq BETWEEN ? AND ?",
+            (host, min(seqs), max(seqs)),
+        ).fetchall()
+        return differing(skipped, {(str(b), _int(q)): _bytes(d) for b, q, d in rows})
 
     def _keep_batch(self, signed: SignedBatch, from_seq: int, day: int) -> None:
         self._db.execute(
@@ -486,6 +510,10 @@ class SqliteStore:
                         raise
                     dropped.append(_int(day))
                     _logger.info("store: dropped the events of %s (retention)", day_name(_int(day)))
+                # Batches kept aside as evidence follow the same days (few: a DELETE).
+                self._db.execute(
+                    "DELETE FROM quarantine WHERE received_ns < ?", ((today - keep_days) * DAY_NS,)
+                )
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: retention failed: {exc}") from exc
         return dropped

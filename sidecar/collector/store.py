@@ -15,8 +15,10 @@ What both promise, and the server relies on:
 - a host's chain is extended by one writer at a time: :meth:`Store.ingest_checked`
   reads the host's chain state, lets the caller decide what to store from it, and
   stores that, all under the host's lock in one transaction;
-- the cursor is the global row id: it grows with every committed insert, so
-  "after cursor N" never skips nor repeats a row, on any replica;
+- the cursor is the global row id, and "after cursor N" never skips nor
+  repeats a row, on any replica: SQLite commits rows in id order (one
+  writer); PostgreSQL's replicas may commit out of id order, so its reads go
+  up to a cursor below which no row can appear any more (its horizon);
 - a join token is spent once (one atomic update); a bootstrap token is spent at
   most its number of uses, each for a host name no enrollment has taken yet
   (one atomic update and one insert, in one transaction).
@@ -90,6 +92,12 @@ class StoredRows(Sequence[collector_pb2.StoredEvent]):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def joined(self, more: StoredRows) -> StoredRows:
+        """These rows, then ``more`` (inserted after them in the same transaction)."""
+        if not more.rows:
+            return self
+        return StoredRows([*self.cursors, *more.cursors], [*self.rows, *more.rows])
 
     @overload
     def __getitem__(self, index: int) -> collector_pb2.StoredEvent: ...
@@ -188,6 +196,28 @@ class Plan:
     quarantine: tuple[collector_pb2.Batch, str] | None = None
     # The signed batch the rows come from, kept with them while any was new.
     signed: SignedBatch | None = None
+    # Called, in the same transaction, with the sequences of ``rows`` that are
+    # stored already with other bytes (the host sent two events for one
+    # sequence): returns the alert rows to store and the batch to keep aside,
+    # with why.  The stored events stay; None: not checked.
+    differs: Callable[[list[int]], Differs] | None = None
+
+
+#: What a batch resent with other bytes is stored as: alert rows, and the batch
+#: kept aside (quarantine) with the reason.
+Differs = tuple[Sequence[NewEvent], tuple[collector_pb2.Batch, str]]
+
+
+def differing(rows: Sequence[NewEvent], stored: dict[tuple[str, int], bytes]) -> list[int]:
+    """Sequences of ``rows`` that ``stored`` ((boot, seq) -> bytes) holds with other bytes."""
+    out = []
+    for ne in rows:
+        seq = ne.event.sequence
+        if seq:
+            have = stored.get((ne.event.boot_id, seq))
+            if have is not None and have != ne.payload:
+                out.append(seq)
+    return out
 
 
 DAY_NS = 86_400 * 1_000_000_000

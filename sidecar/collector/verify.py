@@ -188,6 +188,24 @@ def decide_batch(verified: Verified, state: HostState) -> Checked:
     return out
 
 
+def resent_differs(host: str, sequences: list[int]) -> event_pb2.Event:
+    """The alert for a batch whose events at stored sequences differ from the stored ones.
+
+    The host signed two different events for one sequence: its record has two
+    histories there.  The stored events stay (the first word is kept); the batch
+    that differs is kept aside as evidence.
+    """
+    first, last = min(sequences), max(sequences)
+    return _alert(
+        host,
+        Alert.KIND_CHAIN_BREAK,
+        first,
+        last,
+        f"{len(sequences)} event(s) in {first}..{last} were sent again with other bytes than"
+        " stored: the stored ones are kept, the batch is quarantined",
+    )
+
+
 def _decode(raw: bytes, sequence: int, host: str) -> event_pb2.Event:
     try:
         ev = event_pb2.Event.FromString(raw)

@@ -188,7 +188,14 @@ def _rows(host: str, first: int, n: int) -> list[NewEvent]:
 
 
 def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str) -> None:
-    """Replica 2 decides on the host's state only after replica 1 committed its batch."""
+    """Replica 2 decides on the host's state only after replica 1 committed its batch.
+
+    Neither replica stored the host's last batch itself, so both read its head
+    under the host's lock (the locked path).
+    """
+    seed = PostgresStore(pg_dsn, connections=1)
+    seed.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
+    seed.close()
     one, two = PostgresStore(pg_dsn, connections=1), PostgresStore(pg_dsn, connections=1)
     inside, release = threading.Event(), threading.Event()
     seen: list[HostState] = []
@@ -204,7 +211,6 @@ def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str
 
     try:
         # A host seen before (its row exists) and a new one (its row is being made).
-        one.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
         t1 = threading.Thread(target=one.ingest_checked, args=("h", first))
         t1.start()
         assert inside.wait(10)
@@ -221,6 +227,52 @@ def test_a_hosts_chain_is_read_and_extended_by_one_replica_at_a_time(pg_dsn: str
         assert seen == [HostState(10, b"1" * 32)]
         assert one.host_state("h") == HostState(15, b"2" * 32)
         assert one.count("h") == 15
+    finally:
+        release.set()
+        one.close()
+        two.close()
+
+
+def test_a_replica_deciding_on_the_head_it_knows_stores_nothing_when_another_moved_it(
+    pg_dsn: str,
+) -> None:
+    """The one-statement path: replica 1 stored the host's last batch, so it decides
+    on the head it remembers, without a lock; replica 2 stores a batch meanwhile.
+    Replica 1's statement then finds the head moved, stores nothing, and replica 1
+    decides again on the head replica 2 left, under the host's lock."""
+    one, two = PostgresStore(pg_dsn, connections=1), PostgresStore(pg_dsn, connections=1)
+    inside, release = threading.Event(), threading.Event()
+    seen: list[HostState] = []
+
+    def first(state: HostState) -> Plan:
+        seen.append(state)
+        if len(seen) == 1:
+            inside.set()
+            assert release.wait(10)
+        n = state.last_sequence
+        return Plan(_rows("h", n + 1, 5), HostState(n + 5, bytes([n + 5]) * 32))
+
+    try:
+        one.ingest("h", _rows("h", 1, 5), HostState(5, b"0" * 32))
+        # Positive control: with nobody else writing, the remembered head holds.
+        stored = one.ingest_checked(
+            "h", lambda s: Plan(_rows("h", 6, 5), HostState(10, s.last_chain[:1] * 32))
+        )
+        assert [se.event.sequence for se in stored] == [6, 7, 8, 9, 10]
+        t1 = threading.Thread(target=one.ingest_checked, args=("h", first))
+        t1.start()
+        assert inside.wait(10)
+        # Replica 1 holds no lock while it decides: replica 2 does not wait.
+        two.ingest_checked("h", lambda s: Plan(_rows("h", 11, 5), HostState(15, b"2" * 32)))
+        release.set()
+        t1.join(10)
+        assert not t1.is_alive()
+        assert seen == [HostState(10, b"0" * 32), HostState(15, b"2" * 32)]
+        assert one.host_state("h") == HostState(20, bytes([20]) * 32)
+        # Every sequence once: replica 1's first decision stored nothing.
+        with psycopg.connect(pg_dsn) as conn:
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM events ORDER BY id")]
+        assert seqs == list(range(1, 21))
     finally:
         release.set()
         one.close()
@@ -245,6 +297,106 @@ def test_inserts_wait_for_the_append_lock_so_cursors_become_visible_in_order(
         assert store.count() == 3
     finally:
         store.close()
+
+
+def test_a_reader_never_passes_a_cursor_that_a_writer_has_not_committed_yet(
+    pg_dsn: str,
+) -> None:
+    """Writers insert side by side (the append lock is shared) and may commit out of
+    cursor order.  A replica whose insert drew cursors and has not committed yet
+    (a slow commit) holds every reader at the cursors below its own."""
+    from sidecar.collector import postgres_store as ps
+    from sidecar.collector.store import day_of
+
+    store = PostgresStore(pg_dsn, connections=2)
+    slow = psycopg.connect(pg_dsn)  # another replica, between its insert and its commit
+    try:
+        store.ingest("a", _rows("a", 1, 3), HostState(3, b"a" * 32))
+        for cls, dumper in ps._DUMPERS:
+            slow.adapters.register_dumper(cls, dumper)
+        slow.execute("INSERT INTO hosts VALUES ('b', 0, %s)", (CHAIN_SEED,))
+        rows_b = _rows("b", 1, 2)
+        args = PostgresStore._append_args(
+            "b",
+            HostState(),
+            Plan(rows_b, HostState(2, b"b" * 32)),
+            rows_b,
+            day_of(time.time_ns()),
+            True,
+        )
+        ids_b = slow.execute(ps._APPEND, args).fetchone()[0]  # type: ignore[index]
+        # Writers do not wait for each other: this one commits cursors after b's.
+        later = store.ingest("a", _rows("a", 4, 3), HostState(6, b"a" * 32))
+        assert min(se.cursor for se in later) > max(ids_b)
+        with psycopg.connect(pg_dsn) as peek:  # the hazard: a plain read skips b's rows
+            seen = [r[0] for r in peek.execute("SELECT id FROM events WHERE id > 3 ORDER BY id")]
+        assert seen == [se.cursor for se in later]
+        got: list[list[int]] = []
+        reader = threading.Thread(
+            target=lambda: got.append([r.cursor for r in store.query(pb.EventFilter(), 3, 100)])
+        )
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and got == []  # held below b's cursors
+        slow.commit()
+        reader.join(10)
+        assert got == [sorted([*ids_b, *seen])]
+        assert store.last_cursor() == max(seen)
+    finally:
+        slow.close()
+        store.close()
+
+
+def test_readers_racing_three_writing_replicas_see_every_row_once_in_cursor_order(
+    pg_dsn: str,
+) -> None:
+    """Three replicas store batches of many hosts at once while a reader follows
+    "after my last cursor", as a subscriber does: it misses none, repeats none."""
+    writers = [PostgresStore(pg_dsn, connections=2) for _ in range(3)]
+    reader = PostgresStore(pg_dsn, connections=1)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(k: int) -> None:
+        try:
+            store = writers[k % 3]
+            host = f"h{k}"
+            for b in range(15):
+                store.ingest(host, _rows(host, 20 * b + 1, 20), HostState(20 * b + 20, b"x" * 32))
+        except BaseException as exc:
+            errors.append(exc)
+
+    followed: list[int] = []
+
+    def follow() -> None:
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            page = reader.query(pb.EventFilter(), cursor, 500)
+            followed.extend(r.cursor for r in page)
+            if page:
+                cursor = page[-1].cursor
+            elif finished:
+                return
+
+    try:
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(9)]
+        follower = threading.Thread(target=follow)
+        follower.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        follower.join(30)
+        assert errors == [] and not follower.is_alive()
+        with psycopg.connect(pg_dsn) as conn:
+            every = [r[0] for r in conn.execute("SELECT id FROM events ORDER BY id")]
+        assert len(every) == 9 * 15 * 20
+        assert followed == every
+    finally:
+        for s in [*writers, reader]:
+            s.close()
 
 
 # ---- exactly once and the chain, across replicas ----------------------------------------
@@ -285,6 +437,42 @@ def test_one_hosts_batches_alternating_between_two_replicas_store_once_and_chain
                 for s in (a, b)
             )
             assert stored == 120
+
+    asyncio.run(body())
+
+
+def test_a_resend_with_other_bytes_is_caught_by_whichever_replica_gets_it(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    from tests.integration.test_collector_retention import integrity, resend, resend_altered
+
+    async def body() -> None:
+        async with replicas(tmp_path, pg_dsn, 2) as (a, b):
+            ca = a.ca
+            sim = SimulatedHost(host_identity(ca, "h1"))
+            batches = [sim.batch([connect_event(10 * k + i) for i in range(10)]) for k in range(3)]
+            assert await publish(a.port, ca, sim.ident, batches) == [0, 10, 20, 30]
+            # Positive control: the same events resent to the other replica.
+            assert await publish(b.port, ca, sim.ident, [resend(sim, 5, 15)]) == [30, 30]
+            assert a.store.quarantined("h1") == []
+            # Other bytes at 7 to the replica that did not store them, at 30 to the one
+            # that did (and that knows the host's head).
+            assert await publish(b.port, ca, sim.ident, [resend_altered(sim, 5, 15, 7)]) == [
+                30,
+                30,
+            ]
+            assert await publish(a.port, ca, sim.ident, [resend_altered(sim, 21, 30, 30)]) == [
+                30,
+                30,
+            ]
+            for r in (a, b):
+                kept = [(x, y, why) for x, y, why, _ in r.store.quarantined("h1")]
+                assert kept == [(5, 15, "resent_differs"), (21, 30, "resent_differs")]
+            found = integrity(a.store, "h1")
+            assert [(f, t) for _, f, t, d in found if "other bytes" in d] == [(7, 7), (30, 30)]
+            rows = rows_of(pg_dsn, "h1")
+            assert [r[0] for r in rows] == list(range(1, 31))
+            assert chain_over(CHAIN_SEED, 1, [r[2] for r in rows])[-1] == sim.head
 
     asyncio.run(body())
 

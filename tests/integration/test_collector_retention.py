@@ -114,6 +114,30 @@ def resend(sim: SimulatedHost, first: int, last: int) -> pb.Batch:
     )
 
 
+def resend_altered(sim: SimulatedHost, first: int, last: int, at: int) -> pb.Batch:
+    """A resend of ``first..last`` in which event ``at`` has other bytes than the one the
+    host sent first, chained and signed with the host's key: a valid batch."""
+    batch = resend(sim, first, last)
+    raws = list(batch.events)
+    other = ev.Event.FromString(raws[at - first])
+    other.identity = "spiffe://example.org/agent/someone-else"
+    raws[at - first] = other.SerializeToString()
+    head = chain_over(batch.prev_chain, first, raws)[-1]
+    payload = batch_payload(sim.name, first, last, batch.prev_chain, head)
+    del batch.events[:]
+    batch.events.extend(raws)
+    batch.signature = sign(sim.ident.private_key, payload)
+    return batch
+
+
+def integrity(store: Store, host: str) -> list[tuple[int, int, int, str]]:
+    rows = store.query(pb.EventFilter(hosts=[host], kinds=["integrity"]), 0, 100)
+    return [
+        (a.kind, a.first_sequence, a.last_sequence, a.detail)
+        for a in (r.event.integrity for r in rows)
+    ]
+
+
 def stored(store: Store, host: str) -> list[tuple[int, int]]:
     """(sequence, cursor) of the host's stored events, in cursor order."""
     rows = store.query(pb.EventFilter(hosts=[host]), 0, 100_000)
@@ -190,6 +214,82 @@ def test_retention_drops_exactly_the_expired_days(
         # And the host carries on.
         assert await ingest(server, sim, sim.batch(events(10))) == 130
         assert verify_stored_chain(store, "h1").events == 100
+
+    asyncio.run(body())
+
+
+def test_quarantined_batches_are_dropped_with_the_events_of_their_day(
+    server: CollectorServer, clock: Clock
+) -> None:
+    """A batch kept aside (its signature failed) is evidence like the events: it stays
+    as long as they do, and goes when its day expires, not before."""
+
+    async def body() -> None:
+        store = server.store
+        sim = SimulatedHost(host_identity(server.ca, "h1"))
+
+        async def forged(start: int) -> None:
+            genuine = sim.batch(events(5, start))
+            bad = pb.Batch()
+            bad.CopyFrom(genuine)
+            bad.signature = bytes(64)
+            assert await ingest(server, sim, bad) == genuine.first_sequence - 1
+            assert await ingest(server, sim, genuine) == genuine.last_sequence  # then the real one
+
+        for day in (D - 3, D - 1):
+            clock.day = day
+            await forged(10 * day)
+        kept = [(a, b, r) for a, b, r, _ in store.quarantined("h1")]
+        assert kept == [(1, 5, "bad_signature"), (6, 10, "bad_signature")]
+        clock.day = D - 1
+        assert await server.maintain() == []  # nothing old enough: both stay
+        assert len(store.quarantined("h1")) == 2
+        clock.day = D  # D-3 is past retention (2 days), D-1 is not
+        assert await server.maintain() == [D - 3]
+        assert [(a, b) for a, b, _, _ in store.quarantined("h1")] == [(6, 10)]
+        assert store.count("h1") == 6  # D-1 keeps its 5 events and the alert about the forgery
+        clock.day = D + 2
+        await server.maintain()
+        assert store.quarantined("h1") == [] and store.count("h1") == 0
+
+    asyncio.run(body())
+
+
+def test_a_resend_with_other_bytes_for_stored_sequences_is_quarantined_with_an_alert(
+    server: CollectorServer, clock: Clock
+) -> None:
+    """The host signed two different events for one sequence.  The stored one stays;
+    the batch that differs is kept aside and an alert stored, whether the resend
+    ends at the head (its chain differs there too) or before it (a late resend,
+    nothing to compare its chain with), and on another day than the original."""
+
+    async def body() -> None:
+        store = server.store
+        sim = SimulatedHost(host_identity(server.ca, "h1"))
+        clock.day = D
+        for k in range(3):
+            assert await ingest(server, sim, sim.batch(events(10, 10 * k))) == 10 * (k + 1)
+        original = {s: c for s, c in stored(store, "h1")}
+        # Positive control: the same events resent, cut differently, are no news.
+        assert await ingest(server, sim, resend(sim, 5, 15)) == 30
+        assert store.quarantined("h1") == [] and integrity(store, "h1") == []
+        # Ending before the head: this was skipped without a word before.
+        clock.day = D + 1
+        assert await ingest(server, sim, resend_altered(sim, 5, 15, at=7)) == 30
+        # Ending at the head.
+        assert await ingest(server, sim, resend_altered(sim, 21, 30, at=30)) == 30
+        kept = [(a, b, r) for a, b, r, _ in store.quarantined("h1")]
+        assert kept == [(5, 15, "resent_differs"), (21, 30, "resent_differs")]
+        found = integrity(store, "h1")
+        differ = [(f, t) for k, f, t, d in found if "other bytes than stored" in d]
+        assert differ == [(7, 7), (30, 30)]
+        assert {k for k, *_ in found} == {ev.IntegrityAlert.KIND_CHAIN_BREAK}
+        # What is stored is what the host sent first, once.
+        assert dict(stored(store, "h1")) == original
+        for r in store.query(pb.EventFilter(hosts=["h1"]), 0, 100):
+            if r.event.sequence in (7, 30):
+                assert r.event.identity == "spiffe://example.org/agent/a"
+        assert verify_stored_chain(store, "h1").problems == []
 
     asyncio.run(body())
 
