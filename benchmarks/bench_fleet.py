@@ -22,8 +22,10 @@ columns are what the query reads).  ``--queries`` Query RPCs to a replica over
 mTLS, each for a random identity of ``--identities``, after a random cursor,
 one page of ``--page`` rows: p50 and p99.
 
-The throwaway cluster runs with fsync=off (sidecar.testing.postgres); SQLite runs
-with synchronous=FULL, as the collector always does.  Plain script: prints
+The throwaway cluster runs with fsync=off (sidecar.testing.postgres) unless
+``--durable``, which keeps PostgreSQL's defaults (fsync and synchronous_commit
+on, as operators run it); SQLite runs with synchronous=FULL, as the collector
+always does.  Plain script: prints
 figures, asserts nothing about time.
 
     python benchmarks/bench_fleet.py [--hosts 200] [--query-events 1000000]
@@ -239,10 +241,18 @@ def main() -> int:
         action="store_true",
         help="also print each replica's CPU and PostgreSQL's by process role",
     )
+    ap.add_argument(
+        "--durable",
+        action="store_true",
+        help="PostgreSQL with fsync on (its defaults), as durable as SQLite's synchronous=FULL",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     out: dict[str, Any] = {"args": vars(args) | {"json": None}, "ingest": []}
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp, cluster() as pg:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp,
+        cluster(durable=args.durable) as pg,
+    ):
         folder = Path(tmp)
         ca_dir = folder / "ca"
         ca = CertificateAuthority.load_or_generate(ca_dir, TD)
@@ -252,7 +262,8 @@ def main() -> int:
             f"{args.hosts} hosts x {args.batches} batches x {args.events} events ="
             f" {fleet.total_events} events, signed in {time.perf_counter() - began:.1f} s"
             " before any clock starts (the rates measure collectors and store, not hosts);"
-            f" {CORES} cores",
+            f" {CORES} cores; PostgreSQL with fsync {'on' if args.durable else 'off'},"
+            " SQLite with synchronous=FULL",
             flush=True,
         )
         header = (

@@ -98,12 +98,18 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 @contextlib.contextmanager
-def cluster(parent: Path | None = None, port: int = 5432) -> Iterator[Cluster]:
+def cluster(
+    parent: Path | None = None, port: int = 5432, *, durable: bool = False
+) -> Iterator[Cluster]:
     """initdb into a new folder under ``parent`` (default: the system's temporary
     folder, which keeps the socket path short), serve on its ``socket`` folder only,
     then stop the server and remove the folder, also when the caller failed.
 
-    The port number only names the socket file: no TCP port is opened.
+    The port number only names the socket file: no TCP port is opened.  A
+    throwaway cluster runs with ``fsync=off``; ``durable`` keeps PostgreSQL's
+    defaults (``fsync`` and ``synchronous_commit`` on: a commit is on disk
+    before it is acknowledged), for benchmarks that compare stores as
+    operators run them.
     """
     bindir = find_bin_dir()
     root = Path(tempfile.mkdtemp(prefix="sidecar-pg-", dir=parent))
@@ -134,7 +140,7 @@ def cluster(parent: Path | None = None, port: int = 5432) -> Iterator[Cluster]:
                 "-c listen_addresses=''",  # unix socket only
                 f"-c unix_socket_directories='{sock}'",
                 f"-p {port}",
-                "-c fsync=off",  # throwaway: speed over crash safety
+                *([] if durable else ["-c fsync=off"]),  # throwaway: speed over crash safety
                 "-c max_connections=200",
             ]
         )

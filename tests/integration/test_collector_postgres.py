@@ -1075,3 +1075,18 @@ def test_the_dsns_own_session_options_win_over_the_collectors_defaults(pg_dsn: s
     finally:
         plain.close()
         mine.close()
+
+
+def test_a_durable_throwaway_cluster_syncs_commits_and_the_default_one_does_not() -> None:
+    """bench_fleet --durable compares PostgreSQL with SQLite's synchronous=FULL: the
+    cluster it starts must really wait for the disk at commit."""
+    import psycopg
+
+    from sidecar.testing.postgres import cluster
+
+    for durable, want in ((True, "on"), (False, "off")):
+        with cluster(durable=durable) as c, psycopg.connect(c.dsn) as conn:
+            fsync = conn.execute("SHOW fsync").fetchone()
+            commit = conn.execute("SHOW synchronous_commit").fetchone()
+            assert fsync is not None and commit is not None
+            assert (fsync[0], commit[0]) == (want, "on")
