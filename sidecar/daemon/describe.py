@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +75,7 @@ class Describer:
         self.clock_offset = time.time_ns() - time.monotonic_ns()
         self._realpaths: dict[str, str] = {}
         self._redacted: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {}
+        self._gauged: set[str] = set()  # identities whose live-instance gauge is set
         self.handlers: dict[type[abi.KernelEvent], Callable[[Any, Settled | None], m.Event]] = {
             abi.Exec: self.on_exec,
             abi.Fork: self.on_fork,
@@ -202,11 +202,23 @@ class Describer:
             self.metrics.record_verdict(identity or "none", rule, verdict)
 
     def count_live(self) -> None:
+        """Every known identity's live-instance gauge, 0 for those with none."""
         if self.metrics is None or self.instances is None:
             return
-        counts = Counter(str(i.spiffe_id) for i in self.instances.all())
+        counts = self.instances.live_counts()
         for sid in self.numbers.known():
             self.metrics.set_live_instances(sid, counts.get(sid, 0))
+            self._gauged.add(sid)
+
+    def _count_live_of(self, spiffe_id: object) -> None:
+        """The gauge of the one identity whose instances just changed; all of them
+        the first time an identity changes (so known ones show 0 rather than nothing)."""
+        if self.metrics is None or self.instances is None:
+            return
+        sid = str(spiffe_id)
+        if sid not in self._gauged:
+            self.count_live()
+        self.metrics.set_live_instances(sid, self.instances.live(sid))
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -222,9 +234,10 @@ class Describer:
             # The same process (no exit seen since its fork), with a new image.
             proc.exe, proc.argv, proc.exec_count = exe, argv, proc.exec_count + 1
             if self.instances is not None and self.instances.get(pid) is not None:
-                self.instances.end(pid)  # credentials belonged to the old image
+                ended = self.instances.end(pid)  # credentials belonged to the old image
                 proc.instance_id = None
-                self.count_live()
+                if ended is not None:
+                    self._count_live_of(ended.spiffe_id)
         else:
             # A vfork child (its fork sends no record) or one whose fork record
             # was lost: it starts with what its parent had, as at fork.
@@ -320,7 +333,7 @@ class Describer:
             inst = self.instances.add(result, time.monotonic_ns())
             proc.identity = result.match.spiffe_id
             proc.instance_id = inst.instance_id
-            self.count_live()
+            self._count_live_of(inst.spiffe_id)
             return
         # Settled with its parent's answer, or inherited from an attested
         # ancestor: the ancestor's instance when the parent carries it.
@@ -358,8 +371,9 @@ class Describer:
         facts = self._process_fields(ev, proc)
         if self.instances is not None and self.instances.get(ev.task.pid) is not None:
             facts["svid_serial"] = self.serial(proc)
-            self.instances.end(ev.task.pid)
-            self.count_live()
+            ended = self.instances.end(ev.task.pid)
+            if ended is not None:
+                self._count_live_of(ended.spiffe_id)
         return m.Exit(**facts)
 
     def on_connect(self, ev: abi.Connect, _settled: Settled | None) -> m.Connect:

@@ -72,6 +72,9 @@ class InstanceRegistry:
         self.manager = manager
         self.boot = boot_id()
         self._by_pid: dict[int, Instance] = {}
+        # live instances by SPIFFE ID, kept as they come and go: counting them
+        # from _by_pid at each exec would cost as much as there are agents
+        self._live: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -81,6 +84,18 @@ class InstanceRegistry:
 
     def get(self, pid: int) -> Instance | None:
         return self._by_pid.get(pid)
+
+    def live(self, spiffe_id: str) -> int:
+        """How many live instances hold ``spiffe_id``."""
+        return self._live.get(spiffe_id, 0)
+
+    def live_counts(self) -> dict[str, int]:
+        """Live instances by SPIFFE ID (identities with none are left out)."""
+        return {sid: n for sid, n in self._live.items() if n}
+
+    def _count(self, inst: Instance, delta: int) -> None:
+        sid = str(inst.spiffe_id)
+        self._live[sid] = self._live.get(sid, 0) + delta
 
     def add(self, result: AttestationResult, now_ns: int) -> Instance:
         """Record a matched attestation (credentials come when it first asks)."""
@@ -101,13 +116,19 @@ class InstanceRegistry:
         old = self._by_pid.get(f.pid)
         if old is not None and old.instance_id != inst.instance_id:
             self.end(f.pid)
+        elif old is not None:
+            self._count(old, -1)  # the same instance attested again: replaced below
         self._by_pid[f.pid] = inst
+        self._count(inst, 1)
         return inst
 
     def end(self, pid: int) -> Instance | None:
         """The instance's process exited or exec'd: revoke its credentials for good."""
         inst = self._by_pid.pop(pid, None)
-        if inst is not None and self.manager is not None:
+        if inst is None:
+            return None
+        self._count(inst, -1)
+        if self.manager is not None:
             self.manager.revoke(inst.instance_id)
         return inst
 

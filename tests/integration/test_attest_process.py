@@ -29,6 +29,7 @@ from sidecar.attest import (
 )
 from sidecar.attest import facts as facts_mod
 from sidecar.attest.facts import ExecSeen
+from sidecar.kernel import abi
 from sidecar.proc.read import kernel_dev
 from sidecar.util.errors import AttestationError
 
@@ -515,3 +516,52 @@ def test_when_the_kernel_does_not_confirm_the_process_a_pidfd_decides(
     reused = seen_from_proc(p.pid, start_ns=(read_start_time(p.pid) - 1) * tick)
     with pytest.raises(AttestationError, match="replaced by another process since its exec"):
         gather(p.pid, None, HashCache(), seen=reused, still_running=lambda: False)
+
+
+def test_live_instances_are_counted_as_they_come_and_go_and_the_gauge_follows(
+    procs: Procs,
+) -> None:
+    """The live-instance gauge is kept per identity as instances start and end,
+    not counted again from every live instance at each exec."""
+    from sidecar.daemon.describe import Describer
+    from sidecar.daemon.table import Process
+    from sidecar.enforce.enforcer import IdentityNumbers
+    from sidecar.identity.instances import InstanceRegistry
+    from sidecar.proc.cgroups import CgroupNames
+
+    agent, tool = "spiffe://example.org/agent", "spiffe://example.org/tool"
+    attestor = Attestor(entries((agent, [f"unix:uid:{UID}"])))
+    other = Attestor(entries((tool, [f"unix:uid:{UID}"])))
+    gauges: list[tuple[str, int]] = []
+
+    class Metrics:
+        def set_live_instances(self, identity: str, n: int) -> None:
+            gauges.append((identity, n))
+
+        def __getattr__(self, name: str) -> object:
+            return lambda *a, **k: None
+
+    numbers = IdentityNumbers()
+    for sid in (agent, tool):
+        numbers.number(sid)  # both known, as after loading a policy naming them
+    d = Describer("h", numbers, lambda: None, CgroupNames(Path("/"), Path("/")), metrics=Metrics())  # type: ignore[arg-type]
+    registry = InstanceRegistry(None)
+    d.instances = registry
+    a, b, c = (procs.start(["sleep", "60"]) for _ in range(3))
+
+    def row(pid: int) -> Process:
+        return d.table.add(Process(pid, 0, os.getpid(), UID, os.getgid(), "", (), ""))
+
+    d.finish_attestation(row(a.pid), attestor.attest(a.pid), numbers.number(agent))
+    # The first change sets every known identity's gauge, 0 for those with none.
+    assert set(gauges) == {(agent, 1), (tool, 0)}
+    d.finish_attestation(row(b.pid), attestor.attest(b.pid), numbers.number(agent))
+    d.finish_attestation(row(c.pid), other.attest(c.pid), numbers.number(tool))
+    assert gauges[-2:] == [(agent, 2), (tool, 1)]
+    # The same instance attested again is still one instance.
+    registry.add(attestor.attest(a.pid), 0)
+    assert (registry.live(agent), registry.live(tool)) == (2, 1)
+    d.on_exit(abi.Exit(0, abi.Task(a.pid, a.pid, 0, UID, 0, 0, 0, "sleep")), None)
+    assert gauges[-1] == (agent, 1)
+    assert registry.end(a.pid) is None and registry.live(agent) == 1  # ended once
+    assert registry.live_counts() == {agent: 1, tool: 1}
