@@ -117,3 +117,18 @@ def pg_dsn(pg_cluster: Cluster) -> Iterator[str]:
     yield create_database(pg_cluster, name)
     with psycopg.connect(pg_cluster.dsn, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pidfds_opened(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids ``os.pidfd_open`` is called for from now on in this process (an
+    in-process daemon's attestations included), in order."""
+    opened: list[int] = []
+    real_pidfd_open = os.pidfd_open
+
+    def counting_pidfd_open(pid: int, flags: int = 0) -> int:
+        opened.append(pid)
+        return real_pidfd_open(pid, flags)
+
+    monkeypatch.setattr(os, "pidfd_open", counting_pidfd_open)
+    return opened

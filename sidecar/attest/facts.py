@@ -240,16 +240,33 @@ def _read_recorded_image(
 def _facts_of_record(
     pid: int, seen: ExecSeen, image: _Image, parent_identity: str | None, want_user: bool
 ) -> ProcessFacts:
+    start_time = seen.start_ns // _ns_per_tick()
+    ids = (seen.uid, seen.gid, seen.cap_host)
+    return _facts(pid, start_time, ids, seen.cap_host, image, parent_identity, want_user)
+
+
+def _facts(
+    pid: int,
+    start_time: int,
+    ids: tuple[int, int, int],  # real uid and gid, effective capabilities
+    cap_host: int | None,
+    image: _Image,
+    parent_identity: str | None,
+    want_user: bool,
+) -> ProcessFacts:
+    uid, gid, cap_eff = ids
     st, exe_path = image.st, image.path
+    # readlink appends " (deleted)" when the image lost its last name; a file
+    # really named so still has links, so the link count decides.
     deleted = st.st_nlink == 0
     if deleted and exe_path.endswith(_DELETED):
         exe_path = exe_path[: -len(_DELETED)]
     return ProcessFacts(
         pid=pid,
-        start_time=seen.start_ns // _ns_per_tick(),
-        uid=seen.uid,
-        gid=seen.gid,
-        user=_user_name(seen.uid) if want_user else None,
+        start_time=start_time,
+        uid=uid,
+        gid=gid,
+        user=_user_name(uid) if want_user else None,
         exe_path=exe_path,
         exe_deleted=deleted,
         exe_dev=st.st_dev,
@@ -259,8 +276,8 @@ def _facts_of_record(
         sha256=image.sha256,
         cgroup_path=image.cgroup_path,
         parent_identity=parent_identity,
-        cap_eff=seen.cap_host,
-        cap_host=seen.cap_host,
+        cap_eff=cap_eff,
+        cap_host=cap_host,
     )
 
 
@@ -293,28 +310,9 @@ def _gather_pinned(
         os.close(exe_fd)
     cgroup_path = parse_cgroup(_read_text(pid, "cgroup")) if want_cgroup else None
     _check_same_process(pid, pidfd, start_time, st)
-    # readlink appends " (deleted)" when the image lost its last name; a file
-    # really named so still has links, so the link count decides.
-    deleted = st.st_nlink == 0
-    if deleted and exe_path.endswith(_DELETED):
-        exe_path = exe_path[: -len(_DELETED)]
-    return ProcessFacts(
-        pid=pid,
-        start_time=start_time,
-        uid=status.uid,
-        gid=status.gid,
-        user=_user_name(status.uid) if want_user else None,
-        exe_path=exe_path,
-        exe_deleted=deleted,
-        exe_dev=st.st_dev,
-        exe_ino=st.st_ino,
-        exe_size=st.st_size,
-        exe_mtime_ns=st.st_mtime_ns,
-        sha256=sha256,
-        cgroup_path=cgroup_path,
-        parent_identity=parent_identity,
-        cap_eff=status.cap_eff,
-    )
+    image = _Image(exe_path, st, sha256, cgroup_path)
+    ids = (status.uid, status.gid, status.cap_eff)
+    return _facts(pid, start_time, ids, None, image, parent_identity, want_user)
 
 
 def _check_same_process(pid: int, pidfd: int, start_time: int, exe: os.stat_result) -> None:

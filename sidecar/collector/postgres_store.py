@@ -573,16 +573,7 @@ class PostgresStore:
         signed = plan.signed if seqs else None
         batch: tuple[object, ...] = (None,) * 7
         if signed is not None:
-            from_seq = min(seqs)
-            batch = (
-                signed.first_sequence,
-                signed.last_sequence,
-                signed.prev_chain,
-                signed.signature,
-                signed.signer,
-                from_seq,
-                signed.chain_before(from_seq),
-            )
+            batch = signed.kept_from(min(seqs))
         head = (state.last_sequence, state.last_chain, new.last_sequence, new.last_chain)
         return (host, *head, day, new_only, *batch, *_event_arrays(rows))
 

@@ -363,17 +363,7 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO batches (day, host, first_seq, last_seq, prev_chain, signature, signer,"
             " from_seq, from_chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                day,
-                signed.host,
-                signed.first_sequence,
-                signed.last_sequence,
-                signed.prev_chain,
-                signed.signature,
-                signed.signer,
-                from_seq,
-                signed.chain_before(from_seq),
-            ),
+            (day, signed.host, *signed.kept_from(from_seq)),
         )
 
     def _insert(self, events: Sequence[NewEvent]) -> StoredRows:

@@ -140,6 +140,19 @@ class SignedBatch:
             return self.prev_chain
         return self.chains[sequence - self.first_sequence - 1]
 
+    def kept_from(self, from_seq: int) -> tuple[int, int, bytes, bytes, bytes, int, bytes]:
+        """The ``batches`` row's first_seq .. from_chain, when the batch stored its
+        events from ``from_seq`` on (both stores keep these columns in this order)."""
+        return (
+            self.first_sequence,
+            self.last_sequence,
+            self.prev_chain,
+            self.signature,
+            self.signer,
+            from_seq,
+            self.chain_before(from_seq),
+        )
+
 
 @dataclass(frozen=True)
 class StoredBatch:

@@ -497,19 +497,12 @@ def test_when_the_kernel_confirms_the_process_no_pidfd_is_opened_and_it_is_asked
 
 
 def test_when_the_kernel_does_not_confirm_the_process_a_pidfd_decides(
-    procs: Procs, monkeypatch: pytest.MonkeyPatch
+    procs: Procs, pidfds_opened: list[int]
 ) -> None:
     """False is no answer (the kernel's entry may show no start time): read again
     through a pidfd, which still refuses a pid that is no longer the recorded process."""
     p = procs.start(["sleep", "60"])
-    opened: list[int] = []
-    real_pidfd_open = os.pidfd_open
-
-    def counting_pidfd_open(pid: int, flags: int = 0) -> int:
-        opened.append(pid)
-        return real_pidfd_open(pid, flags)
-
-    monkeypatch.setattr(os, "pidfd_open", counting_pidfd_open)
+    opened = pidfds_opened
     f = gather(p.pid, None, HashCache(), seen=seen_from_proc(p.pid), still_running=lambda: False)
     assert opened == [p.pid] and f.pid == p.pid and f.cap_host == 0
     tick = 10**9 // os.sysconf("SC_CLK_TCK")
