@@ -400,18 +400,12 @@ def test_an_exec_is_attested_from_its_record_without_a_pidfd_and_with_one_in_dou
     scratch_cgroup: Path,
     binaries: dict[str, Path],
     monkeypatch: pytest.MonkeyPatch,
+    pidfds_opened: list[int],
 ) -> None:
     """The kernel's entry says the pid is still the recorded process: no pidfd is
     needed.  When it does not say so, the facts are read again through a pidfd."""
     sleeper = "spiffe://example.org/agent/sleeper"
-    opened: list[int] = []
-    real_pidfd_open = os.pidfd_open
-
-    def counting_pidfd_open(pid: int, flags: int = 0) -> int:
-        opened.append(pid)
-        return real_pidfd_open(pid, flags)
-
-    monkeypatch.setattr(os, "pidfd_open", counting_pidfd_open)
+    opened = pidfds_opened
     kernel = agentd.daemon.kernel
     tick = 10**9 // os.sysconf("SC_CLK_TCK")
     procs = [spawn(scratch_cgroup, [str(binaries["sleeper"]), "30"], uid=NOBODY)]
@@ -438,3 +432,32 @@ def test_an_exec_is_attested_from_its_record_without_a_pidfd_and_with_one_in_dou
             p.wait()
     # The entry goes at exit, before the pid can be reused: nothing holds it any more.
     wait_until(lambda: kernel.proc_state(first.pid) is None, 10, "the entry removed at exit")
+
+
+def test_an_exec_from_a_thread_other_than_the_leader_is_attested_from_its_record(
+    agentd: InProcessDaemon,
+    scratch_cgroup: Path,
+    binaries: dict[str, Path],
+    pidfds_opened: list[int],
+) -> None:
+    """The exec'ing thread takes over the process (and its leader's start time): the
+    record's start time must still be the one /proc and the kernel's map show, or
+    attestation would fall back to a pidfd, or refuse the process as replaced."""
+    sleeper = "spiffe://example.org/agent/sleeper"
+    script = (
+        "import os, sys, threading\n"
+        "t = threading.Thread(target=os.execv, args=(sys.argv[1], [sys.argv[1], '30']))\n"
+        "t.start(); t.join()\n"
+    )
+    p = spawn(scratch_cgroup, [sys.executable, "-c", script, str(binaries["sleeper"])], uid=NOBODY)
+    try:
+        ev = agentd.sink.wait_for(type="exec", pid=p.pid, exe=str(binaries["sleeper"]))
+        assert ev["identity"] == sleeper
+        assert p.pid not in pidfds_opened  # confirmed by the kernel's map, as for a leader
+        state = agentd.daemon.kernel.proc_state(p.pid)
+        assert state is not None and state.identity == identity_number(sleeper)
+        tick = 10**9 // os.sysconf("SC_CLK_TCK")
+        assert state.start_ns // tick == read_start_time(p.pid)
+    finally:
+        p.kill()
+        p.wait()
