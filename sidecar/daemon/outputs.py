@@ -40,6 +40,9 @@ class EventSink(Protocol):
     def write(self, event: Event) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    def end_offset(self) -> int | None:
+        """The output's size once what was written is flushed; None if it cannot say."""
+        ...
 
 
 class JsonLinesSink:
@@ -69,6 +72,13 @@ class JsonLinesSink:
     def flush(self) -> None:
         self._fh.flush()
 
+    def end_offset(self) -> int | None:
+        """The file's size once flushed (opened for append: the size it had, plus
+        what was written since); None for stdout, whose size says nothing."""
+        if self._fh is sys.stdout.buffer:
+            return None
+        return self._fh.tell()
+
     def close(self) -> None:
         self.flush()
         if self._fh is not sys.stdout.buffer:
@@ -86,6 +96,9 @@ class NullSink:
 
     def close(self) -> None:
         pass
+
+    def end_offset(self) -> int | None:
+        return None
 
 
 class Outputs:
@@ -172,9 +185,19 @@ class Delivery:
     def adopt(self, done: dict[str, int]) -> None:
         """Take over the pinned ring where the last daemon's outputs stopped."""
         producer, consumer = self.ring.producer, self.ring.consumer
-        if any(pos > producer for pos in done.values()):
+        positions = ("sink", "export", "sink_intent")  # sink_intent_end is a file size
+        if any(done[name] > producer for name in positions):
             done = dict.fromkeys(done, 0)  # positions of a ring since made anew
         self.replay_sink = done["sink"]
+        end = self.outputs.sink.end_offset()
+        # Killed after a batch's flush and before its position was pinned: if
+        # the file holds the whole batch, it must not be written again.
+        if (
+            done["sink_intent"] > done["sink"]
+            and end is not None
+            and end >= done["sink_intent_end"]
+        ):
+            self.replay_sink = done["sink_intent"]
         self.replay_export = done["export"] if self.exporting else 0
         self.replay_until = max(self.replay_sink, self.replay_export)
         self.sink_through = consumer
@@ -199,8 +222,16 @@ class Delivery:
         The sink is flushed and its position pinned; the ring consumes the
         records once the spool has them too (at once with no collector).  A
         daemon killed before that leaves them in the ring for the next one.
+        Before the flush, the position and the size the file will have are
+        pinned as an intent: a daemon killed between the flush and the pin
+        leaves its successor able to tell the batch reached the file.
         """
-        self.outputs.sink.flush()
+        sink = self.outputs.sink
+        end = sink.end_offset()
+        if end is not None:
+            self._pin("sink_intent_end", end)  # first: an intent always has its end
+            self._pin("sink_intent", cursor)
+        sink.flush()
         self._pin("sink", cursor)
         self.sink_through = cursor
         if self.exporting:

@@ -20,8 +20,10 @@ from sidecar.kernel import abi, libbpf
 from sidecar.kernel.ring import Ring
 from sidecar.util.errors import KernelError
 
-#: The daemon's outputs, in the order of the pinned ``delivered`` map.
-DELIVERED = ("sink", "export")
+#: Slots of the pinned ``delivered`` map: the ring position each output of the
+#: daemon has written through, then the sink's intent (the position and the
+#: file size of a batch being flushed; see sidecar.daemon.outputs.Delivery).
+DELIVERED = ("sink", "export", "sink_intent", "sink_intent_end")
 BATCH = 8192  # map entries per batched update
 _U32 = ctypes.c_uint32
 _U64 = ctypes.c_uint64

@@ -59,6 +59,9 @@ class MemorySink:
     def flush(self) -> None:
         pass
 
+    def end_offset(self) -> int | None:
+        return None
+
     def close(self) -> None:
         pass
 
