@@ -1,16 +1,30 @@
-"""The one compiled part of the package: the ring buffer's C sample callback.
+"""The compiled parts of the package: the ring buffer's reader and the record decoder.
 
 Everything else is in pyproject.toml; setuptools reads ext_modules only here.
+The decoder includes the contract header (bpf/include/events.h), so that it
+reads records through the very structs the kernel programs write.
 """
 
+from pathlib import Path
+
 from setuptools import Extension, setup
+
+CONTRACT = Path(__file__).resolve().parent / "bpf" / "include"
+FLAGS = ["-O2", "-Wall", "-Wextra"]
 
 setup(
     ext_modules=[
         Extension(
             "sidecar.kernel._ringbatch",
             sources=["sidecar/kernel/_ringbatch.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra"],
-        )
+            extra_compile_args=FLAGS,
+        ),
+        Extension(
+            "sidecar.kernel._records",
+            sources=["sidecar/kernel/_records.c"],
+            include_dirs=[str(CONTRACT)],
+            depends=[str(CONTRACT / "events.h")],
+            extra_compile_args=FLAGS,
+        ),
     ]
 )

@@ -5,7 +5,7 @@ Measures, in one run on this machine:
   that each run both, and the ratio within each round, their median and
   geometric mean (an even number of rounds runs each order equally often);
 - exec events received / execs performed, and the kernel's lost counter;
-- the daemon's CPU share and peak RSS during the storm;
+- the daemon's CPU share and peak RSS during the storm, and its CPU per exec;
 - start-up time from launch to programs attached (READY=1 on NOTIFY_SOCKET).
 
 Usage: benchmarks/bench_pipeline.py [--seconds 30] [--loops 2] [--rounds 6]
@@ -109,10 +109,12 @@ def settle() -> None:
 
 def finish_daemon(
     daemon: DaemonProcess, output: Path, cpu0: float, t0: float
-) -> tuple[int, int, float, int]:
+) -> tuple[int, int, float, float, int]:
     """Let the daemon drain what the storm produced, then stop it.
 
-    Returns (exec events received, losses reported, CPU share, peak RSS KiB).
+    Returns (exec events received, losses reported, CPU seconds from the
+    storm's start until the daemon wrote its last event, their share of one
+    core over that time, peak RSS KiB).
     """
     got = -1
     deadline = time.monotonic() + 60
@@ -126,7 +128,7 @@ def finish_daemon(
     rss = peak_rss_kib(daemon.pid)
     daemon.stop()
     got, lost = count_events(output)
-    return got, lost, (cpu1 - cpu0) / (t1 - t0), rss
+    return got, lost, cpu1 - cpu0, (cpu1 - cpu0) / (t1 - t0), rss
 
 
 def main() -> int:
@@ -146,6 +148,7 @@ def main() -> int:
     rates: list[float] = []
     ratios: list[float] = []
     cpu: list[float] = []
+    cpu_per_exec: list[float] = []
     startups: list[float] = []
     performed = received = lost = rss = 0
     try:
@@ -174,9 +177,12 @@ def main() -> int:
                 n, t = run_storm(storm, cgroup, args.seconds, args.loops)
                 rates.append(n / t)
                 performed += n
-                got, lost_now, cpu_share, rss_now = finish_daemon(daemon, output, cpu0, t0)
+                got, lost_now, cpu_used, cpu_share, rss_now = finish_daemon(
+                    daemon, output, cpu0, t0
+                )
                 daemon = None
                 cpu.append(cpu_share)
+                cpu_per_exec.append(cpu_used / n)
                 rss = max(rss, rss_now)
                 received += got
                 lost += lost_now
@@ -202,6 +208,9 @@ def main() -> int:
         "received_over_performed": round(received / performed, 4) if performed else 0.0,
         "kernel_lost_records": lost,
         "daemon_cpu_share_of_one_core": round(statistics.median(cpu), 3),
+        # All the daemon's CPU from the storm's start until its last event was
+        # written, over the execs made (each makes an exec and an exit record).
+        "daemon_cpu_us_per_exec_median": round(statistics.median(cpu_per_exec) * 1e6, 1),
         "daemon_peak_rss_mib": round(rss / 1024, 1),
         "startup_seconds_to_attached_median": round(statistics.median(startups), 2),
     }

@@ -158,7 +158,12 @@ def merge(batches: list[Batch]) -> Batch:
 
 def decode(raw: list[bytes], ends: list[int] | None, cursor: int) -> Batch:
     """The decode stage: records that decode, and a count of those that do not."""
-    records: list[abi.KernelEvent] = []
+    records, refused = abi.decode_all(raw)
+    if not refused:
+        return Batch(records, [None] * len(records), ends, cursor, 0)
+    # A record the C decoder refused: the whole read again, one by one, so that
+    # the Python decoder says why and the positions stay with their records.
+    records = []
     record_ends: list[int] | None = [] if ends is not None else None
     errors = 0
     for i, one in enumerate(raw):

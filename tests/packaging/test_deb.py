@@ -93,7 +93,8 @@ def test_installed_command_runs_with_its_bundled_libraries_and_debians_bcc(root:
         "/usr/bin/python3",
         "-c",
         "import sys; sys.path.insert(0, '/usr/lib/sidecar/python');"
-        "import bcc, grpc, google.protobuf, sidecar, sidecar.kernel._ringbatch;"
+        "import bcc, grpc, google.protobuf, sidecar;"
+        "import sidecar.kernel._ringbatch, sidecar.kernel._records;"
         "print(sidecar.__file__, grpc.__version__, google.protobuf.__version__)",
     )
     assert probe.returncode == 0, probe.stderr

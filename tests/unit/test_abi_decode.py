@@ -7,10 +7,12 @@ these pack them with struct, field by field, as the C layout has them.
 from __future__ import annotations
 
 import ipaddress
+import random
 import struct
 
 import pytest
 
+from sidecar.daemon.reader import decode
 from sidecar.kernel import abi
 
 HEADER = struct.Struct("<HHIQ")
@@ -223,3 +225,156 @@ def test_a_unix_record_keeps_the_address_bytes_it_was_given() -> None:
         path,
         1,
     )
+
+
+# -- the C decoder (the daemon's) against the Python one (the reference) ----------------
+
+
+def _random_record(rng: random.Random) -> bytes:
+    """A record of any kind with random fields, sizes and bytes, often malformed."""
+    kind = rng.choice([1, 2, 3, 4, 5, 6, 1, 1, 3, rng.randrange(0, 9)])
+    comm = bytes(rng.choice(b"ab\0\xff\xc3") for _ in range(16))
+    head_task = struct.pack(
+        "<IIIIIIQ16s",
+        *(rng.choice([0, 1, 2**31, 2**32 - 1, rng.randrange(2**32)]) for _ in range(6)),
+        rng.choice([0, 2**64 - 1, rng.randrange(2**64)]),
+        comm,
+    )
+    if kind == abi.EventType.EXEC:
+        args = [bytes(rng.choice(b"xy\0\xfe") for _ in range(rng.randrange(6))) for _ in range(4)]
+        packed = b"".join(a + b"\0" for a in args)
+        tail = struct.pack(
+            f"<IIIHHHBBIQQQQ{abi.FILENAME_LEN}s",
+            rng.randrange(2**32),
+            rng.randrange(64),
+            rng.randrange(2**32),
+            rng.choice([0, 1, 5, 255, 256, 257, 0xFFFF]),
+            rng.choice([len(packed), 0, 3, 1024, 1025, 0xFFFF]),
+            rng.choice([0, 1, 3, 4, 40, 0xFFFF]),
+            rng.choice([0, 1, 2, 3, 4, 255]),
+            0,
+            rng.randrange(2**32),
+            rng.randrange(2**64),
+            rng.randrange(2**64),
+            rng.randrange(2**64),
+            rng.randrange(2**64),
+            bytes(rng.choice(b"/ab\0\xff") for _ in range(rng.randrange(20))),
+        )
+        body = head_task + tail + packed
+        size = len(body) + 16 + rng.choice([0, 0, 0, -1, 1, 4000])
+    elif kind == abi.EventType.CONNECT:
+        addr = rng.choice(
+            [bytes(10) + b"\xff\xff" + bytes(4), bytes(rng.randrange(256) for _ in range(16))]
+        )
+        body = head_task + struct.pack(
+            "<BBBBHH16sII",
+            rng.choice([2, 10, 0]),
+            rng.choice([6, 17]),
+            rng.randrange(10),
+            rng.randrange(5),
+            rng.randrange(2**16),
+            0,
+            addr,
+            rng.randrange(2**32),
+            rng.randrange(2**32),
+        )
+        size = abi._SIZES[kind]
+    elif kind == abi.EventType.SOCKET:
+        body = head_task + struct.pack(
+            "<HHHBBiiII",
+            *(rng.randrange(2**16) for _ in range(3)),
+            rng.randrange(10),
+            rng.randrange(5),
+            rng.randrange(-(2**31), 2**31),
+            rng.randrange(-(2**31), 2**31),
+            rng.randrange(2**32),
+            0,
+        )
+        size = abi._SIZES[kind]
+    elif kind == abi.EventType.UNIX:
+        path = bytes(rng.randrange(256) for _ in range(abi.UNIX_PATH_LEN))
+        body = head_task + struct.pack(
+            f"<BBHI{abi.UNIX_PATH_LEN}sI",
+            rng.randrange(10),
+            rng.randrange(5),
+            rng.choice([0, 1, 50, 108, 109, 0xFFFF]),
+            rng.randrange(2**32),
+            path,
+            0,
+        )
+        size = abi._SIZES[kind]
+    else:
+        body = head_task + struct.pack("<II", rng.randrange(2**32), 0)
+        size = abi._SIZES.get(kind, 72)
+    version = abi.ABI_VERSION if rng.random() < 0.9 else rng.choice([2, 4])
+    data = HEADER.pack(kind, version, size, rng.randrange(2**64)) + body
+    data = data.ljust(max(size, 0), b"\0")
+    cut = rng.random()
+    if cut < 0.05:
+        data = data[: rng.randrange(len(data))]
+    elif cut < 0.08:
+        data += bytes(rng.randrange(1, 64))
+    return data
+
+
+def test_the_c_decoder_builds_what_the_python_decoder_builds_and_refuses_what_it_refuses() -> None:
+    rng = random.Random(20261129)
+    raw = [_random_record(rng) for _ in range(20_000)]
+    raw += [
+        exec_record(b"/usr/bin/curl", [b"curl", b"-s", b"https://example.org"]),
+        exec_record(b"/bin/echo", [b"echo", b"", b"x"]),
+        exec_record(b"/tmp/\xff", [b"\xfe"]),
+        exec_record(b"x" * 255, [b"y" * 255], name_len=256),
+        record(abi.EventType.EXIT, task(comm=b"x" * 16)),
+        record(abi.EventType.FORK, task() + struct.pack("<II", 4242, 0)),
+    ]
+    decoded, refused = abi.decode_all(raw)
+    expected: list[abi.KernelEvent] = []
+    expected_refused: list[int] = []
+    for i, one in enumerate(raw):
+        try:
+            expected.append(abi.decode(one))
+        except abi.DecodeError:
+            expected_refused.append(i)
+    assert refused == expected_refused
+    assert decoded == expected
+    # The random records reach every kind and both outcomes.
+    assert {type(ev) for ev in decoded} == {
+        abi.Exec,
+        abi.Fork,
+        abi.Exit,
+        abi.Connect,
+        abi.Socket,
+        abi.Unix,
+    }
+    assert len(refused) > 1000 and len(decoded) > 10_000
+    # Types and enum members exactly, not merely equal values.
+    for got, want in zip(decoded, expected, strict=True):
+        assert type(got.task.comm) is str and type(got.ts_ns) is int
+        if isinstance(got, abi.Exec):
+            assert isinstance(want, abi.Exec)
+            assert got.verdict is want.verdict and type(got.argv) is tuple
+            assert type(got.args_truncated) is bool and type(got.args_missing) is bool
+
+
+def test_the_c_decoder_takes_only_a_list_of_bytes() -> None:
+    with pytest.raises(TypeError):
+        abi.decode_all([bytearray(64)])  # type: ignore[list-item]
+    assert abi.decode_all([]) == ([], [])
+
+
+def test_the_reader_counts_a_record_it_cannot_decode_and_keeps_positions_with_records() -> None:
+    good = record(abi.EventType.EXIT, task(pid=1))
+    bad = exec_record(b"/bin/x", [], verdict=9)
+    other = record(abi.EventType.FORK, task(pid=2) + struct.pack("<II", 3, 0))
+    batch = decode([good, bad, other], [10, 20, 30], 30)
+    assert [ev.task.pid for ev in batch.records] == [1, 2]
+    assert (batch.errors, batch.ends, batch.cursor) == (1, [10, 30], 30)
+    assert batch.settled == [None, None]
+    clean = decode([good, other], [10, 30], 30)
+    assert ([type(ev) for ev in clean.records], clean.errors, clean.ends) == (
+        [abi.Exit, abi.Fork],
+        0,
+        [10, 30],
+    )
+    assert decode([good, bad], None, 20).ends is None
