@@ -436,17 +436,14 @@ class Daemon:
                 self.metrics.record_loss("decode_error", batch.errors)
         delivery = self.delivery
         assert delivery is not None
-        ends = batch.ends
-        for i, (record, settled) in enumerate(zip(batch.records, batch.settled, strict=True)):
-            # A record re-read after a restart goes only to the outputs that lack it.
-            to_sink, to_export = delivery.outputs_for(ends[i] if ends is not None else None)
-            try:
-                event = self.describer.describe(record, settled)
-            except SidecarError as exc:
-                _logger.warning("event of pid %d not handled: %s", record.task.pid, exc)
-                continue
-            if event is not None:
-                self.outputs.emit(event, to_sink, to_export)
+        events = self.describer.describe_all(batch.records, batch.settled)
+        if batch.ends is None:
+            self.outputs.emit_all([event for event in events if event is not None])
+        else:
+            # Records re-read after a restart: each goes only to the outputs that lack it.
+            for event, end in zip(events, batch.ends, strict=True):
+                if event is not None:
+                    self.outputs.emit(event, *delivery.outputs_for(end))
         delivery.delivered(batch.cursor)
 
     async def _start_exporter(self) -> _ExporterStopper | None:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from sidecar.daemon.table import Process, ProcessTable
@@ -28,6 +29,7 @@ from sidecar.policy import caps
 from sidecar.policy.model import format_socket_kind, format_unix_address
 from sidecar.proc.pidfd import kill
 from sidecar.proc.read import read_argv, read_cgroup, read_exe, read_status_ids
+from sidecar.util.errors import SidecarError
 
 if TYPE_CHECKING:
     from sidecar.attest.attestor import AttestationResult
@@ -48,6 +50,11 @@ _VERDICT: dict[abi.Verdict, m.Verdict] = {
     abi.Verdict.WOULD_DENY: "would_deny",
 }
 _UNKNOWN = (abi.IDENTITY_NONE, abi.IDENTITY_PENDING)
+# Process events are built positionally (see model.positional): the fields
+# every process event has, in the order ``_head`` gives them, then the kind's.
+_new_exec = m.positional(m.Exec)
+_new_exit = m.positional(m.Exit)
+_HEAD = tuple(f.name for f in fields(m.ProcessEvent))
 
 
 class Describer:
@@ -92,6 +99,26 @@ class Describer:
             self.unhandled += 1
             return None
         return handler(record, settled)
+
+    def describe_all(
+        self, records: Sequence[abi.KernelEvent], settled: Sequence[Settled | None]
+    ) -> list[m.Event | None]:
+        """describe() each record of a batch: one slot per record, None for a record
+        of a kind with no handler or one whose handler failed (logged)."""
+        handlers = self.handlers
+        out: list[m.Event | None] = []
+        for record, done in zip(records, settled, strict=True):
+            handler = handlers.get(type(record))
+            if handler is None:
+                self.unhandled += 1
+                out.append(None)
+                continue
+            try:
+                out.append(handler(record, done))
+            except SidecarError as exc:
+                _logger.warning("event of pid %d not handled: %s", record.task.pid, exc)
+                out.append(None)
+        return out
 
     # -- shared facts ---------------------------------------------------------------
 
@@ -156,46 +183,60 @@ class Describer:
             exe = self._realpaths[filename] = os.path.realpath(filename)
         return exe
 
+    def _identity(self, ev: abi.KernelEvent, proc: Process | None) -> str | None:
+        """Who did it: the kernel's identity number, else what the table knows."""
+        number = ev.task.identity
+        identity = self.numbers.name(number) if number not in _UNKNOWN else None
+        return identity or (proc.identity if proc is not None else None)
+
     def _process_fields(
         self, ev: abi.KernelEvent, proc: Process | None, gen: int | None = None
     ) -> dict[str, Any]:
-        """The fields every process event has.  Runs for every record: kept lean."""
+        """The fields every process event has, by name."""
+        return dict(zip(_HEAD, self._head(ev, proc, self._identity(ev, proc), gen), strict=True))
+
+    def _head(
+        self, ev: abi.KernelEvent, proc: Process | None, identity: str | None, gen: int | None
+    ) -> tuple[Any, ...]:
+        """:meth:`_process_fields` in field order, for the positional constructors:
+        time, host, identity, instance, serial, policy version, pid, ppid, uid, gid,
+        comm, exe, argv, cgroup, pending."""
         task = ev.task
-        number = task.identity
-        identity = self.numbers.name(number) if number not in _UNKNOWN else None
         if proc is None:
-            return {
-                "time_ns": self.clock_offset + ev.ts_ns,
-                "host": self.host,
-                "identity": identity,
-                "policy_version": self.policy_version(gen),
-                "pid": task.pid,
-                "ppid": task.ppid,
-                "uid": task.uid,
-                "gid": task.gid,
-                "comm": task.comm,
-                "exe": "",
-                "argv": (),
-                "cgroup": "",
-                "attestation_pending": number == abi.IDENTITY_PENDING,
-            }
-        return {
-            "time_ns": self.clock_offset + ev.ts_ns,
-            "host": self.host,
-            "identity": identity or proc.identity,
-            "instance_id": proc.instance_id,
-            "svid_serial": self.serial(proc),
-            "policy_version": self.policy_version(gen),
-            "pid": task.pid,
-            "ppid": proc.ppid,
-            "uid": task.uid,
-            "gid": task.gid,
-            "comm": task.comm,
-            "exe": proc.exe,
-            "argv": proc.argv,
-            "cgroup": proc.cgroup,
-            "attestation_pending": number == abi.IDENTITY_PENDING,
-        }
+            return (
+                self.clock_offset + ev.ts_ns,
+                self.host,
+                identity,
+                None,
+                None,
+                self.policy_version(gen),
+                task.pid,
+                task.ppid,
+                task.uid,
+                task.gid,
+                task.comm,
+                "",
+                (),
+                "",
+                task.identity == abi.IDENTITY_PENDING,
+            )
+        return (
+            self.clock_offset + ev.ts_ns,
+            self.host,
+            identity,
+            proc.instance_id,
+            self.serial(proc),
+            self.policy_version(gen),
+            task.pid,
+            proc.ppid,
+            task.uid,
+            task.gid,
+            task.comm,
+            proc.exe,
+            proc.argv,
+            proc.cgroup,
+            task.identity == abi.IDENTITY_PENDING,
+        )
 
     def _record_verdict(self, identity: str | None, rule: str, verdict: str) -> None:
         if self.metrics is not None:
@@ -279,17 +320,29 @@ class Describer:
             rule = "capabilities"
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
-        facts = self._process_fields(ev, proc, ev.policy_gen)
-        facts["identity"] = self.identity_name(number)
-        # settled while handling this record: no longer pending
-        facts["attestation_pending"] = number == abi.IDENTITY_PENDING
-        out = m.Exec(
-            **facts,
-            filename=ev.filename,
-            args_truncated=ev.args_truncated,
-            args_redacted=redacted,
-            verdict=_VERDICT[verdict],
-            capabilities=tuple(caps.labels(refused)) if refused else (),
+        task = ev.task
+        out = _new_exec(
+            self.clock_offset + ev.ts_ns,
+            self.host,
+            self.identity_name(number),
+            proc.instance_id,
+            self.serial(proc),
+            self.policy_version(ev.policy_gen),
+            pid,
+            proc.ppid,
+            task.uid,
+            task.gid,
+            task.comm,
+            proc.exe,
+            proc.argv,
+            proc.cgroup,
+            number == abi.IDENTITY_PENDING,  # settled while handling this record: not pending
+            ev.filename,
+            ev.args_truncated,
+            _VERDICT[verdict],
+            redacted,
+            None,  # rule: set below when not allowed
+            tuple(caps.labels(refused)) if refused else (),
         )
         if verdict != abi.Verdict.ALLOW:
             out.rule = rule or "default"
@@ -367,14 +420,16 @@ class Describer:
         return m.Fork(**facts)
 
     def on_exit(self, ev: abi.Exit, _settled: Settled | None) -> m.Exit:
-        proc = self.table.remove(ev.task.pid)
-        facts = self._process_fields(ev, proc)
-        if self.instances is not None and self.instances.get(ev.task.pid) is not None:
-            facts["svid_serial"] = self.serial(proc)
-            ended = self.instances.end(ev.task.pid)
+        pid = ev.task.pid
+        proc = self.table.remove(pid)
+        # The serial is read before the instance ends.
+        out = _new_exit(*self._head(ev, proc, self._identity(ev, proc), None))
+        instances = self.instances
+        if instances is not None and instances.get(pid) is not None:
+            ended = instances.end(pid)
             if ended is not None:
                 self._count_live_of(ended.spiffe_id)
-        return m.Exit(**facts)
+        return out
 
     def on_connect(self, ev: abi.Connect, _settled: Settled | None) -> m.Connect:
         facts = self._process_fields(ev, self.table.get(ev.task.pid), ev.policy_gen)

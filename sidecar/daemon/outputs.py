@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Protocol
 
-from sidecar.events.codec import encode_json, to_proto
+from sidecar.events.codec import encode_json, to_proto, write_json_lines
 from sidecar.util.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,6 +38,10 @@ BEFORE_EXPORT_MAX = 100_000
 
 class EventSink(Protocol):
     def write(self, event: Event) -> None: ...
+    def write_all(self, events: Sequence[Event]) -> None:
+        """write() for each, in order."""
+        ...
+
     def flush(self) -> None: ...
     def close(self) -> None: ...
     def end_offset(self) -> int | None:
@@ -69,6 +73,9 @@ class JsonLinesSink:
     def write(self, event: Event) -> None:
         self._fh.write(encode_json(event))
 
+    def write_all(self, events: Sequence[Event]) -> None:
+        write_json_lines(events, self._fh.write)
+
     def flush(self) -> None:
         self._fh.flush()
 
@@ -89,6 +96,9 @@ class NullSink:
     """No local copy: events go only to the collector."""
 
     def write(self, event: Event) -> None:
+        pass
+
+    def write_all(self, events: Sequence[Event]) -> None:
         pass
 
     def flush(self) -> None:
@@ -127,8 +137,21 @@ class Outputs:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if to_sink:
             self.sink.write(event)
-        if not to_export:
-            return
+        if to_export:
+            self._export(event)
+
+    def emit_all(self, events: Sequence[Event]) -> None:
+        """emit() each event, in order, to every output: the sink writes them at once."""
+        counts = self.counts
+        for event in events:
+            kind = event.KIND
+            counts[kind] = counts.get(kind, 0) + 1
+        self.sink.write_all(events)
+        if self.exporter is not None or self._early is not None:
+            for event in events:
+                self._export(event)
+
+    def _export(self, event: Event) -> None:
         if self.exporter is not None:
             self.exporter.submit(to_proto(event))
         elif self._early is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -55,6 +55,18 @@ class MemorySink:
             if from_json(orjson.loads(encoded)) != event or from_proto(to_proto(event)) != event:
                 self.changed_by_encoding.append(encoded)
             self.events.append(orjson.loads(encoded))
+
+    def write_all(self, events: Sequence[Event]) -> None:
+        from sidecar.events.codec import encode_json, write_json_lines
+
+        for event in events:
+            self.write(event)
+        # The daemon's sink writes a batch this way: it must say what write() says.
+        lines: list[bytes] = []
+        write_json_lines(events, lines.append)
+        with self._lock:
+            if lines != [encode_json(event) for event in events]:
+                self.changed_by_encoding.extend(lines)
 
     def flush(self) -> None:
         pass

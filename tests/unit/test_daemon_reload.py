@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ class ListSink:
 
     def write(self, event: Event) -> None:
         self.events.append(to_json(event))
+
+    def write_all(self, events: Sequence[Event]) -> None:
+        self.events.extend(map(to_json, events))
 
     def flush(self) -> None:
         pass

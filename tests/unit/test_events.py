@@ -29,6 +29,7 @@ from sidecar.events.codec import (
     parse_time,
     to_json,
     to_proto,
+    write_json_lines,
 )
 from sidecar.kernel import abi
 from sidecar.proc.cgroups import CgroupNames
@@ -136,6 +137,22 @@ def test_a_json_line_decodes_back_into_the_same_event(ev: m.Event) -> None:
     line = encode_json(ev)
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert from_json(orjson.loads(line)) == ev
+
+
+@pytest.mark.parametrize("ev", SAMPLES, ids=_id)
+def test_the_positional_constructor_builds_the_same_event(ev: m.Event) -> None:
+    values = [getattr(ev, f.name) for f in dataclasses.fields(ev)]
+    built = m.positional(type(ev))(*values)
+    assert type(built) is type(ev) and built == ev
+    with pytest.raises(TypeError):
+        m.positional(type(ev))(*values[:-1])
+
+
+@pytest.mark.parametrize("ev", SAMPLES, ids=_id)
+def test_a_batch_of_json_lines_is_each_event_s_line_in_order(ev: m.Event) -> None:
+    lines: list[bytes] = []
+    write_json_lines([ev, SAMPLES[0], ev], lines.append)
+    assert lines == [encode_json(ev), encode_json(SAMPLES[0]), encode_json(ev)]
 
 
 @pytest.mark.parametrize("ev", SAMPLES, ids=_id)

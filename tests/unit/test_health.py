@@ -169,6 +169,9 @@ class _Sink:
     def write(self, event: Any) -> None:
         pass
 
+    def write_all(self, events: Any) -> None:
+        pass
+
     def flush(self) -> None:
         pass
 
