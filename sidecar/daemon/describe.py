@@ -264,9 +264,12 @@ class Describer:
     # -- handlers ------------------------------------------------------------------------
 
     def on_exec(self, ev: abi.Exec, settled: Settled | None) -> m.Exec:
-        pid = ev.task.pid
-        proc = self.table.get(pid)
-        exe = self._exe(pid, ev.filename)
+        # Runs for every exec on the host: attribute lookups and calls kept few.
+        task = ev.task
+        pid = task.pid
+        table = self.table
+        proc = table.get(pid)
+        exe = self._realpaths.get(ev.filename) or self._exe(pid, ev.filename)
         argv = ev.argv if not ev.args_missing else (read_argv(pid) or ())
         redacted = False
         if self.redactor is not None:
@@ -282,20 +285,20 @@ class Describer:
         else:
             # A vfork child (its fork sends no record) or one whose fork record
             # was lost: it starts with what its parent had, as at fork.
-            ppid = self._ppid(ev)
-            parent = self.table.get(ppid)
-            proc = self.table.add(
-                Process(
-                    pid=pid,
-                    start_ns=ev.ts_ns,
-                    ppid=ppid,
-                    uid=ev.task.uid,
-                    gid=ev.task.gid,
-                    exe=exe,
-                    argv=argv,
-                    cgroup=self._cgroup(pid, ev.task.cgroup_id),
-                    identity=parent.identity if parent else None,
-                    instance_id=parent.instance_id if parent else None,
+            ppid = task.ppid or self._ppid(ev)
+            parent = table.get(ppid)
+            proc = table.add(
+                Process(  # pid, start_ns, ppid, uid, gid, exe, argv, cgroup, identity, instance
+                    pid,
+                    ev.ts_ns,
+                    ppid,
+                    task.uid,
+                    task.gid,
+                    exe,
+                    argv,
+                    self._cgroup(pid, task.cgroup_id),
+                    parent.identity if parent else None,
+                    parent.instance_id if parent else None,
                     exec_count=1,
                 )
             )
@@ -319,14 +322,13 @@ class Describer:
         if refused:
             rule = "capabilities"
         if verdict == abi.Verdict.ALLOW:
-            verdict, rule = self._double_check_exec(pid, ev.task.identity, verdict)
-        task = ev.task
+            verdict, rule = self._double_check_exec(pid, task.identity, verdict)
         out = _new_exec(
             self.clock_offset + ev.ts_ns,
             self.host,
-            self.identity_name(number),
+            None if number in _UNKNOWN else self.numbers.name(number),
             proc.instance_id,
-            self.serial(proc),
+            None if proc.instance_id is None else self.serial(proc),
             self.policy_version(ev.policy_gen),
             pid,
             proc.ppid,

@@ -7,7 +7,15 @@
  * was a sixth of the daemon's CPU.  This decoder reads the records through
  * the contract header itself (bpf/include/events.h), so it cannot disagree
  * with the kernel's layout, and builds the very objects Python's decoder
- * builds (sidecar.kernel.abi.Task, Exec, ...), by calling their classes.
+ * builds (sidecar.kernel.abi.Task, Exec, ...).
+ *
+ * Those are slotted classes whose __init__ only stores its arguments (they
+ * are dataclasses with slots and nothing else).  Calling __init__ for the
+ * four objects of an exec and its exit cost more than the rest of decoding,
+ * so the decoder does what __init__ does: it allocates the object and
+ * stores each field in its slot.  The Decoder checks at construction that
+ * every class is such a class, with one slot per field the record gives,
+ * in order; the comparison with abi.decode() checks the objects are equal.
  *
  * It decodes only what it can decode exactly as abi.decode() would.  A
  * record it refuses (too short, another ABI version, an unknown type, an
@@ -20,12 +28,22 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <structmember.h>
 
 #include "events.h"
 
+#define FIELDS_MAX 14
+
+/* A slotted class, and where each of its fields lives in its objects. */
+typedef struct {
+	PyTypeObject *cls;
+	Py_ssize_t n;
+	Py_ssize_t offset[FIELDS_MAX];
+} Maker;
+
 typedef struct {
 	PyObject_HEAD
-	PyObject *task, *exec, *fork, *exit, *connect, *socket, *unix_;
+	Maker task, exec, fork, exit, connect, socket, unix_;
 	PyObject *verdicts, *hooks; /* tuples: member by value, None where none */
 	PyObject *address;          /* address(16 bytes, family) -> ip address object */
 } Decoder;
@@ -51,12 +69,68 @@ static PyObject *member(PyObject *table, unsigned int value)
 	return m;
 }
 
-static PyObject *call(PyObject *cls, PyObject **args, size_t n)
+/* A new object of mk's class with the n fields given, as its __init__ would; takes the references. */
+static PyObject *make(Maker *mk, PyObject **args)
 {
-	PyObject *out = PyObject_Vectorcall(cls, args, n, NULL);
-	for (size_t i = 0; i < n; i++)
-		Py_XDECREF(args[i]);
-	return out;
+	PyObject *obj = mk->cls->tp_alloc(mk->cls, 0);
+	for (Py_ssize_t i = 0; i < mk->n; i++) {
+		if (obj)
+			*(PyObject **)((char *)obj + mk->offset[i]) = args[i];
+		else
+			Py_DECREF(args[i]);
+	}
+	return obj;
+}
+
+/* Learn where cls keeps each of its n fields; -1 with an error if it is not a plain slotted class. */
+static int maker_init(Maker *mk, PyObject *cls, Py_ssize_t n)
+{
+	PyObject *slots;
+	PyTypeObject *type;
+	if (!PyType_Check(cls)) {
+		PyErr_Format(PyExc_TypeError, "%R is not a class", cls);
+		return -1;
+	}
+	type = (PyTypeObject *)cls;
+	/* object.__new__ and no instance dict: nothing runs but the slot stores. */
+	if (type->tp_new != PyBaseObject_Type.tp_new || type->tp_dictoffset != 0 ||
+	    PyObject_HasAttrString(cls, "__post_init__")) {
+		PyErr_Format(PyExc_TypeError, "%s is not a plain slotted class", type->tp_name);
+		return -1;
+	}
+	slots = PyObject_GetAttrString(cls, "__slots__");
+	if (!slots)
+		return -1;
+	if (!PyTuple_Check(slots) || PyTuple_GET_SIZE(slots) != n || n > FIELDS_MAX) {
+		PyErr_Format(PyExc_TypeError, "%s must have %zd slots, one per field of its record",
+			     type->tp_name, n);
+		Py_DECREF(slots);
+		return -1;
+	}
+	for (Py_ssize_t i = 0; i < n; i++) {
+		PyObject *descr = PyObject_GetAttr(cls, PyTuple_GET_ITEM(slots, i));
+		PyMemberDef *def;
+		if (!descr) {
+			Py_DECREF(slots);
+			return -1;
+		}
+		if (!Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+		    (def = ((PyMemberDescrObject *)descr)->d_member)->type != T_OBJECT_EX ||
+		    (def->flags & READONLY)) {
+			PyErr_Format(PyExc_TypeError, "%s.%S is not a writable slot", type->tp_name,
+				     PyTuple_GET_ITEM(slots, i));
+			Py_DECREF(descr);
+			Py_DECREF(slots);
+			return -1;
+		}
+		mk->offset[i] = def->offset;
+		Py_DECREF(descr);
+	}
+	Py_DECREF(slots);
+	Py_INCREF(cls);
+	Py_XSETREF(mk->cls, type);
+	mk->n = n;
+	return 0;
 }
 
 /* Any of the arguments NULL: drop the others and fail. */
@@ -83,33 +157,33 @@ static PyObject *make_task(Decoder *d, const struct task_ctx *t)
 	};
 	if (!all_set(args, 8))
 		return NULL;
-	return call(d->task, args, 8);
+	return make(&d->task, args);
 }
 
 /* The argument list: args split at NULs, as many as the kernel counted. */
 static PyObject *make_argv(const char *args, size_t len, unsigned int count)
 {
 	PyObject *out, *item;
-	size_t start = 0, n = 0;
-	PyObject *list = PyList_New(0);
-	if (!list)
-		return NULL;
+	size_t start = 0, n = 1, i;
 	/* bytes.split(b"\0") gives one more piece than there are NULs. */
-	for (size_t i = 0; i <= len && n < count; i++) {
-		if (i < len && args[i] != '\0')
-			continue;
-		item = text(args + start, (Py_ssize_t)(i - start));
-		if (!item || PyList_Append(list, item) < 0) {
-			Py_XDECREF(item);
-			Py_DECREF(list);
+	for (i = 0; i < len; i++)
+		n += args[i] == '\0';
+	if (n > count)
+		n = count;
+	out = PyTuple_New((Py_ssize_t)n);
+	if (!out)
+		return NULL;
+	for (size_t k = 0; k < n; k++) {
+		const char *end = memchr(args + start, '\0', len - start);
+		size_t stop = end ? (size_t)(end - args) : len;
+		item = text(args + start, (Py_ssize_t)(stop - start));
+		if (!item) {
+			Py_DECREF(out);
 			return NULL;
 		}
-		Py_DECREF(item);
-		n++;
-		start = i + 1;
+		PyTuple_SET_ITEM(out, (Py_ssize_t)k, item);
+		start = stop + 1;
 	}
-	out = PyList_AsTuple(list);
-	Py_DECREF(list);
 	return out;
 }
 
@@ -154,7 +228,7 @@ static PyObject *decode_exec(Decoder *d, const char *data, size_t size,
 	};
 	if (!all_set(args, 14))
 		return NULL;
-	return call(d->exec, args, 14);
+	return make(&d->exec, args);
 }
 
 static PyObject *decode_connect(Decoder *d, const char *data, PyObject *ts, PyObject *task)
@@ -189,7 +263,7 @@ static PyObject *decode_connect(Decoder *d, const char *data, PyObject *ts, PyOb
 	};
 	if (!all_set(args, 10))
 		return NULL;
-	return call(d->connect, args, 10);
+	return make(&d->connect, args);
 }
 
 static PyObject *decode_socket(Decoder *d, const char *data, PyObject *ts, PyObject *task)
@@ -220,7 +294,7 @@ static PyObject *decode_socket(Decoder *d, const char *data, PyObject *ts, PyObj
 	};
 	if (!all_set(args, 10))
 		return NULL;
-	return call(d->socket, args, 10);
+	return make(&d->socket, args);
 }
 
 static PyObject *decode_unix(Decoder *d, const char *data, PyObject *ts, PyObject *task)
@@ -249,7 +323,7 @@ static PyObject *decode_unix(Decoder *d, const char *data, PyObject *ts, PyObjec
 	};
 	if (!all_set(args, 6))
 		return NULL;
-	return call(d->unix_, args, 6);
+	return make(&d->unix_, args);
 }
 
 /* The record size its type must have (an exec's is the most it may have); 0: unknown type. */
@@ -305,7 +379,7 @@ static PyObject *decode_one(Decoder *d, const char *data, size_t len)
 	switch (h.type) {
 	case SIDECAR_EVENT_EXIT: {
 		PyObject *args[2] = {ts, task};
-		return call(d->exit, args, 2);
+		return make(&d->exit, args);
 	}
 	case SIDECAR_EVENT_EXEC:
 		return decode_exec(d, data, h.size, ts, task);
@@ -315,7 +389,7 @@ static PyObject *decode_one(Decoder *d, const char *data, size_t len)
 		PyObject *args[3] = {ts, task, PyLong_FromUnsignedLong(e.child_pid)};
 		if (!all_set(args, 3))
 			return NULL;
-		return call(d->fork, args, 3);
+		return make(&d->fork, args);
 	}
 	case SIDECAR_EVENT_CONNECT:
 		return decode_connect(d, data, ts, task);
@@ -381,24 +455,30 @@ static int Decoder_init(Decoder *d, PyObject *args, PyObject *kwds)
 					 &o[3], &o[4], &o[5], &o[6], &PyTuple_Type, &o[7],
 					 &PyTuple_Type, &o[8], &o[9]))
 		return -1;
-	PyObject **slots[10] = {&d->task,   &d->exec,  &d->fork,     &d->exit,  &d->connect,
-				&d->socket, &d->unix_, &d->verdicts, &d->hooks, &d->address};
-	for (int i = 0; i < 10; i++) {
-		Py_INCREF(o[i]);
-		Py_XSETREF(*slots[i], o[i]);
+	Maker *makers[7] = {&d->task, &d->exec, &d->fork, &d->exit, &d->connect, &d->socket, &d->unix_};
+	/* Fields of each class: abi.Task, Exec, Fork, Exit, Connect, Socket, Unix. */
+	static const Py_ssize_t fields[7] = {8, 14, 3, 2, 10, 10, 6};
+	for (int i = 0; i < 7; i++) {
+		if (maker_init(makers[i], o[i], fields[i]) < 0)
+			return -1;
+	}
+	PyObject **refs[3] = {&d->verdicts, &d->hooks, &d->address};
+	for (int i = 0; i < 3; i++) {
+		Py_INCREF(o[7 + i]);
+		Py_XSETREF(*refs[i], o[7 + i]);
 	}
 	return 0;
 }
 
 static int Decoder_traverse(Decoder *d, visitproc visit, void *arg)
 {
-	Py_VISIT(d->task);
-	Py_VISIT(d->exec);
-	Py_VISIT(d->fork);
-	Py_VISIT(d->exit);
-	Py_VISIT(d->connect);
-	Py_VISIT(d->socket);
-	Py_VISIT(d->unix_);
+	Py_VISIT(d->task.cls);
+	Py_VISIT(d->exec.cls);
+	Py_VISIT(d->fork.cls);
+	Py_VISIT(d->exit.cls);
+	Py_VISIT(d->connect.cls);
+	Py_VISIT(d->socket.cls);
+	Py_VISIT(d->unix_.cls);
 	Py_VISIT(d->verdicts);
 	Py_VISIT(d->hooks);
 	Py_VISIT(d->address);
@@ -407,13 +487,13 @@ static int Decoder_traverse(Decoder *d, visitproc visit, void *arg)
 
 static int Decoder_clear(Decoder *d)
 {
-	Py_CLEAR(d->task);
-	Py_CLEAR(d->exec);
-	Py_CLEAR(d->fork);
-	Py_CLEAR(d->exit);
-	Py_CLEAR(d->connect);
-	Py_CLEAR(d->socket);
-	Py_CLEAR(d->unix_);
+	Py_CLEAR(d->task.cls);
+	Py_CLEAR(d->exec.cls);
+	Py_CLEAR(d->fork.cls);
+	Py_CLEAR(d->exit.cls);
+	Py_CLEAR(d->connect.cls);
+	Py_CLEAR(d->socket.cls);
+	Py_CLEAR(d->unix_.cls);
 	Py_CLEAR(d->verdicts);
 	Py_CLEAR(d->hooks);
 	Py_CLEAR(d->address);

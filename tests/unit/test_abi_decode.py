@@ -378,3 +378,28 @@ def test_the_reader_counts_a_record_it_cannot_decode_and_keeps_positions_with_re
         [10, 30],
     )
     assert decode([good, bad], None, 20).ends is None
+
+
+def test_the_c_decoder_builds_only_plain_slotted_classes_with_a_slot_per_field() -> None:
+    from dataclasses import dataclass
+
+    from sidecar.kernel import _records
+
+    @dataclass(slots=True)
+    class Checked:
+        ts_ns: int
+        task: abi.Task
+
+        def __post_init__(self) -> None:  # would not run: refused
+            raise AssertionError
+
+    @dataclass(slots=True)
+    class Short:
+        ts_ns: int
+
+    kinds = [abi.Task, abi.Exec, abi.Fork, abi.Exit, abi.Connect, abi.Socket, abi.Unix]
+    rest = (abi._VERDICTS, abi._HOOKS, abi._address)
+    assert _records.Decoder(*kinds, *rest) is not None  # positive control
+    for bad in (Checked, Short, dict):
+        with pytest.raises(TypeError, match="slot"):
+            _records.Decoder(*kinds[:3], bad, *kinds[4:], *rest)
