@@ -83,6 +83,10 @@ class Describer:
         self._realpaths: dict[str, str] = {}
         self._redacted: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {}
         self._gauged: set[str] = set()  # identities whose live-instance gauge is set
+        # Policy versions by generation while a batch is described: nothing can
+        # load a policy meanwhile (both happen on the event loop), and every
+        # record asks.
+        self._batch_versions: dict[int | None, str | None] | None = None
         self.handlers: dict[type[abi.KernelEvent], Callable[[Any, Settled | None], m.Event]] = {
             abi.Exec: self.on_exec,
             abi.Fork: self.on_fork,
@@ -107,17 +111,21 @@ class Describer:
         of a kind with no handler or one whose handler failed (logged)."""
         handlers = self.handlers
         out: list[m.Event | None] = []
-        for record, done in zip(records, settled, strict=True):
-            handler = handlers.get(type(record))
-            if handler is None:
-                self.unhandled += 1
-                out.append(None)
-                continue
-            try:
-                out.append(handler(record, done))
-            except SidecarError as exc:
-                _logger.warning("event of pid %d not handled: %s", record.task.pid, exc)
-                out.append(None)
+        self._batch_versions = {}
+        try:
+            for record, done in zip(records, settled, strict=True):
+                handler = handlers.get(type(record))
+                if handler is None:
+                    self.unhandled += 1
+                    out.append(None)
+                    continue
+                try:
+                    out.append(handler(record, done))
+                except SidecarError as exc:
+                    _logger.warning("event of pid %d not handled: %s", record.task.pid, exc)
+                    out.append(None)
+        finally:
+            self._batch_versions = None
         return out
 
     # -- shared facts ---------------------------------------------------------------
@@ -126,6 +134,15 @@ class Describer:
         return None if number in _UNKNOWN else self.numbers.name(number)
 
     def policy_version(self, gen: int | None = None) -> str | None:
+        """The version of policy generation ``gen`` (None: the one in force)."""
+        versions = self._batch_versions
+        if versions is None:
+            return self._policy_version(gen)
+        if gen not in versions:
+            versions[gen] = self._policy_version(gen)
+        return versions[gen]
+
+    def _policy_version(self, gen: int | None) -> str | None:
         policies = self._policies()
         active = policies.active if policies is not None else None
         if policies is None or active is None:
