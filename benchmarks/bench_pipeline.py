@@ -210,6 +210,7 @@ def main() -> int:
         "daemon_cpu_share_of_one_core": round(statistics.median(cpu), 3),
         # All the daemon's CPU from the storm's start until its last event was
         # written, over the execs made (each makes an exec and an exit record).
+        "daemon_cpu_us_per_exec_per_round": [round(c * 1e6, 1) for c in cpu_per_exec],
         "daemon_cpu_us_per_exec_median": round(statistics.median(cpu_per_exec) * 1e6, 1),
         "daemon_peak_rss_mib": round(rss / 1024, 1),
         "startup_seconds_to_attached_median": round(statistics.median(startups), 2),

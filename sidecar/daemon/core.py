@@ -5,6 +5,8 @@ Kernel records flow one way through the stages, each a module with one job::
     reader (thread)      sidecar/daemon/reader.py    ring buffer -> decoded batch
       settle (thread)    sidecar/daemon/settle.py    attest new images, write identities
     describe (loop)      sidecar/daemon/describe.py  process table -> one typed event
+                                                     (with nothing to settle, the loop
+                                                     decodes the batch first)
     outputs (loop)       sidecar/daemon/outputs.py   local sink, exporter, counts;
                                                      ring delivery (commit when written)
 
@@ -430,6 +432,7 @@ class Daemon:
 
     def handle_batch(self, batch: Batch) -> None:
         """Event loop: describe each record of a batch, emit its event, then deliver."""
+        batch = batch.decoded()
         if batch.errors:
             self.decode_errors += batch.errors
             if self.metrics is not None:

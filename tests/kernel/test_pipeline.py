@@ -302,6 +302,7 @@ def test_the_exec_record_carries_start_time_running_file_and_host_capabilities(
     handoff = reader.handoff
 
     def keep(batch: Batch) -> None:
+        batch = batch.decoded()
         records.extend(r for r in batch.records if isinstance(r, abi.Exec))
         handoff(batch)
 

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from sidecar.daemon.reader import decode
+from sidecar.daemon.reader import Batch, decode, merge
 from sidecar.kernel import abi
 
 HEADER = struct.Struct("<HHIQ")
@@ -403,3 +403,21 @@ def test_the_c_decoder_builds_only_plain_slotted_classes_with_a_slot_per_field()
     for bad in (Checked, Short, dict):
         with pytest.raises(TypeError, match="slot"):
             _records.Decoder(*kinds[:3], bad, *kinds[4:], *rest)
+
+
+def test_reads_handed_over_undecoded_merge_in_order_and_decode_as_one() -> None:
+    a = record(abi.EventType.EXIT, task(pid=1))
+    b = exec_record(b"/bin/x", [], verdict=9)  # undecodable
+    c = record(abi.EventType.FORK, task(pid=2) + struct.pack("<II", 3, 0))
+    replayed = Batch([], [], [10, 20], 20, 0, [a, b])  # re-read after a restart: has ends
+    fresh = Batch([], [], None, 30, 0, [c])
+    merged = merge([replayed, fresh])
+    assert (merged.raw, merged.ends, merged.cursor) == ([a, b, c], [10, 20, 1 << 64], 30)
+    assert len(merged) == 3
+    done = merged.decoded()
+    assert [ev.task.pid for ev in done.records] == [1, 2]
+    assert (done.errors, done.ends, done.cursor, done.raw) == (1, [10, 1 << 64], 30, None)
+    assert done.decoded() is done
+    # One reader makes either kind, never both; a mix is refused rather than misaligned.
+    with pytest.raises(ValueError, match="undecoded"):
+        merge([fresh, decode([a], None, 10)])
