@@ -16,7 +16,7 @@ setup: host venv
 host:
 	@scripts/setup-host.sh
 
-$(STAMP): pyproject.toml setup.py sidecar/kernel/_ringbatch.c sidecar/kernel/_records.c bpf/include/events.h
+$(STAMP): pyproject.toml setup.py sidecar/kernel/_ringbatch.c sidecar/kernel/_records.c sidecar/events/_jsonline.c bpf/include/events.h
 	@test -x $(PY) || $(SYSTEM_PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -1,4 +1,4 @@
-"""The compiled parts of the package: the ring buffer's reader and the record decoder.
+"""The compiled parts of the package: the ring reader, the record decoder, the JSON lines.
 
 Everything else is in pyproject.toml; setuptools reads ext_modules only here.
 The decoder includes the contract header (bpf/include/events.h), so that it
@@ -24,6 +24,11 @@ setup(
             sources=["sidecar/kernel/_records.c"],
             include_dirs=[str(CONTRACT)],
             depends=[str(CONTRACT / "events.h")],
+            extra_compile_args=FLAGS,
+        ),
+        Extension(
+            "sidecar.events._jsonline",
+            sources=["sidecar/events/_jsonline.c"],
             extra_compile_args=FLAGS,
         ),
     ]

@@ -53,8 +53,8 @@ mkdir -p "$work/wheel" "$root$lib" "$root/DEBIAN"
 "$PY" -m pip install -q --no-compile --no-warn-script-location --disable-pip-version-check \
     --target "$root$lib" -c "$work/constraints.txt" "$work"/wheel/sidecar-*.whl
 rm -rf "$root$lib/bin"   # pip's console scripts: /usr/bin/sidecar replaces them
-for ext in _ringbatch _records; do
-    ls "$root$lib"/sidecar/kernel/$ext.cpython-*.so >/dev/null || die "C extension $ext missing"
+for ext in kernel/_ringbatch kernel/_records events/_jsonline; do
+    ls "$root$lib"/sidecar/$ext.cpython-*.so >/dev/null || die "C extension $ext missing"
 done
 # Byte-compiled once here (the units' read-only /usr forbids it at run time),
 # with tracebacks naming the installed paths and hash-checked, not mtime-checked.

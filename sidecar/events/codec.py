@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from sidecar.api.v1 import event_pb2 as pb
+from sidecar.events import _jsonline
 from sidecar.events import model as m
 
 # -- JSON lines --------------------------------------------------------------------------
@@ -114,11 +115,20 @@ def _json_encoder(cls: type[m.Event]) -> Callable[[Any], dict[str, Any]]:
 
 
 _ENCODERS = {cls: _json_encoder(cls) for cls in m.KINDS.values()}
+# The same objects built in C from the same plans (_jsonline.c), three times
+# cheaper; None for a time outside what C's calendar writes as Python does.
+# Keys in the order the Python encoder writes them: the plain fields, then the others.
+_C_ENCODERS: dict[type[m.Event], Callable[[Any], dict[str, Any] | None]] = {
+    cls: _jsonline.Plan(
+        cls, cls.KIND, tuple(sorted(_PLANS[cls], key=lambda entry: entry[2] != _PLAIN))
+    ).encode
+    for cls in m.KINDS.values()
+}
 
 
 def to_json(ev: m.Event) -> dict[str, Any]:
     """The event as its JSON line's object."""
-    return _ENCODERS[type(ev)](ev)
+    return _C_ENCODERS[type(ev)](ev) or _ENCODERS[type(ev)](ev)
 
 
 def encode_json(ev: m.Event) -> bytes:
@@ -133,9 +143,10 @@ def write_json_lines(events: Sequence[m.Event], write: Callable[[bytes], object]
     then freed as soon as it is copied, and in an exec storm that made
     encoding half as costly as keeping a batch's lines alive to join them.
     """
-    encoders, dumps, newline = _ENCODERS, orjson.dumps, orjson.OPT_APPEND_NEWLINE
+    fast, encoders, dumps, newline = _C_ENCODERS, _ENCODERS, orjson.dumps, orjson.OPT_APPEND_NEWLINE
     for ev in events:
-        write(dumps(encoders[type(ev)](ev), option=newline))
+        kind = type(ev)
+        write(dumps(fast[kind](ev) or encoders[kind](ev), option=newline))
 
 
 def from_json(obj: dict[str, Any]) -> m.Event:

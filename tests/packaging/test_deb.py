@@ -94,7 +94,7 @@ def test_installed_command_runs_with_its_bundled_libraries_and_debians_bcc(root:
         "-c",
         "import sys; sys.path.insert(0, '/usr/lib/sidecar/python');"
         "import bcc, grpc, google.protobuf, sidecar;"
-        "import sidecar.kernel._ringbatch, sidecar.kernel._records;"
+        "import sidecar.kernel._ringbatch, sidecar.kernel._records, sidecar.events._jsonline;"
         "print(sidecar.__file__, grpc.__version__, google.protobuf.__version__)",
     )
     assert probe.returncode == 0, probe.stderr
