@@ -210,10 +210,17 @@ class Describer:
         self, ev: abi.KernelEvent, proc: Process | None, gen: int | None = None
     ) -> dict[str, Any]:
         """The fields every process event has, by name."""
-        return dict(zip(_HEAD, self._head(ev, proc, self._identity(ev, proc), gen), strict=True))
+        pending = ev.task.identity == abi.IDENTITY_PENDING
+        head = self._head(ev, proc, self._identity(ev, proc), gen, pending)
+        return dict(zip(_HEAD, head, strict=True))
 
     def _head(
-        self, ev: abi.KernelEvent, proc: Process | None, identity: str | None, gen: int | None
+        self,
+        ev: abi.KernelEvent,
+        proc: Process | None,
+        identity: str | None,
+        gen: int | None,
+        pending: bool,
     ) -> tuple[Any, ...]:
         """:meth:`_process_fields` in field order, for the positional constructors:
         time, host, identity, instance, serial, policy version, pid, ppid, uid, gid,
@@ -235,14 +242,14 @@ class Describer:
                 "",
                 (),
                 "",
-                task.identity == abi.IDENTITY_PENDING,
+                pending,
             )
         return (
             self.clock_offset + ev.ts_ns,
             self.host,
             identity,
             proc.instance_id,
-            self.serial(proc),
+            None if proc.instance_id is None else self.serial(proc),
             self.policy_version(gen),
             task.pid,
             proc.ppid,
@@ -252,7 +259,7 @@ class Describer:
             proc.exe,
             proc.argv,
             proc.cgroup,
-            task.identity == abi.IDENTITY_PENDING,
+            pending,
         )
 
     def _record_verdict(self, identity: str | None, rule: str, verdict: str) -> None:
@@ -341,21 +348,13 @@ class Describer:
         if verdict == abi.Verdict.ALLOW:
             verdict, rule = self._double_check_exec(pid, task.identity, verdict)
         out = _new_exec(
-            self.clock_offset + ev.ts_ns,
-            self.host,
-            None if number in _UNKNOWN else self.numbers.name(number),
-            proc.instance_id,
-            None if proc.instance_id is None else self.serial(proc),
-            self.policy_version(ev.policy_gen),
-            pid,
-            proc.ppid,
-            task.uid,
-            task.gid,
-            task.comm,
-            proc.exe,
-            proc.argv,
-            proc.cgroup,
-            number == abi.IDENTITY_PENDING,  # settled while handling this record: not pending
+            *self._head(
+                ev,
+                proc,
+                None if number in _UNKNOWN else self.numbers.name(number),
+                ev.policy_gen,
+                number == abi.IDENTITY_PENDING,  # settled while handling this record: not pending
+            ),
             ev.filename,
             ev.args_truncated,
             _VERDICT[verdict],
@@ -442,7 +441,8 @@ class Describer:
         pid = ev.task.pid
         proc = self.table.remove(pid)
         # The serial is read before the instance ends.
-        out = _new_exit(*self._head(ev, proc, self._identity(ev, proc), None))
+        pending = ev.task.identity == abi.IDENTITY_PENDING
+        out = _new_exit(*self._head(ev, proc, self._identity(ev, proc), None, pending))
         instances = self.instances
         if instances is not None and instances.get(pid) is not None:
             ended = instances.end(pid)

@@ -231,20 +231,31 @@ static PyObject *decode_exec(Decoder *d, const char *data, size_t size,
 	return make(&d->exec, args);
 }
 
+/*
+ * The members for a record's hook and verdict (new references); 0 if either is
+ * unknown, and then the record is refused: ts and task are released.
+ */
+static int hook_and_verdict(Decoder *d, unsigned int hook_value, unsigned int verdict_value,
+			    PyObject **hook, PyObject **verdict, PyObject *ts, PyObject *task)
+{
+	*hook = member(d->hooks, hook_value);
+	*verdict = member(d->verdicts, verdict_value);
+	if (*hook && *verdict)
+		return 1;
+	Py_XDECREF(*hook);
+	Py_XDECREF(*verdict);
+	Py_DECREF(ts);
+	Py_DECREF(task);
+	return 0;
+}
+
 static PyObject *decode_connect(Decoder *d, const char *data, PyObject *ts, PyObject *task)
 {
 	struct connect_event e;
 	PyObject *hook, *verdict, *raw, *family, *address;
 	memcpy(&e, data, sizeof(e));
-	hook = member(d->hooks, e.hook);
-	verdict = member(d->verdicts, e.verdict);
-	if (!hook || !verdict) {
-		Py_XDECREF(hook);
-		Py_XDECREF(verdict);
-		Py_DECREF(ts);
-		Py_DECREF(task);
+	if (!hook_and_verdict(d, e.hook, e.verdict, &hook, &verdict, ts, task))
 		return NULL;
-	}
 	raw = PyBytes_FromStringAndSize((const char *)e.daddr, SIDECAR_ADDR_LEN);
 	family = PyLong_FromUnsignedLong(e.family);
 	address = raw && family ? PyObject_CallFunctionObjArgs(d->address, raw, family, NULL) : NULL;
@@ -271,15 +282,8 @@ static PyObject *decode_socket(Decoder *d, const char *data, PyObject *ts, PyObj
 	struct socket_event e;
 	PyObject *hook, *verdict;
 	memcpy(&e, data, sizeof(e));
-	hook = member(d->hooks, e.hook);
-	verdict = member(d->verdicts, e.verdict);
-	if (!hook || !verdict) {
-		Py_XDECREF(hook);
-		Py_XDECREF(verdict);
-		Py_DECREF(ts);
-		Py_DECREF(task);
+	if (!hook_and_verdict(d, e.hook, e.verdict, &hook, &verdict, ts, task))
 		return NULL;
-	}
 	PyObject *args[10] = {
 		ts,
 		task,
@@ -303,15 +307,8 @@ static PyObject *decode_unix(Decoder *d, const char *data, PyObject *ts, PyObjec
 	PyObject *hook, *verdict;
 	size_t n;
 	memcpy(&e, data, sizeof(e));
-	hook = member(d->hooks, e.hook);
-	verdict = member(d->verdicts, e.verdict);
-	if (!hook || !verdict) {
-		Py_XDECREF(hook);
-		Py_XDECREF(verdict);
-		Py_DECREF(ts);
-		Py_DECREF(task);
+	if (!hook_and_verdict(d, e.hook, e.verdict, &hook, &verdict, ts, task))
 		return NULL;
-	}
 	n = e.path_len < SIDECAR_UNIX_PATH_LEN ? e.path_len : SIDECAR_UNIX_PATH_LEN;
 	PyObject *args[6] = {
 		ts,
