@@ -15,7 +15,7 @@ whose body has carried them from the start.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -131,9 +131,52 @@ def to_json(ev: m.Event) -> dict[str, Any]:
     return _C_ENCODERS[type(ev)](ev) or _ENCODERS[type(ev)](ev)
 
 
+def _printable_text(text: str) -> str:
+    """``text`` as valid Unicode: bytes that were not UTF-8 written as ``\\xNN``.
+
+    The kernel gives names and arguments as bytes, decoded with
+    surrogateescape so that the daemon can use them as paths; neither
+    encoding can carry those surrogates.
+    """
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoding made: write it as \\udNNN
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _printable_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _printable_text(value)
+    if isinstance(value, tuple):
+        return tuple(_printable_value(v) for v in value)
+    if isinstance(value, dict):
+        return {_printable_value(k): _printable_value(v) for k, v in value.items()}
+    return value
+
+
+def printable(ev: m.Event) -> m.Event:
+    """The event as both encodings carry it: every text valid Unicode (itself if it is).
+
+    A program named with bytes that are not UTF-8, or run with such arguments,
+    must still be recorded, not make its event (and the batch with it) fail
+    to encode.
+    """
+    changes = {}
+    for f in fields(ev):
+        value = getattr(ev, f.name)
+        shown = _printable_value(value)
+        if shown != value:
+            changes[f.name] = shown
+    return replace(ev, **changes) if changes else ev
+
+
 def encode_json(ev: m.Event) -> bytes:
     """One JSON line, newline included."""
-    return orjson.dumps(to_json(ev), option=orjson.OPT_APPEND_NEWLINE)
+    try:
+        return orjson.dumps(to_json(ev), option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # text that is not valid Unicode (see printable)
+        return orjson.dumps(to_json(printable(ev)), option=orjson.OPT_APPEND_NEWLINE)
 
 
 def write_json_lines(events: Sequence[m.Event], write: Callable[[bytes], object]) -> None:
@@ -146,7 +189,11 @@ def write_json_lines(events: Sequence[m.Event], write: Callable[[bytes], object]
     fast, encoders, dumps, newline = _C_ENCODERS, _ENCODERS, orjson.dumps, orjson.OPT_APPEND_NEWLINE
     for ev in events:
         kind = type(ev)
-        write(dumps(fast[kind](ev) or encoders[kind](ev), option=newline))
+        try:
+            line = dumps(fast[kind](ev) or encoders[kind](ev), option=newline)
+        except TypeError:  # text that is not valid Unicode (see printable)
+            line = encode_json(ev)
+        write(line)
 
 
 def from_json(obj: dict[str, Any]) -> m.Event:
@@ -202,6 +249,13 @@ def _process(out: pb.Event, ev: m.ProcessEvent) -> None:
 
 def to_proto(ev: m.Event) -> pb.Event:
     """The wire form of an event; the exporter fills in boot id and sequence."""
+    try:
+        return _to_proto(ev)
+    except (UnicodeEncodeError, ValueError):  # text that is not valid Unicode
+        return _to_proto(printable(ev))
+
+
+def _to_proto(ev: m.Event) -> pb.Event:
     out = pb.Event(time_ns=ev.time_ns, host=ev.host)
     if ev.identity:
         out.identity = ev.identity

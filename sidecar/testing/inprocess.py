@@ -48,11 +48,12 @@ class MemorySink:
         self._lock = threading.Lock()
 
     def write(self, event: Event) -> None:
-        from sidecar.events.codec import encode_json, from_json, from_proto, to_proto
+        from sidecar.events.codec import encode_json, from_json, from_proto, printable, to_proto
 
         encoded = encode_json(event)
+        shown = printable(event)  # what both encodings carry of text that is not UTF-8
         with self._lock:
-            if from_json(orjson.loads(encoded)) != event or from_proto(to_proto(event)) != event:
+            if from_json(orjson.loads(encoded)) != shown or from_proto(to_proto(event)) != shown:
                 self.changed_by_encoding.append(encoded)
             self.events.append(orjson.loads(encoded))
 

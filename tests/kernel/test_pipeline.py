@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,28 @@ def test_udp_sendto_without_connect_is_reported_as_a_connection_attempt(
         port,
     )
     assert ev["hook"] == "sendmsg4"
+
+
+def test_a_program_named_with_bytes_that_are_not_utf8_is_recorded_and_so_are_its_neighbours(
+    daemon: InProcessDaemon, scratch_cgroup: Path, tmp_path: Path
+) -> None:
+    """Neither encoding carries such bytes as they are: they are written as \\xNN, and the
+    event, the exit and the events around them in the same batch all reach the outputs."""
+    odd = tmp_path / os.fsdecode(b"tool\xff")
+    shutil.copy("/bin/true", odd)
+    odd.chmod(0o755)
+    before = spawn(scratch_cgroup, ["/bin/true", "before"])
+    child = spawn(scratch_cgroup, [str(odd), os.fsdecode(b"arg\xfe")])
+    after = spawn(scratch_cgroup, ["/bin/true", "after"])
+    for p in (before, child, after):
+        p.wait(10)
+    shown = f"{tmp_path}/tool\\xff"
+    ev = daemon.sink.wait_for(type="exec", pid=child.pid)
+    assert (ev["filename"], ev["exe"], ev["argv"]) == (shown, shown, [shown, "arg\\xfe"])
+    assert daemon.sink.wait_for(type="exit", pid=child.pid)["exe"] == shown
+    for p, arg in ((before, "before"), (after, "after")):  # positive controls
+        assert daemon.sink.wait_for(type="exec", pid=p.pid)["argv"] == ["/bin/true", arg]
+    assert not daemon.sink.changed_by_encoding
 
 
 def test_exit_removes_the_process_from_the_table(

@@ -382,3 +382,30 @@ def test_the_c_json_builder_builds_what_the_python_one_builds(ev: m.Event) -> No
     far = dataclasses.replace(ev, time_ns=2**64 + 5)
     assert codec._C_ENCODERS[kind](far) is None
     assert to_json(far) == codec._ENCODERS[kind](far)
+
+
+def test_names_and_arguments_that_are_not_utf8_are_recorded_in_both_encodings() -> None:
+    """An attacker's program named /tmp/\\xff must not make its event, or its batch, vanish."""
+    raw_name = b"/tmp/ag\xffent"
+    name = raw_name.decode("utf-8", "surrogateescape")  # as the kernel decoders give it
+    ev = m.Exec(
+        **process(),
+        filename=name,
+        args_truncated=False,
+        verdict="deny",
+        rule="default",
+    )
+    ev = dataclasses.replace(ev, exe=name, argv=(name, "\udcfe", "ok"), comm="ag\udcffent")
+    line = orjson.loads(encode_json(ev))
+    assert line["filename"] == line["exe"] == "/tmp/ag\\xffent"
+    assert line["argv"] == ["/tmp/ag\\xffent", "\\xfe", "ok"] and line["comm"] == "ag\\xffent"
+    wire = pb.Event.FromString(to_proto(ev).SerializeToString())
+    assert wire.exec.filename == "/tmp/ag\\xffent" and list(wire.exec.argv)[1] == "\\xfe"
+    assert from_proto(wire) == from_json(line) == codec.printable(ev)
+    # A batch with such an event writes every event, in order.
+    lines: list[bytes] = []
+    write_json_lines([SAMPLES[0], ev, SAMPLES[1]], lines.append)
+    assert lines == [encode_json(SAMPLES[0]), encode_json(ev), encode_json(SAMPLES[1])]
+    # Valid text is left as it is, and the event itself when all of it is.
+    assert codec.printable(SAMPLES[0]) is SAMPLES[0]
+    assert codec.printable(dataclasses.replace(ev, comm="\ud800")).comm == "\\ud800"
