@@ -97,12 +97,8 @@ class Describer:
         }
 
     def describe(self, record: abi.KernelEvent, settled: Settled | None = None) -> m.Event | None:
-        """Update the table from one record; its event, or None for a kind with no handler."""
-        handler = self.handlers.get(type(record))
-        if handler is None:
-            self.unhandled += 1
-            return None
-        return handler(record, settled)
+        """Update the table from one record; its event, or None (see :meth:`describe_all`)."""
+        return self.describe_all([record], [settled])[0]
 
     def describe_all(
         self, records: Sequence[abi.KernelEvent], settled: Sequence[Settled | None]
