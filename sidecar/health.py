@@ -2,7 +2,7 @@
 
 Liveness means "every thread that must make progress did so lately": each
 such thread owns a :class:`Heartbeat` and beats it once per turn of its loop
-(the daemon's event loop and its ring-buffer reader thread; the collector's
+(the daemon's event loop and its ring-buffer reader; the collector's
 event loop).  A heartbeat older than its bound makes the process not live:
 the systemd watchdog is then no longer fed and ``/healthz`` answers 503, so
 systemd or the kubelet restarts a wedged process.
@@ -27,11 +27,12 @@ from typing import Final
 
 _logger = logging.getLogger(__name__)
 
-# The reader thread turns at least every POLL_MS (50 ms) when idle; only a
-# settle step (hashing a large binary on a cold disk: up to seconds) or a
-# wedge holds it longer.  The event loop ticks at least once a second.
-# Under systemd (WatchdogSec=30s) a stale heartbeat stops the feeding, and
-# systemd restarts the daemon up to 30 s after that.
+# The reader turns at least every 50 ms when idle (a thread with records to
+# settle, else a tick of the event loop); only a settle step (hashing a large
+# binary on a cold disk: up to seconds) or a wedge holds it longer.  The
+# event loop ticks at least once a second.  Under systemd (WatchdogSec=30s) a
+# stale heartbeat stops the feeding, and systemd restarts the daemon up to
+# 30 s after that.
 DEFAULT_BOUND_S: Final = 15.0
 
 

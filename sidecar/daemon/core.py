@@ -6,7 +6,8 @@ Kernel records flow one way through the stages, each a module with one job::
       settle (thread)    sidecar/daemon/settle.py    attest new images, write identities
     describe (loop)      sidecar/daemon/describe.py  process table -> one typed event
                                                      (with nothing to settle, the loop
-                                                     decodes the batch first)
+                                                     reads the ring itself, every 50 ms,
+                                                     and decodes the batch first)
     outputs (loop)       sidecar/daemon/outputs.py   local sink, exporter, counts;
                                                      ring delivery (commit when written)
 
@@ -15,15 +16,15 @@ the admin views (sidecar/daemon/views.py), and this module, which builds the
 stages, starts the servers (Workload API, admin socket, metrics, exporter)
 and runs the loop's periodic duties (heartbeat, loss reports, watchdog).
 
-Which thread owns what: the reader thread owns its ring cursor and the
-settle stage's state, and alone writes identities into the kernel map after
-start-up.  The event loop owns everything else: the process table, the
-instance registry, the outputs, the enforcer's generation flips.  The spool
-writer thread only runs the delivery callbacks (pin a position, commit the
-ring).  Decisions are the kernel's: the daemon only fills the maps
-(identities, policy) the programs judge from.  Decode errors and kernel
-losses are counted and reported in-band (a ``lost`` event), in metrics and
-in the log, never fatal.
+Which thread owns what: the reader thread owns its ring cursor (the event
+loop does when it reads the ring itself) and the settle stage's state, and
+alone writes identities into the kernel map after start-up.  The event
+loop owns everything else: the process table, the instance registry, the
+outputs, the enforcer's generation flips.  The spool writer thread only
+runs the delivery callbacks (pin a position, commit the ring).  Decisions
+are the kernel's: the daemon only fills the maps (identities, policy) the
+programs judge from.  Decode errors and kernel losses are counted and
+reported in-band (a ``lost`` event), in metrics and in the log, never fatal.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ class Daemon:
         self.policy_error: str | None = None
         self.started_ns = 0
         self.attach_seconds = 0.0
-        # Live while the event loop and the reader thread make progress; ready
+        # Live while the event loop and the ring reader make progress; ready
         # once the programs are attached and the policy is in force.
         self.health = Health()
         self.health.require(self._readiness)

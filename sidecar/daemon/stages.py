@@ -43,6 +43,9 @@ class RingBuffer(Protocol):
     def read(self, timeout_ms: int) -> RingRead: ...
     def commit(self, position: int) -> None: ...
 
+    #: Bytes of data area: the kernel drops records once this much is unconsumed.
+    size: int
+
 
 class Attesting(Protocol):
     @property

@@ -34,7 +34,8 @@ class RingRead:
 
 
 class Ring:
-    """One reader thread reads; commit and close may come from any thread."""
+    """One thread reads (the reader's, or the event loop); commit and close may come
+    from any thread."""
 
     def __init__(self, map_fd: int, size: int) -> None:
         try:

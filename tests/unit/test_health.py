@@ -10,13 +10,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from sidecar.daemon import config, sdnotify
 from sidecar.daemon.core import Daemon
 from sidecar.daemon.reader import Batch, RingReader
+from sidecar.daemon.settle import Settler
 from sidecar.health import Health
 from sidecar.kernel.ring import RingRead
 from sidecar.metrics import DaemonMetrics, MetricsEndpoint, serve
@@ -86,6 +87,11 @@ def test_a_heartbeat_is_registered_once() -> None:
         health.heartbeat("x")
 
 
+class NoSettle:
+    def attest_batch(self, events: Any) -> list[None]:
+        return [None] * len(events)
+
+
 class StallingRing:
     """A ring whose read blocks while ``stalled`` is set, like a wedged poll."""
 
@@ -119,7 +125,10 @@ def test_a_stalled_reader_thread_makes_healthz_fail_until_it_moves_again(
     ring = StallingRing()
     loop = asyncio.new_event_loop()
     handed: list[Batch] = []
-    reader = RingReader(ring, None, 0, handed.append)
+    # With records to settle a thread reads; without, the event loop does, and
+    # its own heartbeat then speaks for the reading too.
+    reader = RingReader(ring, cast(Settler, NoSettle()), 0, handed.append)
+    assert not reader.on_loop
     reader.heartbeat = health.heartbeat("ring buffer reader", bound_s=0.3)
     reader.start(loop)
     try:
