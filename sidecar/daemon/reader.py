@@ -30,6 +30,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -118,6 +119,8 @@ class RingReader:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick: asyncio.TimerHandle | asyncio.Handle | None = None
         self._cursor = 0
+        #: Read on the loop: batches of a large read not handed over yet.
+        self._queued: deque[Batch] = deque()
         #: Beaten once per turn (at least every POLL_MS when idle): the
         #: daemon is live only while it is recent (sidecar/health.py).
         self.heartbeat: Heartbeat | None = None
@@ -148,11 +151,19 @@ class RingReader:
             self._read_on_loop()
 
     def _read_on_loop(self) -> None:
-        """Event loop, every TICK_MS: hand over what the ring holds past the cursor."""
+        """Event loop, every TICK_MS: hand over what the ring holds past the cursor.
+
+        A read of more than HANDOFF_RECORDS (the ring after a stall) is handed
+        over in batches of at most that many, each in a loop callback of its
+        own, so that the loop's other work (the Workload API, the admin
+        socket) runs between them.  Batches always go in ring order.
+        """
         delay = TICK_MS
+        stopping = self._stop.is_set()
         try:
             if self.heartbeat is not None:
                 self.heartbeat.beat()
+            self._hand_over_queued(everything=True)  # a burst's rest comes first
             got = self.ring.read(0)
             before = self._cursor
             if got.cursor != before:
@@ -160,7 +171,12 @@ class RingReader:
                 self._cursor = got.cursor
                 if got.cursor - before >= TICK_FILL * self.ring.size:
                     delay = SOON_MS
-                self.handoff(Batch([], [], ends, got.cursor, 0, got.records))
+                batch = Batch([], [], ends, got.cursor, 0, got.records)
+                if len(got.records) <= HANDOFF_RECORDS:
+                    self.handoff(batch)
+                else:
+                    self._queued.extend(split(batch, HANDOFF_RECORDS, got.ends_list()))
+                    self._hand_over_queued(everything=stopping)
         except KernelError:
             _logger.exception("ring buffer read failed")
             delay = 100
@@ -168,6 +184,18 @@ class RingReader:
             # Whatever failed, the next read comes: a lost tick would stop the reading.
             if not self._stop.is_set() and self._loop is not None:
                 self._tick = self._loop.call_later(delay / 1000, self._read_on_loop)
+
+    def _hand_over_queued(self, everything: bool = False) -> None:
+        """Hand over the next queued batch (every one with ``everything``); a
+        callback of its own hands over the one after."""
+        queued = self._queued
+        while queued:
+            batch = queued.popleft()
+            if queued and not everything and self._loop is not None:
+                self._loop.call_soon(self._hand_over_queued)
+            self.handoff(batch)
+            if not everything:
+                return
 
     def join(self, timeout: float) -> None:
         if self._thread is not None:
@@ -237,6 +265,27 @@ def merge(batches: list[Batch]) -> Batch:
             # A read that re-reads what a previous daemon left always comes
             # first; later ones have no ends, and their records go everywhere.
             out.ends.extend(b.ends if b.ends is not None else [1 << 64] * len(b))
+    return out
+
+
+def split(batch: Batch, most: int, positions: list[int]) -> list[Batch]:
+    """An undecoded batch as batches of at most ``most`` records, in order;
+    ``positions`` are the ring positions just past each record."""
+    assert batch.raw is not None and len(positions) == len(batch.raw)
+    out = []
+    for i in range(0, len(batch.raw), most):
+        j = min(i + most, len(batch.raw))
+        out.append(
+            Batch(
+                [],
+                [],
+                batch.ends[i:j] if batch.ends is not None else None,
+                # The last one ends where the read did (past any discarded space).
+                batch.cursor if j == len(batch.raw) else positions[j - 1],
+                0,
+                batch.raw[i:j],
+            )
+        )
     return out
 
 

@@ -83,6 +83,17 @@ class RecordingLoop:
             handle.callback()
         return handle
 
+    def run_soon(self) -> int:
+        """Run the call_soon callbacks, in order, as the loop would before a timer."""
+        ran = 0
+        while any(h.delay is None for h in self.scheduled):
+            handle = next(h for h in self.scheduled if h.delay is None)
+            self.scheduled.remove(handle)
+            if not handle.cancelled:
+                handle.callback()
+                ran += 1
+        return ran
+
 
 def started(
     ring: ScriptedRing, handoff: Callable[[Batch], None], replay_until: int = 0
@@ -185,3 +196,46 @@ def test_with_records_to_settle_a_thread_reads() -> None:
 
     reader = RingReader(ring, cast(Settler, NoSettle()), 0, lambda batch: None)
     assert not reader.on_loop
+
+
+def test_a_large_read_goes_over_in_batches_in_ring_order_each_in_a_callback_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reader_mod, "HANDOFF_RECORDS", 2)
+    ring = ScriptedRing()
+    handed: list[Batch] = []
+    _reader, loop = started(ring, handed.append)
+    ring.queued = [[(b"%d" % i, 8) for i in range(5)], [(b"next", 8)]]
+    loop.scheduled.pop(0).callback()  # the first tick
+    # One batch now; the loop's other work may run before the next.
+    assert [(b.raw, b.cursor) for b in handed] == [([b"0", b"1"], 16)]
+    assert loop.run_soon() == 2
+    assert [(b.raw, b.cursor) for b in handed] == [
+        ([b"0", b"1"], 16),
+        ([b"2", b"3"], 32),
+        ([b"4"], 40),  # the last ends where the read did
+    ]
+    loop.run_next()
+    assert [b.raw for b in handed][-1] == [b"next"]
+
+
+def test_stop_hands_over_every_queued_batch_at_once_and_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reader_mod, "HANDOFF_RECORDS", 2)
+    ring = ScriptedRing(start=0)
+    handed: list[Batch] = []
+    reader, loop = started(ring, handed.append, replay_until=24)
+    ring.queued = [[(b"%d" % i, 8) for i in range(5)], [(b"a", 8), (b"b", 8), (b"c", 8)]]
+    loop.scheduled.pop(0).callback()
+    assert len(handed) == 1
+    reader.stop()  # the queued rest, then a last read, all before stop returns
+    assert [(b.raw, b.cursor, b.ends) for b in handed] == [
+        ([b"0", b"1"], 16, [8, 16]),
+        ([b"2", b"3"], 32, [24, 32]),
+        ([b"4"], 40, [40]),
+        ([b"a", b"b"], 56, None),
+        ([b"c"], 64, None),
+    ]
+    loop.run_soon()  # the callback left finds nothing to hand over
+    assert len(handed) == 5
