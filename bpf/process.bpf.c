@@ -369,7 +369,11 @@ TRACEPOINT_PROBE(task, task_newtask)
 	fill_task(&e->task, pst);
 	e->child_pid = child;
 	e->pad = 0;
-	events.ringbuf_submit(e, SIDECAR_RB_NO_WAKEUP);
+	/* A child of a pending parent is pending too, and may not connect until
+	 * the daemon gives it the parent's answer: wake the daemon now, as the
+	 * pending exec did, rather than let the record wait for its next read. */
+	events.ringbuf_submit(e, cst.identity == SIDECAR_IDENTITY_PENDING ? SIDECAR_RB_FORCE_WAKEUP
+									   : SIDECAR_RB_NO_WAKEUP);
 	return 0;
 }
 

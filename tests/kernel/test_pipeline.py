@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from conftest import spawn
+from conftest import Probe, spawn
 
 from sidecar.attest import HashCache, gather, read_start_time
 from sidecar.attest.facts import ExecSeen
@@ -380,3 +381,34 @@ def test_the_exec_record_carries_start_time_running_file_and_host_capabilities(
         for c in children:
             c.kill()
             c.wait()
+
+
+def test_the_fork_record_of_a_pending_parent_wakes_the_reader_and_no_other_does(
+    daemon: InProcessDaemon, scratch_cgroup: Path
+) -> None:
+    """A child forked while its parent is pending is pending too, and refused
+    while a policy enforces, until the reader gives it the parent's answer: its
+    fork record must wake the reader at once, as the pending exec record does,
+    rather than wait up to 50 ms for the reader's next read."""
+    kernel = daemon.daemon.kernel
+    assert kernel is not None
+    probe = Probe(scratch_cgroup)
+    watch = select.epoll()  # beside the daemon's: the kernel wakes every waiter
+    try:
+        watch.register(kernel.fd("events"), select.EPOLLIN | select.EPOLLET)
+
+        def wakeups_of_a_fork(identity: int) -> int:
+            assert kernel.set_identity(probe.pid, identity)
+            while watch.poll(0.05):  # wake-ups from before
+                pass
+            # A fork, its child's fork, a UDP send to the discard port, two exits.
+            assert probe.ask("fork-connect 127.0.0.1 9") == 0
+            return len(watch.poll(0.5))
+
+        # The control: records of processes that are not pending wake nobody.
+        assert wakeups_of_a_fork(abi.IDENTITY_NONE) == 0
+        assert wakeups_of_a_fork(abi.IDENTITY_PENDING) >= 1
+        assert wakeups_of_a_fork(abi.IDENTITY_NONE) == 0
+    finally:
+        watch.close()
+        probe.close()
