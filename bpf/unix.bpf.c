@@ -204,7 +204,9 @@ static __always_inline int judge_unix(struct bpf_sock_addr *ctx, __u8 hook)
 	e->policy_gen = gen;
 	e->pad = 0;
 	__builtin_memcpy(e->path, k->path, SIDECAR_UNIX_PATH_LEN);
-	bpf_ringbuf_submit(e, 0);
+	/* Nobody waits on it: the daemon picks it up on its next read, as it
+	 * does every record but those of pending processes. */
+	bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 	return verdict == SIDECAR_VERDICT_DENY ? 0 : 1;
 }
 

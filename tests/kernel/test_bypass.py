@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ import pytest
 from conftest import free_port_pair, spawn
 
 from sidecar.enforce.enforcer import Enforcer, IdentityNumbers, identity_number
+from sidecar.kernel import abi
 from sidecar.kernel.checks import cgroup2_root, find_mount
 from sidecar.policy import load_policy_text
 from sidecar.proc.cgroups import remove_tree
@@ -1128,3 +1130,38 @@ def test_a_reused_pid_never_carries_a_stale_identity(rig: Rig) -> None:
             child.wait()
             rig.programs.delete_entries("procs", [pid.to_bytes(4, "little")])
     pytest.fail("could not steer a new process onto the planted pid in 20 tries")
+
+
+def test_a_unix_record_wakes_nobody_and_a_pending_fork_does(
+    rig: Rig, listeners: dict[str, str]
+) -> None:
+    """Only records someone waits on wake the daemon's reader: a refused unix
+    connect is picked up on the reader's next read, like a refused inet one."""
+    a = rig.agent()
+    a.do(UNIX_HELPERS)
+    k = rig.programs
+    watch = select.epoll()  # nothing else reads this ring: the test consumes it
+    try:
+        watch.register(k.fd("events"), select.EPOLLIN | select.EPOLLET)
+
+        def wakeups(code: str) -> int:
+            # Consumed up to here: the next record lands where the kernel's
+            # adaptive wake-up (a submit without flags) would wake a reader.
+            k.poll(0)
+            while watch.poll(0.05):  # wake-ups from before
+                pass
+            a.do(code)
+            return len(watch.poll(0.5))
+
+        assert wakeups(f"result = unix_try({listeners['bad']!r})") == 0
+        # The control: the watch sees a wake-up, that of a pending parent's fork.
+        state = k.proc_state(a.pid)
+        assert state is not None
+        assert k.set_identity(a.pid, abi.IDENTITY_PENDING)
+        try:
+            assert wakeups("result = in_child(lambda: 0)") >= 1
+        finally:
+            assert k.set_identity(a.pid, state.identity)
+        assert wakeups(f"result = unix_try({listeners['bad']!r})") == 0
+    finally:
+        watch.close()
