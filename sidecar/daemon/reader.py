@@ -175,7 +175,8 @@ class RingReader:
                 if len(got.records) <= HANDOFF_RECORDS:
                     self.handoff(batch)
                 else:
-                    self._queued.extend(split(batch, HANDOFF_RECORDS, got.ends_list()))
+                    positions = ends if ends is not None else got.ends_list()
+                    self._queued.extend(split(batch, HANDOFF_RECORDS, positions))
                     self._hand_over_queued(everything=stopping)
         except KernelError:
             _logger.exception("ring buffer read failed")
