@@ -86,7 +86,12 @@ def setup(scratch_cgroup: Path, pin_dir: Path, short_tmp: Path) -> dict[str, obj
 
 
 def config_file(
-    setup: dict[str, object], *, interval: int = 1, detach: bool = True, pages: int = 256
+    setup: dict[str, object],
+    *,
+    interval: int = 1,
+    detach: bool = True,
+    pages: int = 256,
+    entries: bool = True,
 ) -> Path:
     tmp: Path = setup["tmp"]  # type: ignore[assignment]
     return DaemonConfigFile(
@@ -96,7 +101,7 @@ def config_file(
         host="policy-test",
         detach_on_exit=detach,
         ring_pages=pages,
-        entries=setup["entries"],  # type: ignore[arg-type]
+        entries=setup["entries"] if entries else None,  # type: ignore[arg-type]
         policy=setup["policy"],  # type: ignore[arg-type]
         reload_interval=interval,
     ).write(tmp / "daemon.yaml")
@@ -561,17 +566,19 @@ def test_records_that_did_not_fit_while_the_daemon_was_down_are_reported_lost_ex
         d.stop()
 
 
+@pytest.mark.parametrize("entries", [True, False], ids=["reader-thread", "read-on-loop"])
 def test_a_daemon_killed_in_an_exec_storm_loses_nothing_silently_and_repeats_nothing(
-    setup: dict[str, object],
+    setup: dict[str, object], entries: bool
 ) -> None:
     """SIGKILL mid-storm: records read but not yet written stay in the ring for the next.
 
     Each exec of the storm reaches the output exactly once, or is reported
     lost by the kernel's count; none is written twice by the two daemons.
+    With entries a thread reads the ring; without, the event loop does.
     """
     from conftest import spawn
 
-    cfg = config_file(setup, detach=False)
+    cfg = config_file(setup, detach=False, entries=entries)
     n = 3000
     marker = "storm-marker-"
 
